@@ -1,0 +1,364 @@
+"""Typed run configuration: dataclasses loaded from YAML, with dotted command-line overrides.
+
+Validation is strict on purpose: a typo in a sweep or a preset must fail before any shard is read or any GPU hour is
+spent, with a message that names the offending key and what would have been accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the schema."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how they are turned into batches."""
+
+    manifest: str = "shards/synthetic/manifest.json"
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    image_size: int = 224
+    batch_size: int = 16  # per process; the global batch is batch_size * world_size * grad_accum_steps
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    augment: bool = False
+    drop_unlabelled: bool = True  # SPEC 5: images without classes are left out of explainer training
+
+
+@dataclass
+class ClassifierModelConfig:
+    """The Explanandum: a multi-label classifier (frozen during explainer training)."""
+
+    arch: Literal["vgg16", "resnet50", "resnet18", "resnet34", "mobilenet_v3_small", "tiny_cnn"] = "resnet50"
+    checkpoint: str | None = None  # our fine-tuned checkpoint (train_classifier output); required by train.py
+    imagenet_weights: str | None = None  # local torchvision state-dict file; no download at run time
+    finetune_backbone: bool = False  # SPEC 4: reference trains the new head only
+
+
+@dataclass
+class ExplainerModelConfig:
+    """The Explainer: a dense network with one logit map per class, at input resolution."""
+
+    arch: Literal[
+        "deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large",
+        "tiny_unet",
+    ] = "deeplabv3_resnet50"
+    backbone_weights: str | None = None  # local ImageNet backbone file; default is training from scratch
+
+
+@dataclass
+class LossConfig:
+    """Loss weights (SPEC 2); names follow the reference code."""
+
+    kind: Literal["wysiwyc", "rtis"] = "wysiwyc"
+    lambda_e: float = 1.0  # entropy of the inverse-masked prediction
+    lambda_tv: float = 1.0  # total variation of m and n
+    w_bound: float = 1.0  # area bound per ground-truth class mask
+    w_m: float = 0.1  # area of the target mask
+    w_n: float = 0.3  # area of the non-target mask
+    area_min: float = 0.05  # a
+    area_max: float = 0.30  # b
+    bound_reduction: Literal["sum", "mean"] = "sum"  # reference sums over GT classes; the paper's eq. 6 averages
+    # RTIS (Dabkowski and Gal 2017) weights, used when kind == "rtis"
+    rtis_tv: float = 10.0
+    rtis_area: float = 1.0
+    rtis_destroyer: float = 5.0
+    rtis_destroyer_power: float = 0.3
+    rtis_alternative: Literal["blur", "noise"] = "blur"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lr_scaling: Literal["none", "linear"] = "none"  # none: reference lr whatever the global batch
+    reference_batch: int = 16  # global batch the reference lr was tuned for
+    grad_accum_steps: int = 1
+    grad_clip_norm: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 100
+    max_steps: int | None = None  # optimiser steps; stops earlier than epochs when set
+    steps_per_epoch: int | None = None  # default: train samples // global batch (from the manifest)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    channels_last: bool = False
+    compile: bool = False
+    val_every_steps: int | None = None  # default: once per epoch
+    val_max_batches: int | None = None
+    early_stop_patience: int = 5  # in validations
+    early_stop_min_delta: float = 1e-3
+    output_dir: str = "runs/explainer"
+    keep_last: int = 2
+    checkpoint_every_steps: int | None = None  # default: at each validation
+    resume: str | None = None  # "auto", a checkpoint folder, or none
+    log_every_steps: int = 10
+    image_log_every_steps: int = 200
+    image_log_count: int = 8
+    max_bad_steps: int = 5  # consecutive non-finite losses before stopping
+
+
+@dataclass
+class TrackingConfig:
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: offline without an API key
+    project: str = "explainer"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    run_id: str | None = None  # fixed id so a requeued job continues the same W&B run
+    run_name: str | None = None
+
+
+@dataclass
+class EvalConfig:
+    methods: list[str] = field(default_factory=lambda: ["explainer"])
+    max_images: int | None = None
+    class_specific_classes: list[str] = field(default_factory=list)  # default: all
+    thresholds: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
+    rise_masks: int = 8000
+    rise_cells: int = 7
+    rise_p: float = 0.5
+    rise_batch: int = 100
+    ep_areas: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3])
+    ep_iterations: int = 800
+    output_dir: str | None = None  # default: <run>/eval
+
+
+@dataclass
+class ExplainerRunConfig:
+    """Everything train.py needs; saved resolved with every run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    classifier: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
+    explainer: ExplainerModelConfig = field(default_factory=ExplainerModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class ClassifierRunConfig:
+    """Everything train_classifier.py needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    classifier: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/classifier"))
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading, overriding, validating
+# ----------------------------------------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp))
+    if origin is list:
+        (inner,) = get_args(tp)
+        return f"a list of {_describe(inner)}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to floats). Raise ConfigError otherwise."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(f"{where}: {value!r} is not valid; expected {_describe(tp)}")
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in get_args(tp):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: {value!r} is not valid; expected {_describe(tp)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected {_describe(tp)}, got {type(value).__name__} {value!r}")
+        (inner,) = get_args(tp)
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise ConfigError(f"{where}: unsupported annotation {tp!r}")
+    raise ConfigError(f"{where}: expected {_describe(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type[T], raw: dict[str, Any], prefix: str) -> T:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown key '{key}'; valid keys{' in ' + prefix if prefix else ''}: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], f"{prefix}.{name}" if prefix else name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ["loss.lambda_e=3", "tracking.tags=[a,b]"] into a nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        key, text = item.split("=", 1)
+        if not key:
+            raise ConfigError(f"override '{item}' has an empty key")
+        _set_dotted(tree, key.strip(), yaml.safe_load(text) if text != "" else None)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
+    """Defaults <- YAML file <- dotted overrides, validated against `cls`."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must contain a mapping at the top level")
+        raw = loaded
+    raw = _merge(raw, parse_overrides(overrides or []))
+    try:
+        cfg = _build(cls, raw, "")
+    except ConfigError as exc:
+        where = f" (in {path})" if path is not None else ""
+        raise ConfigError(f"{exc}{where}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Any) -> None:
+    """Cross-field checks that types alone cannot express."""
+    checks: list[tuple[bool, str]] = []
+    data = getattr(cfg, "data", None)
+    if data is not None:
+        checks += [
+            (data.image_size >= 16, f"data.image_size must be >= 16, got {data.image_size}"),
+            (data.batch_size >= 1, f"data.batch_size must be >= 1, got {data.batch_size}"),
+            (data.num_workers >= 0, f"data.num_workers must be >= 0, got {data.num_workers}"),
+        ]
+    loss = getattr(cfg, "loss", None)
+    if loss is not None:
+        checks.append(
+            (0.0 <= loss.area_min <= loss.area_max <= 1.0,
+             f"loss.area_min/area_max must satisfy 0 <= a <= b <= 1, got {loss.area_min}, {loss.area_max}")
+        )
+    optim = getattr(cfg, "optim", None)
+    if optim is not None:
+        checks += [
+            (optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}"),
+            (optim.grad_accum_steps >= 1, f"optim.grad_accum_steps must be >= 1, got {optim.grad_accum_steps}"),
+        ]
+    train = getattr(cfg, "train", None)
+    if train is not None:
+        checks += [
+            (train.keep_last >= 1, f"train.keep_last must be >= 1, got {train.keep_last}"),
+            (train.resume in (None, "auto") or Path(train.resume).exists(),
+             f"train.resume must be 'auto', null or an existing checkpoint folder, got {train.resume!r}"),
+        ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically (temp file then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        yaml.safe_dump(to_dict(cfg), handle, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def config_hash(cfg: Any) -> str:
+    import hashlib
+
+    return hashlib.sha1(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:10]
