@@ -1,0 +1,129 @@
+"""The two concrete trainers: what the Explainer and the Explanandum each do in a step, a validation and an export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from explainer.config import ClassifierRunConfig, ExplainerRunConfig
+from explainer.data.loader import Manifest
+from explainer.models import build_classifier, build_explainer, freeze, load_classifier, save_checkpoint
+from explainer.step import explainer_forward_loss
+from explainer.trainer import StepResult
+
+
+class ExplainerTask:
+    """Trains the Explainer against a frozen classifier (SPEC 2)."""
+
+    kind = "explainer"
+
+    def __init__(self, cfg: ExplainerRunConfig):
+        if not cfg.classifier.checkpoint:
+            raise ValueError("classifier.checkpoint is required: the classifier to explain (train_classifier output)")
+        self.cfg = cfg
+        self.drop_unlabelled = cfg.data.drop_unlabelled
+        self.classifier: torch.nn.Module | None = None
+
+    def setup(self, accelerator: Accelerator, manifest: Manifest) -> None:
+        classifier, meta = load_classifier(self.cfg.classifier.checkpoint, map_location="cpu")
+        if list(meta.get("classes", [])) != list(manifest.classes):
+            raise ValueError(
+                f"classifier.checkpoint {self.cfg.classifier.checkpoint} was trained on classes {meta.get('classes')} "
+                f"but {manifest.path} has {manifest.classes}"
+            )
+        classifier = freeze(classifier.to(accelerator.device))
+        if self.cfg.train.channels_last:
+            classifier = classifier.to(memory_format=torch.channels_last)
+        self.classifier = classifier
+
+    def build_model(self, manifest: Manifest) -> torch.nn.Module:
+        return build_explainer(self.cfg.explainer.arch, len(manifest.classes), self.cfg.explainer.backbone_weights)
+
+    def train_step(self, model: torch.nn.Module, batch: dict[str, Any], accelerator: Accelerator) -> StepResult:
+        out = explainer_forward_loss(model, self.classifier, batch["image"], batch["labels"], self.cfg.loss,
+                                     accelerator.autocast())
+        return StepResult(loss=out.loss, terms=out.terms, masks=out.masks)
+
+    def val_sums(self, model: torch.nn.Module, batch: dict[str, Any], accelerator: Accelerator) -> dict[str, float]:
+        out = explainer_forward_loss(model, self.classifier, batch["image"], batch["labels"], self.cfg.loss,
+                                     accelerator.autocast())
+        n = batch["image"].shape[0]
+        sums = {"count": float(n), "loss": float(out.loss) * n}
+        sums.update({k: float(v) * n for k, v in out.terms.items() if k != "loss"})
+        if "seg" in batch and bool(batch["has_seg"].any()):
+            sums.update(_soft_iou_sums(out.m, batch["seg"], batch["has_seg"]))
+        return sums
+
+    def val_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        count = sums["count"]
+        metrics = {k: v / count for k, v in sums.items() if k not in ("count", "iou_sum", "iou_count")}
+        if sums.get("iou_count"):
+            metrics["mask_iou"] = sums["iou_sum"] / sums["iou_count"]
+        return metrics
+
+    def export(self, model: torch.nn.Module, manifest: Manifest, path: Path) -> None:
+        save_checkpoint(path, model, kind="explainer", arch=self.cfg.explainer.arch,
+                        num_classes=len(manifest.classes), classes=manifest.classes,
+                        image_size=self.cfg.data.image_size, extra={"loss": self.cfg.loss.kind})
+
+
+def _soft_iou_sums(m: torch.Tensor, seg: torch.Tensor, has_seg: torch.Tensor) -> dict[str, float]:
+    """Soft IoU of the target mask with the object mask, void excluded: a cheap 'is it learning' signal for runs."""
+    m = m.float().squeeze(1)
+    valid = (seg != 255).float()
+    g = (seg == 1).float()
+    inter = (torch.minimum(m, g) * valid).flatten(1).sum(1)
+    union = (torch.maximum(m, g) * valid).flatten(1).sum(1).clamp_min(1e-8)
+    iou = (inter / union)[has_seg]
+    return {"iou_sum": float(iou.sum()), "iou_count": float(iou.numel())}
+
+
+class ClassifierTask:
+    """Fine-tunes the Explanandum's multi-label head (SPEC 4)."""
+
+    kind = "classifier"
+    drop_unlabelled = False  # images with no class are legitimate negatives for a classifier
+
+    def __init__(self, cfg: ClassifierRunConfig):
+        self.cfg = cfg
+
+    def setup(self, accelerator: Accelerator, manifest: Manifest) -> None:
+        return None
+
+    def build_model(self, manifest: Manifest) -> torch.nn.Module:
+        c = self.cfg.classifier
+        return build_classifier(c.arch, len(manifest.classes), c.imagenet_weights, c.finetune_backbone)
+
+    def train_step(self, model: torch.nn.Module, batch: dict[str, Any], accelerator: Accelerator) -> StepResult:
+        logits = model(batch["image"])
+        loss = F.binary_cross_entropy_with_logits(logits.float(), batch["labels"])
+        return StepResult(loss=loss, terms={})
+
+    def val_sums(self, model: torch.nn.Module, batch: dict[str, Any], accelerator: Accelerator) -> dict[str, float]:
+        logits = model(batch["image"]).float()
+        labels = batch["labels"]
+        n = labels.shape[0]
+        pred = (logits >= 0).float()
+        return {
+            "count": float(n),
+            "loss": float(F.binary_cross_entropy_with_logits(logits, labels)) * n,
+            "tp": float((pred * labels).sum()),
+            "fp": float((pred * (1 - labels)).sum()),
+            "fn": float(((1 - pred) * labels).sum()),
+        }
+
+    def val_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        tp, fp, fn = sums["tp"], sums["fp"], sums["fn"]
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return {"loss": sums["loss"] / sums["count"], "precision": precision, "recall": recall, "f1": f1}
+
+    def export(self, model: torch.nn.Module, manifest: Manifest, path: Path) -> None:
+        save_checkpoint(path, model, kind="classifier", arch=self.cfg.classifier.arch,
+                        num_classes=len(manifest.classes), classes=manifest.classes,
+                        image_size=self.cfg.data.image_size)
