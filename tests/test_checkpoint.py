@@ -1,0 +1,73 @@
+"""Checkpoints: only complete folders count, rotation keeps the last k and the best, resume restores state."""
+
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from explainer.checkpoint import CheckpointManager, TrainerState
+
+
+@pytest.fixture
+def prepared():
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return accelerator, model, optimizer
+
+
+def _train_one_step(model, optimizer):
+    loss = model(torch.ones(4, 3)).pow(2).sum()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_save_rotate_keep_best_and_ignore_incomplete(tmp_path, prepared):
+    accelerator, model, optimizer = prepared
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    state = TrainerState()
+    for step in range(1, 6):
+        _train_one_step(model, optimizer)
+        state.step = step
+        state.best_step = 2  # pretend step 2 had the best validation loss
+        manager.save(accelerator, state)
+    names = [p.name for p in manager.complete()]
+    assert names == ["step_00000002", "step_00000004", "step_00000005"]
+    # A kill during a save leaves a temp folder, or a folder without meta.json: neither is "latest".
+    (manager.root / ".tmp-step_00000006").mkdir()
+    (manager.root / "step_00000007").mkdir()
+    assert manager.latest().name == "step_00000005"
+    assert manager.resolve("auto").name == "step_00000005"
+    assert manager.resolve(None) is None
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        manager.resolve(str(manager.root / "step_00000007"))
+
+
+def test_load_restores_weights_optimizer_and_trainer_state(tmp_path, prepared):
+    accelerator, model, optimizer = prepared
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    _train_one_step(model, optimizer)
+    state = TrainerState(step=1, epoch=2, batches_in_epoch=3, best_metric=0.5, best_step=1, bad_validations=1)
+    path = manager.save(accelerator, state)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = json.dumps(optimizer.state_dict()["param_groups"])
+    _train_one_step(model, optimizer)  # move away from the checkpoint
+    assert not torch.equal(saved["weight"], model.state_dict()["weight"])
+    restored = CheckpointManager.load(accelerator, path)
+    assert restored == state
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, saved[key])
+    assert json.dumps(optimizer.state_dict()["param_groups"]) == saved_opt
+
+
+def test_unreadable_meta_is_reported(tmp_path, prepared):
+    accelerator, _, _ = prepared
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    path = manager.save(accelerator, TrainerState(step=1))
+    (path / "meta.json").write_text("{broken")
+    with pytest.raises(RuntimeError, match="cannot read meta.json"):
+        CheckpointManager.load(accelerator, path)
