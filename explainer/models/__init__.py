@@ -1,0 +1,29 @@
+"""Models of the method: the Explainer, the Explanandum (classifier), weights files and checkpoints."""
+
+from explainer.models.checkpoint import load_classifier, load_explainer, read_checkpoint, save_checkpoint, unwrap
+from explainer.models.classifier import (
+    CLASSIFIER_ARCHS,
+    MultiLabelClassifier,
+    build_classifier,
+    freeze,
+    is_frozen,
+)
+from explainer.models.explainer import EXPLAINER_ARCHS, build_explainer
+from explainer.models.weights import IMAGENET_SOURCES, WeightsNotFoundError
+
+__all__ = [
+    "CLASSIFIER_ARCHS",
+    "EXPLAINER_ARCHS",
+    "IMAGENET_SOURCES",
+    "MultiLabelClassifier",
+    "WeightsNotFoundError",
+    "build_classifier",
+    "build_explainer",
+    "freeze",
+    "is_frozen",
+    "load_classifier",
+    "load_explainer",
+    "read_checkpoint",
+    "save_checkpoint",
+    "unwrap",
+]

@@ -1,0 +1,100 @@
+"""The Explainer: a dense network mapping an image to one logit map per class, at the input resolution (SPEC 1).
+
+The paper uses torchvision's DeepLabV3-ResNet50 trained from scratch; lighter torchvision heads and a tiny U-Net are
+selectable by name for CPU work and tests. Masks are sigmoid(logits) - applied by the loss/step, not here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import segmentation
+
+from explainer.models.weights import load_into, load_state_dict_file
+
+EXPLAINER_ARCHS = (
+    "deeplabv3_resnet50",
+    "deeplabv3_resnet101",
+    "deeplabv3_mobilenet_v3_large",
+    "lraspp_mobilenet_v3_large",
+    "tiny_unet",
+)
+
+# arch -> (torchvision builder, ImageNet network its backbone comes from, prefix of that network's keys to keep)
+_TORCHVISION: dict[str, tuple[Callable[..., nn.Module], str, str]] = {
+    "deeplabv3_resnet50": (segmentation.deeplabv3_resnet50, "resnet50", ""),
+    "deeplabv3_resnet101": (segmentation.deeplabv3_resnet101, "resnet101", ""),
+    "deeplabv3_mobilenet_v3_large": (segmentation.deeplabv3_mobilenet_v3_large, "mobilenet_v3_large", "features."),
+    "lraspp_mobilenet_v3_large": (segmentation.lraspp_mobilenet_v3_large, "mobilenet_v3_large", "features."),
+}
+
+
+class SegmentationExplainer(nn.Module):
+    """A torchvision segmentation model returning its "out" logits as a plain tensor at input resolution."""
+
+    def __init__(self, net: nn.Module, arch: str, num_classes: int) -> None:
+        super().__init__()
+        self.net = net
+        self.arch = arch
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)["out"]  # torchvision already upsamples bilinearly to x's size
+        if out.shape[-2:] != x.shape[-2:]:
+            out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return out
+
+
+def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class TinyUNet(nn.Module):
+    """Two-level U-Net with a few thousand parameters: fast enough for CPU tests and the synthetic demo."""
+
+    def __init__(self, num_classes: int, width: int = 16) -> None:
+        super().__init__()
+        self.arch = "tiny_unet"
+        self.num_classes = num_classes
+        self.enc1 = _conv_block(3, width)
+        self.enc2 = _conv_block(width, 2 * width)
+        self.bottom = _conv_block(2 * width, 4 * width)
+        self.dec2 = _conv_block(6 * width, 2 * width)
+        self.dec1 = _conv_block(3 * width, width)
+        self.head = nn.Conv2d(width, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(F.max_pool2d(e1, 2))
+        b = self.bottom(F.max_pool2d(e2, 2))
+        d2 = self.dec2(torch.cat([F.interpolate(b, size=e2.shape[-2:], mode="bilinear", align_corners=False), e2], 1))
+        d1 = self.dec1(torch.cat([F.interpolate(d2, size=e1.shape[-2:], mode="bilinear", align_corners=False), e1], 1))
+        return self.head(d1)
+
+
+def build_explainer(arch: str, num_classes: int, backbone_weights: str | None = None) -> nn.Module:
+    """x [B,3,H,W] -> logits [B,C,H,W]. From scratch unless `backbone_weights` names a local ImageNet file."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if arch == "tiny_unet":
+        if backbone_weights is not None:
+            raise ValueError("explainer.backbone_weights: tiny_unet has no ImageNet backbone; set it to null")
+        return TinyUNet(num_classes)
+    if arch not in _TORCHVISION:
+        raise ValueError(f"unknown explainer arch {arch!r}; choose one of {', '.join(EXPLAINER_ARCHS)}")
+    builder, network, prefix = _TORCHVISION[arch]
+    kwargs = {"weights": None, "weights_backbone": None, "num_classes": num_classes}
+    if arch.startswith("deeplabv3"):
+        kwargs["aux_loss"] = False
+    net = builder(**kwargs)
+    if backbone_weights is not None:
+        state = load_state_dict_file(backbone_weights, network, "explainer.backbone_weights")
+        # The backbone is an IntermediateLayerGetter over the ImageNet network's children: same key names, without
+        # the classification head (ResNet "fc."; MobileNet keeps only "features.*", renumbered from the root).
+        load_into(
+            net.backbone, state, path=backbone_weights, network=network, strip_prefix=prefix, drop_prefixes=("fc.",)
+        )
+    return SegmentationExplainer(net, arch, num_classes)
