@@ -1,0 +1,37 @@
+"""Baseline attribution methods for the paper's tables (SPEC 7), all with one calling convention (common.py).
+
+Grad-CAM uses captum; RISE and Extremal Perturbations use TorchRay (imported lazily: it is slow to import and only
+needed when those methods are asked for). RTIS is not here: it is the same Explainer network trained with the
+Dabkowski-Gal loss (loss.kind=rtis) and evaluated like the Explainer. iGOS++ is out of scope (no maintained
+implementation).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from explainer.baselines.common import AttributionMethod, minmax
+from explainer.config import EvalConfig
+
+BASELINES = ("gradcam", "rise", "ep")
+
+
+def build_baseline(name: str, classifier: nn.Module, cfg: EvalConfig) -> AttributionMethod:
+    """The baseline `name` on a frozen classifier, with its settings from EvalConfig."""
+    if name == "gradcam":
+        from explainer.baselines.gradcam import GradCAM
+
+        return GradCAM(classifier)
+    if name == "rise":
+        from explainer.baselines.rise import RISE
+
+        return RISE(classifier, num_masks=cfg.rise_masks, cells=cfg.rise_cells, p=cfg.rise_p,
+                    batch_size=cfg.rise_batch)
+    if name == "ep":
+        from explainer.baselines.extremal import ExtremalPerturbation
+
+        return ExtremalPerturbation(classifier, areas=cfg.ep_areas, iterations=cfg.ep_iterations)
+    raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
+
+
+__all__ = ["AttributionMethod", "BASELINES", "build_baseline", "minmax"]
