@@ -1,0 +1,237 @@
+"""The Explainer's training objective (SPEC 2) and the RTIS baseline objective (SPEC 7), vectorised.
+
+Every term is a pure function returning one value per image ([B]) so tests can pin it by hand; the combined losses
+average over the batch. No Python loops over images or classes: the per-class area bound gathers the ground-truth
+masks of the whole batch and sorts them once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from explainer.config import LossConfig
+
+ENTROPY_MIN_PROB = 1e-16  # reference clamp before the log
+
+
+def full_precision(t: Tensor) -> Tensor:
+    """fp16/bf16 (autocast outputs) -> fp32; fp32/fp64 unchanged, so tests can run the loss in float64."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _as_bool(labels: Tensor) -> Tensor:
+    return labels > 0.5 if labels.dtype != torch.bool else labels
+
+
+def aggregate_masks(masks: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """m = pixel-wise max of s_c over the image's classes, n = max over the others; 0 where the set is empty.
+
+    masks: S = sigmoid(E(x)) [B,C,H,W]; labels: multi-hot [B,C]. Returns m, n of shape [B,1,H,W].
+    """
+    target = _as_bool(labels)[:, :, None, None]
+    fill = masks.new_tensor(-1.0)  # below any sigmoid value, so it never wins where a class is present
+    m = torch.where(target, masks, fill).amax(dim=1, keepdim=True)
+    n = torch.where(target, fill, masks).amax(dim=1, keepdim=True)
+    has_t = target.any(dim=1, keepdim=True)
+    has_n = (~target).any(dim=1, keepdim=True)
+    zero = masks.new_zeros(())
+    return torch.where(has_t, m, zero), torch.where(has_n, n, zero)
+
+
+def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """L_c per image: BCE-with-logits against the multi-hot labels, mean over the C classes. -> [B]"""
+    logits = full_precision(logits)
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").mean(dim=1)
+
+
+def negative_entropy(logits: Tensor) -> Tensor:
+    """L_e per image: (1/C) sum_c p_c log p_c, p = softmax over classes clamped >= 1e-16. -> [B]"""
+    p = F.softmax(full_precision(logits), dim=-1).clamp(min=ENTROPY_MIN_PROB)
+    return (p * p.log()).mean(dim=-1)
+
+
+def area(mask: Tensor) -> Tensor:
+    """A(mask) = mean over the pixels of each image. -> [B]"""
+    return mask.flatten(1).mean(dim=1)
+
+
+def _neighbour_differences(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """x[i,j]-x[i,j+1] and x[i,j]-x[i+1,j] on a reflection-padded image (the last column/row meets the one before).
+
+    Returns the (H x (W-1)) / ((H-1) x W) interior differences plus the duplicated last column / row, so callers can
+    sum them without materialising the padded image.
+    """
+    if mask.shape[-1] < 2 or mask.shape[-2] < 2:
+        raise ValueError(f"total variation needs masks of at least 2x2 pixels, got {tuple(mask.shape[-2:])}")
+    right = mask[..., :, :-1] - mask[..., :, 1:]
+    down = mask[..., :-1, :] - mask[..., 1:, :]
+    return right, down
+
+
+def total_variation(mask: Tensor, power: int = 1) -> Tensor:
+    """TV = (1/Z) sum_ij |x[i,j]-x[i+1,j]|^p + |x[i,j]-x[i,j+1]|^p with reflection padding (p=1: SPEC 2). -> [B]
+
+    With reflection the padded column W equals column W-2, so the last column contributes |x[:,W-1]-x[:,W-2]| once
+    more; the same holds for the last row.
+    """
+    right, down = _neighbour_differences(mask)
+    right = right.abs() if power == 1 else right.abs().pow(power)
+    down = down.abs() if power == 1 else down.abs().pow(power)
+    z = mask.shape[-1] * mask.shape[-2]
+    total = right.flatten(1).sum(1) + right[..., -1].flatten(1).sum(1) + down.flatten(1).sum(1)
+    total = total + down[..., -1, :].flatten(1).sum(1)
+    return total / z
+
+
+def area_counts(z: int, a: float, b: float) -> tuple[int, int]:
+    """floor(Z*a), floor(Z*b): how many of the sorted pixels the bounds want on (robust to 0.29*100 = 28.99..)."""
+    if not 0.0 <= a <= b <= 1.0:
+        raise ValueError(f"area bounds must satisfy 0 <= a <= b <= 1, got a={a}, b={b}")
+    return math.floor(z * a + 1e-9), math.floor(z * b + 1e-9)
+
+
+def area_bound(
+    masks: Tensor, labels: Tensor, a: float = 0.05, b: float = 0.30, reduction: Literal["sum", "mean"] = "sum"
+) -> Tensor:
+    """B_img per image: the bound B(s_c) combined over the image's ground-truth classes (sum or mean). -> [B]
+
+    B(s_c) = (1/Z) sum_i relu(q_min[i] - q[i]) + relu(q[i] - q_max[i]) with q = s_c sorted descending, q_min / q_max
+    = 1 on the first floor(Z*a) / floor(Z*b) entries. Images with no class give 0.
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"bound reduction must be 'sum' or 'mean', got {reduction!r}")
+    batch, _, h, w = masks.shape
+    z = h * w
+    k_min, k_max = area_counts(z, a, b)
+    target = _as_bool(labels)
+    image_idx, class_idx = target.nonzero(as_tuple=True)
+    chosen = masks[image_idx, class_idx].reshape(-1, z)  # [K, Z]: every ground-truth class mask in the batch
+    q = chosen.sort(dim=1, descending=True).values  # the one sort of the batch
+    position = torch.arange(z, device=masks.device)
+    q_min = (position < k_min).to(q.dtype)
+    q_max = (position < k_max).to(q.dtype)
+    per_class = (F.relu(q_min - q) + F.relu(q - q_max)).sum(dim=1) / z  # [K]
+    per_image = masks.new_zeros(batch, dtype=per_class.dtype).index_add(0, image_idx, per_class)
+    if reduction == "mean":
+        per_image = per_image / target.sum(dim=1).clamp(min=1).to(per_image.dtype)
+    return per_image
+
+
+def wysiwyc_loss(
+    masks: Tensor,
+    labels: Tensor,
+    logits_masked: Tensor,
+    logits_inv: Tensor,
+    cfg: LossConfig,
+    *,
+    m: Tensor | None = None,
+    n: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """L = L_c + l_e L_e + l_tv (TV(m)+TV(n)) + w_B B + w_m A(m) + w_n A(n), each averaged over the batch.
+
+    `m`, `n` may be passed when the caller already aggregated them. Returns the total and the unweighted terms
+    (detached) for logging.
+    """
+    if m is None or n is None:
+        m, n = aggregate_masks(masks, labels)
+    l_c = classification_loss(logits_masked, labels).mean()
+    l_e = negative_entropy(logits_inv).mean()
+    tv_m = total_variation(m).mean()
+    tv_n = total_variation(n).mean()
+    bound = area_bound(masks, labels, cfg.area_min, cfg.area_max, cfg.bound_reduction).mean()
+    area_m = area(m).mean()
+    area_n = area(n).mean()
+    total = (
+        l_c
+        + cfg.lambda_e * l_e
+        + cfg.lambda_tv * (tv_m + tv_n)
+        + cfg.w_bound * bound
+        + cfg.w_m * area_m
+        + cfg.w_n * area_n
+    )
+    terms = {
+        "loss": total,
+        "classification": l_c,
+        "entropy": l_e,
+        "tv_m": tv_m,
+        "tv_n": tv_n,
+        "bound": bound,
+        "area_m": area_m,
+        "area_n": area_n,
+    }
+    return total, {k: v.detach() for k, v in terms.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# RTIS: Dabkowski and Gal (2017), "Real Time Image Saliency for Black Box Classifiers", multi-label as in the reference
+# ----------------------------------------------------------------------------------------------------------------------
+
+RTIS_BLUR_SIGMA = 10.0  # pixels, as in Dabkowski and Gal's code (TorchRay-style Gaussian, zero padding)
+
+
+def gaussian_blur(images: Tensor, sigma: float = RTIS_BLUR_SIGMA) -> Tensor:
+    """Separable Gaussian blur, kernel radius ceil(4 sigma), zero padding (= the mean colour on normalised images)."""
+    radius = math.ceil(4 * sigma)
+    x = torch.arange(-radius, radius + 1, device=images.device, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(images.dtype)
+    channels = images.shape[1]
+    vertical = kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
+    horizontal = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
+    out = F.conv2d(images, vertical, padding=(radius, 0), groups=channels)
+    return F.conv2d(out, horizontal, padding=(0, radius), groups=channels)
+
+
+def alternative_image(
+    images: Tensor, kind: Literal["blur", "noise"], generator: torch.Generator | None = None
+) -> Tensor:
+    """RTIS replacement for removed pixels: a blurred copy, or coloured noise (N(0.11, 1) + a uniform colour shift
+    in [-0.33, 0.33] per image and channel, as in Dabkowski and Gal's code). No gradient flows into it."""
+    images = images.detach()
+    if kind == "blur":
+        return gaussian_blur(images)
+    if kind == "noise":
+        noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype) + 0.11
+        shift = torch.rand((images.shape[0], images.shape[1], 1, 1), generator=generator, device=images.device)
+        return noise + (shift.to(images.dtype) - 0.5) * 0.66
+    raise ValueError(f"loss.rtis_alternative must be 'blur' or 'noise', got {kind!r}")
+
+
+def rtis_loss(
+    masks: Tensor,
+    labels: Tensor,
+    logits_masked: Tensor,
+    logits_inv: Tensor,
+    cfg: LossConfig,
+    *,
+    m: Tensor | None = None,
+    n: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """L = 10 TV2(m) + 1 A(m) + preserver + 5 destroyer^0.3 (weights from cfg.rtis_*).
+
+    Here logits_masked = F(x m + alt (1-m)) and logits_inv = F(x (1-m) + alt m). Preserver = mean over the batch's
+    (image, ground-truth class) pairs of -log sigmoid(logit); destroyer = the same mean of sigmoid(logit), raised to
+    the power afterwards (the reference's multi-label adaptation). `n` is unused (accepted for a common signature).
+    """
+    del n
+    if m is None:
+        m, _ = aggregate_masks(masks, labels)
+    target = _as_bool(labels)
+    count = target.sum().clamp(min=1)
+    tv = total_variation(m, power=2).mean()
+    area_m = area(m).mean()
+    preserver = -(F.logsigmoid(full_precision(logits_masked)) * target).sum() / count
+    destroyer = (torch.sigmoid(full_precision(logits_inv)) * target).sum() / count
+    total = (
+        cfg.rtis_tv * tv
+        + cfg.rtis_area * area_m
+        + preserver
+        + cfg.rtis_destroyer * destroyer.clamp(min=1e-12).pow(cfg.rtis_destroyer_power)
+    )
+    terms = {"loss": total, "tv": tv, "area_m": area_m, "preserver": preserver, "destroyer": destroyer}
+    return total, {k: v.detach() for k, v in terms.items()}

@@ -1,0 +1,181 @@
+"""One training step of the method (SPEC 2 step): explainer -> masks -> ONE frozen-classifier pass -> loss.
+
+`explainer_forward_loss` is what the trainer calls. `reference_forward_loss` rebuilds the paper code's slow structure
+(fp32, two classifier passes, per-image Python loops) with the same maths; it exists only for the benchmark and for
+the test proving both give the same loss and gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from explainer.config import LossConfig
+from explainer.losses import (
+    aggregate_masks,
+    alternative_image,
+    area_counts,
+    full_precision,
+    rtis_loss,
+    wysiwyc_loss,
+)
+from explainer.models.checkpoint import unwrap
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor  # scalar with graph (fp32)
+    terms: dict[str, Tensor]  # detached scalars, "loss" included
+    masks: Tensor  # S = sigmoid(E(x)) [B,C,H,W], fp32, with graph
+    m: Tensor  # target mask [B,1,H,W], with graph
+    logits_masked: Tensor  # F(x_m) [B,C], detached fp32 (masked-image metrics, SPEC 4 Table 4 convention)
+
+
+def _check_frozen(classifier: nn.Module) -> None:
+    inner = unwrap(classifier)
+    if inner.training or any(p.requires_grad for p in inner.parameters()):
+        raise RuntimeError(
+            "the classifier must be frozen during explainer training (eval mode, no parameter gradients): "
+            "call explainer.models.freeze(classifier) or load it with load_classifier()"
+        )
+
+
+def explainer_forward_loss(
+    explainer: nn.Module,
+    classifier: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    loss_cfg: LossConfig,
+    autocast_ctx: Any = None,
+) -> StepOutput:
+    """Forward pass and loss of one batch. `autocast_ctx` (e.g. torch.autocast / accelerator.autocast()) is entered
+    once around both networks; every loss term is computed in fp32. channels_last images stay channels_last."""
+    _check_frozen(classifier)
+    channels_last = images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last)
+    labels = labels.to(device=images.device)
+    batch = images.shape[0]
+    with autocast_ctx if autocast_ctx is not None else contextlib.nullcontext():
+        masks = torch.sigmoid(full_precision(explainer(images)))
+        m, n = aggregate_masks(masks, labels)
+        if loss_cfg.kind == "rtis":
+            alt = alternative_image(images, loss_cfg.rtis_alternative)
+            x_m = images * m + alt * (1 - m)
+            x_inv = images * (1 - m) + alt * m
+        else:
+            x_m = images * m  # on the NORMALISED image: removed pixels become the dataset-mean colour
+            x_inv = images * (1 - m)
+        both = torch.cat([x_m, x_inv])
+        if channels_last:
+            both = both.contiguous(memory_format=torch.channels_last)
+        logits = full_precision(classifier(both))  # one batched pass; gradients reach the masks, not F's weights
+        logits_masked, logits_inv = logits[:batch], logits[batch:]
+        loss_fn = rtis_loss if loss_cfg.kind == "rtis" else wysiwyc_loss
+        loss, terms = loss_fn(masks, labels, logits_masked, logits_inv, loss_cfg, m=m, n=n)
+    return StepOutput(loss=loss, terms=terms, masks=masks, m=m, logits_masked=logits_masked.detach())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The paper code's structure, same maths (benchmark baseline and equivalence test only)
+# ----------------------------------------------------------------------------------------------------------------------
+
+_RIGHT = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, -1.0], [0.0, 0.0, 0.0]]).view(1, 1, 3, 3)
+_DOWN = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, -1.0, 0.0]]).view(1, 1, 3, 3)
+
+
+def _reference_tv(mask: Tensor) -> Tensor:
+    """Two 3x3 difference convolutions on the reflection-padded mask, as the reference's TotalVariationConv."""
+    padded = F.pad(mask.unsqueeze(1), (1, 1, 1, 1), mode="reflect")
+    right = F.conv2d(padded, _RIGHT.to(mask)).abs()
+    down = F.conv2d(padded, _DOWN.to(mask)).abs()
+    return (right + down).mean()
+
+
+def _reference_masks(segmentations: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-image loop: max of the class logits, then sigmoid (an image without classes gets 0, not a crash)."""
+    batch, _, h, w = segmentations.shape
+    target_masks, non_target_masks = [], []
+    for i in range(batch):
+        present = targets[i].eq(1.0)
+        absent = targets[i].eq(0.0)
+        zero = segmentations.new_zeros(h, w)
+        target_masks.append(segmentations[i][present].amax(dim=0).sigmoid() if present.any() else zero)
+        non_target_masks.append(segmentations[i][absent].amax(dim=0).sigmoid() if absent.any() else zero)
+    return torch.stack(target_masks), torch.stack(non_target_masks)
+
+
+def _reference_bound(segmentations: Tensor, targets: Tensor, cfg: LossConfig) -> Tensor:
+    """Per-image, per-class loop with one sort per mask, as the reference's ClassMaskAreaLoss."""
+    masks = segmentations.sigmoid()
+    batch, _, h, w = masks.shape
+    z = h * w
+    k_min, k_max = area_counts(z, cfg.area_min, cfg.area_max)
+    ones_min = torch.cat([masks.new_ones(k_min), masks.new_zeros(z - k_min)])
+    ones_max = torch.cat([masks.new_ones(k_max), masks.new_zeros(z - k_max)])
+    losses = []
+    for i in range(batch):
+        class_masks = masks[i][targets[i].eq(1.0)]
+        loss_i = masks.new_zeros(())
+        for j in range(class_masks.shape[0]):
+            q = class_masks[j].flatten().sort(descending=True).values
+            loss_i = loss_i + (F.relu(ones_min - q) + F.relu(q - ones_max)).mean()
+        if cfg.bound_reduction == "mean" and class_masks.shape[0] > 0:
+            loss_i = loss_i / class_masks.shape[0]
+        losses.append(loss_i)
+    return torch.stack(losses).mean()
+
+
+def reference_forward_loss(
+    explainer: nn.Module, classifier: nn.Module, images: Tensor, labels: Tensor, loss_cfg: LossConfig
+) -> StepOutput:
+    """The paper code's step with its structure (fp32, two classifier passes, Python loops) and our fixes (frozen
+    eval classifier, images without classes allowed). Only the WYSIWYC loss."""
+    if loss_cfg.kind != "wysiwyc":
+        raise ValueError("reference_forward_loss reproduces the WYSIWYC loss only")
+    _check_frozen(classifier)
+    targets = labels.to(device=images.device, dtype=images.dtype)
+    segmentations = explainer(images)
+    target_mask, non_target_mask = _reference_masks(segmentations, targets)
+    masked_image = target_mask.unsqueeze(1) * images
+    inversed_masked_image = (1 - target_mask).unsqueeze(1) * images
+    logits_mask = classifier(masked_image)
+    logits_inversed_mask = classifier(inversed_masked_image)
+
+    l_c = F.binary_cross_entropy_with_logits(logits_mask, targets)
+    probs = F.softmax(logits_inversed_mask, dim=-1).clamp(min=1e-16)
+    l_e = -(-probs * probs.log()).mean()
+    tv_m, tv_n = _reference_tv(target_mask), _reference_tv(non_target_mask)
+    bound = _reference_bound(segmentations, targets, loss_cfg)
+    area_m, area_n = target_mask.mean(), non_target_mask.mean()
+    loss = (
+        l_c
+        + loss_cfg.lambda_e * l_e
+        + loss_cfg.lambda_tv * (tv_m + tv_n)
+        + loss_cfg.w_bound * bound
+        + loss_cfg.w_m * area_m
+        + loss_cfg.w_n * area_n
+    )
+    terms = {
+        "loss": loss,
+        "classification": l_c,
+        "entropy": l_e,
+        "tv_m": tv_m,
+        "tv_n": tv_n,
+        "bound": bound,
+        "area_m": area_m,
+        "area_n": area_n,
+    }
+    return StepOutput(
+        loss=loss,
+        terms={k: v.detach() for k, v in terms.items()},
+        masks=segmentations.sigmoid(),
+        m=target_mask.unsqueeze(1),
+        logits_masked=logits_mask.detach(),
+    )
+
+
+__all__ = ["StepOutput", "explainer_forward_loss", "reference_forward_loss"]
