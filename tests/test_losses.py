@@ -1,0 +1,265 @@
+"""Each loss term of SPEC 2 (and the RTIS loss) pinned against numbers computed by hand on tiny tensors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from explainer.config import LossConfig
+from explainer.losses import (
+    aggregate_masks,
+    alternative_image,
+    area,
+    area_bound,
+    area_counts,
+    classification_loss,
+    gaussian_blur,
+    negative_entropy,
+    rtis_loss,
+    total_variation,
+    wysiwyc_loss,
+)
+
+LN2 = math.log(2.0)
+
+
+def t(values, dtype=torch.float64):
+    return torch.tensor(values, dtype=dtype)
+
+
+def test_aggregate_masks_one_several_zero_and_all_classes():
+    # 4 images, C = 3 classes, masks of 1x2 pixels: s_0, s_1, s_2 per image
+    masks = t(
+        [
+            [[[0.2, 0.9]], [[0.5, 0.1]], [[0.7, 0.3]]],  # image 0: classes {0, 2}
+            [[[0.2, 0.9]], [[0.5, 0.1]], [[0.7, 0.3]]],  # image 1: no class
+            [[[0.2, 0.9]], [[0.5, 0.1]], [[0.7, 0.3]]],  # image 2: all classes
+            [[[0.2, 0.9]], [[0.5, 0.1]], [[0.7, 0.3]]],  # image 3: class {1}
+        ]
+    )
+    labels = t([[1, 0, 1], [0, 0, 0], [1, 1, 1], [0, 1, 0]])
+    m, n = aggregate_masks(masks, labels)
+    assert m.shape == n.shape == (4, 1, 1, 2)
+    # image 0: m = max(s_0, s_2) = [max(.2,.7), max(.9,.3)] = [.7, .9]; n = s_1 = [.5, .1]
+    # image 1: m = 0 (no class); n = max over all = [.7, .9]
+    # image 2: m = max over all = [.7, .9]; n = 0 (no non-target class)
+    # image 3: m = s_1 = [.5, .1]; n = max(s_0, s_2) = [.7, .9]
+    assert torch.equal(m.flatten(1), t([[0.7, 0.9], [0.0, 0.0], [0.7, 0.9], [0.5, 0.1]]))
+    assert torch.equal(n.flatten(1), t([[0.5, 0.1], [0.7, 0.9], [0.0, 0.0], [0.7, 0.9]]))
+
+
+def test_classification_loss_is_bce_mean_over_classes():
+    # logits [0, ln 3], labels [1, 0]:
+    #   BCE(0, 1)    = -log sigmoid(0)          = -log(1/2) = ln 2
+    #   BCE(ln3, 0)  = -log(1 - sigmoid(ln 3))  = -log(1 - 3/4) = ln 4 = 2 ln 2
+    #   mean over C = 2 classes = 1.5 ln 2 = 1.0397207708
+    loss = classification_loss(t([[0.0, math.log(3.0)]]), t([[1.0, 0.0]]))
+    assert loss.shape == (1,)
+    assert loss.item() == pytest.approx(1.5 * LN2, abs=1e-12)
+
+
+def test_negative_entropy_softmax_and_clamp():
+    # row 0: p = softmax([0, 0]) = [1/2, 1/2]: (1/2)(2 * 1/2 ln 1/2) = 1/2 ln 1/2 = -0.3465735903
+    # row 1: p = softmax([ln 3, 0]) = [3/4, 1/4]: (3/4 ln 3/4 + 1/4 ln 1/4) / 2 = -0.2811675723
+    value = negative_entropy(t([[0.0, 0.0], [math.log(3.0), 0.0]]))
+    assert value.tolist() == pytest.approx([0.5 * math.log(0.5), (0.75 * math.log(0.75) + 0.25 * math.log(0.25)) / 2])
+    # clamp: softmax([0, -1000]) = [1, 0] in fp32; p_2 is clamped to 1e-16 so 0 * log 0 cannot give NaN:
+    # (1 * ln 1 + 1e-16 * ln 1e-16) / 2 = -1.842068e-15
+    clamped = negative_entropy(torch.tensor([[0.0, -1000.0]]))
+    assert torch.isfinite(clamped).all()
+    assert clamped.item() == pytest.approx(1e-16 * math.log(1e-16) / 2, rel=1e-5)
+
+
+def test_area_is_pixel_mean():
+    # (0.2 + 0.4 + 0.6 + 1.0) / 4 = 0.55
+    assert area(t([[[[0.2, 0.4], [0.6, 1.0]]]])).tolist() == pytest.approx([0.55])
+
+
+def test_total_variation_reflection_padding_by_hand():
+    # x = [[0, 1, 3],
+    #      [2, 2, 2]]           H = 2, W = 3, Z = 6
+    # right differences |x[i,j] - x[i,j+1]|, the padded column 3 reflects column 1:
+    #   row 0: |0-1| + |1-3| + |3-1| = 1 + 2 + 2 = 5 ; row 1: 0 + 0 + 0 = 0
+    # down differences |x[i,j] - x[i+1,j]|, the padded row 2 reflects row 0:
+    #   row 0: |0-2| + |1-2| + |3-2| = 2 + 1 + 1 = 4 ; row 1 (vs reflected row 0): 4 again
+    # TV = (5 + 0 + 4 + 4) / 6 = 13/6
+    x = t([[[[0.0, 1.0, 3.0], [2.0, 2.0, 2.0]]]])
+    assert total_variation(x).item() == pytest.approx(13 / 6, abs=1e-12)
+    # squared (RTIS): right 1 + 4 + 4 = 9; down (4 + 1 + 1) * 2 = 12 -> 21/6 = 3.5
+    assert total_variation(x, power=2).item() == pytest.approx(3.5, abs=1e-12)
+    # the same value as the reference's reflection-padded difference convolutions, on a random mask
+    mask = torch.rand(3, 1, 5, 7, dtype=torch.float64)
+    padded = F.pad(mask, (1, 1, 1, 1), mode="reflect")
+    right = F.conv2d(padded, t([[[[0, 0, 0], [0, 1, -1], [0, 0, 0]]]])).abs()
+    down = F.conv2d(padded, t([[[[0, 0, 0], [0, 1, 0], [0, -1, 0]]]])).abs()
+    assert torch.allclose(total_variation(mask), (right + down).mean(dim=(1, 2, 3)))
+    # a constant mask has no variation; a 3-d [B,H,W] mask works too
+    assert total_variation(torch.full((2, 4, 4), 0.3)).tolist() == [0.0, 0.0]
+
+
+def test_area_counts_floor_of_z_times_a():
+    assert area_counts(224 * 224, 0.05, 0.30) == (2508, 15052)  # 2508.8 and 15052.8 floored (reference int())
+    assert area_counts(32 * 32, 0.05, 0.30) == (51, 307)  # Z of the mask actually used, not 224*224
+    assert area_counts(100, 0.29, 0.30) == (29, 30)  # 100 * 0.29 = 28.999999999999996 in floats
+    with pytest.raises(ValueError, match="a <= b"):
+        area_counts(100, 0.5, 0.3)
+
+
+def _bound_masks():
+    # Z = 2 x 5 = 10 pixels; a = 0.1 -> k_min = 1 pixel that should be on; b = 0.3 -> k_max = 3 pixels allowed on
+    class_a = t([0.3, 0.0, 0.9, 0.5, 0.1, 0.8, 0.2, 0.6, 0.4, 0.7]).view(2, 5)  # a permutation of 0.0 .. 0.9
+    class_b = torch.full((2, 5), 0.5, dtype=torch.float64)
+    class_c = torch.zeros(2, 5, dtype=torch.float64)
+    masks = torch.stack([class_a, class_b, class_c]).unsqueeze(0).repeat(4, 1, 1, 1)  # [4, 3, 2, 5]
+    labels = t([[1, 0, 0], [1, 1, 0], [0, 0, 0], [0, 1, 1]])
+    return masks, labels
+
+
+def test_area_bound_by_hand_sum_and_mean():
+    # B(s) = (1/Z) sum_i relu(q_min[i] - q[i]) + relu(q[i] - q_max[i]), q sorted descending,
+    # q_min = [1, 0, 0, ...] (k_min = 1), q_max = [1, 1, 1, 0, ...] (k_max = 3)
+    # class a: q = [.9, .8, .7, .6, .5, .4, .3, .2, .1, 0]
+    #   min part: relu(1 - .9) = .1 ; max part: .6 + .5 + .4 + .3 + .2 + .1 + 0 = 2.1  -> B = 2.2 / 10 = 0.22
+    # class b: q = [.5] * 10: min part relu(1 - .5) = .5 ; max part 7 * .5 = 3.5         -> B = 4.0 / 10 = 0.40
+    # class c: q = [0] * 10:  min part relu(1 - 0) = 1 ; max part 0                       -> B = 1.0 / 10 = 0.10
+    masks, labels = _bound_masks()
+    summed = area_bound(masks, labels, a=0.1, b=0.3, reduction="sum")
+    # image 0 {a}: .22 ; image 1 {a, b}: .22 + .40 = .62 ; image 2 {}: 0 ; image 3 {b, c}: .40 + .10 = .50
+    assert summed.tolist() == pytest.approx([0.22, 0.62, 0.0, 0.50], abs=1e-12)
+    meaned = area_bound(masks, labels, a=0.1, b=0.3, reduction="mean")
+    # mean over each image's classes: .22 / 1 ; .62 / 2 = .31 ; 0 (no class, no division by zero) ; .50 / 2 = .25
+    assert meaned.tolist() == pytest.approx([0.22, 0.31, 0.0, 0.25], abs=1e-12)
+
+
+def test_area_bound_batch_without_any_class_and_bad_reduction():
+    masks = torch.rand(2, 3, 4, 4)
+    assert area_bound(masks, torch.zeros(2, 3)).tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="reduction"):
+        area_bound(masks, torch.ones(2, 3), reduction="max")
+
+
+def test_area_bound_gradient_reaches_only_ground_truth_masks():
+    masks, labels = _bound_masks()
+    masks = masks.clone().requires_grad_(True)
+    area_bound(masks, labels, a=0.1, b=0.3).sum().backward()
+    grad = masks.grad
+    # image 0 has class a only: its a-mask gets gradient, b and c none
+    assert grad[0, 0].abs().sum() > 0 and grad[0, 1:].abs().sum() == 0
+    # image 2 has no class: no gradient at all
+    assert grad[2].abs().sum() == 0
+    # the brightest pixel of class a (0.9, wanted on) is pushed up: d/dq relu(1 - q) / Z = -1/10
+    assert grad[0, 0, 0, 2].item() == pytest.approx(-0.1)
+    # the pixel ranked 4th (0.6, beyond k_max) is pushed down: +1/10; the 2nd (0.8) is free: 0
+    assert grad[0, 0, 1, 2].item() == pytest.approx(0.1)
+    assert grad[0, 0, 1, 0].item() == 0.0
+
+
+def _one_image_case():
+    # B = 1, C = 2, 2x2 masks: s_0 = 0.5 everywhere (the ground-truth class), s_1 = 0.25 everywhere
+    masks = torch.stack([torch.full((2, 2), 0.5), torch.full((2, 2), 0.25)]).unsqueeze(0).double()
+    labels = t([[1.0, 0.0]])
+    return masks, labels
+
+
+def test_wysiwyc_loss_total_by_hand():
+    masks, labels = _one_image_case()
+    # m = 0.5 and n = 0.25 everywhere -> TV(m) = TV(n) = 0, A(m) = 0.5, A(n) = 0.25
+    # bound (Z = 4, a = .05 -> k_min = 0, b = .3 -> k_max = 1): q = [.5]*4, max part = 3 * .5 -> 1.5 / 4 = 0.375
+    # L_c: logits [0, 0] vs labels [1, 0] -> ln 2 for each class -> ln 2
+    # L_e: softmax([0, 0]) = [1/2, 1/2] -> 1/2 ln 1/2
+    # VOC + ResNet-50 weights: l_e = 3, l_tv = 1, w_B = 0.8, w_m = 0.01, w_n = 0.3
+    # L = ln2 + 3 (1/2 ln 1/2) + 0 + 0.8 * 0.375 + 0.01 * 0.5 + 0.3 * 0.25 = 0.0334264097
+    cfg = LossConfig(lambda_e=3.0, lambda_tv=1.0, w_bound=0.8, w_m=0.01, w_n=0.3)
+    zeros = torch.zeros(1, 2, dtype=torch.float64)
+    total, terms = wysiwyc_loss(masks, labels, zeros, zeros, cfg)
+    assert total.item() == pytest.approx(LN2 + 1.5 * math.log(0.5) + 0.3 + 0.005 + 0.075, abs=1e-12)
+    assert total.item() == pytest.approx(0.03342640972002745, abs=1e-12)
+    expected = {
+        "classification": LN2,
+        "entropy": 0.5 * math.log(0.5),
+        "tv_m": 0.0,
+        "tv_n": 0.0,
+        "bound": 0.375,
+        "area_m": 0.5,
+        "area_n": 0.25,
+    }
+    for key, value in expected.items():
+        assert terms[key].item() == pytest.approx(value, abs=1e-12), key
+    assert terms["loss"].item() == total.item()
+    assert all(not v.requires_grad for v in terms.values())
+
+
+def test_wysiwyc_loss_is_the_weighted_batch_mean_of_the_terms():
+    torch.manual_seed(0)
+    masks = torch.rand(3, 4, 6, 6, dtype=torch.float64)
+    labels = t([[1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0]])
+    lm, li = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    cfg = LossConfig(lambda_e=2.0, lambda_tv=0.5, w_bound=0.7, w_m=0.03, w_n=0.1, bound_reduction="mean")
+    total, terms = wysiwyc_loss(masks, labels, lm, li, cfg)
+    m, n = aggregate_masks(masks, labels)
+    manual = (
+        classification_loss(lm, labels).mean()
+        + 2.0 * negative_entropy(li).mean()
+        + 0.5 * (total_variation(m).mean() + total_variation(n).mean())
+        + 0.7 * area_bound(masks, labels, 0.05, 0.30, "mean").mean()
+        + 0.03 * area(m).mean()
+        + 0.1 * area(n).mean()
+    )
+    assert total.item() == pytest.approx(manual.item(), abs=1e-12)
+
+
+def test_wysiwyc_gradients_reach_masks_and_logits():
+    torch.manual_seed(0)
+    masks = torch.rand(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    logits_m = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    logits_i = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    labels = t([[1, 0, 0], [1, 1, 0]])
+    total, _ = wysiwyc_loss(masks, labels, logits_m, logits_i, LossConfig())
+    total.backward()
+    for tensor in (masks, logits_m, logits_i):
+        assert tensor.grad is not None and torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
+    # every class mask gets gradient: ground-truth ones through m and the bound, the others through n
+    assert (masks.grad.abs().sum(dim=(2, 3)) > 0).all()
+
+
+def test_rtis_loss_by_hand():
+    masks, labels = _one_image_case()
+    # m = s_0 = 0.5 everywhere -> squared TV 0, area 0.5
+    # preserver: -log sigmoid(0) = ln 2 (ground-truth class 0 only; class 1's logit 5 is ignored)
+    # destroyer: sigmoid(-ln 3) = 1/4 ; 5 * (1/4)^0.3 = 5 * 0.6597539554
+    # L = 10 * 0 + 1 * 0.5 + ln 2 + 3.298769777 = 4.4919169575
+    cfg = LossConfig(kind="rtis")
+    total, terms = rtis_loss(masks, labels, t([[0.0, 5.0]]), t([[-math.log(3.0), 5.0]]), cfg)
+    assert total.item() == pytest.approx(0.5 + LN2 + 5 * 0.25**0.3, abs=1e-12)
+    assert total.item() == pytest.approx(4.491916957492181, abs=1e-12)
+    assert terms["preserver"].item() == pytest.approx(LN2)
+    assert terms["destroyer"].item() == pytest.approx(0.25)
+    assert terms["tv"].item() == 0.0 and terms["area_m"].item() == 0.5
+
+
+def test_rtis_preserver_destroyer_average_over_ground_truth_pairs():
+    # two images: image 0 classes {0}, image 1 classes {0, 1} -> 3 (image, class) pairs
+    labels = t([[1, 0], [1, 1]])
+    logits = t([[0.0, 9.0], [math.log(3.0), -math.log(3.0)]])  # sigmoids of the GT pairs: 1/2, 3/4, 1/4
+    masks = torch.full((2, 2, 3, 3), 0.5, dtype=torch.float64)
+    _, terms = rtis_loss(masks, labels, logits, logits, LossConfig(kind="rtis"))
+    # preserver = (-ln 1/2 - ln 3/4 - ln 1/4) / 3 ; destroyer = (1/2 + 3/4 + 1/4) / 3 = 0.5
+    assert terms["preserver"].item() == pytest.approx(-(math.log(0.5) + math.log(0.75) + math.log(0.25)) / 3)
+    assert terms["destroyer"].item() == pytest.approx(0.5)
+
+
+def test_alternative_images():
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 40, 40)
+    noise = alternative_image(images, "noise")
+    assert noise.shape == images.shape and not torch.equal(noise, images)
+    blurred = alternative_image(images, "blur")
+    assert blurred.shape == images.shape
+    assert blurred.std() < images.std() / 5  # sigma = 10 px smooths pixel noise away
+    # the kernel sums to one: far from the border (radius 40 > image) a constant stays the constant times the
+    # kernel mass inside the image; at the centre of an 81-px image the whole kernel is inside
+    const = gaussian_blur(torch.ones(1, 1, 81, 81))
+    assert const[0, 0, 40, 40].item() == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="rtis_alternative"):
+        alternative_image(images, "checkerboard")

@@ -1,0 +1,138 @@
+"""The training step: same loss and gradients as the paper-structured step, one classifier pass, grads only on E."""
+
+import contextlib
+
+import pytest
+import torch
+
+from explainer.config import LossConfig
+from explainer.models import build_classifier, build_explainer, freeze
+from explainer.step import explainer_forward_loss, reference_forward_loss
+
+NUM_CLASSES = 4
+# one class, several classes, no class, all classes
+LABELS = torch.tensor([[1.0, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
+
+
+def _models(dtype=torch.float32):
+    torch.manual_seed(0)
+    explainer = build_explainer("tiny_unet", NUM_CLASSES).to(dtype)
+    classifier = freeze(build_classifier("tiny_cnn", NUM_CLASSES).to(dtype))
+    return explainer, classifier
+
+
+def _images(dtype=torch.float32, size=32):
+    return torch.randn(len(LABELS), 3, size, size, generator=torch.Generator().manual_seed(1), dtype=dtype)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_fast_step_equals_reference_step(reduction):
+    explainer, classifier = _models(torch.float64)
+    explainer.eval()  # BN on running stats: both steps see identical explainer outputs
+    images = _images(torch.float64)
+    cfg = LossConfig(lambda_e=3.0, lambda_tv=1.0, w_bound=0.8, w_m=0.01, w_n=0.3, bound_reduction=reduction)
+    fast = explainer_forward_loss(explainer, classifier, images, LABELS, cfg)
+    fast_grads = torch.autograd.grad(fast.loss, list(explainer.parameters()))
+    slow = reference_forward_loss(explainer, classifier, images, LABELS, cfg)
+    slow_grads = torch.autograd.grad(slow.loss, list(explainer.parameters()))
+    assert fast.terms.keys() == slow.terms.keys()
+    for key in fast.terms:
+        assert fast.terms[key].item() == pytest.approx(slow.terms[key].item(), rel=1e-10, abs=1e-12), key
+    for a, b in zip(fast_grads, slow_grads):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
+    assert torch.allclose(fast.m, slow.m) and torch.allclose(fast.logits_masked, slow.logits_masked)
+
+
+def _count_calls(module):
+    calls = []
+    handle = module.register_forward_hook(lambda mod, inputs, output: calls.append(inputs[0]))
+    return calls, handle
+
+
+def test_one_classifier_call_on_the_concatenation():
+    explainer, classifier = _models()
+    images = _images()
+    calls, handle = _count_calls(classifier)
+    out = explainer_forward_loss(explainer, classifier, images, LABELS, LossConfig())
+    assert len(calls) == 1 and calls[0].shape == (2 * len(LABELS), 3, 32, 32)
+    # first half x * m, second half x * (1 - m), on the normalised image
+    m = out.m.detach()
+    assert torch.allclose(calls[0][: len(LABELS)], images * m)
+    assert torch.allclose(calls[0][len(LABELS):], images * (1 - m))
+    calls.clear()
+    reference_forward_loss(explainer, classifier, images, LABELS, LossConfig())
+    assert len(calls) == 2  # the paper code's two passes
+    handle.remove()
+
+
+def test_gradients_only_on_the_explainer():
+    explainer, classifier = _models()
+    out = explainer_forward_loss(explainer, classifier, _images(), LABELS, LossConfig())
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in explainer.parameters())
+    assert all(p.grad is None for p in classifier.parameters())
+    assert out.masks.shape == (len(LABELS), NUM_CLASSES, 32, 32) and out.m.shape == (len(LABELS), 1, 32, 32)
+    assert out.terms["loss"].item() == out.loss.item() and not out.terms["loss"].requires_grad
+
+
+def test_an_unfrozen_classifier_is_refused():
+    explainer, _ = _models()
+    classifier = build_classifier("tiny_cnn", NUM_CLASSES)
+    with pytest.raises(RuntimeError, match="freeze"):
+        explainer_forward_loss(explainer, classifier, _images(), LABELS, LossConfig())
+
+
+def test_channels_last_input_gives_the_same_loss_and_stays_channels_last():
+    explainer, classifier = _models()
+    explainer.eval()
+    images = _images()
+    plain = explainer_forward_loss(explainer, classifier, images, LABELS, LossConfig())
+    explainer_cl = explainer.to(memory_format=torch.channels_last)
+    classifier_cl = classifier.to(memory_format=torch.channels_last)
+    calls, handle = _count_calls(classifier_cl)
+    cl = explainer_forward_loss(
+        explainer_cl, classifier_cl, images.contiguous(memory_format=torch.channels_last), LABELS, LossConfig()
+    )
+    handle.remove()
+    assert calls[0].is_contiguous(memory_format=torch.channels_last)
+    assert cl.loss.item() == pytest.approx(plain.loss.item(), rel=1e-5)
+
+
+def test_bf16_autocast_entered_once_and_loss_in_fp32():
+    explainer, classifier = _models()
+    explainer.eval()
+    images = _images()
+    full = explainer_forward_loss(explainer, classifier, images, LABELS, LossConfig())
+    entered = []
+
+    @contextlib.contextmanager
+    def single_use_autocast():  # like accelerator.autocast(): a generator context, usable once
+        entered.append(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yield
+
+    mixed = explainer_forward_loss(explainer, classifier, images, LABELS, LossConfig(), single_use_autocast())
+    assert entered == [1]
+    assert mixed.loss.dtype == torch.float32 and mixed.masks.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in mixed.terms.values())
+    assert mixed.loss.item() == pytest.approx(full.loss.item(), rel=0.05)
+    mixed.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in explainer.parameters())
+
+
+@pytest.mark.parametrize("alternative", ["blur", "noise"])
+def test_rtis_step(alternative):
+    explainer, classifier = _models()
+    images = _images(size=48)
+    calls, handle = _count_calls(classifier)
+    cfg = LossConfig(kind="rtis", rtis_alternative=alternative)
+    out = explainer_forward_loss(explainer, classifier, images, LABELS, cfg)
+    handle.remove()
+    assert set(out.terms) == {"loss", "tv", "area_m", "preserver", "destroyer"}
+    assert len(calls) == 1 and calls[0].shape[0] == 2 * len(LABELS)
+    # removed pixels are replaced by the alternative image, not the mean colour: x_m != x * m
+    assert not torch.allclose(calls[0][: len(LABELS)], images * out.m.detach())
+    out.loss.backward()
+    assert all(p.grad is not None for p in explainer.parameters())
+    with pytest.raises(ValueError, match="WYSIWYC"):
+        reference_forward_loss(explainer, classifier, images, LABELS, cfg)
