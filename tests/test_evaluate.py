@@ -1,0 +1,123 @@
+"""Evaluation: the Evaluator on a toy with a known answer, the report, and end-to-end runs on real shards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from explainer.baselines import build_baseline
+from explainer.config import EvalConfig
+from explainer.evaluate import Evaluator, MaskNetwork, markdown_report, parse_methods, write_outputs
+from explainer.models import freeze
+
+S = 24
+CLASSES = ["red", "green"]
+
+
+def colour_classifier() -> nn.Module:
+    """logit_k = 20 * mean(relu(channel k - 0.1)) - 2: class k present iff enough of channel k is lit."""
+    conv = nn.Conv2d(3, 2, 1)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.fill_(-0.1)
+        conv.weight[0, 0] = 1.0
+        conv.weight[1, 1] = 1.0
+    head = nn.Linear(2, 2)
+    with torch.no_grad():
+        head.weight.copy_(40 * torch.eye(2))
+        head.bias.fill_(-2.0)
+    return freeze(nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), head))
+
+
+class OracleExplainer(nn.Module):
+    """Mask of class k = where channel k is lit: the perfect explainer for the colour classifier."""
+
+    def forward(self, x):
+        return 40 * (x[:, :2] - 0.5)
+
+
+def toy_batch(seed: int, n: int = 4) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(n, 3, S, S)
+    labels = torch.zeros(n, 2)
+    seg_classes = torch.zeros(n, S, S, dtype=torch.uint8)
+    for i in range(n):
+        for k in range(2):
+            if torch.rand((), generator=g) < 0.6 or (k == 1 and labels[i].sum() == 0):
+                r, c = (int(v) for v in torch.randint(0, S - 8, (2,), generator=g))
+                x[i, k, r : r + 8, c : c + 8] = 1.0
+                seg_classes[i, r : r + 8, c : c + 8] = k + 1
+                labels[i, k] = 1
+    seg = (seg_classes > 0).to(torch.uint8)
+    # a one-pixel void band on the top edge of every object
+    edge = (seg_classes > 0) & ~torch.nn.functional.pad(seg_classes[:, :-1] > 0, (0, 0, 1, 0), value=False)
+    seg[edge] = 255
+    return {"image": x, "labels": labels, "seg": seg, "seg_classes": seg_classes,
+            "has_seg": torch.ones(n, dtype=torch.bool), "key": [f"{seed}-{i}" for i in range(n)]}
+
+
+def run_toy(methods: list[str], figure_images: int = 0) -> tuple[Evaluator, dict]:
+    clf = colour_classifier()
+    cfg = EvalConfig(rise_masks=200, rise_cells=4, rise_batch=100)
+    built = {m: MaskNetwork(m, OracleExplainer()) if m == "explainer" else build_baseline(m, clf, cfg)
+             for m in methods}
+    ev = Evaluator(clf, built, CLASSES, cfg, torch.device("cpu"), figure_images=figure_images)
+    for seed in range(3):
+        ev.update(toy_batch(seed))
+    return ev, ev.finish()
+
+
+def test_evaluator_on_a_toy_with_known_answer():
+    ev, res = run_toy(["explainer", "gradcam"])
+    assert res["n_images"] == 12 and res["n_seg_images"] == 12
+    seg = res["segmentation"]
+    assert seg["G.T."]["iou"] == pytest.approx(1.0) and seg["G.T."]["mae"] == pytest.approx(0.0)
+    assert seg["explainer"]["iou"] > 0.99 and seg["explainer"]["mae"] < 0.01  # the oracle is the ground truth
+    assert seg["gradcam"]["iou"] > 0.9  # full-resolution 1x1-conv features: Grad-CAM is exact here too
+    assert seg["0"]["iou"] == 0.0 and seg["1"]["mae"] > 0.5
+    assert seg["explainer"]["n"] == 12 and seg["0.5"]["mae"] == pytest.approx(0.5)
+    cs = res["class_specific"]["explainer"]
+    assert "gradcam" not in res["class_specific"]
+    # off-diagonal: an image without the mask's class is blanked out -> softmax 0.5 over two classes at most
+    assert cs["mean_diagonal"] > 0.9 and cs["max_off_diagonal"] < 0.35
+    assert res["classification"]["clean"]["f1"] == pytest.approx(1.0)
+    assert res["classification"]["masked"]["explainer"]["recall"] == pytest.approx(1.0)
+    t = res["timing"]
+    assert t["explainer"]["images"] == 12 and not t["explainer"]["autograd"] and t["gradcam"]["autograd"]
+    assert t["explainer"]["seconds_per_image"] > 0
+
+
+def test_report_and_figures_are_written(tmp_path):
+    ev, res = run_toy(["explainer", "gradcam", "rise"], figure_images=3)
+    res["settings"] = {"checkpoint": "x.pt", "classifier": "c.pt", "manifest": "m.json", "split": "test",
+                       "world_size": 1, "device": "cpu", "date": "today", "batch_size": 4}
+    write_outputs(res, ev, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    for heading in ("Table 2", "Table 1", "Table 4", "Table 3", "| *G.T.* |", "| Grad-CAM |", "| RISE |"):
+        assert heading in report
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["segmentation"]["explainer"]["iou"] > 0.99
+    assert (tmp_path / "figures" / "fig1.png").stat().st_size > 1000
+    assert (tmp_path / "figures" / "class_specific_explainer.png").is_file()
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert markdown_report(res).count("## Table") == 4
+
+
+def test_evaluator_without_segmentation_and_bad_settings():
+    clf = colour_classifier()
+    ev = Evaluator(clf, {"explainer": MaskNetwork("explainer", OracleExplainer())}, CLASSES, EvalConfig(),
+                   torch.device("cpu"))
+    batch = toy_batch(0)
+    batch["has_seg"][:] = False
+    ev.update(batch)
+    res = ev.finish()
+    assert res["n_seg_images"] == 0 and res["segmentation"]["explainer"]["n"] == 0
+    assert res["classification"]["clean"]["f1"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="class_specific_classes"):
+        Evaluator(clf, {}, CLASSES, EvalConfig(class_specific_classes=["blue"]), torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown"):
+        parse_methods("explainer,igos")
+    assert parse_methods("explainer, gradcam,explainer") == ["explainer", "gradcam"]
