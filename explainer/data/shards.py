@@ -1,0 +1,481 @@
+"""Write WebDataset tar shards plus a manifest: parallel, atomic, resumable and byte-for-byte reproducible.
+
+How a run works (one function, `write_dataset`, shared by the VOC, COCO and synthetic builders):
+
+1. Plan. Each split is an ordered list of tasks (one per source image, picklable, carrying only paths and small
+   annotation data). Shard boundaries are cut from the task order with `maxcount` and an estimate of the tar bytes
+   taken from file sizes (`stat`, no reading), so the plan is known before any worker starts and does not depend on
+   which inputs later turn out to be bad. Each shard gets a fingerprint of its tasks and the options.
+2. Strict scan (`strict=True` only). Every task is built without writing; any skipped or suspicious input ends the run
+   with `StrictError` before anything is written.
+3. Write. Worker processes write whole shards: each task is built (files read once, checked, labels made) and written
+   with webdataset's TarWriter into `.<name>.<pid>.tmp`, which is renamed into place when complete; then a small
+   record `.progress/<name>.json` (fingerprint, count, problems) is written. `resume=True` keeps a shard whose record
+   matches its fingerprint and size, so a killed run continues where it stopped; leftover temp files are removed.
+   Tar headers carry a fixed mtime/owner, so the same inputs and arguments give identical bytes.
+4. Manifest. `manifest.json` (atomic) lists per-shard counts (and the positions of unlabelled samples, which the
+   loader needs to split exactly when it drops them), totals, skipped inputs and warnings with reasons.
+
+Bad input never stops the run: a task that raises `BadInput` (or anything else) is skipped and reported by file.
+Image bytes are stored as read (never re-encoded); labels are JSON and masks PNG, never pickles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from tqdm import tqdm
+from webdataset import TarWriter
+
+FORMAT_VERSION = 1  # bump when the sample layout changes: invalidates --resume records
+TAR_MTIME = 946684800  # 2000-01-01: fixed so identical inputs give identical shards
+MANIFEST_NAME = "manifest.json"
+PROGRESS_DIR = ".progress"
+
+IMAGE_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "WEBP": "webp", "TIFF": "tiff"}
+_SUFFIX_ALIASES = {"jpeg": "jpg", "jpe": "jpg", "tif": "tiff"}
+
+
+class BadInput(Exception):
+    """One input that cannot become a sample; names the file and what is wrong with it."""
+
+    def __init__(self, file: str | os.PathLike, reason: str):
+        super().__init__(f"{file}: {reason}")
+        self.file = str(file)
+        self.reason = reason
+
+
+class StrictError(RuntimeError):
+    """`strict=True` and some inputs were skipped or suspicious; nothing was written."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        lines = "\n".join(f"  {p.file}: {p.reason}" for p in problems)
+        super().__init__(f"--strict: {len(problems)} problem(s) in the input, nothing written:\n{lines}")
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    reason: str
+    split: str = ""
+    key: str = ""
+
+
+@dataclass
+class Built:
+    """A finished sample: tar members by extension (bytes only) and problems that did not prevent it."""
+
+    key: str
+    members: dict[str, bytes]
+    labelled: bool
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+
+
+@dataclass
+class ImageBytes:
+    data: bytes
+    ext: str
+    size: tuple[int, int]  # (W, H)
+    notes: list[str]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Per-sample helpers used by the dataset adapters
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _has_end_marker(fmt: str, data: bytes) -> bool:
+    tail = data[-64:]
+    if fmt in ("JPEG", "MPO"):
+        return b"\xff\xd9" in tail
+    if fmt == "PNG":
+        return b"IEND" in tail
+    return False  # other formats: decode fully to check
+
+
+def read_image(path: str | os.PathLike, *, verify: bool = False) -> ImageBytes:
+    """Read an image file's bytes and check them cheaply; raise BadInput if it cannot be used.
+
+    Checks: exists, non-empty, header identifies a supported format, and the file ends with the format's end marker
+    (JPEG EOI / PNG IEND) - which catches truncated downloads without decoding. Files without the marker (and every
+    file when `verify`) are fully decoded. Kept-but-odd files (non-RGB modes, format not matching the name) get notes.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BadInput(path, "image file is missing") from None
+    except OSError as exc:
+        raise BadInput(path, f"image file cannot be read ({exc.strerror or exc})") from None
+    if not data:
+        raise BadInput(path, "image file is empty (0 bytes)")
+    try:
+        im = Image.open(io.BytesIO(data))
+        fmt, size, mode = im.format or "", im.size, im.mode
+    except Exception as exc:  # PIL raises several types for garbage
+        raise BadInput(path, f"not a readable image ({type(exc).__name__}: {exc})") from None
+    ext = IMAGE_EXT.get(fmt)
+    if ext is None:
+        raise BadInput(path, f"unsupported image format {fmt!r}")
+    if size[0] <= 0 or size[1] <= 0:
+        raise BadInput(path, f"image has an empty size {size}")
+    notes: list[str] = []
+    complete = _has_end_marker(fmt, data)
+    if verify or not complete:
+        try:
+            im.load()
+        except Exception as exc:
+            raise BadInput(path, f"truncated or corrupt {fmt} data ({exc})") from None
+        if not complete and fmt in ("JPEG", "MPO", "PNG"):
+            notes.append(f"{fmt} data has no end marker but decodes fully")
+    if mode != "RGB":
+        notes.append(f"{mode} image (stored as is, converted to RGB when loaded)")
+    suffix = path.suffix.lower().lstrip(".")
+    suffix = _SUFFIX_ALIASES.get(suffix, suffix)
+    if suffix != ext:
+        notes.append(f"{fmt} data under a .{suffix} name (stored as .{ext})")
+    return ImageBytes(data=data, ext=ext, size=size, notes=notes)
+
+
+def sample_json(labels: Sequence[int], classes: Sequence[str], source_id: str, orig_size: tuple[int, int]) -> bytes:
+    """The `json` member: multi-hot labels, names of present classes, source id, original [W, H]."""
+    present = [name for name, on in zip(classes, labels) if on]
+    doc = {"labels": [int(v) for v in labels], "classes": present, "source_id": source_id,
+           "orig_size": [int(orig_size[0]), int(orig_size[1])]}
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def member_bytes(*sizes: int) -> int:
+    """Tar bytes taken by members of the given sizes (512-byte header + data padded to 512)."""
+    return sum(512 + -(-s // 512) * 512 for s in sizes)
+
+
+def file_size(path: str | os.PathLike) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def safe_key(source_id: str) -> str:
+    """A webdataset key: no dots (the key ends at the first dot of a member name) and no slashes."""
+    return source_id.replace("/", "_").replace(".", "_")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Planning
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardJob:
+    split: str
+    index: int
+    tasks: list[Any]
+    fingerprint: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:06d}.tar"
+
+
+@dataclass
+class ShardResult:
+    split: str
+    index: int
+    name: str
+    fingerprint: str
+    count: int
+    size: int
+    unlabelled: list[int]
+    skipped: list[Problem]
+    warnings: list[Problem]
+
+
+def plan_shards(split: str, tasks: Sequence[Any], *, maxcount: int, maxsize: int, salt: str) -> list[ShardJob]:
+    """Cut the ordered tasks into shards of at most `maxcount` samples and about `maxsize` bytes.
+
+    Tasks must have `.key` and `.est_bytes`. A single sample larger than maxsize gets a shard of its own.
+    """
+    if maxcount < 1 or maxsize < 1:
+        raise ValueError(f"shard limits must be positive, got maxcount={maxcount}, maxsize={maxsize}")
+    seen: set[str] = set()
+    for task in tasks:
+        if task.key in seen:
+            raise ValueError(f"duplicate sample key {task.key!r} in split {split!r}")
+        seen.add(task.key)
+    groups: list[list[Any]] = []
+    current: list[Any] = []
+    current_bytes = 1024  # end-of-archive blocks
+    for task in tasks:
+        if current and (len(current) >= maxcount or current_bytes + task.est_bytes > maxsize):
+            groups.append(current)
+            current, current_bytes = [], 1024
+        current.append(task)
+        current_bytes += task.est_bytes
+    if current:
+        groups.append(current)
+    jobs = []
+    for index, group in enumerate(groups):
+        digest = hashlib.sha1(f"{FORMAT_VERSION}|{salt}|{split}|{index}|{group!r}".encode()).hexdigest()
+        jobs.append(ShardJob(split=split, index=index, tasks=group, fingerprint=digest))
+    return jobs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Workers
+# ----------------------------------------------------------------------------------------------------------------------
+
+_COUNTER: Any = None  # shared progress counter, set in each worker process
+
+
+def _init_worker(counter: Any) -> None:
+    global _COUNTER
+    _COUNTER = counter
+
+
+def _tick() -> None:
+    if _COUNTER is not None:
+        with _COUNTER.get_lock():
+            _COUNTER.value += 1
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _record_path(out: Path, name: str) -> Path:
+    return out / PROGRESS_DIR / f"{name}.json"
+
+
+def run_job(job: ShardJob, out: str | None, build: Callable[[Any], Built]) -> ShardResult:
+    """Build every task of one shard; when `out` is given, write the shard atomically and its progress record."""
+    skipped: list[Problem] = []
+    warns: list[Problem] = []
+    unlabelled: list[int] = []
+    count = 0
+    tmp = final = None
+    with contextlib.ExitStack() as stack:
+        writer = None
+        if out is not None:
+            out_dir = Path(out)
+            final = out_dir / job.name
+            _record_path(out_dir, job.name).unlink(missing_ok=True)  # a record only describes the tar in place
+            tmp = out_dir / f".{job.name}.{os.getpid()}.tmp"
+            stream = stack.enter_context(open(tmp, "wb"))
+            stack.callback(lambda: (stream.flush(), os.fsync(stream.fileno())))  # complete on disk before rename
+            writer = TarWriter(stream, encoder=False, mtime=TAR_MTIME, user="explainer", group="explainer",
+                               mode=0o444)
+            stack.callback(writer.close)  # callbacks run last-in first-out: close tar, fsync, close file
+        for task in job.tasks:
+            try:
+                built = build(task)
+            except BadInput as exc:
+                skipped.append(Problem(exc.file, exc.reason, job.split, task.key))
+                _tick()
+                continue
+            except Exception as exc:  # never let one odd input stop the run; it is reported like any bad input
+                skipped.append(Problem(str(getattr(task, "image_path", task.key)),
+                                       f"unexpected error: {type(exc).__name__}: {exc}", job.split, task.key))
+                _tick()
+                continue
+            warns.extend(Problem(f, r, job.split, built.key) for f, r in built.warnings)
+            if writer is not None:
+                writer.write({"__key__": built.key, **built.members})
+            if not built.labelled:
+                unlabelled.append(count)
+            count += 1
+            _tick()
+    size = 0
+    if out is not None:
+        assert tmp is not None and final is not None
+        if count:
+            size = tmp.stat().st_size
+            os.replace(tmp, final)
+        else:  # every input of this shard was bad: no empty tar
+            tmp.unlink()
+            final.unlink(missing_ok=True)
+    result = ShardResult(job.split, job.index, job.name, job.fingerprint, count, size, unlabelled, skipped, warns)
+    if out is not None:
+        _atomic_write_text(_record_path(Path(out), job.name), json.dumps(asdict(result)))
+    return result
+
+
+def _load_record(out: Path, job: ShardJob) -> ShardResult | None:
+    """The record of a complete shard from an earlier run, if it matches this job exactly."""
+    path = _record_path(out, job.name)
+    try:
+        raw = json.loads(path.read_text())
+        result = ShardResult(**{**raw, "skipped": [Problem(**p) for p in raw["skipped"]],
+                                "warnings": [Problem(**p) for p in raw["warnings"]]})
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if result.fingerprint != job.fingerprint:
+        return None
+    tar = out / job.name
+    if result.count == 0:
+        return None if tar.exists() else result
+    return result if tar.is_file() and tar.stat().st_size == result.size else None
+
+
+def _execute(jobs: list[ShardJob], out: str | None, build: Callable, workers: int, desc: str,
+             progress: bool) -> list[ShardResult]:
+    """Run jobs (in worker processes when workers > 1) with one progress bar over samples; results in job order."""
+    total = sum(len(j.tasks) for j in jobs)
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
+    results: list[ShardResult | None] = [None] * len(jobs)
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for i, job in enumerate(jobs):
+                results[i] = run_job(job, out, build)
+                bar.update(len(job.tasks))
+        else:
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            ctx = mp.get_context(method)
+            counter = ctx.Value("q", 0)
+            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
+                                     initargs=(counter,)) as pool:
+                pending = {pool.submit(run_job, job, out, build): i for i, job in enumerate(jobs)}
+                while pending:
+                    done, _ = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        results[pending.pop(fut)] = fut.result()
+                    bar.update(counter.value - bar.n)
+    finally:
+        bar.close()
+    return [r for r in results if r is not None]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The whole run
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardOptions:
+    out: Path
+    maxcount: int = 1000
+    maxsize: int = 512 * 1024 * 1024
+    workers: int = max(1, min(8, os.cpu_count() or 1))
+    resume: bool = False
+    strict: bool = False
+    progress: bool = True
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("explainer", "webdataset", "pillow", "numpy", "pycocotools"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    return out
+
+
+def _remove_leftovers(out: Path, splits: Sequence[str]) -> None:
+    for split in splits:
+        for tmp in out.glob(f".{split}-*.tar.*.tmp"):
+            tmp.unlink(missing_ok=True)
+    for tmp in (out / PROGRESS_DIR).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def _remove_stale(out: Path, split: str, keep: set[str]) -> None:
+    """Shards (and records) of `split` that this run's plan does not contain: from an earlier, bigger run."""
+    for tar in out.glob(f"{split}-*.tar"):
+        if tar.name not in keep:
+            tar.unlink()
+            _record_path(out, tar.name).unlink(missing_ok=True)
+
+
+def write_dataset(*, dataset: str, classes: Sequence[str], splits: dict[str, list[Any]], build: Callable[[Any], Built],
+                  options: ShardOptions, seed: int | None, source: str, command: Sequence[str] | None = None,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Plan, (strict-scan,) write shards and manifest for every split; return the manifest dict."""
+    out = Path(options.out)
+    salt = json.dumps({"dataset": dataset, "classes": list(classes), "extra": extra or {}}, sort_keys=True,
+                      default=str)
+    plans = {split: plan_shards(split, tasks, maxcount=options.maxcount, maxsize=options.maxsize, salt=salt)
+             for split, tasks in splits.items()}
+    jobs = [job for split_jobs in plans.values() for job in split_jobs]
+
+    if options.strict:
+        scanned = _execute(jobs, None, build, options.workers, "checking", options.progress)
+        problems = [p for r in scanned for p in (*r.skipped, *r.warnings)]
+        if problems:
+            raise StrictError(problems)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PROGRESS_DIR).mkdir(exist_ok=True)
+    _remove_leftovers(out, list(splits))
+    done: dict[str, ShardResult] = {}
+    if options.resume:
+        for job in jobs:
+            record = _load_record(out, job)
+            if record is not None:
+                done[job.name] = record
+    todo = [job for job in jobs if job.name not in done]
+    if done:
+        print(f"resume: {len(done)} of {len(jobs)} shard(s) already complete, writing {len(todo)}", file=sys.stderr)
+    for result in _execute(todo, str(out), build, options.workers, f"writing {dataset}", options.progress):
+        done[result.name] = result
+    results = [done[job.name] for job in jobs]
+    for split, split_jobs in plans.items():
+        _remove_stale(out, split, {job.name for job in split_jobs if done[job.name].count})
+
+    manifest: dict[str, Any] = {
+        "dataset": dataset,
+        "classes": list(classes),
+        "splits": {},
+        "seed": seed,
+        "source": source,
+        "command": shlex.join(command if command is not None else sys.argv),
+        "versions": _versions(),
+        "shard_limits": {"maxcount": options.maxcount, "maxsize": options.maxsize},
+        "skipped": [],
+        "warnings": [],
+    }
+    for split, split_jobs in plans.items():
+        entries = [{"path": done[j.name].name, "count": done[j.name].count, "unlabelled": done[j.name].unlabelled}
+                   for j in split_jobs if done[j.name].count]
+        manifest["splits"][split] = {"shards": entries, "total": sum(e["count"] for e in entries),
+                                     "unlabelled": sum(len(e["unlabelled"]) for e in entries)}
+    manifest["skipped"] = [asdict(p) for r in results for p in r.skipped]
+    manifest["warnings"] = [asdict(p) for r in results for p in r.warnings]
+    if extra:
+        manifest.update(extra)
+    _atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def summary(manifest: dict[str, Any], out: Path, limit: int = 20) -> str:
+    """Human-readable report of a finished run (what the CLI prints)."""
+    lines = [f"{manifest['dataset']}: {len(manifest['classes'])} classes -> {out / MANIFEST_NAME}"]
+    for split, info in manifest["splits"].items():
+        lines.append(f"  {split}: {info['total']} samples in {len(info['shards'])} shard(s)"
+                     f" ({info['unlabelled']} without labels)")
+    for title in ("skipped", "warnings"):
+        items = manifest[title]
+        if items:
+            lines.append(f"{title}: {len(items)}")
+            lines += [f"  {p['file']}: {p['reason']}" for p in items[:limit]]
+            if len(items) > limit:
+                lines.append(f"  ... {len(items) - limit} more in the manifest")
+    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""Decode stored bytes into model inputs: RGB resize + ImageNet normalisation, and segmentation maps.
+
+Shards keep original encoded bytes (SPEC 5), so every conversion to the model's resolution happens here, in one place
+that training, evaluation and the benchmarks share.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+VOID = 255  # segmentation label for "don't care" pixels (VOC boundary band)
+
+
+def decode_rgb(data: bytes, size: int) -> np.ndarray:
+    """Encoded image bytes -> uint8 [size, size, 3] (any PIL mode converted to RGB; aspect ratio not kept)."""
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode != "RGB":
+            im = im.convert("RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def decode_seg(data: bytes, size: int) -> np.ndarray:
+    """Class-index PNG bytes -> uint8 [size, size] with the stored indices (nearest resize, palette NOT applied)."""
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode not in ("P", "L"):
+            raise ValueError(f"segmentation PNG must be single-channel (P or L), got mode {im.mode}")
+        # mode P: the raw palette indices ARE the class indices; never convert through the palette
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.NEAREST)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def seg_to_binary(classes: np.ndarray) -> np.ndarray:
+    """Class-index map -> {0 background, 1 any object, 255 void}."""
+    out = (classes != 0).astype(np.uint8)
+    out[classes == VOID] = VOID
+    return out
+
+
+def normalize_batch(images: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] ImageNet-normalised (one vectorised pass for the whole batch)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std).contiguous()
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of the ImageNet normalisation, for display: [..., 3, H, W] -> values in about [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return x * std + mean

@@ -1,0 +1,129 @@
+"""Turn VOC-2007, COCO-2014 or the embedded synthetic scenes into WebDataset shards plus a manifest.
+
+    python launch/make_shards.py voc --root /data/VOCdevkit/VOC2007 --out shards/voc2007
+    python launch/make_shards.py coco --root /data/coco --out shards/coco2014
+    python launch/make_shards.py synthetic --out shards/synthetic
+
+Exit status: 0 done (skipped inputs are listed in the summary and the manifest), 1 `--strict` found problems (nothing
+written), 2 bad arguments or an unusable source folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
+
+from explainer.data.shards import ShardOptions, StrictError, summary  # noqa: E402
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    text = text.strip().lower().rstrip("b")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def _split_counts(text: str) -> dict[str, int]:
+    out = {}
+    for part in text.split(","):
+        name, _, count = part.partition("=")
+        if not name or not count.isdigit():
+            raise argparse.ArgumentTypeError(f"expected split=count[,split=count...], got {text!r}")
+        out[name.strip()] = int(count)
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", type=Path, help="output folder (default shards/<dataset>)")
+    common.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                        help="worker processes (default: CPU count, at most 8)")
+    common.add_argument("--shard-maxcount", type=int, default=1000, help="samples per shard at most (default 1000)")
+    common.add_argument("--shard-maxsize", type=_size, default=_size("512M"),
+                        help="bytes per shard at most, e.g. 256M (default 512M)")
+    common.add_argument("--resume", action="store_true", help="keep shards completed by an earlier run")
+    common.add_argument("--strict", action="store_true",
+                        help="any skipped or suspicious input: exit 1 before writing anything")
+    common.add_argument("--verify-decode", action="store_true",
+                        help="fully decode every image (default: header + end-marker check, much faster)")
+    common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sub = parser.add_subparsers(dest="dataset", required=True)
+
+    voc = sub.add_parser("voc", parents=[common], help="PASCAL VOC layout (VOCdevkit/VOC2007)")
+    voc.add_argument("--root", type=Path, required=True, help="VOCdevkit/VOC2007 (or VOCdevkit, or its parent)")
+    voc.add_argument("--splits", default=None, help="comma-separated (default: those of train,val,test present)")
+    voc.add_argument("--exclude-difficult", action="store_true",
+                     help="ignore objects marked difficult when making labels (default: include, as the reference)")
+    voc.add_argument("--classes-file", type=Path, default=None,
+                     help="one class name per line (default: the 20 VOC classes)")
+
+    coco = sub.add_parser("coco", parents=[common], help="COCO-2014 (train2014/, val2014/, annotations/)")
+    coco.add_argument("--root", type=Path, required=True)
+    coco.add_argument("--seed", type=int, default=0, help="seed of the train/val split and the seg subset")
+    coco.add_argument("--val-fraction", type=float, default=0.1)
+    coco.add_argument("--seg-subset", type=int, default=1000,
+                      help="test images that get segmentation ground truth (default 1000)")
+
+    syn = sub.add_parser("synthetic", parents=[common], help="the embedded synthetic scenes (no download)")
+    syn.add_argument("--num-classes", type=int, default=6)
+    syn.add_argument("--image-size", type=int, default=64)
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--counts", type=_split_counts, default=None,
+                     help="split sizes, e.g. train=600,val=150,test=150 (the default)")
+    syn.add_argument("--max-objects", type=int, default=3)
+    syn.add_argument("--void-width", type=int, default=1)
+    syn.add_argument("--cue-class", type=int, default=None, help="bias experiment: class index with a background cue")
+    syn.add_argument("--cue-prob", type=float, default=0.0, help="probability of the cue (see synthetic.py)")
+    syn.add_argument("--source-dir", type=Path, default=None, help="where the VOC layout goes (default <out>/source)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    default_out = {"voc": "voc2007", "coco": "coco2014", "synthetic": "synthetic"}[args.dataset]
+    out = args.out if args.out is not None else Path("shards") / default_out
+    options = ShardOptions(out=out, maxcount=args.shard_maxcount, maxsize=args.shard_maxsize, workers=args.workers,
+                           resume=args.resume, strict=args.strict, progress=not args.no_progress)
+    command = [Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]
+    try:
+        if args.dataset == "voc":
+            from explainer.data.voc import VOC_CLASSES, build_voc_shards
+
+            classes = VOC_CLASSES
+            if args.classes_file is not None:
+                classes = tuple(n.strip() for n in args.classes_file.read_text().splitlines() if n.strip())
+            splits = args.splits.split(",") if args.splits else None
+            manifest = build_voc_shards(args.root, options, splits=splits, classes=classes,
+                                        exclude_difficult=args.exclude_difficult, verify=args.verify_decode,
+                                        command=command)
+        elif args.dataset == "coco":
+            from explainer.data.coco import build_coco_shards
+
+            manifest = build_coco_shards(args.root, options, seed=args.seed, val_fraction=args.val_fraction,
+                                         seg_subset=args.seg_subset, verify=args.verify_decode, command=command)
+        else:
+            from explainer.data.synthetic import SyntheticSpec, build_synthetic_shards
+
+            spec_kwargs = {"counts": args.counts} if args.counts else {}
+            spec = SyntheticSpec(num_classes=args.num_classes, image_size=args.image_size, seed=args.seed,
+                                 max_objects=min(args.max_objects, args.num_classes), void_width=args.void_width,
+                                 cue_class=args.cue_class, cue_prob=args.cue_prob, **spec_kwargs)
+            manifest = build_synthetic_shards(spec, options, source_dir=args.source_dir, command=command)
+    except StrictError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(manifest, out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
