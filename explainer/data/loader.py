@@ -1,0 +1,520 @@
+"""Streaming batches from the shards, split exactly across ranks AND DataLoader workers.
+
+Design (train mode, one epoch):
+
+* The manifest gives every shard's sample count (and which positions are unlabelled, so dropping them is exact).
+  Per epoch the shard order is a permutation seeded by (seed, epoch), identical on every rank without communication.
+  Concatenating the shards' kept samples in that order gives one "line" of N samples.
+* Every rank gets P = floor(N / (world_size * batch_size)) * batch_size samples: rank r owns [r*P, (r+1)*P) of the
+  line. So ranks are disjoint, every rank yields exactly P / batch_size batches (no DDP hang with uneven shards), and
+  the few dropped samples at the end of the line change every epoch with the shard order.
+* A rank's batches j = 0, 1, ... are dealt round-robin to its K DataLoader workers (batch j is made by worker j % K,
+  which is the order torch's DataLoader collects them in). Worker w owns one contiguous block of the rank's range,
+  sized by its number of batches; it opens only the shards overlapping that block and skips to its first sample.
+  Inside the block a shuffle buffer seeded by (seed, epoch, rank, worker) mixes samples, then they are decoded,
+  resized, normalised and batched in the worker. Batches carry their index and are re-ordered in the main process,
+  so the sequence of batches is a deterministic function of (seed, epoch, world size, workers, batch size).
+* Ranks and workers are computed here, from the `rank`/`world_size` arguments and torch's worker info - never from
+  environment variables, and never by webdataset's node/worker splitters or accelerate's dataloader re-sharding (keep
+  this loader out of `accelerator.prepare()` and move batches to the device yourself).
+* `skip(n)` (mid-epoch resume) makes the next iteration start after batch n: each worker drops its first batches'
+  samples before decoding them.
+* A corrupt member (undecodable image, bad JSON) is skipped with a logged warning and counted in `corrupt_samples`;
+  to keep the batch count exact the worker fills its last batch with repeats of samples it already produced.
+
+Eval mode: the line is the manifest order (optionally cut to `max_images`); rank r owns [r*N/W, (r+1)*N/W), each
+sample exactly once over all ranks and workers, the last batch of a rank may be short. Batches add the segmentation
+ground truth at model resolution (nearest resize): `seg` in {0, 1, 255} and `seg_classes` (0 bg, k+1 class k, 255).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import logging
+import math
+import random
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from explainer.data.transforms import decode_rgb, decode_seg, normalize_batch, seg_to_binary
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "png", "jpeg", "webp", "bmp", "gif", "tiff")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message names the file."""
+
+
+@dataclass
+class SplitInfo:
+    shards: list[str]  # absolute paths or URLs
+    counts: list[int]
+    total: int
+    unlabelled: list[list[int]] = field(default_factory=list)  # per shard: positions of all-zero-label samples
+
+    def kept_counts(self, drop_unlabelled: bool) -> list[int]:
+        if not drop_unlabelled or not self.unlabelled:
+            return list(self.counts)
+        return [c - len(u) for c, u in zip(self.counts, self.unlabelled)]
+
+
+@dataclass
+class Manifest:
+    path: Path
+    dataset: str
+    classes: list[str]
+    splits: dict[str, SplitInfo]
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the whole JSON (synthetic spec, skipped, ...)
+
+
+def _is_url(text: str) -> bool:
+    return "://" in text or text.startswith("pipe:")
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Load and check a manifest.json written by launch/make_shards.py."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"manifest {path} does not exist (build shards with launch/make_shards.py)") from None
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"manifest {path} cannot be read as JSON ({exc})") from None
+    try:
+        classes = [str(c) for c in raw["classes"]]
+        splits = {}
+        for name, info in raw["splits"].items():
+            shards, counts, unlabelled = [], [], []
+            for entry in info["shards"]:
+                rel = str(entry["path"])
+                url = rel if _is_url(rel) else str((path.parent / rel).resolve())
+                if not _is_url(url) and not Path(url).is_file():
+                    raise ManifestError(f"manifest {path}: shard {rel} of split {name!r} does not exist")
+                count = int(entry["count"])
+                if count < 0:
+                    raise ManifestError(f"manifest {path}: shard {rel} has a negative count")
+                shards.append(url)
+                counts.append(count)
+                unlabelled.append([int(i) for i in entry.get("unlabelled", [])])
+            splits[name] = SplitInfo(shards=shards, counts=counts, total=sum(counts), unlabelled=unlabelled)
+        dataset = str(raw.get("dataset", path.parent.name))
+    except ManifestError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ManifestError(f"manifest {path} lacks the expected structure ({type(exc).__name__}: {exc})") from None
+    return Manifest(path=path, dataset=dataset, classes=classes, splits=splits, raw=raw)
+
+
+def manifest_from_urls(urls: str | Sequence[str], split: str = "train",
+                       classes: Sequence[str] | None = None) -> Manifest:
+    """A Manifest for shards given as (brace-expanded) paths/URLs: reads each shard once to count its samples."""
+    import braceexpand
+
+    if isinstance(urls, str):
+        urls = list(braceexpand.braceexpand(urls))
+    counts, unlabelled, shards = [], [], []
+    num_classes = None
+    for url in urls:
+        full = url if _is_url(url) else str(Path(url).resolve())
+        n, zero = 0, []
+        for sample in _iter_shard(full):
+            try:
+                labels = json.loads(sample["json"])["labels"]
+                num_classes = num_classes or len(labels)
+                if not any(labels):
+                    zero.append(n)
+            except (KeyError, ValueError, TypeError):
+                pass
+            n += 1
+        shards.append(full)
+        counts.append(n)
+        unlabelled.append(zero)
+    names = list(classes) if classes is not None else [f"class_{i}" for i in range(num_classes or 0)]
+    info = SplitInfo(shards=shards, counts=counts, total=sum(counts), unlabelled=unlabelled)
+    return Manifest(path=Path(str(urls[0]) if urls else "."), dataset="shards", classes=names, splits={split: info})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading shards
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _Counter:
+    """Per-worker problem counter (reported to the main process inside batches)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def handler(self, exc: Exception) -> bool:
+        self.n += 1
+        log.warning("skipping unreadable shard data: %r", exc)
+        return True
+
+
+def _open(url: str):
+    if _is_url(url):
+        from webdataset.gopen import gopen
+
+        return gopen(url)
+    return open(url, "rb")  # noqa: SIM115 - closed by the caller's generator
+
+
+def _iter_shard(url: str, counter: _Counter | None = None) -> Iterator[dict[str, Any]]:
+    """Samples of one shard (dicts of raw member bytes), via webdataset's tar iterators."""
+    counter = counter or _Counter()
+    try:
+        stream = _open(url)
+    except OSError as exc:
+        counter.handler(exc)
+        return
+    try:
+        files = tar_file_expander([{"url": url, "stream": stream}], handler=counter.handler)
+        yield from group_by_keys(files, handler=counter.handler)
+    finally:
+        stream.close()
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Kept samples [start, stop) (positions in the shard's kept list) of one shard."""
+
+    shard: int
+    start: int
+    stop: int
+
+
+def _pieces(order: Sequence[int], kept: Sequence[int], start: int, stop: int) -> list[_Piece]:
+    """The parts of the line [start, stop) as pieces of shards, given the shard order and kept counts."""
+    out, pos = [], 0
+    for s in order:
+        a, b = max(start, pos), min(stop, pos + kept[s])
+        if a < b:
+            out.append(_Piece(int(s), a - pos, b - pos))
+        pos += kept[s]
+        if pos >= stop:
+            break
+    return out
+
+
+def _round_robin_blocks(n_batches: int, num_workers: int) -> list[tuple[int, int]]:
+    """Per worker (first batch of its contiguous block, number of batches) when batch j goes to worker j % K."""
+    counts = [len(range(w, n_batches, num_workers)) for w in range(num_workers)]
+    starts = [sum(counts[:w]) for w in range(num_workers)]
+    return list(zip(starts, counts))
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _shuffled(items: Iterator[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
+    buf: list[Any] = []
+    for item in items:
+        if len(buf) < bufsize:
+            buf.append(item)
+            continue
+        i = rng.randrange(len(buf))
+        yield buf[i]
+        buf[i] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _image_bytes(sample: dict[str, Any]) -> bytes:
+    for key in IMAGE_KEYS:
+        if key in sample:
+            return sample[key]
+    raise KeyError(f"no image member (one of {', '.join(IMAGE_KEYS)})")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The worker-side dataset
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _ShardStream(IterableDataset):
+    """One rank's part of an epoch; each DataLoader worker computes and reads its own block (see module docstring)."""
+
+    def __init__(self, info: SplitInfo, *, num_classes: int, image_size: int, batch_size: int, rank: int,
+                 world_size: int, train: bool, seed: int, drop_unlabelled: bool, shuffle_buffer: int,
+                 augment: bool, max_images: int | None) -> None:
+        super().__init__()
+        self.info = info
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.train = train
+        self.seed = seed
+        self.drop_unlabelled = drop_unlabelled and train
+        self.shuffle_buffer = shuffle_buffer
+        self.augment = augment and train
+        self.kept = info.kept_counts(self.drop_unlabelled)
+        total = sum(self.kept)
+        if train:
+            self.per_rank = (total // (world_size * batch_size)) * batch_size
+            self.rank_start = rank * self.per_rank
+            self.rank_count = self.per_rank
+        else:
+            total = total if max_images is None else min(total, max_images)
+            self.rank_start = rank * total // world_size
+            self.rank_count = (rank + 1) * total // world_size - self.rank_start
+        self.num_batches = self.rank_count // batch_size if train else math.ceil(self.rank_count / batch_size)
+        self.epoch = 0
+        self.skip_batches = 0
+        self.num_workers = 1  # set by the owner before iterating (must equal the DataLoader's)
+
+    # -- which samples this worker reads -------------------------------------------------------------------------
+    def _order(self) -> list[int]:
+        n = len(self.info.shards)
+        if not self.train:
+            return list(range(n))
+        return [int(i) for i in np.random.default_rng([self.seed, self.epoch]).permutation(n)]
+
+    def _worker_block(self, worker: int) -> tuple[int, int, int]:
+        """(first line position, number of samples, number of batches) of this worker.
+
+        Workers' blocks tile the rank's range in worker order; the worker that makes the rank's last batch (eval
+        mode, may be short) has its block shortened by the missing samples.
+        """
+        blocks = _round_robin_blocks(self.num_batches, self.num_workers)
+        short = self.num_batches * self.batch_size - self.rank_count  # > 0 only in eval mode
+        last_worker = (self.num_batches - 1) % self.num_workers
+        sizes = [n * self.batch_size - (short if w == last_worker else 0) for w, (_, n) in enumerate(blocks)]
+        start = self.rank_start + sum(sizes[:worker])
+        return start, sizes[worker], blocks[worker][1]
+
+    def _piece_samples(self, piece: _Piece, counter: _Counter) -> Iterator[dict[str, Any]]:
+        zero = set(self.info.unlabelled[piece.shard]) if self.drop_unlabelled and self.info.unlabelled else set()
+        kept = 0
+        for raw, sample in enumerate(_iter_shard(self.info.shards[piece.shard], counter)):
+            if raw in zero:
+                continue
+            if kept >= piece.stop:
+                return
+            if kept >= piece.start:
+                yield sample
+            kept += 1
+
+    # -- decoding ------------------------------------------------------------------------------------------------
+    def _decode(self, sample: dict[str, Any]) -> dict[str, Any]:
+        meta = json.loads(sample["json"])
+        labels = np.asarray(meta["labels"], dtype=np.float32)
+        if labels.shape != (self.num_classes,):
+            raise ValueError(f"labels have {labels.shape[0] if labels.ndim else 0} entries, "
+                             f"the manifest has {self.num_classes} classes")
+        out = {"key": sample["__key__"], "labels": labels, "image": decode_rgb(_image_bytes(sample), self.image_size)}
+        if not self.train:
+            if "seg.png" in sample:
+                out["seg_classes"] = decode_seg(sample["seg.png"], self.image_size)
+            size = meta.get("orig_size", [0, 0])
+            out["orig_size"] = np.asarray(size, dtype=np.int64)
+        return out
+
+    def _collate(self, items: list[dict[str, Any]], index: int, corrupt: int, rng: random.Random | None) -> dict:
+        images = np.stack([it["image"] for it in items])
+        if rng is not None:
+            for i in range(len(items)):
+                if rng.random() < 0.5:
+                    images[i] = images[i, :, ::-1]
+        batch: dict[str, Any] = {
+            "image": normalize_batch(images),
+            "labels": torch.from_numpy(np.stack([it["labels"] for it in items])),
+            "key": [it["key"] for it in items],
+            "_index": index,
+            "_corrupt": corrupt,
+        }
+        if not self.train:
+            size = self.image_size
+            seg_classes = np.zeros((len(items), size, size), np.uint8)
+            has_seg = np.zeros(len(items), bool)
+            for i, it in enumerate(items):
+                if "seg_classes" in it:
+                    seg_classes[i] = it["seg_classes"]
+                    has_seg[i] = True
+            batch["seg_classes"] = torch.from_numpy(seg_classes)
+            batch["seg"] = torch.from_numpy(seg_to_binary(seg_classes))
+            batch["has_seg"] = torch.from_numpy(has_seg)
+            batch["orig_size"] = torch.from_numpy(np.stack([it["orig_size"] for it in items]))
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        if (info.num_workers if info is not None else 1) != self.num_workers:
+            raise RuntimeError("worker count of the DataLoader differs from the one the stream was planned for")
+        start, count, n_batches = self._worker_block(worker)
+        if n_batches == 0:
+            return
+        counter = _Counter()
+        pieces = _pieces(self._order(), self.kept, start, start + count)
+        raw: Iterator[dict[str, Any]] = itertools.chain.from_iterable(self._piece_samples(p, counter) for p in pieces)
+        aug_rng = None
+        if self.train:
+            raw = _shuffled(raw, max(1, min(self.shuffle_buffer, count)),
+                            random.Random(_seed(self.seed, self.epoch, self.rank, worker, 1)))
+            if self.augment:
+                aug_rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, 2))
+        skip = len(range(worker, self.skip_batches, self.num_workers))  # this worker's batches before batch n
+        raw = itertools.islice(raw, skip * self.batch_size, None)
+        if aug_rng is not None:  # keep the flips of the remaining batches as in an uninterrupted epoch
+            for _ in range(skip * self.batch_size):
+                aug_rng.random()
+
+        recent: deque[dict[str, Any]] = deque(maxlen=self.batch_size)
+        corrupt_before = 0
+        for i in range(skip, n_batches):
+            want = self.batch_size if self.train else min(self.batch_size, count - i * self.batch_size)
+            items: list[dict[str, Any]] = []
+            while len(items) < want:
+                sample = next(raw, None)
+                if sample is None:
+                    break
+                try:
+                    items.append(self._decode(sample))
+                except Exception as exc:
+                    counter.n += 1
+                    log.warning("skipping corrupt sample %s in %s: %s: %s", sample.get("__key__"),
+                                sample.get("__url__"), type(exc).__name__, exc)
+                    continue
+                recent.append(items[-1])
+            if self.train and len(items) < want:  # ran short (corrupt data): keep the batch count exact
+                if not items and not recent:
+                    raise RuntimeError(f"rank {self.rank} worker {worker}: no readable sample in its shards "
+                                       f"{[self.info.shards[p.shard] for p in pieces]}")
+                pool = list(recent) or items
+                log.warning("rank %d worker %d: padding batch with %d repeated sample(s) after corrupt data",
+                            self.rank, worker, want - len(items))
+                items += [pool[k % len(pool)] for k in range(want - len(items))]
+            index = worker + i * self.num_workers
+            corrupt, corrupt_before = counter.n - corrupt_before, counter.n
+            if not items:
+                yield {"_index": index, "_corrupt": corrupt, "_empty": True}
+                continue
+            yield self._collate(items, index, corrupt, aug_rng)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main-process side
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _Stream:
+    """Common part of train and eval streams: DataLoader over _ShardStream, batches re-ordered by index."""
+
+    def __init__(self, dataset: _ShardStream, num_workers: int) -> None:
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.dataset.num_workers = max(1, num_workers)
+        self.corrupt_samples = 0
+
+    def __len__(self) -> int:
+        return self.dataset.num_batches
+
+    def _batches(self, first: int) -> Iterator[dict[str, Any]]:
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                            prefetch_factor=2 if self.num_workers > 0 else None)
+        heap: list[tuple[int, int, dict[str, Any]]] = []
+        expected = first
+        tie = itertools.count()
+        for batch in loader:
+            heapq.heappush(heap, (batch["_index"], next(tie), batch))
+            while heap and heap[0][0] == expected:
+                _, _, ready = heapq.heappop(heap)
+                expected += 1
+                self.corrupt_samples += ready.pop("_corrupt")
+                ready.pop("_index")
+                if not ready.pop("_empty", False):
+                    yield ready
+        if heap or expected != self.dataset.num_batches:
+            raise RuntimeError(f"loader produced batches up to {expected} of {self.dataset.num_batches} "
+                               f"(rank {self.dataset.rank}); a DataLoader worker must have failed")
+
+
+class TrainStream(_Stream):
+    """One epoch of training batches for this rank; `len()` is identical on every rank."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.epoch = int(epoch)
+
+    def skip(self, n_batches: int) -> None:
+        if not 0 <= n_batches <= len(self):
+            raise ValueError(f"cannot skip {n_batches} batches of an epoch of {len(self)}")
+        self.dataset.skip_batches = int(n_batches)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        first = self.dataset.skip_batches
+        try:
+            yield from self._batches(first)
+        finally:
+            self.dataset.skip_batches = 0
+
+
+class EvalStream(_Stream):
+    """Evaluation batches of this rank: every sample of the split exactly once over all ranks, fixed order."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        yield from self._batches(0)
+
+
+def _split_info(manifest: Manifest, split: str) -> SplitInfo:
+    if split not in manifest.splits:
+        raise ManifestError(f"manifest {manifest.path} has no split {split!r} (has {', '.join(manifest.splits)})")
+    return manifest.splits[split]
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+
+
+def make_train_loader(cfg: Any, manifest: Manifest | str | Path, split: str, *, rank: int, world_size: int,
+                      seed: int, drop_unlabelled: bool) -> TrainStream:
+    """Training stream for one rank (see the module docstring); cfg is a DataConfig."""
+    if not isinstance(manifest, Manifest):
+        manifest = read_manifest(manifest)
+    _check_rank(rank, world_size)
+    info = _split_info(manifest, split)
+    dataset = _ShardStream(info, num_classes=len(manifest.classes), image_size=cfg.image_size,
+                           batch_size=cfg.batch_size, rank=rank, world_size=world_size, train=True, seed=seed,
+                           drop_unlabelled=drop_unlabelled, shuffle_buffer=cfg.shuffle_buffer, augment=cfg.augment,
+                           max_images=None)
+    if dataset.num_batches == 0:
+        kept = sum(dataset.kept)
+        raise ValueError(f"split {split!r} of {manifest.path} has {kept} usable samples: not enough for one batch "
+                         f"of {cfg.batch_size} on each of {world_size} rank(s)")
+    return TrainStream(dataset, cfg.num_workers)
+
+
+def make_eval_loader(cfg: Any, manifest: Manifest | str | Path, split: str, *, rank: int, world_size: int,
+                     max_images: int | None = None) -> EvalStream:
+    """Evaluation stream for one rank: images, labels, keys and segmentation ground truth at cfg.image_size."""
+    if not isinstance(manifest, Manifest):
+        manifest = read_manifest(manifest)
+    _check_rank(rank, world_size)
+    info = _split_info(manifest, split)
+    dataset = _ShardStream(info, num_classes=len(manifest.classes), image_size=cfg.image_size,
+                           batch_size=cfg.batch_size, rank=rank, world_size=world_size, train=False, seed=0,
+                           drop_unlabelled=False, shuffle_buffer=0, augment=False, max_images=max_images)
+    return EvalStream(dataset, cfg.num_workers)
+
+
+def iter_samples(manifest: Manifest, split: str) -> Iterable[dict[str, Any]]:
+    """Raw samples (member bytes) of a split in manifest order, for tools and tests."""
+    info = _split_info(manifest, split)
+    for url in info.shards:
+        yield from _iter_shard(url)
