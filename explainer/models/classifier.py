@@ -18,21 +18,25 @@ CLASSIFIER_ARCHS = ("vgg16", "resnet50", "resnet18", "resnet34", "mobilenet_v3_s
 
 
 class TinyCNN(nn.Module):
-    """A few-thousand-parameter CNN with the same parts that matter for freezing (BatchNorm, dropout head)."""
+    """A small CNN with the parts that matter for freezing (BatchNorm, dropout head), for CPU tests and the demo.
 
-    def __init__(self, num_classes: int) -> None:
+    Global max pooling makes it a presence detector, which is what a multi-label classifier needs to learn quickly.
+    """
+
+    def __init__(self, num_classes: int, width: int = 16) -> None:
         super().__init__()
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
         self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(8),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(16),
-            nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1),
+            *block(3, width), nn.MaxPool2d(2),
+            *block(width, 2 * width), nn.MaxPool2d(2),
+            *block(2 * width, 4 * width),
+            nn.AdaptiveMaxPool2d(1),
             nn.Flatten(1),
         )
-        self.fc = nn.Sequential(nn.Dropout(0.5), nn.Linear(16, num_classes))
+        self.fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(4 * width, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
