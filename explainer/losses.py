@@ -34,13 +34,12 @@ def aggregate_masks(masks: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     masks: S = sigmoid(E(x)) [B,C,H,W]; labels: multi-hot [B,C]. Returns m, n of shape [B,1,H,W].
     """
     target = _as_bool(labels)[:, :, None, None]
-    fill = masks.new_tensor(-1.0)  # below any sigmoid value, so it never wins where a class is present
-    m = torch.where(target, masks, fill).amax(dim=1, keepdim=True)
-    n = torch.where(target, fill, masks).amax(dim=1, keepdim=True)
+    # -1 is below any sigmoid value, so it never wins where a class is present (Python scalars: no host->device copy)
+    m = torch.where(target, masks, -1.0).amax(dim=1, keepdim=True)
+    n = torch.where(target, -1.0, masks).amax(dim=1, keepdim=True)
     has_t = target.any(dim=1, keepdim=True)
     has_n = (~target).any(dim=1, keepdim=True)
-    zero = masks.new_zeros(())
-    return torch.where(has_t, m, zero), torch.where(has_n, n, zero)
+    return torch.where(has_t, m, 0.0), torch.where(has_n, n, 0.0)
 
 
 def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:

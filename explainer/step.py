@@ -87,11 +87,19 @@ _RIGHT = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, -1.0], [0.0, 0.0, 0.0]]).view
 _DOWN = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, -1.0, 0.0]]).view(1, 1, 3, 3)
 
 
+_FILTERS: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+
 def _reference_tv(mask: Tensor) -> Tensor:
-    """Two 3x3 difference convolutions on the reflection-padded mask, as the reference's TotalVariationConv."""
+    """Two 3x3 difference convolutions on the reflection-padded mask, as the reference's TotalVariationConv (whose
+    filters lived on the device as module weights: cached here likewise)."""
+    key = (mask.device, mask.dtype)
+    if key not in _FILTERS:
+        _FILTERS[key] = (_RIGHT.to(mask), _DOWN.to(mask))
+    right_filter, down_filter = _FILTERS[key]
     padded = F.pad(mask.unsqueeze(1), (1, 1, 1, 1), mode="reflect")
-    right = F.conv2d(padded, _RIGHT.to(mask)).abs()
-    down = F.conv2d(padded, _DOWN.to(mask)).abs()
+    right = F.conv2d(padded, right_filter).abs()
+    down = F.conv2d(padded, down_filter).abs()
     return (right + down).mean()
 
 
@@ -100,11 +108,11 @@ def _reference_masks(segmentations: Tensor, targets: Tensor) -> tuple[Tensor, Te
     batch, _, h, w = segmentations.shape
     target_masks, non_target_masks = [], []
     for i in range(batch):
-        present = targets[i].eq(1.0)
-        absent = targets[i].eq(0.0)
+        present = segmentations[i][targets[i].eq(1.0)]
+        absent = segmentations[i][targets[i].eq(0.0)]
         zero = segmentations.new_zeros(h, w)
-        target_masks.append(segmentations[i][present].amax(dim=0).sigmoid() if present.any() else zero)
-        non_target_masks.append(segmentations[i][absent].amax(dim=0).sigmoid() if absent.any() else zero)
+        target_masks.append(present.amax(dim=0).sigmoid() if present.shape[0] else zero)
+        non_target_masks.append(absent.amax(dim=0).sigmoid() if absent.shape[0] else zero)
     return torch.stack(target_masks), torch.stack(non_target_masks)
 
 
