@@ -190,29 +190,31 @@ def time_steps(runner: Runner, iters: int, device: torch.device) -> tuple[float,
 
 
 def bench(runners: dict[str, Runner], warmup: int, iters: int, rounds: int, device: torch.device) -> dict:
-    """Modes are interleaved round by round and the median round is kept, so background load on a shared machine
-    hits every mode alike. Peak memory is measured per mode in a separate pass."""
+    """Warm every mode up and measure its peak memory alone (other modes' Adam states released), then time the modes
+    interleaved round by round and keep the median round, so background load hits every mode alike."""
     out: dict[str, dict] = {}
-    times: dict[str, list[float]] = {mode: [] for mode in runners}
     for mode, runner in runners.items():
+        out[mode] = {}
         try:
             runner.prepare()
-            for _ in range(warmup):
+            for _ in range(warmup):  # cudnn autotuning, torch.compile, Adam state
                 runner.step()
             sync(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 runner.step()
                 sync(device)
-                out[mode] = {"peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30}
-            else:
-                out[mode] = {}
+                out[mode]["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         except torch.OutOfMemoryError:
             out[mode] = {"error": "out of memory"}
-            runner.release()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        runner.release()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     live = [mode for mode in runners if "error" not in out[mode]]
+    for mode in live:  # rebuild the Adam states outside the timed region
+        runners[mode].prepare()
+        runners[mode].step()
+    times: dict[str, list[float]] = {mode: [] for mode in live}
     for _ in range(rounds):
         for mode in live:
             elapsed, loss = time_steps(runners[mode], iters, device)
