@@ -51,7 +51,9 @@ class SegmentationExplainer(nn.Module):
 def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
     # GroupNorm, not BatchNorm: the output of an image must not depend on the rest of its batch, so a 2-process run
     # (2 x B images) and a 1-process run (2B images) compute the same gradients.
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.GroupNorm(4, c_out), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.GroupNorm(4, c_out), nn.ReLU(inplace=True)
+    )
 
 
 class TinyUNet(nn.Module):
