@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out if args.out is not None else Path("shards") / default_out
     options = ShardOptions(out=out, maxcount=args.shard_maxcount, maxsize=args.shard_maxsize, workers=args.workers,
                            resume=args.resume, strict=args.strict, progress=not args.no_progress)
-    command = [Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]
+    command = ["launch/make_shards.py", *(argv if argv is not None else sys.argv[1:])]
     try:
         if args.dataset == "voc":
             from explainer.data.voc import VOC_CLASSES, build_voc_shards

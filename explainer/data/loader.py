@@ -273,9 +273,17 @@ class _ShardStream(IterableDataset):
             self.rank_start = rank * total // world_size
             self.rank_count = (rank + 1) * total // world_size - self.rank_start
         self.num_batches = self.rank_count // batch_size if train else math.ceil(self.rank_count / batch_size)
-        self.epoch = 0
-        self.skip_batches = 0
         self.num_workers = 1  # set by the owner before iterating (must equal the DataLoader's)
+        # (epoch, batches to skip): shared memory when DataLoader workers persist across epochs
+        self.state: Any = [0, 0]
+
+    @property
+    def epoch(self) -> int:
+        return int(self.state[0])
+
+    @property
+    def skip_batches(self) -> int:
+        return int(self.state[1])
 
     # -- which samples this worker reads -------------------------------------------------------------------------
     def _order(self) -> list[int]:
@@ -308,6 +316,11 @@ class _ShardStream(IterableDataset):
             if kept >= piece.start:
                 yield sample
             kept += 1
+        missing = piece.stop - max(kept, piece.start)
+        if missing > 0:  # truncated or damaged tar: fewer samples than the manifest says
+            counter.n += missing
+            log.warning("shard %s ended early: %d sample(s) missing from the part this worker reads",
+                        self.info.shards[piece.shard], missing)
 
     # -- decoding ------------------------------------------------------------------------------------------------
     def _decode(self, sample: dict[str, Any]) -> dict[str, Any]:
@@ -413,21 +426,30 @@ class _ShardStream(IterableDataset):
 
 
 class _Stream:
-    """Common part of train and eval streams: DataLoader over _ShardStream, batches re-ordered by index."""
+    """Common part of train and eval streams: DataLoader over _ShardStream, batches re-ordered by index.
+
+    Workers persist across epochs (a spawned worker costs seconds); epoch and skip reach them through shared memory,
+    read when each iteration starts.
+    """
 
     def __init__(self, dataset: _ShardStream, num_workers: int) -> None:
         self.dataset = dataset
         self.num_workers = num_workers
         self.dataset.num_workers = max(1, num_workers)
+        if num_workers > 0:
+            self.dataset.state = torch.multiprocessing.get_context().Array("q", 2)
         self.corrupt_samples = 0
+        self._loader: DataLoader | None = None
 
     def __len__(self) -> int:
         return self.dataset.num_batches
 
     def _batches(self, first: int) -> Iterator[dict[str, Any]]:
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                            pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                            prefetch_factor=2 if self.num_workers > 0 else None)
+        if self._loader is None:
+            self._loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                      pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+                                      prefetch_factor=2 if self.num_workers > 0 else None)
+        loader = self._loader
         heap: list[tuple[int, int, dict[str, Any]]] = []
         expected = first
         tie = itertools.count()
@@ -449,19 +471,21 @@ class TrainStream(_Stream):
     """One epoch of training batches for this rank; `len()` is identical on every rank."""
 
     def set_epoch(self, epoch: int) -> None:
-        self.dataset.epoch = int(epoch)
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.dataset.state[0] = int(epoch)
 
     def skip(self, n_batches: int) -> None:
         if not 0 <= n_batches <= len(self):
             raise ValueError(f"cannot skip {n_batches} batches of an epoch of {len(self)}")
-        self.dataset.skip_batches = int(n_batches)
+        self.dataset.state[1] = int(n_batches)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         first = self.dataset.skip_batches
         try:
             yield from self._batches(first)
         finally:
-            self.dataset.skip_batches = 0
+            self.dataset.state[1] = 0
 
 
 class EvalStream(_Stream):

@@ -31,6 +31,7 @@ import os
 import platform
 import shlex
 import sys
+import tarfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -219,11 +220,14 @@ def plan_shards(split: str, tasks: Sequence[Any], *, maxcount: int, maxsize: int
         if task.key in seen:
             raise ValueError(f"duplicate sample key {task.key!r} in split {split!r}")
         seen.add(task.key)
+    def padded(n: int) -> int:  # tarfile pads archives to whole 10 KiB records
+        return -(-n // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
     groups: list[list[Any]] = []
     current: list[Any] = []
     current_bytes = 1024  # end-of-archive blocks
     for task in tasks:
-        if current and (len(current) >= maxcount or current_bytes + task.est_bytes > maxsize):
+        if current and (len(current) >= maxcount or padded(current_bytes + task.est_bytes) > maxsize):
             groups.append(current)
             current, current_bytes = [], 1024
         current.append(task)

@@ -230,26 +230,25 @@ def render_scene(spec: SyntheticSpec, split: str, index: int) -> tuple[Image.Ima
     im = _background(rng, size)
 
     n = int(rng.integers(spec.min_objects, spec.max_objects + 1))
-    classes = [int(c) for c in rng.choice(spec.num_classes, size=n, replace=False)]
+    placed: list[tuple[int, float, float, float]] = []  # (class, cx, cy, r), objects kept apart
+    for cls in (int(c) for c in rng.choice(spec.num_classes, size=n, replace=False)):
+        for _ in range(40):
+            r = rng.uniform(0.15, 0.25) * size
+            cx, cy = rng.uniform(r * 0.8, size - r * 0.8, size=2)
+            if all(np.hypot(cx - px, cy - py) >= 0.85 * (r + pr) for _, px, py, pr in placed):
+                placed.append((cls, cx, cy, r))
+                break  # no room after 40 tries: the object (and its label) is left out
+
     has_cue = False
     if spec.cue_class is not None and spec.cue_prob > 0:
         # test: independent of the classes; train/val: only images that contain the cue class
-        eligible = split == "test" or spec.cue_class in classes
+        eligible = split == "test" or any(cls == spec.cue_class for cls, *_ in placed)
         has_cue = bool(rng.random() < spec.cue_prob) and eligible
     band = _draw_cue(im) if has_cue else None
 
     arr = np.asarray(im, dtype=np.float32).copy()
     labels = np.zeros((size, size), np.uint8)
-    placed: list[tuple[float, float, float]] = []
-    for cls in classes:
-        for _ in range(40):
-            r = rng.uniform(0.15, 0.25) * size
-            cx, cy = rng.uniform(r * 0.8, size - r * 0.8, size=2)
-            if all(np.hypot(cx - px, cy - py) >= 0.85 * (r + pr) for px, py, pr in placed):
-                break
-        else:
-            continue  # no room left: drop this object (and so its label)
-        placed.append((cx, cy, r))
+    for cls, cx, cy, r in placed:
         obj = _shape_mask(SHAPES[cls], size, cx, cy, r)
         colour = np.array(COLOURS[cls], np.float32) * rng.uniform(0.85, 1.1)
         fill = _texture(TEXTURES[cls % len(TEXTURES)], size, colour, scale=max(2, size // 21))

@@ -1,0 +1,275 @@
+"""Streaming loader: exact rank/worker splits, equal batch counts, determinism, skip, eval coverage, corruption."""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import logging
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _data_helpers import make_shards, make_voc_tree, read_tar
+from PIL import Image
+
+from explainer.config import DataConfig
+from explainer.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ManifestError,
+    denormalize,
+    make_eval_loader,
+    make_train_loader,
+    manifest_from_urls,
+    read_manifest,
+)
+from explainer.data.loader import iter_samples
+
+N_TRAIN, N_TEST = 96, 23
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+    """Uneven shards: train = 7 x 13 + 5 samples."""
+    out = tmp_path_factory.mktemp("loader") / "syn"
+    assert make_shards("synthetic", "--out", str(out), "--image-size", "32", "--num-classes", "4",
+                       "--counts", f"train={N_TRAIN},val=8,test={N_TEST}", "--shard-maxcount", "13") == 0
+    m = read_manifest(out / "manifest.json")
+    assert m.splits["train"].counts == [13] * 7 + [5]
+    return m
+
+
+def cfg(**kw) -> DataConfig:
+    base = {"image_size": 32, "batch_size": 4, "num_workers": 0, "shuffle_buffer": 16}
+    return DataConfig(**{**base, **kw})
+
+
+def epoch_keys(stream, epoch: int) -> list[list[str]]:
+    stream.set_epoch(epoch)
+    return [b["key"] for b in stream]
+
+
+def test_batches_have_the_contract_shapes_and_values(syn):
+    stream = make_train_loader(cfg(), syn, "train", rank=0, world_size=1, seed=0, drop_unlabelled=True)
+    assert len(stream) == N_TRAIN // 4
+    batch = next(iter(stream))
+    assert batch["image"].dtype == torch.float32 and batch["image"].shape == (4, 3, 32, 32)
+    assert batch["labels"].dtype == torch.float32 and batch["labels"].shape == (4, 4)
+    assert isinstance(batch["key"], list) and len(batch["key"]) == 4
+    raw = {s["__key__"]: s for s in iter_samples(syn, "train")}
+    key = batch["key"][0]
+    assert batch["labels"][0].tolist() == json.loads(raw[key]["json"])["labels"]
+    # ImageNet normalisation of the bilinear-resized RGB image (32 px source: no resize)
+    ref = np.asarray(Image.open(io.BytesIO(raw[key]["jpg"])).convert("RGB"), np.float32) / 255.0
+    ref = (ref - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+    assert np.allclose(batch["image"][0].permute(1, 2, 0).numpy(), ref, atol=1e-5)
+    assert torch.allclose(denormalize(batch["image"][0]), torch.from_numpy(ref * np.array(
+        IMAGENET_STD, np.float32) + np.array(IMAGENET_MEAN, np.float32)).permute(2, 0, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_disjoint_equal_lengths_and_exact_cover(syn, world_size):
+    """Ranks computed in one process (the split depends only on rank arguments), 2 DataLoader workers each."""
+    streams = [make_train_loader(cfg(num_workers=2), syn, "train", rank=r, world_size=world_size, seed=1,
+                                 drop_unlabelled=True) for r in range(world_size)]
+    per_rank = N_TRAIN // (world_size * 4)
+    assert [len(s) for s in streams] == [per_rank] * world_size
+    seen_by_epoch = []
+    for epoch in (0, 1):
+        seen = collections.Counter()
+        for s in streams:
+            batches = epoch_keys(s, epoch)
+            assert len(batches) == per_rank and all(len(b) == 4 for b in batches)
+            seen.update(k for b in batches for k in b)
+        assert max(seen.values()) == 1 and sum(seen.values()) == per_rank * world_size * 4
+        seen_by_epoch.append(set(seen))
+    if N_TRAIN % (world_size * 4) == 0:
+        assert seen_by_epoch[0] == seen_by_epoch[1] and len(seen_by_epoch[0]) == N_TRAIN
+    else:  # the dropped tail follows the per-epoch shard order
+        assert seen_by_epoch[0] != seen_by_epoch[1]
+
+
+def test_order_is_deterministic_per_epoch_and_changes_between_epochs(syn):
+    def run(epoch, workers):
+        s = make_train_loader(cfg(num_workers=workers), syn, "train", rank=1, world_size=2, seed=5,
+                              drop_unlabelled=True)
+        return epoch_keys(s, epoch)
+
+    first = run(0, 2)
+    assert run(0, 2) == first
+    assert run(1, 2) != first
+    # the rank's share of an epoch does not depend on the number of DataLoader workers
+    assert sorted(k for b in run(0, 0) for k in b) == sorted(k for b in first for k in b)
+    other_seed = make_train_loader(cfg(num_workers=2), syn, "train", rank=1, world_size=2, seed=6,
+                                   drop_unlabelled=True)
+    assert epoch_keys(other_seed, 0) != first
+
+
+def test_skip_resumes_mid_epoch_with_the_same_batches(syn):
+    stream = make_train_loader(cfg(num_workers=2, augment=True), syn, "train", rank=0, world_size=2, seed=2,
+                               drop_unlabelled=True)
+    stream.set_epoch(4)
+    full = list(stream)
+    stream.skip(5)
+    rest = list(stream)
+    assert len(rest) == len(full) - 5
+    for a, b in zip(full[5:], rest):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
+    assert len(list(stream)) == len(full)  # skip applies to one iteration only
+    with pytest.raises(ValueError, match="cannot skip"):
+        stream.skip(len(full) + 1)
+
+
+def test_augment_flips_some_images(syn):
+    plain = make_train_loader(cfg(), syn, "train", rank=0, world_size=1, seed=0, drop_unlabelled=True)
+    aug = make_train_loader(cfg(augment=True), syn, "train", rank=0, world_size=1, seed=0, drop_unlabelled=True)
+    a, b = next(iter(plain)), next(iter(aug))
+    assert a["key"] == b["key"]
+    flipped = [torch.equal(a["image"][i].flip(-1), b["image"][i]) for i in range(4)]
+    same = [torch.equal(a["image"][i], b["image"][i]) for i in range(4)]
+    assert all(f or s for f, s in zip(flipped, same))
+
+
+def test_eval_every_sample_once_stable_order_with_seg(syn):
+    all_keys = [s["__key__"] for s in iter_samples(syn, "test")]
+    for world_size, workers in ((1, 0), (3, 2)):
+        seen, order = [], []
+        for rank in range(world_size):
+            stream = make_eval_loader(cfg(num_workers=workers), syn, "test", rank=rank, world_size=world_size)
+            batches = list(stream)
+            assert len(batches) == len(stream)
+            keys = [k for b in batches for k in b["key"]]
+            seen += keys
+            again = [k for b in make_eval_loader(cfg(num_workers=workers), syn, "test", rank=rank,
+                                                 world_size=world_size) for k in b["key"]]
+            order.append(keys == again)
+            for b in batches:
+                assert b["seg"].dtype == torch.uint8 and b["seg"].shape == (len(b["key"]), 32, 32)
+                assert set(b["seg"].unique().tolist()) <= {0, 1, 255}
+                assert set(b["seg_classes"].unique().tolist()) <= {0, 1, 2, 3, 4, 255}
+                cls = b["seg_classes"]
+                assert torch.equal(b["seg"] == 255, cls == 255) and torch.equal(b["seg"] == 1, (cls > 0) & (cls < 255))
+                assert b["has_seg"].all()
+        assert sorted(seen) == sorted(all_keys) and len(seen) == len(set(seen)) == N_TEST
+        assert all(order)
+    first10 = [k for b in make_eval_loader(cfg(), syn, "test", rank=0, world_size=1, max_images=10) for k in b["key"]]
+    assert first10 == all_keys[:10]
+
+
+def test_eval_seg_matches_the_stored_mask(syn):
+    raw = {s["__key__"]: s for s in iter_samples(syn, "test")}
+    batch = next(iter(make_eval_loader(cfg(), syn, "test", rank=0, world_size=1)))
+    key = batch["key"][0]
+    mask = np.asarray(Image.open(io.BytesIO(raw[key]["seg.png"])))
+    assert np.array_equal(batch["seg_classes"][0].numpy(), mask)  # 32 px: nearest resize is the identity
+    assert batch["orig_size"][0].tolist() == [32, 32]
+
+
+def test_drop_unlabelled_is_exact_across_ranks(tmp_path):
+    make_voc_tree(tmp_path, bad=True)
+    out = tmp_path / "out"
+    assert make_shards("voc", "--root", str(tmp_path), "--out", str(out), "--shard-maxcount", "3",
+                       "--exclude-difficult") == 0
+    m = read_manifest(out / "manifest.json")
+    labelled = [s["__key__"] for s in iter_samples(m, "train") if any(json.loads(s["json"])["labels"])]
+    assert len(labelled) == m.splits["train"].total - 1 == 8  # 000003 keeps its tvmonitor
+    streams = [make_train_loader(cfg(batch_size=2, num_workers=2), m, "train", rank=r, world_size=2, seed=0,
+                                 drop_unlabelled=True) for r in range(2)]
+    keys = [k for s in streams for b in s for k in b["key"]]
+    assert sorted(keys) == sorted(labelled)
+    keep_all = [make_train_loader(cfg(batch_size=2), m, "train", rank=r, world_size=2, seed=0,
+                                  drop_unlabelled=False) for r in range(2)]
+    assert len(keep_all[0]) == m.splits["train"].total // 4
+
+
+def _rewrite_shard(path, corrupt_key=None, truncate=None):
+    members = read_tar(path)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            if corrupt_key is not None and name == f"{corrupt_key}.jpg":
+                data = b"\xff\xd8 not really a jpeg"
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    if truncate is not None:
+        raw = path.read_bytes()
+        path.write_bytes(raw[: int(len(raw) * truncate)])
+
+
+def test_corrupt_members_are_skipped_with_a_count(syn, tmp_path, caplog):
+    out = tmp_path / "copy"
+    shutil.copytree(syn.path.parent, out, ignore=shutil.ignore_patterns("source"))
+    m = read_manifest(out / "manifest.json")
+    first = m.splits["train"].shards[0]
+    _rewrite_shard(Path(first), corrupt_key="train_000002")
+    _rewrite_shard(Path(m.splits["train"].shards[3]), truncate=0.5)
+    caplog.set_level(logging.WARNING)
+    streams = [make_train_loader(cfg(), m, "train", rank=r, world_size=2, seed=0, drop_unlabelled=True)
+               for r in range(2)]
+    lengths = [len(list(s)) for s in streams]
+    assert lengths == [len(s) for s in streams] == [N_TRAIN // 8] * 2  # batch counts stay exact
+    assert sum(s.corrupt_samples for s in streams) >= 2
+    assert "train_000002" in caplog.text
+    # eval: the corrupt sample is skipped, everything readable is still there exactly once
+    test_shard = Path(m.splits["test"].shards[0])
+    _rewrite_shard(test_shard, corrupt_key="test_000001")
+    stream = make_eval_loader(cfg(num_workers=2), m, "test", rank=0, world_size=1)
+    keys = [k for b in stream for k in b["key"]]
+    assert "test_000001" not in keys and len(keys) == len(set(keys)) == N_TEST - 1 and stream.corrupt_samples == 1
+
+
+def test_manifest_errors_name_the_file(tmp_path, syn):
+    with pytest.raises(ManifestError, match="does not exist"):
+        read_manifest(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ManifestError, match="bad.json"):
+        read_manifest(bad)
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"classes": ["a"], "splits": {"train": {"shards": [{"path": "x.tar",
+                                                                                     "count": 3}]}}}))
+    with pytest.raises(ManifestError, match="x.tar"):
+        read_manifest(broken)
+    with pytest.raises(ManifestError, match="no split 'nosuch'"):
+        make_train_loader(cfg(), syn, "nosuch", rank=0, world_size=1, seed=0, drop_unlabelled=True)
+    with pytest.raises(ValueError, match="not enough for one batch"):
+        make_train_loader(cfg(batch_size=64), syn, "train", rank=0, world_size=2, seed=0, drop_unlabelled=True)
+
+
+def test_brace_expanded_urls(syn):
+    folder = syn.path.parent
+    m = manifest_from_urls(str(folder / "train-{000000..000007}.tar"), classes=syn.classes)
+    assert m.splits["train"].counts == syn.splits["train"].counts
+    keys = [k for b in make_train_loader(cfg(), m, "train", rank=0, world_size=1, seed=0, drop_unlabelled=True)
+            for k in b["key"]]
+    assert len(keys) == len(set(keys)) == N_TRAIN
+
+
+def test_real_two_process_gloo_run(syn, tmp_path):
+    """torchrun world of 2 gloo processes, 2 DataLoader workers each: every training sample exactly once per epoch
+    across ranks, equal batch counts (a collective per step would hang otherwise), eval exactly once."""
+    import os
+    import subprocess
+    import sys
+
+    from _data_helpers import REPO
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "tests" / "_data_helpers.py"), str(syn.path), str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = json.loads((tmp_path / "result.json").read_text())
+    all_train = {s["__key__"] for s in iter_samples(syn, "train")}
+    for epoch in range(2):
+        per_rank = [r["epochs"][epoch] for r in ranks]
+        assert [p["steps"] for p in per_rank] == [p["len"] for p in per_rank] == [N_TRAIN // 8] * 2
+        keys = [k for p in per_rank for k in p["keys"]]
+        assert len(keys) == len(set(keys)) == N_TRAIN and set(keys) == all_train
+    assert ranks[0]["epochs"][0]["keys"] != ranks[0]["epochs"][1]["keys"]
+    evaluated = [k for r in ranks for k in r["eval"]]
+    assert len(evaluated) == len(set(evaluated)) == N_TEST

@@ -1,0 +1,144 @@
+"""Shard writing: identical re-runs, shard limits, resume after a killed run, stale shards, fingerprints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from _data_helpers import MAKE_SHARDS, jpeg_bytes, make_shards, make_voc_tree, read_tar, samples_of, tree_bytes, voc_xml
+
+SYN = ("synthetic", "--image-size", "32", "--counts", "train=40,val=10,test=10", "--num-classes", "4")
+
+
+@pytest.fixture(scope="module")
+def syn_source(tmp_path_factory):
+    """Rendered once; runs below pass --source-dir so they only shard it."""
+    return tmp_path_factory.mktemp("synsrc") / "source"
+
+
+def test_identical_reruns_any_worker_count(tmp_path, syn_source):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = [*SYN, "--source-dir", str(syn_source), "--shard-maxcount", "7"]
+    assert make_shards(*common, "--out", str(a), "--workers", "1") == 0
+    assert make_shards(*common, "--out", str(b), "--workers", "2") == 0
+    shards_a = {k: v for k, v in tree_bytes(a).items() if k.endswith(".tar")}
+    shards_b = {k: v for k, v in tree_bytes(b).items() if k.endswith(".tar")}
+    assert shards_a == shards_b and len(shards_a) == 6 + 2 + 2
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
+    for m in (ma, mb):
+        m.pop("command")
+    assert ma == mb
+    # same folder, same arguments, no --resume: rewritten with identical bytes
+    before = tree_bytes(a)
+    assert make_shards(*common, "--out", str(a), "--workers", "1") == 0
+    assert tree_bytes(a) == before
+    # fixed tar metadata: no timestamps or user names from this machine
+    for name, _ in read_tar(a / "train-000000.tar")[:3]:
+        assert name.startswith("train_000000.")
+    import tarfile
+
+    with tarfile.open(a / "train-000000.tar") as tar:
+        assert {(m.mtime, m.uname, m.mode) for m in tar.getmembers()} == {(946684800, "explainer", 0o444)}
+
+
+def test_shard_size_limit_by_bytes(tmp_path, syn_source):
+    out = tmp_path / "out"
+    assert make_shards(*SYN, "--source-dir", str(syn_source), "--out", str(out), "--shard-maxsize", "12k") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    shards = manifest["splits"]["train"]["shards"]
+    assert len(shards) > 3 and sum(s["count"] for s in shards) == 40
+    for s in shards:
+        assert (out / s["path"]).stat().st_size <= 12 * 1024, s
+
+
+def test_stale_shards_of_a_bigger_earlier_run_are_removed(tmp_path, syn_source):
+    out = tmp_path / "out"
+    assert make_shards(*SYN, "--source-dir", str(syn_source), "--out", str(out), "--shard-maxcount", "4") == 0
+    assert len(list(out.glob("train-*.tar"))) == 10
+    assert make_shards(*SYN, "--source-dir", str(syn_source), "--out", str(out), "--shard-maxcount", "100") == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["test-000000.tar", "train-000000.tar", "val-000000.tar"]
+    assert len(list((out / ".progress").glob("*.json"))) == 3
+
+
+def test_resume_after_leftover_temp_and_missing_shard(tmp_path, syn_source):
+    clean, out = tmp_path / "clean", tmp_path / "out"
+    common = [*SYN, "--source-dir", str(syn_source), "--shard-maxcount", "5"]
+    assert make_shards(*common, "--out", str(clean)) == 0
+    assert make_shards(*common, "--out", str(out)) == 0
+    expected = tree_bytes(clean)
+    # simulate a run killed while writing train-000003 (temp file left, shard and record missing) and one killed
+    # between the rename of train-000005 and its record
+    partial = (out / "train-000003.tar").read_bytes()[:3000]
+    (out / "train-000003.tar").unlink()
+    (out / ".progress" / "train-000003.tar.json").unlink()
+    (out / ".train-000003.tar.4242.tmp").write_bytes(partial)
+    (out / ".progress" / "train-000005.tar.json").unlink()
+    (out / "manifest.json").unlink()
+    untouched = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar") if p.name not in ("train-000005.tar",)}
+    time.sleep(0.01)
+    assert make_shards(*common, "--out", str(out), "--resume") == 0
+    assert not list(out.glob(".*.tmp"))
+    assert tree_bytes(out) == {k: v for k, v in expected.items() if k != "manifest.json"} | {
+        "manifest.json": tree_bytes(out)["manifest.json"]}
+    m_out, m_clean = (json.loads((d / "manifest.json").read_text()) for d in (out, clean))
+    for m in (m_out, m_clean):
+        m.pop("command")
+    assert m_out == m_clean
+    # only the missing shards were written again
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar") if p.name in untouched} == untouched
+
+
+def test_resume_rewrites_shards_made_with_other_arguments(tmp_path):
+    make_voc_tree(tmp_path)
+    out = tmp_path / "out"
+    assert make_shards("voc", "--root", str(tmp_path), "--out", str(out), "--splits", "train") == 0
+    assert make_shards("voc", "--root", str(tmp_path), "--out", str(out), "--splits", "train", "--resume",
+                       "--exclude-difficult") == 0
+    meta = json.loads(samples_of(out, "train")["000003"]["json"])
+    assert meta["classes"] == ["tvmonitor"]  # not the stale shard with the difficult cat
+
+
+def _many_sample_voc(root, n):
+    rng = np.random.default_rng(0)
+    voc = root / "VOC2007"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (voc / sub).mkdir(parents=True)
+    image, xml = jpeg_bytes(rng, 24, 24), voc_xml([("dog", 0)], 24, 24)
+    ids = [f"{i:06d}" for i in range(n)]
+    for i in ids:
+        (voc / "JPEGImages" / f"{i}.jpg").write_bytes(image)
+        (voc / "Annotations" / f"{i}.xml").write_text(xml)
+    (voc / "ImageSets" / "Main" / "train.txt").write_text("\n".join(ids))
+    return voc
+
+
+def test_resume_after_a_really_killed_run(tmp_path):
+    voc = _many_sample_voc(tmp_path, 2000)
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    args = ["voc", "--root", str(voc), "--shard-maxcount", "40", "--workers", "1"]
+    proc = subprocess.Popen([sys.executable, str(MAKE_SHARDS), *args, "--out", str(out), "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.is_dir() and any(out.glob("train-*.tar"))):
+            assert proc.poll() is None and time.monotonic() < deadline, "make_shards ended before writing a shard"
+            time.sleep(0.001)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before it was killed"
+    written = len(list(out.glob("train-*.tar")))
+    print("shards complete when killed:", written)
+    assert 0 < written < 50, written
+    assert make_shards(*args, "--out", str(out), "--resume") == 0
+    assert make_shards(*args, "--out", str(clean)) == 0
+    assert not list(out.glob(".*.tmp"))
+    assert {k: v for k, v in tree_bytes(out).items() if k != "manifest.json"} == {
+        k: v for k, v in tree_bytes(clean).items() if k != "manifest.json"}
+    assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["total"] == 2000
