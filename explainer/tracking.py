@@ -149,8 +149,11 @@ class RunTracker:
         return path
 
     def finish(self) -> None:
+        # Not accelerator.end_training(): it also destroys the process group, and the trainer still needs it
+        # (wait_for_everyone after finish; any run where RANK/WORLD_SIZE are exported: torchrun, SLURM tasks).
         if self.enabled and self.use_wandb:
-            self.accelerator.end_training()
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
 
 
 def mask_grid(rgb: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> np.ndarray:
