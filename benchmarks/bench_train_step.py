@@ -14,6 +14,7 @@ peak memory per batch size.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -167,7 +168,7 @@ def _has_format(model: torch.nn.Module, fmt: torch.memory_format) -> bool:
 
 
 def count_flops(runner: Runner) -> int:
-    """FLOPs of one forward+backward (matmul/conv dominated) counted on the eager modules."""
+    """FLOPs of one forward+backward (matmul/conv dominated) counted on the eager modules by FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
     runner.prepare()
@@ -190,8 +191,8 @@ def time_steps(runner: Runner, iters: int, device: torch.device) -> tuple[float,
 
 
 def bench(runners: dict[str, Runner], warmup: int, iters: int, rounds: int, device: torch.device) -> dict:
-    """Warm every mode up and measure its peak memory alone (other modes' Adam states released), then time the modes
-    interleaved round by round and keep the median round, so background load hits every mode alike."""
+    """Warm every mode up and (CUDA) measure its peak memory alone, other modes' Adam states released; then time
+    the modes interleaved round by round and keep the median round, so background load hits every mode alike."""
     out: dict[str, dict] = {}
     for mode, runner in runners.items():
         out[mode] = {}
@@ -207,13 +208,14 @@ def bench(runners: dict[str, Runner], warmup: int, iters: int, rounds: int, devi
                 out[mode]["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         except torch.OutOfMemoryError:
             out[mode] = {"error": "out of memory"}
-        runner.release()
         if device.type == "cuda":
+            runner.release()
             torch.cuda.empty_cache()
     live = [mode for mode in runners if "error" not in out[mode]]
-    for mode in live:  # rebuild the Adam states outside the timed region
-        runners[mode].prepare()
-        runners[mode].step()
+    if device.type == "cuda":
+        for mode in live:  # rebuild the Adam states outside the timed region
+            runners[mode].prepare()
+            runners[mode].step()
     times: dict[str, list[float]] = {mode: [] for mode in live}
     for _ in range(rounds):
         for mode in live:
@@ -249,13 +251,15 @@ def run(args: argparse.Namespace) -> dict:
         compiled: dict[str, torch.nn.Module] = {}
         for batch_size in args.batch_sizes:
             images, labels = make_batch(batch_size, args.num_classes, args.image_size, device, args.seed)
-            runners, flops = {}, {}
+            runners: dict[str, Runner] = {}
+            flops = None
             for mode in args.modes:
                 runner = Runner(mode, explainer, classifier, images, labels, args, device)
-                try:
-                    flops[mode] = count_flops(runner)
-                except torch.OutOfMemoryError:
-                    flops[mode] = None
+                if flops is None:
+                    # the arithmetic of one step is the same in every mode (two half passes = one full pass):
+                    # count it once, eagerly, and use it for every mode's achieved FLOP/s and MFU
+                    with contextlib.suppress(torch.OutOfMemoryError):
+                        flops = count_flops(runner)
                 if mode == "ours" and args.compile:
                     if not compiled:
                         compiled["e"], compiled["c"] = torch.compile(explainer), torch.compile(classifier)
@@ -265,9 +269,9 @@ def run(args: argparse.Namespace) -> dict:
             for mode in args.modes:
                 row = {"classifier": classifier_arch, "explainer": args.explainer, "batch_size": batch_size,
                        "image_size": args.image_size, "mode": mode, **measured[mode]}
-                if "images_per_s" in row and flops[mode]:
-                    row["flops_per_step"] = flops[mode]
-                    row["achieved_tflops"] = flops[mode] * row["images_per_s"] / batch_size / 1e12
+                if "images_per_s" in row and flops:
+                    row["flops_per_step"] = flops
+                    row["achieved_tflops"] = flops * row["images_per_s"] / batch_size / 1e12
                     if peak:
                         row["mfu"] = row["achieved_tflops"] / peak
                 results.append(row)
