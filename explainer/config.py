@@ -191,11 +191,17 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against the annotation `tp`; return it (ints widen to floats). Raise ConfigError otherwise."""
     origin = get_origin(tp)
     if origin is Literal:
-        if value in get_args(tp):
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted no/off/yes/on as a bool
+            spelled = [v for v in _BOOL_WORDS[value] if v in get_args(tp)]
+            value = spelled[0] if spelled else value
+        if value in get_args(tp) and not isinstance(value, bool):
             return value
         raise ConfigError(f"{where}: {value!r} is not valid; expected {_describe(tp)}")
     if origin in (Union, types.UnionType):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,7 +173,7 @@ def fit(task: Task, settings: RunSettings, full_config: Any) -> dict[str, Any]:
 
     model.train()
     progress = tqdm(total=total_steps, initial=state.step, disable=not world.is_main, desc=task.kind, unit="step",
-                    dynamic_ncols=True)
+                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)  # log files: a line / 30 s
     last_validated, last_saved = (state.step if resume_from else -1), (state.step if resume_from else -1)
     window_images, window_start = 0, time.perf_counter()
     while state.step < total_steps and not state.stopped_early:

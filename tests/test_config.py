@@ -92,3 +92,11 @@ def test_resolved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(ExplainerRunConfig, tmp_path / "config.yaml") == cfg
     assert not list(tmp_path.glob(".*tmp"))  # the temp file was renamed away
+
+
+def test_yaml_no_is_not_a_bool_for_choice_keys():
+    """`train.mixed_precision=no` parses as False in YAML 1.1; the choice 'no' is meant."""
+    cfg = load_config(ExplainerRunConfig, None, ["train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="expected one of"):
+        load_config(ExplainerRunConfig, None, ["train.mixed_precision=yes"])
