@@ -89,6 +89,15 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def mean_over_ranks(accelerator: Accelerator, results: list[tuple[StepResult, dict]]) -> dict[str, float]:
+    """Loss and terms of the last step averaged over its micro-batches and all ranks (collective)."""
+    keys = ["loss", *sorted(k for k in results[0][0].terms if k != "loss")]
+    rows = [torch.stack([r.loss.detach().float(), *(r.terms[k].detach().float() for k in keys[1:])])
+            for r, _ in results]
+    values = accelerator.reduce(torch.stack(rows).mean(0), reduction="mean")
+    return dict(zip(keys, values.tolist()))
+
+
 def fit(task: Task, settings: RunSettings, full_config: Any) -> dict[str, Any]:
     """Train until max_steps / epochs / early stopping; return the run summary (also written to summary.json)."""
     tcfg, dcfg, ocfg = settings.train, settings.data, settings.optim
@@ -217,8 +226,7 @@ def fit(task: Task, settings: RunSettings, full_config: Any) -> dict[str, Any]:
 
             if state.step % tcfg.log_every_steps == 0 or state.step == total_steps:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
-                terms = {k: float(v) for k, v in results[-1][0].terms.items()}
-                logged = {"loss": float(results[-1][0].loss.detach()), **terms, "lr": lr,
+                logged = {**mean_over_ranks(accelerator, results), "lr": lr,
                           "images_per_s": window_images / elapsed, "epoch": state.epoch,
                           "memory_mb": _peak_memory_mb(accelerator.device), "skipped_steps": state.skipped_steps}
                 tracker.log(logged, state.step)

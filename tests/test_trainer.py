@@ -187,13 +187,16 @@ def test_two_processes_equal_one_process(synthetic_manifest, tiny_classifier, tm
     s_two, s_one = json.loads((two / "summary.json").read_text()), json.loads((one / "summary.json").read_text())
     assert s_two["world_size"] == 2 and s_one["world_size"] == 1
     assert s_two["global_batch"] == s_one["global_batch"] == 8 and s_two["steps"] == s_one["steps"] == steps
-    assert_same_weights(two / "explainer_last.pt", one / "explainer_last.pt", atol=1e-5)
+    # Adam turns float-level gradient differences (summation order) into ~1e-4 weight differences after 12 steps;
+    # training moves these weights by 0.07-0.4, and the check below proves a 1e-3 tolerance still discriminates.
+    assert_same_weights(two / "explainer_last.pt", one / "explainer_last.pt", atol=1e-3)
+    assert s_two["history"][-1]["loss"] == pytest.approx(s_one["history"][-1]["loss"], rel=1e-3)
     # ... and the comparison is not vacuous: training moved the weights.
     fresh = tmp_path / "fresh"
     run_cmd([PYTHON, TRAIN, *explainer_args(one_manifest, tiny_classifier, fresh, *common,
                                             f"data.batch_size={per_rank * world}", "train.max_steps=1")])
     with pytest.raises(AssertionError):
-        assert_same_weights(fresh / "explainer_last.pt", one / "explainer_last.pt", atol=1e-5)
+        assert_same_weights(fresh / "explainer_last.pt", one / "explainer_last.pt", atol=1e-3)
 
 
 @pytest.mark.slow
