@@ -57,7 +57,7 @@ def test_overrides_are_typed_and_nested():
     [
         ("loss.lambda_x=1", "unknown key 'loss.lambda_x'; valid keys in loss: kind, lambda_e"),
         ("lossy.lambda_e=1", "unknown key 'lossy'"),
-        ("train.mixed_precision=fp8", "train.mixed_precision: 'fp8' is not valid; expected one of 'no', 'fp16', 'bf16'"),
+        ("train.mixed_precision=fp8", "train.mixed_precision: 'fp8' is not valid; expected one of 'no', 'fp16'"),
         ("data.batch_size=1.5", "data.batch_size: expected int"),
         ("data.augment=maybe", "data.augment: expected bool"),
         ("explainer.arch=unet9000", "explainer.arch: 'unet9000' is not valid"),

@@ -70,9 +70,9 @@ def test_run_folder_has_everything(synthetic_manifest, tiny_classifier, tmp_path
 
 def test_classifier_stays_bit_identical(synthetic_manifest, tiny_classifier, tmp_path):
     """The reference trained its 'frozen' classifier in train mode; ours keeps weights AND BN buffers untouched."""
-    cfg = load_config(ExplainerRunConfig, ROOT / "configs" / "synthetic.yaml",
-                      [*tiny_overrides(synthetic_manifest, tmp_path / "run"), f"classifier.checkpoint={tiny_classifier}",
-                       "train.max_steps=4", "tracking.wandb_mode=disabled", "optim.lr=0.05"])
+    overrides = [*tiny_overrides(synthetic_manifest, tmp_path / "run"), f"classifier.checkpoint={tiny_classifier}",
+                 "train.max_steps=4", "tracking.wandb_mode=disabled", "optim.lr=0.05"]
+    cfg = load_config(ExplainerRunConfig, ROOT / "configs" / "synthetic.yaml", overrides)
     task = ExplainerTask(cfg)
     fit(task, RunSettings(cfg.data, cfg.optim, cfg.train, cfg.tracking), cfg)
     before = load_classifier(tiny_classifier)[0].state_dict()
