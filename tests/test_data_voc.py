@@ -23,7 +23,7 @@ from PIL import Image
 
 from explainer.config import DataConfig
 from explainer.data import make_eval_loader, make_train_loader, read_manifest
-from explainer.data.voc import VOC_CLASSES
+from explainer.data.voc import VOC_CLASSES, voc_palette
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +163,24 @@ def test_bad_segmentation_keeps_the_sample(tmp_path):
     assert "seg.png" not in test["000007"] and "seg.png" not in test["000009"]
     reasons = {p["key"]: p["reason"] for p in manifest["warnings"]}
     assert "mode RGB" in reasons["000007"] and "unreadable" in reasons["000009"]
+
+
+def test_verify_decode_catches_damage_the_cheap_checks_miss(tmp_path):
+    voc = make_voc_tree(tmp_path)
+    jpg = voc / "JPEGImages" / "000008.jpg"
+    data = jpg.read_bytes()
+    jpg.write_bytes(data[:600] + bytes(800) + data[1400:])  # zeroed middle, end marker intact
+    seg = np.zeros((40, 48), np.uint8)
+    seg[3:9, 3:9] = 33  # no class 32
+    im = Image.fromarray(seg, "P")
+    im.putpalette(voc_palette())  # without a full palette PIL would renumber the indices on save
+    im.save(voc / "SegmentationClass" / "000010.png")
+    fast, full = tmp_path / "fast", tmp_path / "full"
+    assert make_shards("voc", "--root", str(tmp_path), "--out", str(fast), "--splits", "test") == 0
+    assert make_shards("voc", "--root", str(tmp_path), "--out", str(full), "--splits", "test",
+                       "--verify-decode") == 0
+    assert "000008" in samples_of(fast, "test") and "seg.png" in samples_of(fast, "test")["000010"]
+    manifest = json.loads((full / "manifest.json").read_text())
+    assert [(p["key"], "corrupt" in p["reason"]) for p in manifest["skipped"]] == [("000008", True)]
+    assert "seg.png" not in samples_of(full, "test")["000010"]
+    assert any("class indices [33]" in p["reason"] for p in manifest["warnings"])

@@ -9,7 +9,8 @@ How a run works (one function, `write_dataset`, shared by the VOC, COCO and synt
 2. Strict scan (`strict=True` only). Every task is built without writing; any skipped or suspicious input ends the run
    with `StrictError` before anything is written.
 3. Write. Worker processes write whole shards: each task is built (files read once, checked, labels made) and written
-   with webdataset's TarWriter into `.<name>.<pid>.tmp`, which is renamed into place when complete; then a small
+   into `.<name>.<pid>.tmp` (tar layout identical to webdataset's TarWriter), renamed into place when complete (no
+   fsync: this protects against killed runs, not power loss); then a small
    record `.progress/<name>.json` (fingerprint, count, problems) is written. `resume=True` keeps a shard whose record
    matches its fingerprint and size, so a killed run continues where it stopped; leftover temp files are removed.
    Tar headers carry a fixed mtime/owner, so the same inputs and arguments give identical bytes.
@@ -40,7 +41,6 @@ from typing import Any
 
 from PIL import Image
 from tqdm import tqdm
-from webdataset import TarWriter
 
 FORMAT_VERSION = 1  # bump when the sample layout changes: invalidates --resume records
 TAR_MTIME = 946684800  # 2000-01-01: fixed so identical inputs give identical shards
@@ -178,6 +178,37 @@ def safe_key(source_id: str) -> str:
     return source_id.replace("/", "_").replace(".", "_")
 
 
+class ShardTarWriter:
+    """Writes samples as tar members: headers from tarfile.TarInfo (USTAR), data straight to the file.
+
+    Produces the same bytes as `webdataset.TarWriter(f, encoder=False, mtime=TAR_MTIME, user="explainer",
+    group="explainer", mode=0o444)` (checked by a test) at about half the cost per sample: tarfile's stream mode
+    re-buffers every member in 10 KiB slices, which dominated shard writing.
+    """
+
+    def __init__(self, fileobj: Any) -> None:
+        self.fileobj = fileobj
+        self.offset = 0
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        parts = []
+        for ext in sorted(members):
+            data = members[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
+            info.uname = info.gname = "explainer"
+            parts += [info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"), data,
+                      bytes(-len(data) % tarfile.BLOCKSIZE)]
+        record = b"".join(parts)  # one write per sample
+        self.fileobj.write(record)
+        self.offset += len(record)
+
+    def close(self) -> None:
+        """End-of-archive blocks, padded to a whole record like tarfile."""
+        end = 2 * tarfile.BLOCKSIZE
+        self.fileobj.write(bytes(end + (-(self.offset + end) % tarfile.RECORDSIZE)))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Planning
 # ----------------------------------------------------------------------------------------------------------------------
@@ -283,11 +314,7 @@ def run_job(job: ShardJob, out: str | None, build: Callable[[Any], Built]) -> Sh
             final = out_dir / job.name
             _record_path(out_dir, job.name).unlink(missing_ok=True)  # a record only describes the tar in place
             tmp = out_dir / f".{job.name}.{os.getpid()}.tmp"
-            stream = stack.enter_context(open(tmp, "wb"))
-            stack.callback(lambda: (stream.flush(), os.fsync(stream.fileno())))  # complete on disk before rename
-            writer = TarWriter(stream, encoder=False, mtime=TAR_MTIME, user="explainer", group="explainer",
-                               mode=0o444)
-            stack.callback(writer.close)  # callbacks run last-in first-out: close tar, fsync, close file
+            writer = ShardTarWriter(stack.enter_context(open(tmp, "wb")))
         for task in job.tasks:
             try:
                 built = build(task)
@@ -302,11 +329,13 @@ def run_job(job: ShardJob, out: str | None, build: Callable[[Any], Built]) -> Sh
                 continue
             warns.extend(Problem(f, r, job.split, built.key) for f, r in built.warnings)
             if writer is not None:
-                writer.write({"__key__": built.key, **built.members})
+                writer.write(built.key, built.members)
             if not built.labelled:
                 unlabelled.append(count)
             count += 1
             _tick()
+        if writer is not None:
+            writer.close()
     size = 0
     if out is not None:
         assert tmp is not None and final is not None

@@ -19,8 +19,14 @@ VOID = 255  # segmentation label for "don't care" pixels (VOC boundary band)
 
 
 def decode_rgb(data: bytes, size: int) -> np.ndarray:
-    """Encoded image bytes -> uint8 [size, size, 3] (any PIL mode converted to RGB; aspect ratio not kept)."""
+    """Encoded image bytes -> uint8 [size, size, 3] (any PIL mode converted to RGB; aspect ratio not kept).
+
+    JPEGs at least twice the target size on both sides are decoded at a reduced DCT scale (PIL's draft mode: still at
+    least `size` on both sides), which is several times faster than decoding every pixel and then shrinking.
+    """
     with Image.open(io.BytesIO(data)) as im:
+        if im.format == "JPEG" and min(im.size) >= 2 * size:
+            im.draft("RGB", (size, size))
         if im.mode != "RGB":
             im = im.convert("RGB")
         if im.size != (size, size):
@@ -46,12 +52,17 @@ def seg_to_binary(classes: np.ndarray) -> np.ndarray:
     return out
 
 
+_SCALE = (1.0 / (255.0 * torch.tensor(IMAGENET_STD))).view(1, 3, 1, 1)
+_SHIFT = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1)
+
+
 def normalize_batch(images: np.ndarray) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] ImageNet-normalised (one vectorised pass for the whole batch)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std).contiguous()
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] ImageNet-normalised: (x / 255 - mean) / std.
+
+    Transposed while still uint8 (4x less memory traffic), converted once, then scaled and shifted in place.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().float()
+    return x.mul_(_SCALE).add_(_SHIFT)
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:

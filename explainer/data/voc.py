@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from explainer.data.shards import (
@@ -118,23 +117,32 @@ def parse_labels(xml_path: str, classes: Sequence[str], exclude_difficult: bool)
     return labels, objects
 
 
-def check_seg(seg_path: str, image_size: tuple[int, int], num_classes: int) -> tuple[bytes | None, str | None]:
-    """Original segmentation PNG bytes if usable, else (None, reason). Values must be 0..C or 255."""
+def check_seg(seg_path: str, image_size: tuple[int, int], num_classes: int,
+              verify: bool = False) -> tuple[bytes | None, str | None]:
+    """Original segmentation PNG bytes if usable, else (None, reason).
+
+    Always checked: a readable PNG header, single-channel index mode (P or L), the image's size, the PNG end marker.
+    With `verify`, also decoded, and every value must be 0..C or 255.
+    """
     try:
         data = Path(seg_path).read_bytes()
         with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            mode, size = im.mode, im.size
-            values = np.unique(np.asarray(im)) if mode in ("P", "L") else None
+            fmt, mode, size = im.format, im.mode, im.size
+            colours = None
+            if verify:
+                im.load()
+                colours = im.getcolors(256) if mode in ("P", "L") else None
     except Exception as exc:
         return None, f"segmentation PNG unreadable ({type(exc).__name__}: {exc}); sample kept without it"
+    if fmt != "PNG" or b"IEND" not in data[-64:]:
+        return None, f"segmentation file is not a complete PNG ({fmt}); sample kept without it"
     if mode not in ("P", "L"):
         return None, f"segmentation PNG has mode {mode}, expected a palette/grey index image; sample kept without it"
     if size != image_size:
         return None, f"segmentation size {size} differs from image size {image_size}; sample kept without it"
-    bad = [int(v) for v in values if v > num_classes and v != 255]
+    bad = [int(v) for _, v in colours or [] if v > num_classes and v != 255]
     if bad:
-        return None, f"segmentation has class indices {bad[:5]} beyond {num_classes}; sample kept without it"
+        return None, f"segmentation has class indices {sorted(bad)[:5]} beyond {num_classes}; sample kept without it"
     return data, None
 
 
@@ -144,7 +152,7 @@ def build_voc_sample(task: VocTask) -> Built:
     warnings = [(task.image_path, note) for note in img.notes]
     members = {img.ext: img.data, "json": sample_json(labels, task.classes, task.source_id, img.size)}
     if task.seg_path is not None:
-        seg, reason = check_seg(task.seg_path, img.size, len(task.classes))
+        seg, reason = check_seg(task.seg_path, img.size, len(task.classes), verify=task.verify)
         if seg is not None:
             members["seg.png"] = seg
         else:

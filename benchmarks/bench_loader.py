@@ -1,0 +1,85 @@
+"""Loader throughput (decode + resize + ImageNet normalise) vs a plain PIL loop doing the same work, same images.
+
+    python benchmarks/bench_loader.py                       # 400 photo-sized images at 224 px, < 1 min
+    python benchmarks/bench_loader.py --images 2000 --size 224 --batch-size 64
+
+The PIL loop reads the JPEG files, decodes, converts to RGB, resizes (bilinear) and normalises each image into a
+float32 CHW array, in one process. The loader reads the same images from the shards (one epoch after a warm-up epoch
+that starts the persistent workers) in-process (0 workers), with 1 worker and with 2 workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _bench_source import bench_dir, make_source  # noqa: E402
+
+from explainer.config import DataConfig  # noqa: E402
+from explainer.data import IMAGENET_MEAN, IMAGENET_STD, make_train_loader, read_manifest  # noqa: E402
+from explainer.data.shards import ShardOptions  # noqa: E402
+from explainer.data.voc import build_voc_shards  # noqa: E402
+
+
+def pil_loop(files: list[Path], size: int) -> float:
+    mean = np.array(IMAGENET_MEAN, np.float32)
+    std = np.array(IMAGENET_STD, np.float32)
+    t0 = time.perf_counter()
+    for path in files:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), np.float32) / 255.0
+        x = ((arr - mean) / std).transpose(2, 0, 1)
+        assert x.shape == (3, size, size)
+    return len(files) / (time.perf_counter() - t0)
+
+
+def loader_rate(manifest, size: int, batch: int, workers: int) -> float:
+    cfg = DataConfig(image_size=size, batch_size=batch, num_workers=workers, shuffle_buffer=100)
+    stream = make_train_loader(cfg, manifest, "train", rank=0, world_size=1, seed=0, drop_unlabelled=True)
+    for _ in stream:  # warm-up epoch: starts the persistent workers, fills the page cache
+        pass
+    stream.set_epoch(1)
+    t0 = time.perf_counter()
+    n = sum(b["image"].shape[0] for b in stream)
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=2, help="timed runs of each; the best is reported")
+    args = parser.parse_args()
+
+    root = bench_dir() / "loader"
+    voc = make_source(root / "source", args.images)
+    out = root / f"shards-{args.images}"
+    if not (out / "manifest.json").exists():
+        build_voc_shards(voc, ShardOptions(out=out, maxcount=100, progress=False), command=["bench"])
+    manifest = read_manifest(out / "manifest.json")
+    files = sorted((voc / "JPEGImages").glob("*.jpg"))
+    n_used = (len(files) // args.batch_size) * args.batch_size
+    print(f"{len(files)} images of 500x375 -> {args.size} px, batch {args.batch_size} ({n_used} per loader epoch)")
+    pil_loop(files, args.size)  # warm the page cache
+    best = {"pil": 0.0, 0: 0.0, 1: 0.0, 2: 0.0}
+    for _ in range(args.repeat):  # interleaved, so load changes on a shared machine hit all alike
+        best["pil"] = max(best["pil"], pil_loop(files, args.size))
+        for workers in (0, 1, 2):
+            best[workers] = max(best[workers], loader_rate(manifest, args.size, args.batch_size, workers))
+    print(f"plain PIL loop        : {best['pil']:7.0f} images/s")
+    for workers, label in ((0, "in-process"), (1, "1 worker  "), (2, "2 workers ")):
+        print(f"loader, {label}    : {best[workers]:7.0f} images/s   ratio vs PIL loop "
+              f"{best[workers] / best['pil']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
