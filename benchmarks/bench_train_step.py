@@ -50,7 +50,7 @@ BF16_PEAK_TFLOPS = [
 
 DEFAULTS = {
     "cpu": {"explainer": "deeplabv3_mobilenet_v3_large", "classifiers": "resnet18", "image_size": 64,
-            "batch_sizes": "8", "warmup": 1, "iters": 2, "rounds": 3},
+            "batch_sizes": "8", "warmup": 1, "iters": 1, "rounds": 3},
     "cuda": {"explainer": "deeplabv3_resnet50", "classifiers": "resnet50,vgg16", "image_size": 224,
              "batch_sizes": "16,32,64", "warmup": 5, "iters": 10, "rounds": 3},
 }
@@ -80,8 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=["bf16", "fp16"], default="bf16", help="autocast dtype of 'ours'")
     parser.add_argument("--channels-last", action="store_true", help="channels_last models/images for 'ours'")
     parser.add_argument("--compile", action="store_true", help="torch.compile explainer and classifier for 'ours'")
+    parser.add_argument("--tf32", choices=["default", "on", "off"], default="default",
+                        help="TF32 for the fp32 modes on CUDA (default: PyTorch's defaults, as the paper code ran)")
     parser.add_argument("--peak-tflops", type=float, help="override the device's dense bf16 peak for MFU")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads on CPU")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads on CPU (default 1: steady numbers on a shared machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=".bench/train_step.json")
     args = parser.parse_args(argv)
@@ -236,8 +239,9 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 rows are real fp32, as in the reference code
-        torch.backends.cudnn.allow_tf32 = False
+        # fp32 rows: PyTorch's defaults (cuDNN convolutions may use TF32, matmuls do not) unless --tf32 says otherwise
+        if args.tf32 != "default":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
         torch.backends.cudnn.benchmark = True
         device_name = torch.cuda.get_device_name(device)
     else:
@@ -297,6 +301,7 @@ def run(args: argparse.Namespace) -> dict:
         "peak_bf16_tflops": peak,
         "torch": torch.__version__,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "args": {k: v for k, v in vars(args).items()},
         "results": results,
