@@ -273,3 +273,17 @@ def test_real_two_process_gloo_run(syn, tmp_path):
     assert ranks[0]["epochs"][0]["keys"] != ranks[0]["epochs"][1]["keys"]
     evaluated = [k for r in ranks for k in r["eval"]]
     assert len(evaluated) == len(set(evaluated)) == N_TEST
+
+
+def test_abandoned_epochs_do_not_disturb_the_next(syn):
+    """Like the trainer: a partly consumed epoch is dropped, then set_epoch/skip/iter for the next one."""
+    stream = make_train_loader(cfg(num_workers=2), syn, "train", rank=0, world_size=1, seed=0, drop_unlabelled=True)
+    stream.set_epoch(1)
+    full = [b["key"] for b in stream]
+    stream.set_epoch(0)
+    batches = iter(stream)
+    next(batches)  # abandoned after one batch
+    stream.set_epoch(1)
+    stream.skip(3)
+    batches = iter(stream)  # the old generator is collected here
+    assert [b["key"] for b in batches] == full[3:]

@@ -468,31 +468,39 @@ class _Stream:
 
 
 class TrainStream(_Stream):
-    """One epoch of training batches for this rank; `len()` is identical on every rank."""
+    """One epoch of training batches for this rank; `len()` is identical on every rank.
+
+    `set_epoch` and `skip` take effect when `iter()` is called (the values are handed to the workers then), so an
+    abandoned iterator of an earlier epoch can never change the next one.
+    """
+
+    def __init__(self, dataset: _ShardStream, num_workers: int) -> None:
+        super().__init__(dataset, num_workers)
+        self._epoch = 0
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self.dataset.state[0] = int(epoch)
+        self._epoch = int(epoch)
 
     def skip(self, n_batches: int) -> None:
+        """The next iteration starts after `n_batches` batches (and yields len(self) - n_batches)."""
         if not 0 <= n_batches <= len(self):
             raise ValueError(f"cannot skip {n_batches} batches of an epoch of {len(self)}")
-        self.dataset.state[1] = int(n_batches)
+        self._skip = int(n_batches)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        first = self.dataset.skip_batches
-        try:
-            yield from self._batches(first)
-        finally:
-            self.dataset.state[1] = 0
+        first, self._skip = self._skip, 0
+        self.dataset.state[0], self.dataset.state[1] = self._epoch, first
+        return self._batches(first)
 
 
 class EvalStream(_Stream):
     """Evaluation batches of this rank: every sample of the split exactly once over all ranks, fixed order."""
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        yield from self._batches(0)
+        return self._batches(0)
 
 
 def _split_info(manifest: Manifest, split: str) -> SplitInfo:
