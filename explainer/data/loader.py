@@ -18,13 +18,18 @@ Design (train mode, one epoch):
   environment variables, and never by webdataset's node/worker splitters or accelerate's dataloader re-sharding (keep
   this loader out of `accelerator.prepare()` and move batches to the device yourself).
 * `skip(n)` (mid-epoch resume) makes the next iteration start after batch n: each worker drops its first batches'
-  samples before decoding them.
+  samples before decoding them, so the remaining batches equal those of an uninterrupted epoch.
+* DataLoader workers persist across epochs (a spawned worker costs seconds); `set_epoch`/`skip` are handed to them
+  through shared memory when `iter()` is called.
 * A corrupt member (undecodable image, bad JSON) is skipped with a logged warning and counted in `corrupt_samples`;
-  to keep the batch count exact the worker fills its last batch with repeats of samples it already produced.
+  a worker that runs short (corrupt or truncated data) pads its last batches with repeats of samples it already
+  produced, so the batch count stays exact.
 
 Eval mode: the line is the manifest order (optionally cut to `max_images`); rank r owns [r*N/W, (r+1)*N/W), each
-sample exactly once over all ranks and workers, the last batch of a rank may be short. Batches add the segmentation
-ground truth at model resolution (nearest resize): `seg` in {0, 1, 255} and `seg_classes` (0 bg, k+1 class k, 255).
+sample exactly once over all ranks and workers; workers and batches as above without shuffling, so the order is fixed
+for a given world size, worker count and batch size (with 0 or 1 worker: manifest order). A rank's last batch may be
+short; corrupt samples are left out. Batches add the segmentation ground truth at model resolution (nearest resize):
+`seg` in {0, 1, 255}, `seg_classes` (0 bg, k+1 class k, 255 void), `has_seg`, and `orig_size` [B, 2] (W, H).
 """
 
 from __future__ import annotations
