@@ -323,7 +323,7 @@ def launch_run(config: str | Path, overrides: list[str], spec: JobSpec, job_dir:
     out = Path(cfg.train.output_dir)
     folder = Path(job_dir).absolute() if job_dir else out / "submitit"
     if spec.name == "explainer":
-        spec.name = f"explainer-{out.name}"
+        spec.name = out.name if out.name.startswith("explainer") else f"explainer-{out.name}"
     if dry_run:
         print(f"# dry run: nothing submitted. Output: {out}, W&B run id {cfg.tracking.run_id}, {_resources(spec)}",
               file=sys.stderr)
