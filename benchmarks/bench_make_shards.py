@@ -11,6 +11,7 @@ the manifest; it runs with 1 worker (like tar) and with 2 workers (shards of 250
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each; the best is reported")
     args = parser.parse_args()
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (others' work on a shared machine skews "
+          "wall-clock rates; runs are interleaved and the best of --repeat is reported)")
 
     root = bench_dir() / "make_shards"
     t0 = time.perf_counter()

@@ -343,11 +343,9 @@ class _ShardStream(IterableDataset):
         return out
 
     def _collate(self, items: list[dict[str, Any]], index: int, corrupt: int, rng: random.Random | None) -> dict:
-        images = np.stack([it["image"] for it in items])
+        images = [it["image"] for it in items]
         if rng is not None:
-            for i in range(len(items)):
-                if rng.random() < 0.5:
-                    images[i] = images[i, :, ::-1]
+            images = [im[:, ::-1] if rng.random() < 0.5 else im for im in images]
         batch: dict[str, Any] = {
             "image": normalize_batch(images),
             "labels": torch.from_numpy(np.stack([it["labels"] for it in items])),

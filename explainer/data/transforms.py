@@ -7,6 +7,8 @@ that training, evaluation and the benchmarks share.
 from __future__ import annotations
 
 import io
+import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -56,13 +58,26 @@ _SCALE = (1.0 / (255.0 * torch.tensor(IMAGENET_STD))).view(1, 3, 1, 1)
 _SHIFT = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1)
 
 
-def normalize_batch(images: np.ndarray) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] ImageNet-normalised: (x / 255 - mean) / std.
+def normalize_batch(images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 [B, H, W, 3] (or B arrays [H, W, 3]) -> float32 [B, 3, H, W] ImageNet-normalised: (x / 255 - mean) / std.
 
-    Transposed while still uint8 (4x less memory traffic), converted once, then scaled and shifted in place.
+    Image by image into one preallocated batch, so each image is transposed, converted, scaled and shifted while it
+    is in cache (about 3x faster than whole-batch tensor ops, which are memory-bound).
     """
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().float()
-    return x.mul_(_SCALE).add_(_SHIFT)
+    if len(images) == 0:
+        raise ValueError("normalize_batch needs at least one image")
+    h, w = images[0].shape[:2]
+    out = torch.empty((len(images), 3, h, w), dtype=torch.float32)
+    scale, shift = _SCALE.view(3, 1, 1), _SHIFT.view(3, 1, 1)
+    with warnings.catch_warnings():  # arrays from PIL are read-only; they are only read here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for i, image in enumerate(images):
+            if image.shape != (h, w, 3) or image.dtype != np.uint8:
+                raise ValueError(f"image {i}: expected uint8 {(h, w, 3)}, got {image.dtype} {image.shape}")
+            one = out[i]
+            one.copy_(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+            one.mul_(scale).add_(shift)
+    return out
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
