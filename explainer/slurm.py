@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import shlex
 import shutil
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import submitit
+from submitit.core.utils import FailedJobError, UncompletedJobError
 from submitit.slurm.slurm import SlurmExecutor
 
 from explainer.config import ConfigError, ExplainerRunConfig
@@ -299,9 +301,11 @@ def _wait_local(jobs: list[submitit.Job]) -> list[dict[str, Any]]:
     """local/debug jobs run on this machine: wait and report (debug jobs only run when their result is asked for)."""
     summaries = []
     for job in jobs:
-        results = job.results()
-        summaries.append(results[0])
-        s = results[0]
+        try:
+            s = job.results()[0]
+        except (FailedJobError, UncompletedJobError) as exc:
+            raise LaunchError(f"job {job.job_id} failed; logs: {job.paths.stdout}, {job.paths.stderr}\n{exc}") from None
+        summaries.append(s)
         print(f"job {job.job_id} done: {s.get('steps')}/{s.get('total_steps')} steps, best val loss "
               f"{s.get('best_val_loss')}, world size {s.get('world_size')} -> {s.get('output_dir')}")
     return summaries
@@ -354,7 +358,7 @@ def launch_sweep(sweep_file: str | Path, config: str | Path | None, overrides: l
     if (sweep_dir / "sweep.json").exists():
         raise ConfigError(f"--job-dir {sweep_dir} already holds a sweep (sweep.json); choose a new folder")
     runs = build_runs(sweep, sweep_dir, sweep_id, overrides, Path(config) if config else None)
-    runs = [type(r)(r.index, r.params, r.overrides, prepare_config(r.cfg)) for r in runs]
+    runs = [dataclasses.replace(r, cfg=prepare_config(r.cfg)) for r in runs]
     if spec.name == "explainer":
         spec.name = f"sweep-{sweep.name}"
     # the plan goes to stderr so that `--dry-run > job.sh` leaves a clean script on stdout
@@ -383,7 +387,8 @@ def launch_sweep(sweep_file: str | Path, config: str | Path | None, overrides: l
                  for r, job in zip(runs, jobs)],
     }
     path = write_index(sweep_dir, index)
-    print(f"submitted job array {index['array_job_id']} ({len(jobs)} runs) ; index: {path}")
+    what = f"job array {index['array_job_id']}" if spec.cluster == "slurm" else f"{spec.cluster} jobs"
+    print(f"submitted {what} ({len(jobs)} runs); index: {path}")
     print(f"  logs:    {folder}/<job id>/   outputs: {sweep_dir}/runs/<index>/")
     print(f"  report:  python launch/sweep_report.py {sweep_dir}")
     if spec.cluster != "slurm":
