@@ -234,6 +234,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -310,7 +315,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     try:
         cfg = _build(cls, raw, "")
     except ConfigError as exc:
-        where = f" (in {path})" if path is not None else ""
+        where = f" (in {path}{' or the command-line overrides' if overrides else ''})" if path is not None else ""
         raise ConfigError(f"{exc}{where}") from None
     validate(cfg)
     return cfg

@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
           f"train.epochs={args.explainer_epochs}"], out / "logs" / "explainer.log")
     explainer_summary = json.loads((out / "explainer" / "summary.json").read_text())
     best = explainer_summary["best"] or {}
-    print(f"  best val loss {explainer_summary['best_val_loss']:.4f}, mask IoU {best.get('mask_iou', float('nan')):.3f}")
+    iou = best.get("mask_iou", float("nan"))
+    print(f"  best val loss {explainer_summary['best_val_loss']:.4f}, mask IoU {iou:.3f}")
 
     print("\n== 4/4 evaluation: Explainer vs Grad-CAM vs RISE on the test split")
     _run([py, "-m", "explainer.evaluate", "--config", "configs/synthetic.yaml", f"data.manifest={manifest}",

@@ -100,3 +100,11 @@ def test_yaml_no_is_not_a_bool_for_choice_keys():
     assert cfg.train.mixed_precision == "no"
     with pytest.raises(ConfigError, match="expected one of"):
         load_config(ExplainerRunConfig, None, ["train.mixed_precision=yes"])
+
+
+def test_exponent_without_dot_is_a_float():
+    """PyYAML reads `3e-3` as a string (YAML 1.1); a float key takes it as the number it means."""
+    cfg = load_config(ExplainerRunConfig, None, ["optim.lr=3e-3"])
+    assert cfg.optim.lr == 0.003
+    with pytest.raises(ConfigError, match="optim.lr: expected float"):
+        load_config(ExplainerRunConfig, None, ["optim.lr=fast"])
