@@ -11,6 +11,7 @@ from accelerate import Accelerator
 
 from explainer.config import ClassifierRunConfig, ExplainerRunConfig
 from explainer.data.loader import Manifest
+from explainer.metrics import CLEAN_THRESHOLD, classification_counts, precision_recall_f1
 from explainer.models import build_classifier, build_explainer, freeze, load_classifier, save_checkpoint
 from explainer.step import explainer_forward_loss
 from explainer.trainer import StepResult
@@ -107,21 +108,17 @@ class ClassifierTask:
         logits = model(batch["image"]).float()
         labels = batch["labels"]
         n = labels.shape[0]
-        pred = (logits >= 0).float()
-        return {
-            "count": float(n),
-            "loss": float(F.binary_cross_entropy_with_logits(logits, labels)) * n,
-            "tp": float((pred * labels).sum()),
-            "fp": float((pred * (1 - labels)).sum()),
-            "fn": float(((1 - pred) * labels).sum()),
-        }
+        counts = classification_counts(logits, labels, CLEAN_THRESHOLD)  # [3 (tp, fp, fn), C]
+        sums = {"count": float(n), "loss": float(F.binary_cross_entropy_with_logits(logits, labels)) * n}
+        sums.update({f"{kind}/{c}": float(v) for kind, row in zip(("tp", "fp", "fn"), counts)
+                     for c, v in enumerate(row.tolist())})
+        return sums
 
     def val_metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        tp, fp, fn = sums["tp"], sums["fp"], sums["fn"]
-        precision = tp / (tp + fp) if tp + fp else 0.0
-        recall = tp / (tp + fn) if tp + fn else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        return {"loss": sums["loss"] / sums["count"], "precision": precision, "recall": recall, "f1": f1}
+        num_classes = sum(1 for k in sums if k.startswith("tp/"))
+        counts = torch.tensor([[sums[f"{kind}/{c}"] for c in range(num_classes)] for kind in ("tp", "fp", "fn")],
+                              dtype=torch.float64)
+        return {"loss": sums["loss"] / sums["count"], **precision_recall_f1(counts)}
 
     def export(self, model: torch.nn.Module, manifest: Manifest, path: Path) -> None:
         save_checkpoint(path, model, kind="classifier", arch=self.cfg.classifier.arch,
