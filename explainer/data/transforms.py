@@ -7,11 +7,12 @@ that training, evaluation and the benchmarks share.
 from __future__ import annotations
 
 import io
-import warnings
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.utils.data
 from PIL import Image
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -54,29 +55,39 @@ def seg_to_binary(classes: np.ndarray) -> np.ndarray:
     return out
 
 
-_SCALE = (1.0 / (255.0 * torch.tensor(IMAGENET_STD))).view(1, 3, 1, 1)
-_SHIFT = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1)
+_SCALE = (1.0 / (255.0 * np.asarray(IMAGENET_STD, np.float32))).reshape(3, 1, 1)
+_SHIFT = (-np.asarray(IMAGENET_MEAN, np.float32) / np.asarray(IMAGENET_STD, np.float32)).reshape(3, 1, 1)
+
+
+def _empty_batch(shape: tuple[int, ...]) -> torch.Tensor:
+    """float32 tensor; in a DataLoader worker, allocated in shared memory (as torch's default_collate does), which
+    saves copying every batch into shared memory when it is sent to the main process."""
+    if torch.utils.data.get_worker_info() is not None:
+        try:
+            storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
+            return torch.empty(0, dtype=torch.float32).set_(storage).view(shape)
+        except (AttributeError, RuntimeError):  # private API: fall back to a plain tensor
+            pass
+    return torch.empty(shape, dtype=torch.float32)
 
 
 def normalize_batch(images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
     """uint8 [B, H, W, 3] (or B arrays [H, W, 3]) -> float32 [B, 3, H, W] ImageNet-normalised: (x / 255 - mean) / std.
 
     Image by image into one preallocated batch, so each image is transposed, converted, scaled and shifted while it
-    is in cache (about 3x faster than whole-batch tensor ops, which are memory-bound).
+    is in cache (about 3x faster than whole-batch tensor ops, which are memory-bound). numpy, not torch: torch's
+    intra-op threads made these small ops 100x slower on a busy machine.
     """
     if len(images) == 0:
         raise ValueError("normalize_batch needs at least one image")
     h, w = images[0].shape[:2]
-    out = torch.empty((len(images), 3, h, w), dtype=torch.float32)
-    scale, shift = _SCALE.view(3, 1, 1), _SHIFT.view(3, 1, 1)
-    with warnings.catch_warnings():  # arrays from PIL are read-only; they are only read here
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        for i, image in enumerate(images):
-            if image.shape != (h, w, 3) or image.dtype != np.uint8:
-                raise ValueError(f"image {i}: expected uint8 {(h, w, 3)}, got {image.dtype} {image.shape}")
-            one = out[i]
-            one.copy_(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
-            one.mul_(scale).add_(shift)
+    out = _empty_batch((len(images), 3, h, w))
+    view = out.numpy()
+    for i, image in enumerate(images):
+        if image.shape != (h, w, 3) or image.dtype != np.uint8:
+            raise ValueError(f"image {i}: expected uint8 {(h, w, 3)}, got {image.dtype} {image.shape}")
+        np.multiply(image.transpose(2, 0, 1), _SCALE, out=view[i])
+        view[i] += _SHIFT
     return out
 
 
