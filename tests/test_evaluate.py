@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import json
+import socket
+from pathlib import Path
 
 import pytest
 import torch
+from _helpers import PYTHON, run_cmd
 from torch import nn
 
 from explainer.baselines import build_baseline
 from explainer.config import EvalConfig
 from explainer.evaluate import Evaluator, MaskNetwork, markdown_report, parse_methods, write_outputs
 from explainer.models import freeze
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops on a shared 2-core machine: two intra-op threads make TorchRay's EP loop 20x slower under load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 S = 24
 CLASSES = ["red", "green"]
@@ -121,3 +134,83 @@ def test_evaluator_without_segmentation_and_bad_settings():
     with pytest.raises(ValueError, match="unknown"):
         parse_methods("explainer,igos")
     assert parse_methods("explainer, gradcam,explainer") == ["explainer", "gradcam"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# End to end on real shards (the shared session fixtures): python -m explainer.evaluate, 1 and 2 processes
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def explainer_checkpoints(synthetic_manifest, tmp_path_factory) -> tuple[Path, Path]:
+    """Two untrained tiny_unet checkpoints (the numbers do not matter here, only that every sample counts once)."""
+    from explainer.data.loader import read_manifest
+    from explainer.models import build_explainer, save_checkpoint
+
+    classes = read_manifest(synthetic_manifest).classes
+    out = tmp_path_factory.mktemp("explainers")
+    paths = []
+    for seed, name in enumerate(("explainer.pt", "rtis.pt")):
+        torch.manual_seed(seed)
+        paths.append(save_checkpoint(out / name, build_explainer("tiny_unet", len(classes)), kind="explainer",
+                                     arch="tiny_unet", num_classes=len(classes), classes=list(classes),
+                                     image_size=32))
+    return paths[0], paths[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _evaluate_cmd(manifest: Path, classifier: Path, checkpoint: Path, out: Path, methods: str,
+                  extra: list[str] = (), procs: int = 1) -> list[str]:
+    launcher = [PYTHON] if procs == 1 else [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+                                            "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    return [*launcher, "-m", "explainer.evaluate", "--config", "configs/synthetic.yaml", "--checkpoint",
+            str(checkpoint), "--classifier", str(classifier), "--methods", methods, "--out", str(out),
+            "--no-progress", *extra, f"data.manifest={manifest}", "data.image_size=32", "data.batch_size=8",
+            "data.num_workers=0", "eval.rise_masks=100", "eval.rise_batch=100", "eval.ep_iterations=5",
+            "eval.ep_areas=[0.1,0.3]"]
+
+
+@pytest.mark.slow
+def test_evaluate_end_to_end_one_and_two_processes(synthetic_manifest, tiny_classifier, explainer_checkpoints,
+                                                   tmp_path):
+    from explainer.data.loader import read_manifest
+
+    total = read_manifest(synthetic_manifest).splits["test"].total
+    explainer_pt, rtis_pt = explainer_checkpoints
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_cmd(_evaluate_cmd(synthetic_manifest, tiny_classifier, explainer_pt, one, "explainer,gradcam,rise,ep,rtis",
+                          ["--rtis-checkpoint", str(rtis_pt)]))
+    run_cmd(_evaluate_cmd(synthetic_manifest, tiny_classifier, explainer_pt, two, "explainer,gradcam,rise",
+                          procs=2), env={"ACCELERATE_USE_CPU": "1"})
+    a = json.loads((one / "results.json").read_text())
+    b = json.loads((two / "results.json").read_text())
+    assert a["n_images"] == b["n_images"] == total and b["settings"]["world_size"] == 2
+    assert a["key_checksum"] == b["key_checksum"]  # the same samples, each once
+    for row in ("explainer", "gradcam", "rise", "0", "0.5", "1", "G.T."):
+        assert b["segmentation"][row]["n"] == a["segmentation"][row]["n"] == a["n_seg_images"]
+        for metric in ("acc", "iou", "mae", "sal"):
+            assert b["segmentation"][row][metric] == pytest.approx(a["segmentation"][row][metric], abs=1e-6)
+    assert b["class_specific"]["explainer"]["table"] == pytest.approx(a["class_specific"]["explainer"]["table"])
+    assert b["classification"] == pytest.approx(a["classification"])
+    assert set(a["segmentation"]) >= {"ep", "rtis"} and set(a["class_specific"]) == {"explainer", "rtis"}
+    assert a["timing"]["ep"]["images"] == total and a["timing"]["ep"]["autograd"]
+    report = (one / "report.md").read_text()
+    assert "| RTIS |" in report and "| Extremal P. |" in report and "masked (Explainer)" in report
+    assert (one / "figures" / "fig1.png").is_file() and (two / "figures" / "fig1.png").is_file()
+
+
+@pytest.mark.slow
+def test_evaluate_max_images_across_two_processes_and_errors(synthetic_manifest, tiny_classifier,
+                                                             explainer_checkpoints, tmp_path):
+    explainer_pt, _ = explainer_checkpoints
+    run_cmd(_evaluate_cmd(synthetic_manifest, tiny_classifier, explainer_pt, tmp_path / "m", "explainer",
+                          ["--max-images", "10"], procs=2), env={"ACCELERATE_USE_CPU": "1"})
+    assert json.loads((tmp_path / "m" / "results.json").read_text())["n_images"] == 10
+    proc = run_cmd(_evaluate_cmd(synthetic_manifest, tiny_classifier, explainer_pt, tmp_path / "r", "explainer,rtis"),
+                   check=False)
+    assert proc.returncode != 0 and "--rtis-checkpoint" in proc.stderr

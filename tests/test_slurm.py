@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import PYTHON, ROOT, run_cmd, tiny_overrides
+from _helpers import PYTHON, ROOT, run_cmd, tiny_overrides
 
 from explainer.config import ConfigError, parse_overrides
 from explainer.sweep import build_runs, expand, load_sweep, read_index, report_rows, write_report, yaml_scalar

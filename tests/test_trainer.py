@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
+from _helpers import PYTHON, ROOT, run_cmd, tiny_overrides
 
 from explainer.config import ExplainerRunConfig, load_config
 from explainer.data.loader import iter_samples, make_train_loader, read_manifest
 from explainer.models import load_classifier, load_explainer
 from explainer.tasks import ExplainerTask
 from explainer.trainer import RunSettings, StepResult, TrainingDiverged, fit
-from tests.conftest import PYTHON, ROOT, run_cmd, tiny_overrides
 
 TRAIN = "explainer/train.py"
 

@@ -1,0 +1,51 @@
+"""Helpers shared by the tests: run the real entry points in subprocesses, tiny synthetic data and classifier.
+
+Training runs go through subprocesses, so each gets a fresh accelerate state and the tests exercise exactly what users
+run. Imported as `_helpers` (pytest puts tests/ on sys.path), so it works under `pytest` and `python -m pytest`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+# Small enough for 2 CPU cores, big enough that a classifier and an explainer can learn something.
+TINY_SHARDS = ["--num-classes", "4", "--image-size", "32", "--counts", "train=96,val=24,test=24", "--seed", "3"]
+
+
+def run_cmd(args: list[str], timeout: float = 600, env: dict[str, str] | None = None, check: bool = True,
+            cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run a command, print its output on failure (pytest shows it), return the completed process."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **(env or {})}
+    full_env.pop("WANDB_API_KEY", None)
+    proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n"
+                             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def make_synthetic_shards(out: Path, extra: list[str] | None = None) -> Path:
+    run_cmd([PYTHON, "launch/make_shards.py", "synthetic", "--out", str(out), "--workers", "1", "--no-progress",
+             *TINY_SHARDS, *(extra or [])])
+    return out / "manifest.json"
+
+
+def tiny_overrides(manifest: Path, out: Path) -> list[str]:
+    """Overrides shared by every tiny CPU training run in the tests."""
+    return [f"data.manifest={manifest}", "data.image_size=32", "data.batch_size=8", "data.num_workers=0",
+            "data.shuffle_buffer=16", "train.mixed_precision=no", "tracking.wandb_mode=offline",
+            f"train.output_dir={out}", "train.log_every_steps=5"]
+
+
+def train_tiny_classifier(manifest: Path, out: Path, steps: int = 60) -> Path:
+    run_cmd([PYTHON, "explainer/train_classifier.py", "--config", "configs/classifier/synthetic.yaml",
+             *tiny_overrides(manifest, out), f"train.max_steps={steps}", "train.val_every_steps=20"])
+    return out / "classifier.pt"
+
+
