@@ -105,6 +105,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
     channels_last: bool = False
     compile: bool = False
+    sync_batchnorm: bool = False  # DeepLabV3 has BatchNorm: share its statistics across GPUs (CUDA, > 1 process)
     val_every_steps: int | None = None  # default: once per epoch
     val_max_batches: int | None = None
     early_stop_patience: int = 5  # in validations

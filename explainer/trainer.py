@@ -109,6 +109,8 @@ def fit(task: Task, settings: RunSettings, full_config: Any) -> dict[str, Any]:
     seed_everything(tcfg.seed)
     task.setup(accelerator, manifest)
     model = task.build_model(manifest)
+    if tcfg.sync_batchnorm and world.world_size > 1 and accelerator.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     global_batch = dcfg.batch_size * world.world_size * ocfg.grad_accum_steps
