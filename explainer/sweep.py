@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from explainer.config import ConfigError, ExplainerRunConfig, load_config, parse_overrides
+from explainer.config import ConfigError, ExplainerRunConfig, load_config, parse_overrides, read_yaml_mapping
 
 SWEEP_KEYS = {"name", "base_config", "method", "num_samples", "seed", "overrides", "parameters", "metric", "maximize"}
 DISTRIBUTIONS = ("uniform", "log_uniform")
@@ -97,14 +97,7 @@ def _param(path: Path, key: str, raw: Any, method: str) -> ParamSpec:
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and check a sweep file; paths inside it are relative to the file."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"sweep file {path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"sweep file {path} must contain a mapping at the top level")
+    raw = read_yaml_mapping(path, "sweep file")
     unknown = sorted(set(raw) - SWEEP_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown key '{unknown[0]}'; valid keys: {', '.join(sorted(SWEEP_KEYS))}")
