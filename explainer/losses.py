@@ -145,25 +145,21 @@ def wysiwyc_loss(
     bound = area_bound(masks, labels, cfg.area_min, cfg.area_max, cfg.bound_reduction).mean()
     area_m = area(m).mean()
     area_n = area(n).mean()
+    return combine_terms(cfg, classification=l_c, entropy=l_e, tv_m=tv_m, tv_n=tv_n, bound=bound, area_m=area_m,
+                         area_n=area_n)
+
+
+def combine_terms(cfg: LossConfig, **terms: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """The weighted total of the batch-averaged terms, and the terms (detached, "loss" included) for logging."""
     total = (
-        l_c
-        + cfg.lambda_e * l_e
-        + cfg.lambda_tv * (tv_m + tv_n)
-        + cfg.w_bound * bound
-        + cfg.w_m * area_m
-        + cfg.w_n * area_n
+        terms["classification"]
+        + cfg.lambda_e * terms["entropy"]
+        + cfg.lambda_tv * (terms["tv_m"] + terms["tv_n"])
+        + cfg.w_bound * terms["bound"]
+        + cfg.w_m * terms["area_m"]
+        + cfg.w_n * terms["area_n"]
     )
-    terms = {
-        "loss": total,
-        "classification": l_c,
-        "entropy": l_e,
-        "tv_m": tv_m,
-        "tv_n": tv_n,
-        "bound": bound,
-        "area_m": area_m,
-        "area_n": area_n,
-    }
-    return total, {k: v.detach() for k, v in terms.items()}
+    return total, {"loss": total.detach(), **{k: v.detach() for k, v in terms.items()}}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

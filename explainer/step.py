@@ -20,6 +20,7 @@ from explainer.losses import (
     aggregate_masks,
     alternative_image,
     area_counts,
+    combine_terms,
     full_precision,
     rtis_loss,
     wysiwyc_loss,
@@ -159,27 +160,11 @@ def reference_forward_loss(
     tv_m, tv_n = _reference_tv(target_mask), _reference_tv(non_target_mask)
     bound = _reference_bound(segmentations, targets, loss_cfg)
     area_m, area_n = target_mask.mean(), non_target_mask.mean()
-    loss = (
-        l_c
-        + loss_cfg.lambda_e * l_e
-        + loss_cfg.lambda_tv * (tv_m + tv_n)
-        + loss_cfg.w_bound * bound
-        + loss_cfg.w_m * area_m
-        + loss_cfg.w_n * area_n
-    )
-    terms = {
-        "loss": loss,
-        "classification": l_c,
-        "entropy": l_e,
-        "tv_m": tv_m,
-        "tv_n": tv_n,
-        "bound": bound,
-        "area_m": area_m,
-        "area_n": area_n,
-    }
+    loss, terms = combine_terms(loss_cfg, classification=l_c, entropy=l_e, tv_m=tv_m, tv_n=tv_n, bound=bound,
+                                area_m=area_m, area_n=area_n)
     return StepOutput(
         loss=loss,
-        terms={k: v.detach() for k, v in terms.items()},
+        terms=terms,
         masks=segmentations.sigmoid(),
         m=target_mask.unsqueeze(1),
         logits_masked=logits_mask.detach(),
