@@ -438,9 +438,9 @@ def evaluate(cfg: ExplainerRunConfig, checkpoint: str | None, *, classifier: str
     return res
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="python -m explainer.evaluate", description=__doc__,
-                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str = "python -m explainer.evaluate") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the explainer run's config YAML (data, classifier, eval)")
     parser.add_argument("--checkpoint", default=None, help="explainer checkpoint (needed for method 'explainer')")
     parser.add_argument("--classifier", default=None, help="classifier checkpoint (default: classifier.checkpoint)")
@@ -463,8 +463,8 @@ def run_args(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_args(build_parser().parse_args(argv))
+def main(argv: Sequence[str] | None = None, prog: str = "python -m explainer.evaluate") -> int:
+    return run_args(build_parser(prog).parse_intermixed_args(argv))
 
 
 if __name__ == "__main__":

@@ -226,8 +226,12 @@ def export_model(model: nn.Module, example: torch.Tensor, fmt: str, path: Path) 
     if fmt == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
-            traced = torch.jit.trace(model, example[:1], check_trace=False)
-            _atomic(path, lambda h: torch.jit.save(traced, h))
+            try:  # scripting keeps shape logic (any batch and image size); tracing would freeze it
+                compiled = torch.jit.script(model)
+            except Exception:  # noqa: BLE001 - an architecture TorchScript cannot compile: trace it instead
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                compiled = torch.jit.trace(model, example[:1], check_trace=False)
+            _atomic(path, lambda h: torch.jit.save(compiled, h))
             loaded = torch.jit.load(str(path), map_location=example.device)
         with torch.no_grad():
             exported = torch.sigmoid(loaded(example)).float().cpu()
@@ -308,9 +312,9 @@ def explain(checkpoint: str, inputs: Sequence[str], out: str, *, batch_size: int
     return index
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="explainer explain", description=__doc__,
-                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str = "explainer explain") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     parser.add_argument("--checkpoint", required=True, help="explainer checkpoint (explainer.pt of a training run)")
     parser.add_argument("--out", required=True, help="output folder")
@@ -339,8 +343,8 @@ def run_args(args: argparse.Namespace) -> int:
     return 1 if index["skipped"] else 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_args(build_parser().parse_args(argv))
+def main(argv: Sequence[str] | None = None, prog: str = "explainer explain") -> int:
+    return run_args(build_parser(prog).parse_intermixed_args(argv))
 
 
 if __name__ == "__main__":

@@ -168,9 +168,10 @@ def _evaluate_cmd(manifest: Path, classifier: Path, checkpoint: Path, out: Path,
                   extra: list[str] = (), procs: int = 1) -> list[str]:
     launcher = [PYTHON] if procs == 1 else [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
                                             "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-    return [*launcher, "-m", "explainer.evaluate", "--config", "configs/synthetic.yaml", "--checkpoint",
-            str(checkpoint), "--classifier", str(classifier), "--methods", methods, "--out", str(out),
-            "--no-progress", *extra, f"data.manifest={manifest}", "data.image_size=32", "data.batch_size=8",
+    # overrides on both sides of the options (parsed intermixed)
+    return [*launcher, "-m", "explainer.evaluate", "--config", "configs/synthetic.yaml", f"data.manifest={manifest}",
+            "--checkpoint", str(checkpoint), "--classifier", str(classifier), "--methods", methods, "--out", str(out),
+            "--no-progress", *extra, "data.image_size=32", "data.batch_size=8",
             "data.num_workers=0", "eval.rise_masks=100", "eval.rise_batch=100", "eval.ep_iterations=5",
             "eval.ep_areas=[0.1,0.3]"]
 

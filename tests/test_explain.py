@@ -93,7 +93,7 @@ def test_torchscript_export_gives_the_same_masks(checkpoint, images, tmp_path):
     assert export["format"] == "torchscript" and Path(export["path"]).is_file()
     assert export["max_abs_mask_diff"] <= 1e-5
     loaded = torch.jit.load(export["path"])
-    x = torch.randn(3, 3, S, S)
+    x = torch.randn(3, 3, S + 8, S)  # scripted, not traced: other batch and image sizes work too
     model = build_explainer("tiny_unet", len(CLASSES))
     model.load_state_dict(torch.load(checkpoint, weights_only=True)["state_dict"])
     model.eval()
@@ -115,3 +115,15 @@ def test_console_script_reports_broken_file_by_name(checkpoint, images, tmp_path
     assert proc.returncode == 1, proc.stderr
     assert "broken.jpg" in proc.stderr
     assert (tmp_path / "cli" / "y" / "topk.png").is_file()
+
+
+def test_cli_usage_and_unknown_command(capsys):
+    from explainer import cli
+
+    assert cli.main(["--help"]) == 0
+    assert "explain" in capsys.readouterr().out
+    assert cli.main(["explode"]) == 2
+    assert "unknown command 'explode'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["explain", "--help"])
+    assert "explainer explain" in capsys.readouterr().out

@@ -178,12 +178,44 @@ def safe_key(source_id: str) -> str:
     return source_id.replace("/", "_").replace(".", "_")
 
 
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, TAR_MTIME, 0o444
+    info.uname = info.gname = "explainer"
+    return info
+
+
+def _tarinfo_header(name: str, size: int) -> bytes:
+    return _tarinfo(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+
+
+# Every field of our member headers except name, size and checksum is constant: the header with an empty name, size 0
+# and the checksum field blank (8 spaces, as the checksum is computed), from tarfile itself.
+_HEADER_TEMPLATE = _tarinfo_header("", 0)[:148] + b" " * 8 + _tarinfo_header("", 0)[156:]
+_SIZE_LIMIT = 8**11  # USTAR's 11 octal digits
+_TEMPLATE_SUM = sum(_HEADER_TEMPLATE) - sum(_HEADER_TEMPLATE[124:136])  # checksum without name and size fields
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The USTAR header tarfile writes for one of our members, filled into a template (~10x cheaper than TarInfo).
+
+    Names over 100 bytes (tarfile splits them into a prefix, or refuses) and sizes over 8 GiB go through tarfile.
+    """
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) > 100 or size >= _SIZE_LIMIT:
+        return _tarinfo_header(name, size)
+    size_field = b"%011o\0" % size
+    checksum = b"%06o\0" % (_TEMPLATE_SUM + sum(raw) + sum(size_field))
+    return b"".join((raw, _HEADER_TEMPLATE[len(raw):124], size_field, _HEADER_TEMPLATE[136:148], checksum,
+                     _HEADER_TEMPLATE[155:]))
+
+
 class ShardTarWriter:
-    """Writes samples as tar members: headers from tarfile.TarInfo (USTAR), data straight to the file.
+    """Writes samples as tar members: USTAR headers from a template (`tar_header`), data straight to the file.
 
     Produces the same bytes as `webdataset.TarWriter(f, encoder=False, mtime=TAR_MTIME, user="explainer",
-    group="explainer", mode=0o444)` (checked by a test) at about half the cost per sample: tarfile's stream mode
-    re-buffers every member in 10 KiB slices, which dominated shard writing.
+    group="explainer", mode=0o444)` (checked by a test) at a fraction of the cost per sample: tarfile's stream mode
+    re-buffers every member in 10 KiB slices, and building a TarInfo per member costs more than copying the data.
     """
 
     def __init__(self, fileobj: Any) -> None:
@@ -194,11 +226,7 @@ class ShardTarWriter:
         parts = []
         for ext in sorted(members):
             data = members[ext]
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
-            info.uname = info.gname = "explainer"
-            parts += [info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"), data,
-                      bytes(-len(data) % tarfile.BLOCKSIZE)]
+            parts += [tar_header(f"{key}.{ext}", len(data)), data, bytes(-len(data) % tarfile.BLOCKSIZE)]
         record = b"".join(parts)  # one write per sample
         self.fileobj.write(record)
         self.offset += len(record)
