@@ -165,3 +165,27 @@ def test_tar_bytes_match_webdataset_tarwriter(tmp_path):
         ref.write({"__key__": key, **members})
     ref.close()
     assert ours.getvalue() == theirs.getvalue()
+
+
+def test_tar_header_template_matches_tarfile():
+    """The template header equals tarfile's for short, 100-byte, non-ASCII and over-long names and odd sizes."""
+    import tarfile
+
+    from explainer.data.shards import TAR_MTIME, tar_header
+
+    names = ["a.jpg", "k" * 96 + ".png", "k" * 100, "k" * 101, "ü" * 50 + ".x", "ü" * 51, "d/" * 60 + "x.json",
+             "\udcff.jpg"]
+    for name in names:
+        for size in (0, 1, 511, 512, 513, 123456789, 8**11 - 1, 8**11):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = size, TAR_MTIME, 0o444
+            info.uname = info.gname = "explainer"
+            try:
+                expected: bytes | str = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+            except ValueError as exc:  # too long to split, or too big for USTAR: we must refuse the same way
+                expected = str(exc)
+            try:
+                got: bytes | str = tar_header(name, size)
+            except ValueError as exc:
+                got = str(exc)
+            assert got == expected, (name, size)
