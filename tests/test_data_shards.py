@@ -189,3 +189,79 @@ def test_tar_header_template_matches_tarfile():
             except ValueError as exc:
                 got = str(exc)
             assert got == expected, (name, size)
+
+
+def _jpeg_variants() -> dict[str, bytes]:
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    base = Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0128], exif[0x011A] = 2, 300.0
+    saves = {"plain": (base, {}), "progressive": (base, {"progressive": True}), "gray": (base.convert("L"), {}),
+             "cmyk": (base.convert("CMYK"), {}), "exif": (base, {"exif": exif.tobytes()}),
+             "icc": (base, {"icc_profile": b"p" * 300}), "comment": (base, {"comment": b"hi"}),
+             "restart": (base, {"restart_marker_blocks": 1}), "dpi": (base, {"dpi": (300, 300)}),
+             "mpo": (base, {"format": "MPO", "save_all": True, "append_images": [base.rotate(90)]})}
+    out = {}
+    for name, (im, kw) in saves.items():
+        buf = io.BytesIO()
+        im.save(buf, kw.pop("format", "JPEG"), **kw)
+        out[name] = buf.getvalue()
+    return out
+
+
+def test_jpeg_header_walk_agrees_with_pil_or_defers():
+    """The cheap JPEG header walk answers plain files exactly as PIL would and leaves every doubtful one to PIL."""
+    import io
+    import random
+    import warnings
+
+    from PIL import Image
+
+    from explainer.data.shards import _jpeg_header
+
+    def pil(data: bytes):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                im = Image.open(io.BytesIO(data))
+                return im.format, im.size, im.mode
+        except Exception:
+            return None
+
+    variants = _jpeg_variants()
+    for name in ("plain", "progressive", "gray", "cmyk", "icc", "comment", "restart", "dpi"):
+        header = _jpeg_header(variants[name])
+        assert header is not None and ("JPEG", *header) == pil(variants[name]), name
+    assert _jpeg_header(variants["exif"]) is None and _jpeg_header(variants["mpo"]) is None  # PIL's call
+    r = random.Random(0)
+    cases = [b"", b"\xff\xd8", b"\xff\xd8\xff\xd9", b"\x89PNG\r\n\x1a\n"]
+    for _ in range(600):  # damaged headers: flipped, zeroed or 0xFF bytes, truncations
+        data = bytearray(r.choice(list(variants.values())))
+        for _ in range(r.randint(1, 3)):
+            pos = r.randrange(min(len(data), 700))
+            data[pos] = r.choice([0, 0xFF, 0xD9, 0xDA, r.randrange(256), data[pos] ^ (1 << r.randrange(8))])
+        cases.append(bytes(data[: r.randrange(3, len(data))] if r.random() < 0.3 else data))
+    answered = 0
+    for data in cases:
+        header = _jpeg_header(data)
+        if header is not None:
+            answered += 1
+            assert pil(data) == ("JPEG", *header), data[:40]
+    assert answered > 100  # the walk is not just deferring everything
+
+
+def test_read_image_fast_path_same_result_as_pil_path(tmp_path):
+    """Plain JPEGs skip PIL when opening; the result (bytes, ext, size, notes) is what the PIL path gives."""
+    from explainer.data.shards import read_image
+
+    for name, data in _jpeg_variants().items():
+        for suffix in ("jpg", "jpeg", "png"):
+            path = tmp_path / f"{name}.{suffix}"
+            path.write_bytes(data)
+            fast = read_image(path)
+            slow = read_image(path, verify=True)  # always through PIL (and a full decode)
+            assert (fast.data, fast.ext, fast.size, fast.notes) == (slow.data, slow.ext, slow.size, slow.notes)
