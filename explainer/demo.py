@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", default="shards/synthetic", help="where the synthetic shards go")
     parser.add_argument("--counts", default="train=600,val=150,test=150", help="synthetic split sizes")
     parser.add_argument("--classifier-epochs", type=int, default=6)
-    parser.add_argument("--explainer-epochs", type=int, default=12)
+    parser.add_argument("--explainer-epochs", type=int, default=20)
     parser.add_argument("--eval-images", type=int, default=150)
     parser.add_argument("--fresh", action="store_true", help="retrain instead of resuming finished stages")
     args = parser.parse_args(argv)
