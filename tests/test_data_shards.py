@@ -265,3 +265,20 @@ def test_read_image_fast_path_same_result_as_pil_path(tmp_path):
             fast = read_image(path)
             slow = read_image(path, verify=True)  # always through PIL (and a full decode)
             assert (fast.data, fast.ext, fast.size, fast.notes) == (slow.data, slow.ext, slow.size, slow.notes)
+
+
+def test_sample_json_is_exactly_json_dumps():
+    import random
+
+    from explainer.data.shards import sample_json
+
+    r = random.Random(0)
+    alphabet = ["a", "ü", '"', "\\", "\n", "\udcff", "😀", "/", " ", "<"]
+    for _ in range(300):
+        classes = ["".join(r.choices(alphabet, k=r.randint(0, 5))) for _ in range(r.randint(1, 12))]
+        labels = [r.choice([0, 1, True, False]) for _ in classes]
+        source_id = "".join(r.choices(alphabet, k=r.randint(0, 8)))
+        size = (r.randint(1, 5000), r.randint(1, 5000))
+        doc = {"labels": [int(v) for v in labels], "classes": [c for c, on in zip(classes, labels) if on],
+               "source_id": source_id, "orig_size": list(size)}
+        assert sample_json(labels, classes, source_id, size) == json.dumps(doc, separators=(",", ":")).encode()

@@ -24,6 +24,7 @@ Image bytes are stored as read (never re-encoded); labels are JSON and masks PNG
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -41,6 +42,8 @@ from typing import Any
 
 from PIL import Image
 from tqdm import tqdm
+
+_json_string = json.encoder.encode_basestring_ascii  # what json.dumps uses for str (ensure_ascii)
 
 FORMAT_VERSION = 1  # bump when the sample layout changes: invalidates --resume records
 TAR_MTIME = 946684800  # 2000-01-01: fixed so identical inputs give identical shards
@@ -235,12 +238,23 @@ def read_image(path: str | os.PathLike, *, verify: bool = False) -> ImageBytes:
     return ImageBytes(data=data, ext=ext, size=size, notes=notes)
 
 
+@functools.lru_cache(maxsize=8)
+def _json_strings(names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(_json_string(name) for name in names)
+
+
 def sample_json(labels: Sequence[int], classes: Sequence[str], source_id: str, orig_size: tuple[int, int]) -> bytes:
-    """The `json` member: multi-hot labels, names of present classes, source id, original [W, H]."""
-    present = [name for name, on in zip(classes, labels) if on]
-    doc = {"labels": [int(v) for v in labels], "classes": present, "source_id": source_id,
-           "orig_size": [int(orig_size[0]), int(orig_size[1])]}
-    return json.dumps(doc, separators=(",", ":")).encode()
+    """The `json` member: multi-hot labels, names of present classes, source id, original [W, H].
+
+    Exactly `json.dumps({"labels", "classes", "source_id", "orig_size"}, separators=(",", ":"))` (a test checks),
+    assembled from cached pieces (~3 us instead of ~10 us per sample).
+    """
+    names = _json_strings(tuple(classes))
+    ints = [int(v) for v in labels]
+    present = ",".join(name for name, on in zip(names, labels) if on)
+    text = (f'{{"labels":[{",".join(map(str, ints))}],"classes":[{present}],"source_id":{_json_string(source_id)},'
+            f'"orig_size":[{int(orig_size[0])},{int(orig_size[1])}]}}')
+    return text.encode()
 
 
 def member_bytes(*sizes: int) -> int:
