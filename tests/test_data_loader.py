@@ -71,6 +71,20 @@ def test_batches_have_the_contract_shapes_and_values(syn):
         IMAGENET_STD, np.float32) + np.array(IMAGENET_MEAN, np.float32)).permute(2, 0, 1), atol=1e-5)
 
 
+def test_worker_batches_equal_in_process_batches(syn):
+    """Workers send uint8 images that the main process normalises: same batches, bit for bit, as with 0 workers."""
+    batches = []
+    for workers in (0, 1):
+        stream = make_train_loader(cfg(num_workers=workers, augment=True), syn, "train", rank=0, world_size=1, seed=5,
+                                   drop_unlabelled=True)
+        stream.set_epoch(1)
+        batches.append(list(stream))
+    for ours, ref in zip(*batches, strict=True):
+        assert list(ours) == list(ref) and ours["key"] == ref["key"]
+        assert ours["image"].dtype == torch.float32 and ours["image"].is_contiguous()
+        assert torch.equal(ours["image"], ref["image"]) and torch.equal(ours["labels"], ref["labels"])
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_disjoint_equal_lengths_and_exact_cover(syn, world_size):
     """Ranks computed in one process (the split depends only on rank arguments), 2 DataLoader workers each."""

@@ -51,7 +51,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from explainer.data.transforms import decode_rgb, decode_seg, normalize_batch, seg_to_binary
+from explainer.data.transforms import decode_rgb, decode_seg, normalize_batch, seg_to_binary, stack_images
 
 log = logging.getLogger(__name__)
 
@@ -346,8 +346,10 @@ class _ShardStream(IterableDataset):
         images = [it["image"] for it in items]
         if rng is not None:
             images = [im[:, ::-1] if rng.random() < 0.5 else im for im in images]
+        # in a DataLoader worker: uint8 images, normalised by the main process (`_finish`); same values either way
+        in_worker = get_worker_info() is not None
         batch: dict[str, Any] = {
-            "image": normalize_batch(images),
+            "image_u8" if in_worker else "image": stack_images(images) if in_worker else normalize_batch(images),
             "labels": torch.from_numpy(np.stack([it["labels"] for it in items])),
             "key": [it["key"] for it in items],
             "_index": index,
@@ -439,6 +441,7 @@ class _Stream:
         self.dataset = dataset
         self.num_workers = num_workers
         self.dataset.num_workers = max(1, num_workers)
+        self.pin_memory = torch.cuda.is_available()
         if num_workers > 0:
             self.dataset.state = torch.multiprocessing.get_context().Array("q", 2)
         self.corrupt_samples = 0
@@ -447,10 +450,17 @@ class _Stream:
     def __len__(self) -> int:
         return self.dataset.num_batches
 
+    def _finish(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Normalise a worker's uint8 images here (see transforms.stack_images); "image" stays the first key."""
+        if "image_u8" not in batch:
+            return batch
+        image = normalize_batch(batch.pop("image_u8").numpy(), pin=self.pin_memory)
+        return {"image": image, **batch}
+
     def _batches(self, first: int) -> Iterator[dict[str, Any]]:
         if self._loader is None:
             self._loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                                      pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+                                      pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
                                       prefetch_factor=2 if self.num_workers > 0 else None)
         loader = self._loader
         heap: list[tuple[int, int, dict[str, Any]]] = []
@@ -464,7 +474,7 @@ class _Stream:
                 self.corrupt_samples += ready.pop("_corrupt")
                 ready.pop("_index")
                 if not ready.pop("_empty", False):
-                    yield ready
+                    yield self._finish(ready)
         if heap or expected != self.dataset.num_batches:
             raise RuntimeError(f"loader produced batches up to {expected} of {self.dataset.num_batches} "
                                f"(rank {self.dataset.rank}); a DataLoader worker must have failed")
