@@ -131,6 +131,11 @@ class Evaluator:
             maps = method(x, wanted)
             _sync(self.device)
             t.add(f"time/{name}/seconds", time.perf_counter() - start)
+            if name == "ep":  # how often each area was the smallest that kept the logit (all ranks)
+                chosen = getattr(method, "chosen_areas", [])
+                areas = list(getattr(method, "areas", []))
+                t.add("ep/area_counts", torch.tensor([float(chosen.count(a)) for a in areas]))
+                chosen.clear()
             t.add(f"time/{name}/images", float(b))
             maps = maps.detach().float()
             kept[name] = maps
@@ -221,6 +226,10 @@ class Evaluator:
             timing[name] = {"seconds_per_image": seconds / images if images else math.nan, "images": images,
                             "autograd": bool(method.needs_grad), "device": str(self.device)}
         res["timing"] = timing
+        if "ep" in self.methods:
+            areas = list(getattr(self.methods["ep"], "areas", []))
+            counts = t.get("ep/area_counts", torch.zeros(len(areas), dtype=torch.float64)).tolist()
+            res["ep_chosen_areas"] = {str(a): int(n) for a, n in zip(areas, counts)}
         return res
 
     def figure_data(self) -> tuple[Tensor, Tensor, dict[str, Tensor]] | None:
@@ -427,8 +436,6 @@ def evaluate(cfg: ExplainerRunConfig, checkpoint: str | None, *, classifier: str
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": sys.argv, "eval": to_dict(cfg.eval),
     }
-    if "ep" in built:
-        res["settings"]["ep_chosen_areas"] = getattr(built["ep"], "chosen_areas", [])
     out_dir = Path(out or cfg.eval.output_dir or (Path(checkpoint).parent / "eval" if checkpoint else "eval"))
     if state.is_main_process:
         write_outputs(res, evaluator, out_dir)

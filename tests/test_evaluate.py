@@ -204,6 +204,9 @@ def test_evaluate_end_to_end_one_and_two_processes(synthetic_manifest, tiny_clas
             a["classification"]["masked"]["explainer"][key])
     assert set(a["segmentation"]) >= {"ep", "rtis"} and set(a["class_specific"]) == {"explainer", "rtis"}
     assert a["timing"]["ep"]["images"] == total and a["timing"]["ep"]["autograd"]
+    # one EP map per (image, ground-truth class): at least one per labelled image
+    assert set(a["ep_chosen_areas"]) == {"0.1", "0.3"}
+    assert sum(a["ep_chosen_areas"].values()) >= a["segmentation"]["ep"]["n"]
     report = (one / "report.md").read_text()
     assert "| RTIS |" in report and "| Extremal P. |" in report and "masked (Explainer)" in report
     assert (one / "figures" / "fig1.png").is_file() and (two / "figures" / "fig1.png").is_file()
