@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 # Small enough for 2 CPU cores, big enough that a classifier and an explainer can learn something.
-TINY_SHARDS = ["--num-classes", "4", "--image-size", "32", "--counts", "train=96,val=24,test=24", "--seed", "3"]
+TINY_SHARDS = ["--num-classes", "4", "--image-size", "32", "--counts", "train=96,val=24,test=24", "--seed", "3",
+               "--max-objects", "2"]
 
 
 def run_cmd(args: list[str], timeout: float = 600, env: dict[str, str] | None = None, check: bool = True,

@@ -247,18 +247,3 @@ def test_bad_config_fails_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert "unknown key 'loss.lambda_q'" in proc.stderr
     assert not (tmp_path / "x").exists()
-
-
-@pytest.mark.slow
-def test_explainer_learns_to_find_the_objects(synthetic_manifest, tiny_classifier, tmp_path):
-    """A hundred-odd steps move the target mask onto the objects: validation soft IoU with the ground truth rises
-    from the ~0.2 of an untrained (all ~0.5) mask to well above it."""
-    out = tmp_path / "learn"
-    run_cmd([PYTHON, TRAIN, *explainer_args(synthetic_manifest, tiny_classifier, out, "train.max_steps=120",
-                                            "train.val_every_steps=20", "optim.lr=1e-2",
-                                            "tracking.wandb_mode=disabled")], timeout=900)
-    history = json.loads((out / "summary.json").read_text())["history"]
-    first, last = history[0], history[-1]
-    assert last["mask_iou"] > 0.45, history  # seen: 0.20 at step 20 -> 0.69 at step 120
-    assert last["mask_iou"] > first["mask_iou"] + 0.2, history
-    assert last["area_m"] < first["area_m"], history  # the mask shrinks from everywhere onto the objects
