@@ -88,6 +88,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    optimizer: Literal["adam", "sgd"] = "adam"  # the reference uses Adam; plain SGD is for exact-comparison tests
     lr: float = 1e-4
     weight_decay: float = 0.0
     lr_scaling: Literal["none", "linear"] = "none"  # none: reference lr whatever the global batch

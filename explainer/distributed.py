@@ -34,7 +34,7 @@ def world_from(accelerator: Accelerator) -> WorldInfo:
     )
 
 
-def make_accelerator(mixed_precision: str, grad_accum_steps: int, log_with: str | None, project_dir: str) -> Accelerator:
+def make_accelerator(mixed_precision: str, log_with: str | None, project_dir: str) -> Accelerator:
     """One Accelerator per run. CPU-only machines get gloo; mixed precision 'fp16' on CPU falls back to fp32."""
     use_cpu = not torch.cuda.is_available()
     if use_cpu:
@@ -46,7 +46,7 @@ def make_accelerator(mixed_precision: str, grad_accum_steps: int, log_with: str 
     return Accelerator(
         cpu=use_cpu,
         mixed_precision=mixed_precision,
-        gradient_accumulation_steps=grad_accum_steps,
+        gradient_accumulation_steps=1,  # the trainer accumulates by hand (exact resume on a step boundary)
         log_with=log_with,
         project_dir=project_dir,
         # The explainer's aux/unused heads are disabled, so every parameter gets a gradient each step.

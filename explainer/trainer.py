@@ -104,7 +104,7 @@ def fit(task: Task, settings: RunSettings, full_config: Any) -> dict[str, Any]:
     run_dir = Path(tcfg.output_dir)
     manifest = read_manifest(dcfg.manifest)  # fail fast, before any process group work
 
-    accelerator = make_accelerator(tcfg.mixed_precision, 1, wandb_log_with(settings.tracking), str(run_dir))
+    accelerator = make_accelerator(tcfg.mixed_precision, wandb_log_with(settings.tracking), str(run_dir))
     world = world_from(accelerator)
     seed_everything(tcfg.seed)
     task.setup(accelerator, manifest)
@@ -118,7 +118,10 @@ def fit(task: Task, settings: RunSettings, full_config: Any) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{task.kind}: the model has no trainable parameters")
-    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=ocfg.weight_decay)
+    if ocfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=ocfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=lr, weight_decay=ocfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     if tcfg.compile:
         model = torch.compile(model)

@@ -172,8 +172,10 @@ def test_two_processes_equal_one_process(synthetic_manifest, tiny_classifier, tm
         stream.set_epoch(0)
         rank_batches.append([list(b["key"]) for b in stream])
     steps = len(rank_batches[0])
+    # Plain SGD: Adam divides by sqrt(v) and turns summation-order noise in near-zero gradients into lr-sized
+    # weight differences, which would hide the comparison under a loose tolerance.
     common = ["data.shuffle_buffer=0", "train.seed=0", f"train.max_steps={steps}", "train.val_every_steps=1000",
-              "tracking.wandb_mode=disabled", "optim.lr=0.01"]
+              "tracking.wandb_mode=disabled", "optim.optimizer=sgd", "optim.lr=0.5"]
 
     two = tmp_path / "two"
     env = {"ACCELERATE_USE_CPU": "1"}
@@ -187,16 +189,14 @@ def test_two_processes_equal_one_process(synthetic_manifest, tiny_classifier, tm
     s_two, s_one = json.loads((two / "summary.json").read_text()), json.loads((one / "summary.json").read_text())
     assert s_two["world_size"] == 2 and s_one["world_size"] == 1
     assert s_two["global_batch"] == s_one["global_batch"] == 8 and s_two["steps"] == s_one["steps"] == steps
-    # Adam turns float-level gradient differences (summation order) into ~1e-4 weight differences after 12 steps;
-    # training moves these weights by 0.07-0.4, and the check below proves a 1e-3 tolerance still discriminates.
-    assert_same_weights(two / "explainer_last.pt", one / "explainer_last.pt", atol=1e-3)
+    assert_same_weights(two / "explainer_last.pt", one / "explainer_last.pt", atol=1e-4)  # seen: <= 2e-5
     assert s_two["history"][-1]["loss"] == pytest.approx(s_one["history"][-1]["loss"], rel=1e-3)
     # ... and the comparison is not vacuous: training moved the weights.
     fresh = tmp_path / "fresh"
     run_cmd([PYTHON, TRAIN, *explainer_args(one_manifest, tiny_classifier, fresh, *common,
                                             f"data.batch_size={per_rank * world}", "train.max_steps=1")])
     with pytest.raises(AssertionError):
-        assert_same_weights(fresh / "explainer_last.pt", one / "explainer_last.pt", atol=1e-3)
+        assert_same_weights(fresh / "explainer_last.pt", one / "explainer_last.pt", atol=1e-4)
 
 
 @pytest.mark.slow
