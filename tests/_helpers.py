@@ -50,3 +50,25 @@ def train_tiny_classifier(manifest: Path, out: Path, steps: int = 60) -> Path:
     return out / "classifier.pt"
 
 
+
+
+def colour_classifier(gain: float):
+    """A frozen toy classifier: logit_k = gain * mean(relu(channel k - 0.1)) - 2 for k in (red, green), so class k
+    is present iff enough of channel k is lit. Its right attribution is known exactly, which the baseline and
+    evaluation tests rely on."""
+    import torch
+    from torch import nn
+
+    from explainer.models import freeze
+
+    conv = nn.Conv2d(3, 2, 1)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.fill_(-0.1)
+        conv.weight[0, 0] = 1.0
+        conv.weight[1, 1] = 1.0
+    head = nn.Linear(2, 2)
+    with torch.no_grad():
+        head.weight.copy_(gain * torch.eye(2))
+        head.bias.fill_(-2.0)
+    return freeze(nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), head))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import colour_classifier
 from torch import nn
 
 from explainer.baselines import build_baseline, minmax
@@ -22,21 +23,6 @@ def one_thread():
 
 
 S = 32
-
-
-def colour_detector() -> nn.Module:
-    """Class 0 = amount of red, class 1 = amount of green (1x1 conv picks the channel, ReLU, global average pool)."""
-    conv = nn.Conv2d(3, 2, 1)
-    with torch.no_grad():
-        conv.weight.zero_()
-        conv.bias.fill_(-0.1)
-        conv.weight[0, 0] = 1.0
-        conv.weight[1, 1] = 1.0
-    head = nn.Linear(2, 2)
-    with torch.no_grad():
-        head.weight.copy_(20 * torch.eye(2))
-        head.bias.fill_(-2.0)
-    return freeze(nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), head))
 
 
 def two_squares() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -62,7 +48,7 @@ def test_minmax_per_map():
 
 
 def test_gradcam_highlights_the_object_of_each_class():
-    model = colour_detector()
+    model = colour_classifier(gain=20)
     x, red, green = two_squares()
     maps = GradCAM(model)(x, torch.ones(1, 2, dtype=torch.bool))
     assert maps.shape == (1, 2, S, S) and maps.min() >= 0 and maps.max() <= 1
@@ -89,7 +75,7 @@ def test_gradcam_on_project_classifiers_uses_the_reference_layers():
 
 def test_rise_highlights_the_object_and_is_seeded():
     cfg = EvalConfig(rise_masks=400, rise_cells=4, rise_p=0.5, rise_batch=200)
-    rise = build_baseline("rise", colour_detector(), cfg)
+    rise = build_baseline("rise", colour_classifier(gain=20), cfg)
     x, red, green = two_squares()
     maps = rise(x, torch.ones(1, 2, dtype=torch.bool))
     assert maps.shape == (1, 2, S, S) and maps.min() >= 0 and maps.max() <= 1
@@ -102,7 +88,7 @@ def test_rise_highlights_the_object_and_is_seeded():
 
 def test_extremal_perturbation_shapes_range_and_region():
     cfg = EvalConfig(ep_areas=[0.1, 0.3], ep_iterations=150)
-    ep = build_baseline("ep", colour_detector(), cfg)
+    ep = build_baseline("ep", colour_classifier(gain=20), cfg)
     x, red, _ = two_squares()
     maps = ep(x, torch.tensor([[True, False]]))
     assert maps.shape == (1, 2, S, S) and maps.min() >= 0 and maps.max() <= 1
@@ -114,8 +100,8 @@ def test_extremal_perturbation_shapes_range_and_region():
 
 def test_unknown_baseline_and_bad_settings():
     with pytest.raises(ValueError, match="unknown baseline"):
-        build_baseline("igos", colour_detector(), EvalConfig())
+        build_baseline("igos", colour_classifier(gain=20), EvalConfig())
     with pytest.raises(ValueError, match="RISE"):
-        build_baseline("rise", colour_detector(), EvalConfig(rise_p=0.0))
+        build_baseline("rise", colour_classifier(gain=20), EvalConfig(rise_p=0.0))
     with pytest.raises(ValueError, match="areas"):
-        build_baseline("ep", colour_detector(), EvalConfig(ep_areas=[1.5]))
+        build_baseline("ep", colour_classifier(gain=20), EvalConfig(ep_areas=[1.5]))

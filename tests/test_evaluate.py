@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import PYTHON, run_cmd
+from _helpers import PYTHON, colour_classifier, run_cmd
 from torch import nn
 
 from explainer.baselines import build_baseline
 from explainer.config import EvalConfig
 from explainer.evaluate import Evaluator, MaskNetwork, markdown_report, parse_methods, write_outputs
-from explainer.models import freeze
 
 
 @pytest.fixture(autouse=True)
@@ -28,21 +27,6 @@ def one_thread():
 
 S = 24
 CLASSES = ["red", "green"]
-
-
-def colour_classifier() -> nn.Module:
-    """logit_k = 20 * mean(relu(channel k - 0.1)) - 2: class k present iff enough of channel k is lit."""
-    conv = nn.Conv2d(3, 2, 1)
-    with torch.no_grad():
-        conv.weight.zero_()
-        conv.bias.fill_(-0.1)
-        conv.weight[0, 0] = 1.0
-        conv.weight[1, 1] = 1.0
-    head = nn.Linear(2, 2)
-    with torch.no_grad():
-        head.weight.copy_(40 * torch.eye(2))
-        head.bias.fill_(-2.0)
-    return freeze(nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), head))
 
 
 class OracleExplainer(nn.Module):
@@ -73,7 +57,7 @@ def toy_batch(seed: int, n: int = 4) -> dict:
 
 
 def run_toy(methods: list[str], figure_images: int = 0) -> tuple[Evaluator, dict]:
-    clf = colour_classifier()
+    clf = colour_classifier(gain=40)
     cfg = EvalConfig(rise_masks=200, rise_cells=4, rise_batch=100)
     built = {m: MaskNetwork(m, OracleExplainer()) if m == "explainer" else build_baseline(m, clf, cfg)
              for m in methods}
@@ -120,7 +104,7 @@ def test_report_and_figures_are_written(tmp_path):
 
 
 def test_evaluator_without_segmentation_and_bad_settings():
-    clf = colour_classifier()
+    clf = colour_classifier(gain=40)
     ev = Evaluator(clf, {"explainer": MaskNetwork("explainer", OracleExplainer())}, CLASSES, EvalConfig(),
                    torch.device("cpu"))
     batch = toy_batch(0)

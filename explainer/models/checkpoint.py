@@ -140,33 +140,31 @@ def _place(model: nn.Module, map_location: Any) -> nn.Module:
     return model.to(map_location) if isinstance(map_location, str | torch.device) else model
 
 
-def load_classifier(
-    path: str | os.PathLike, map_location: Any = "cpu", *, arch: str | None = None, num_classes: int | None = None
-) -> tuple[nn.Module, dict[str, Any]]:
-    """A frozen classifier (eval for good, no gradients) and its metadata; arch/num_classes are checked if given."""
+def _load_model(path: str | os.PathLike, kind: str, builder: Any, map_location: Any, arch: str | None,
+                num_classes: int | None) -> tuple[nn.Module, dict[str, Any]]:
     path = Path(path)
-    payload = read_checkpoint(path, "classifier", map_location)
+    payload = read_checkpoint(path, kind, map_location)
     _check_expected(path, payload, arch, num_classes)
     try:
-        model = build_classifier(payload["arch"], payload["num_classes"])
+        model = builder(payload["arch"], payload["num_classes"])
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from exc
     _load_weights(path, model, payload)
     meta = {k: v for k, v in payload.items() if k != "state_dict"}
-    return freeze(_place(model, map_location)), meta
+    return _place(model, map_location), meta
+
+
+def load_classifier(
+    path: str | os.PathLike, map_location: Any = "cpu", *, arch: str | None = None, num_classes: int | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A frozen classifier (eval for good, no gradients) and its metadata; arch/num_classes are checked if given."""
+    model, meta = _load_model(path, "classifier", build_classifier, map_location, arch, num_classes)
+    return freeze(model), meta
 
 
 def load_explainer(
     path: str | os.PathLike, map_location: Any = "cpu", *, arch: str | None = None, num_classes: int | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """An explainer in eval mode and its metadata; arch/num_classes are checked if given."""
-    path = Path(path)
-    payload = read_checkpoint(path, "explainer", map_location)
-    _check_expected(path, payload, arch, num_classes)
-    try:
-        model = build_explainer(payload["arch"], payload["num_classes"])
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
-    _load_weights(path, model, payload)
-    meta = {k: v for k, v in payload.items() if k != "state_dict"}
-    return _place(model, map_location).eval(), meta
+    model, meta = _load_model(path, "explainer", build_explainer, map_location, arch, num_classes)
+    return model.eval(), meta
