@@ -14,12 +14,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+
+from explainer.atomic import write_json_atomic
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
@@ -47,16 +48,6 @@ class TrainerState:
     def from_json(cls, raw: dict[str, Any]) -> TrainerState:
         known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
         return cls(**known)
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 class CheckpointManager:

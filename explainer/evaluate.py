@@ -30,7 +30,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import zlib
 from collections.abc import Iterable, Sequence
@@ -41,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from explainer import metrics as M
+from explainer.atomic import write_text_atomic
 from explainer.baselines import BASELINES, AttributionMethod, build_baseline
 from explainer.config import EvalConfig, ExplainerRunConfig, load_config, to_dict
 
@@ -334,14 +334,6 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def write_outputs(res: dict[str, Any], evaluator: Evaluator, out: Path) -> dict[str, Any]:
     """results.json, report.md and the figures (rank 0 only)."""
     from explainer.figures import class_specific_heatmap, fig1_panel
@@ -358,8 +350,8 @@ def write_outputs(res: dict[str, Any], evaluator: Evaluator, out: Path) -> dict[
                                title=f"class-specific masking ({name}), x100")
         figures.append(f"figures/class_specific_{name}.png")
     res["figures"] = figures
-    _write_text(out / "results.json", json.dumps(_json_safe(res), indent=2))
-    _write_text(out / "report.md", markdown_report(res))
+    write_text_atomic(out / "results.json", json.dumps(_json_safe(res), indent=2))
+    write_text_atomic(out / "report.md", markdown_report(res))
     return res
 
 

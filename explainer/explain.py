@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 from tqdm import tqdm
 
+from explainer.atomic import write_atomic
 from explainer.data.transforms import decode_rgb, normalize_batch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
@@ -114,24 +113,12 @@ def batches(files: list[Path], size: int, batch_size: int, workers: int) -> Iter
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_png(image: Image.Image, path: Path) -> None:
-    _atomic(path, lambda h: image.save(h, format="PNG"))
+    write_atomic(path, lambda h: image.save(h, format="PNG"))
 
 
 def save_json(payload: Any, path: Path) -> None:
-    _atomic(path, lambda h: h.write(json.dumps(payload, indent=2).encode()))
+    write_atomic(path, lambda h: h.write(json.dumps(payload, indent=2).encode()))
 
 
 def to_8bit(mask: np.ndarray, size: tuple[int, int]) -> Image.Image:
@@ -231,7 +218,7 @@ def export_model(model: nn.Module, example: torch.Tensor, fmt: str, path: Path) 
             except Exception:  # noqa: BLE001 - an architecture TorchScript cannot compile: trace it instead
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 compiled = torch.jit.trace(model, example[:1], check_trace=False)
-            _atomic(path, lambda h: torch.jit.save(compiled, h))
+            write_atomic(path, lambda h: torch.jit.save(compiled, h))
             loaded = torch.jit.load(str(path), map_location=example.device)
         with torch.no_grad():
             exported = torch.sigmoid(loaded(example)).float().cpu()
@@ -247,7 +234,7 @@ def export_model(model: nn.Module, example: torch.Tensor, fmt: str, path: Path) 
             torch.onnx.export(cpu_model, (x[:1],), handle, input_names=["image"], output_names=["logits"],
                               dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
 
-        _atomic(path, write)
+        write_atomic(path, write)
         model.to(example.device)
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         exported = torch.sigmoid(torch.from_numpy(session.run(None, {"image": x.numpy()})[0])).float()

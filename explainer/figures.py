@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from torch import Tensor  # noqa: E402
+
+from explainer.atomic import write_bytes_atomic  # noqa: E402
 
 METHOD_TITLES = {"explainer": "Explainer", "rtis": "RTIS", "gradcam": "Grad-CAM", "rise": "RISE", "ep": "Extremal P."}
 
@@ -29,15 +30,7 @@ def save_figure(fig: plt.Figure, path: str | os.PathLike, dpi: int = 100) -> Pat
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_atomic(path, buffer.getvalue())
 
 
 def _hwc(image: Tensor) -> np.ndarray:

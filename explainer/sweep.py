@@ -14,10 +14,8 @@ import io
 import itertools
 import json
 import math
-import os
 import random
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from explainer.atomic import write_text_atomic
 from explainer.config import ConfigError, ExplainerRunConfig, load_config, parse_overrides, read_yaml_mapping
 
 SWEEP_KEYS = {"name", "base_config", "method", "num_samples", "seed", "overrides", "parameters", "metric", "maximize"}
@@ -211,7 +210,7 @@ def build_runs(spec: SweepSpec, sweep_dir: Path, sweep_id: str, cli_overrides: l
 
 
 def write_index(sweep_dir: Path, payload: dict[str, Any]) -> Path:
-    from explainer.checkpoint import write_json_atomic
+    from explainer.atomic import write_json_atomic
 
     path = sweep_dir / INDEX
     write_json_atomic(path, payload)
@@ -365,10 +364,5 @@ def write_report(sweep_dir: str | Path, metric: str | None = None, maximize: boo
     markdown = title + to_markdown(rows, params, metric)
     paths = []
     for name, text in (("report.md", markdown), ("report.csv", to_csv(rows, params, metric))):
-        path = sweep_dir / name
-        fd, tmp = tempfile.mkstemp(dir=sweep_dir, prefix=f".{name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-        paths.append(path)
+        paths.append(write_text_atomic(sweep_dir / name, text))
     return markdown, paths[0], paths[1]

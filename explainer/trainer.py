@@ -23,7 +23,8 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from explainer.checkpoint import CheckpointManager, TrainerState, write_json_atomic
+from explainer.atomic import write_json_atomic
+from explainer.checkpoint import CheckpointManager, TrainerState
 from explainer.config import DataConfig, OptimConfig, TrackingConfig, TrainConfig, save_config, to_dict
 from explainer.data.loader import Manifest, make_eval_loader, make_train_loader, read_manifest
 from explainer.distributed import all_reduce_sums, any_true, make_accelerator, seed_everything, world_from

@@ -7,13 +7,13 @@ inspected and loaded without trusting code, and a config object cannot sneak in 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from explainer.atomic import write_atomic
 from explainer.models.classifier import build_classifier, freeze
 from explainer.models.explainer import build_explainer
 
@@ -80,19 +80,7 @@ def save_checkpoint(
         "state_dict": state,
         "extra": extra,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda handle: torch.save(payload, handle))
 
 
 def read_checkpoint(path: str | os.PathLike, kind: str, map_location: Any = "cpu") -> dict[str, Any]:
