@@ -16,12 +16,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
-import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from explainer.atomic import write_json_atomic
 from explainer.config import LossConfig  # noqa: E402
 from explainer.models import build_classifier, build_explainer, freeze  # noqa: E402
 from explainer.step import explainer_forward_loss, reference_forward_loss  # noqa: E402
@@ -323,12 +321,7 @@ def format_row(row: dict) -> str:
 
 
 def write_json(report: dict, path: str) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(report, handle, indent=2)
-    os.replace(tmp, out)
+    write_json_atomic(path, report)
 
 
 def main(argv: list[str] | None = None) -> None:

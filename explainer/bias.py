@@ -378,10 +378,11 @@ def run_bias(out: str | os.PathLike, settings: BiasSettings | None = None) -> di
                                for v in VARIANTS},
                "seconds": round(time.time() - start, 1)}
     figure(scenes, maps, s.cue_class, out / "figures" / "bias.png")
-    from explainer.evaluate import _json_safe, _write_text
+    from explainer.atomic import write_text_atomic
+    from explainer.evaluate import _json_safe
 
-    _write_text(out / "bias.json", json.dumps(_json_safe(results), indent=2))
-    _write_text(out / "bias.md", markdown(results))
+    write_text_atomic(out / "bias.json", json.dumps(_json_safe(results), indent=2))
+    write_text_atomic(out / "bias.md", markdown(results))
     return results
 
 

@@ -43,6 +43,8 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
+from explainer.atomic import write_text_atomic
+
 _json_string = json.encoder.encode_basestring_ascii  # what json.dumps uses for str (ensure_ascii)
 
 FORMAT_VERSION = 1  # bump when the sample layout changes: invalidates --resume records
@@ -414,12 +416,6 @@ def _tick() -> None:
             _COUNTER.value += 1
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _record_path(out: Path, name: str) -> Path:
     return out / PROGRESS_DIR / f"{name}.json"
 
@@ -471,7 +467,7 @@ def run_job(job: ShardJob, out: str | None, build: Callable[[Any], Built]) -> Sh
             final.unlink(missing_ok=True)
     result = ShardResult(job.split, job.index, job.name, job.fingerprint, count, size, unlabelled, skipped, warns)
     if out is not None:
-        _atomic_write_text(_record_path(Path(out), job.name), json.dumps(asdict(result)))
+        write_text_atomic(_record_path(Path(out), job.name), json.dumps(asdict(result)))
     return result
 
 
@@ -618,7 +614,7 @@ def write_dataset(*, dataset: str, classes: Sequence[str], splits: dict[str, lis
     manifest["warnings"] = [asdict(p) for r in results for p in r.warnings]
     if extra:
         manifest.update(extra)
-    _atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+    write_text_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
