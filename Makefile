@@ -1,5 +1,5 @@
 # The two commands a new user runs: `make demo` and `make test`. Both build .venv themselves.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
