@@ -1,6 +1,6 @@
 """Crash-safe training checkpoints on top of `Accelerator.save_state`.
 
-A checkpoint is a folder `checkpoints/step_XXXXXXXX/` holding accelerate's state (model, optimizer, scaler, RNG of
+A checkpoint is a folder `checkpoints/step_<8-digit step>/` holding accelerate's state (model, optimizer, scaler, RNG of
 every rank) plus `meta.json` (our trainer state: step, epoch, batches consumed in the epoch, early-stopping state).
 It is written under a temporary name and renamed only once complete, and `meta.json` is written last, so a process
 killed at any moment (kill -9 included) leaves either a complete checkpoint or a `.tmp-` folder that is ignored and

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from _helpers import make_synthetic_shards, train_tiny_classifier
 
 
@@ -22,3 +23,12 @@ def tiny_classifier(synthetic_manifest, tmp_path_factory) -> Path:
     summary = json.loads((path.parent / "summary.json").read_text())
     assert summary["best"]["f1"] > 0.5, summary["best"]
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops on a shared 2-core machine: two intra-op threads make TorchRay's EP loop 20x slower under load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

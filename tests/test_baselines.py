@@ -12,14 +12,7 @@ from explainer.baselines.gradcam import GradCAM, gradcam_layer
 from explainer.config import EvalConfig
 from explainer.models import build_classifier, freeze
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine: two intra-op threads make TorchRay's EP loop 20x slower under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 S = 32

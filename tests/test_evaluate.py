@@ -15,14 +15,7 @@ from explainer.baselines import build_baseline
 from explainer.config import EvalConfig
 from explainer.evaluate import Evaluator, MaskNetwork, markdown_report, parse_methods, write_outputs
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine: two intra-op threads make TorchRay's EP loop 20x slower under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 S = 24
