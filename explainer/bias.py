@@ -386,9 +386,10 @@ def run_bias(out: str | os.PathLike, settings: BiasSettings | None = None) -> di
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m explainer.bias", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str = "python -m explainer.bias") -> int:
+    from explainer.cli_args import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--quick", action="store_true", help="small CPU version (48 px, fewer scenes and steps)")
     parser.add_argument("--cue-class", type=int, default=0)

@@ -1,7 +1,7 @@
 """The `explainer` console script: `explainer <command> [args]`, each command parsed by its own module's parser.
 
 Commands map to modules with a `main(argv, prog=...)`; only the module that runs is imported (torch, captum and
-TorchRay take seconds to import).
+TorchRay take seconds to import). Every command is also `python -m <module>`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,15 @@ import sys
 from collections.abc import Sequence
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "explain": ("explainer.explain", "masks, overlays and scores for images (needs only the explainer checkpoint)"),
+    "train": ("explainer.train", "train an Explainer for a frozen classifier (also under accelerate/torchrun -m)"),
+    "train-classifier": ("explainer.train_classifier", "fine-tune the classifier to explain (the Explanandum)"),
     "evaluate": ("explainer.evaluate", "paper Tables 1-4 and figures on the test split"),
+    "explain": ("explainer.explain", "masks, overlays and scores for images (needs only the explainer checkpoint)"),
+    "make-shards": ("explainer.make_shards", "VOC-2007, COCO-2014 or synthetic scenes -> WebDataset shards"),
+    "submit": ("explainer.submit", "submit training to SLURM (or locally), one run or a sweep as a job array"),
+    "sweep-report": ("explainer.sweep_report", "rank the runs of a sweep by their best validation metrics"),
+    "bias": ("explainer.bias", "the synthetic background-cue experiment (does the Explainer reveal a bias?)"),
+    "demo": ("explainer.demo", "shards, classifier, Explainer and evaluation on synthetic scenes, end to end"),
 }
 
 

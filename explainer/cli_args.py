@@ -1,17 +1,54 @@
-"""Command-line parsing shared by the training entry points: --config, --resume and dotted overrides."""
+"""Command-line parsing shared by the entry points: one help style, and --config/--resume/overrides for training."""
 
 from __future__ import annotations
 
 import argparse
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from explainer.config import ConfigError, load_config
 
 T = TypeVar("T")
 
 
-def parse_run_config(cls: type[T], argv: list[str] | None, description: str) -> T:
-    parser = argparse.ArgumentParser(description=description)
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the module docstring's layout and appends each option's default.
+
+    Unlike argparse.ArgumentDefaultsHelpFormatter it also covers options without help text, and it leaves alone
+    defaults that say nothing (None, off flags) or that the help text already explains (it mentions "default").
+    """
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if _shows_default(action) and "default" not in (action.help or "").lower():
+            action = _copy_with_help(action, f"{action.help or ''} (default: %(default)s)".strip())
+        return super()._format_action(action)
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    default = action.default
+    if default is None or default is False or default == argparse.SUPPRESS or default == [] \
+            or action.help == argparse.SUPPRESS:
+        return False
+    return bool(action.option_strings) or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+
+
+def _copy_with_help(action: argparse.Action, text: str) -> argparse.Action:
+    import copy
+
+    clone = copy.copy(action)
+    clone.help = text
+    return clone
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse.ArgumentParser with HelpFormatter; its sub-parsers inherit it (add_subparsers reuses the class)."""
+
+    def __init__(self, *args: Any, formatter_class: type[argparse.HelpFormatter] = HelpFormatter,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
+def parse_run_config(cls: type[T], argv: list[str] | None, description: str, prog: str | None = None) -> T:
+    parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/synthetic.yaml")
     parser.add_argument("--resume", default=None,
                         help="'auto' (newest complete checkpoint in train.output_dir) or a checkpoint folder")

@@ -53,8 +53,10 @@ def quality_checks(results: dict[str, Any]) -> list[tuple[bool, str]]:
     return checks
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from explainer.cli_args import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="run folder of the demo")
     parser.add_argument("--shards", default="shards/synthetic", help="where the synthetic shards go")
     parser.add_argument("--counts", default="train=600,val=150,test=150", help="synthetic split sizes")

@@ -438,8 +438,10 @@ def evaluate(cfg: ExplainerRunConfig, checkpoint: str | None, *, classifier: str
 
 
 def build_parser(prog: str = "python -m explainer.evaluate") -> argparse.ArgumentParser:
+    from explainer.cli_args import HelpFormatter
+
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--config", required=True, help="the explainer run's config YAML (data, classifier, eval)")
     parser.add_argument("--checkpoint", default=None, help="explainer checkpoint (needed for method 'explainer')")
     parser.add_argument("--classifier", default=None, help="classifier checkpoint (default: classifier.checkpoint)")

@@ -34,6 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from explainer.atomic import write_atomic
+from explainer.cli_args import HelpFormatter
 from explainer.data.transforms import decode_rgb, normalize_batch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
@@ -301,7 +302,7 @@ def explain(checkpoint: str, inputs: Sequence[str], out: str, *, batch_size: int
 
 def build_parser(prog: str = "explainer explain") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     parser.add_argument("--checkpoint", required=True, help="explainer checkpoint (explainer.pt of a training run)")
     parser.add_argument("--out", required=True, help="output folder")

@@ -15,9 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
-
-from explainer.data.shards import ShardOptions, StrictError, summary  # noqa: E402
+from explainer.cli_args import ArgumentParser
+from explainer.data.shards import ShardOptions, StrictError, summary
 
 
 def _size(text: str) -> int:
@@ -38,9 +37,9 @@ def _split_counts(text: str) -> dict[str, int]:
     return out
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common = argparse.ArgumentParser(add_help=False)
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = ArgumentParser(prog=prog, description=__doc__)
+    common = ArgumentParser(add_help=False)
     common.add_argument("--out", type=Path, help="output folder (default shards/<dataset>)")
     common.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
                         help="worker processes (default: CPU count, at most 8)")
@@ -84,8 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
     default_out = {"voc": "voc2007", "coco": "coco2014", "synthetic": "synthetic"}[args.dataset]
     out = args.out if args.out is not None else Path("shards") / default_out
     options = ShardOptions(out=out, maxcount=args.shard_maxcount, maxsize=args.shard_maxsize, workers=args.workers,

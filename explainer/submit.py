@@ -12,18 +12,15 @@ The logic lives in explainer/slurm.py (submission) and explainer/sweep.py (sweep
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-if __package__ in (None, ""):  # run as a file from a checkout: make `explainer` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from explainer.cli_args import ArgumentParser
 from explainer.config import ConfigError
 from explainer.slurm import JobSpec, LaunchError, launch_run, launch_sweep
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    p = ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("--config", help="run config YAML (with --sweep: replaces the sweep file's base_config)")
     p.add_argument("--sweep", metavar="FILE", help="sweep file (configs/sweeps/*.yaml): submit one job array")
     p.add_argument("--cluster", choices=["slurm", "local", "debug"], default="slurm",
@@ -51,8 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
     spec = JobSpec(cluster=args.cluster, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                    tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
                    time_min=args.time, partition=args.partition, account=args.account, qos=args.qos,

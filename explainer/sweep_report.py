@@ -8,17 +8,14 @@ with their status (unfinished ones with their best validation so far).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-if __package__ in (None, ""):  # run as a file from a checkout: make `explainer` importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from explainer.cli_args import ArgumentParser
 from explainer.sweep import write_report
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("sweep_dir", help="folder with sweep.json")
     p.add_argument("--metric", default=None,
                    help="validation metric to rank by (default: the sweep file's `metric`, else loss)")

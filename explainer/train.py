@@ -1,6 +1,7 @@
 """Train an Explainer: `accelerate launch explainer/train.py --config configs/coco_resnet.yaml [key=value ...]`.
 
-Also runs under `torchrun`, plain `python` (one process) and inside SLURM tasks (launch/submit.py calls `run`).
+Also runs as `accelerate launch -m explainer.train`, `torchrun [-m] ...`, plain `python` (one process),
+`explainer train` and inside SLURM tasks (explainer/submit.py calls `run`).
 """
 
 from __future__ import annotations
@@ -8,9 +9,9 @@ from __future__ import annotations
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a file: keep explainer/ itself off sys.path (its modules would shadow others)
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+if __package__ in (None, ""):  # run as a file: import the checkout this file lives in, not an installed copy, and
+    _here = os.path.dirname(os.path.abspath(__file__))  # keep explainer/ off sys.path (its modules shadow others)
+    sys.path = [os.path.dirname(_here), *(p for p in sys.path if os.path.abspath(p or ".") != _here)]
 
 from typing import Any
 
@@ -26,8 +27,9 @@ def run(cfg: ExplainerRunConfig) -> dict[str, Any]:
     return fit(ExplainerTask(cfg), settings, cfg)
 
 
-def main(argv: list[str] | None = None) -> None:
-    run(parse_run_config(ExplainerRunConfig, argv, "Train an Explainer for a frozen classifier."))
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    run(parse_run_config(ExplainerRunConfig, argv, "Train an Explainer for a frozen classifier.", prog))
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a file: keep explainer/ itself off sys.path (its modules would shadow others)
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+if __package__ in (None, ""):  # run as a file: import the checkout this file lives in, not an installed copy, and
+    _here = os.path.dirname(os.path.abspath(__file__))  # keep explainer/ off sys.path (its modules shadow others)
+    sys.path = [os.path.dirname(_here), *(p for p in sys.path if os.path.abspath(p or ".") != _here)]
 
 from typing import Any
 
@@ -22,8 +22,10 @@ def run_classifier(cfg: ClassifierRunConfig) -> dict[str, Any]:
     return fit(ClassifierTask(cfg), settings, cfg)
 
 
-def main(argv: list[str] | None = None) -> None:
-    run_classifier(parse_run_config(ClassifierRunConfig, argv, "Fine-tune a multi-label classifier (Explanandum)."))
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    run_classifier(parse_run_config(ClassifierRunConfig, argv, "Fine-tune a multi-label classifier (Explanandum).",
+                                    prog))
+    return 0
 
 
 if __name__ == "__main__":
