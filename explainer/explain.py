@@ -12,7 +12,7 @@ and OUT/index.json lists the images written and the files skipped (with the reas
 is reported by name and skipped, the others are still written; the exit status is then 1.
 
 `--export torchscript|onnx` also writes the Explainer for deployment and checks that the exported model gives the same
-masks as the eager one on the first batch (TorchScript needs nothing extra; ONNX needs `pip install .[export]`).
+masks as the eager one on the first batch (TorchScript needs nothing extra; ONNX needs `pip install '.[export]'`).
 """
 
 from __future__ import annotations
@@ -226,16 +226,17 @@ def export_model(model: nn.Module, example: torch.Tensor, fmt: str, path: Path) 
     elif fmt == "onnx":
         try:
             import onnxruntime as ort
+            import onnxscript  # noqa: F401 - torch's torch.export-based exporter needs it
         except ImportError as exc:
-            raise RuntimeError("--export onnx needs onnx and onnxruntime: pip install -c "
+            raise RuntimeError("--export onnx needs onnx, onnxruntime and onnxscript: pip install -c "
                                "requirements/constraints.txt '.[export]' (or use --export torchscript)") from exc
         cpu_model, x = model.to("cpu"), example.cpu()
-
-        def write(handle: Any) -> None:
-            torch.onnx.export(cpu_model, (x[:1],), handle, input_names=["image"], output_names=["logits"],
-                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-
-        write_atomic(path, write)
+        # torch's current exporter (torch.export graph -> ONNX); the batch dimension stays free, the image size is
+        # the one the explainer was trained at (explain resizes every input to it).
+        program = torch.onnx.export(cpu_model, (x[:1],), None, input_names=["image"], output_names=["logits"],
+                                    dynamic_shapes=({0: torch.export.Dim.DYNAMIC},), dynamo=True, verbose=False)
+        proto = program.model_proto.SerializeToString()  # one file: explainer weights are far below protobuf's 2 GB
+        write_atomic(path, lambda handle: handle.write(proto))
         model.to(example.device)
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         exported = torch.sigmoid(torch.from_numpy(session.run(None, {"image": x.numpy()})[0])).float()

@@ -1,4 +1,5 @@
-"""`explainer explain`: real image files in, every output file checked, broken files skipped, TorchScript export."""
+"""`explainer explain`: real image files in, every output file checked, broken files skipped, TorchScript and ONNX
+export."""
 
 from __future__ import annotations
 
@@ -99,6 +100,30 @@ def test_torchscript_export_gives_the_same_masks(checkpoint, images, tmp_path):
     model.eval()
     with torch.no_grad():
         assert torch.allclose(torch.sigmoid(loaded(x)), torch.sigmoid(model(x)), atol=1e-5)  # other batch size
+
+
+@pytest.mark.numerics
+def test_onnx_export_gives_the_same_masks(checkpoint, images, tmp_path):
+    """torch's current exporter (dynamo=True) -> ONNX Runtime. The [export] extra is part of `make test`'s install,
+    so a missing onnxruntime fails here instead of skipping."""
+    import onnxruntime as ort
+
+    index = explain(str(checkpoint), [str(images / "a"), str(images / "b" / "y.jpg")], str(tmp_path / "o"),
+                    batch_size=2, export="onnx", progress=False)
+    export = index["export"]
+    assert export["format"] == "onnx" and export["path"] == str(tmp_path / "o" / "explainer.onnx")
+    assert export["max_abs_mask_diff"] <= 1e-5  # float32 convolutions in two runtimes: seen ~1e-7
+    session = ort.InferenceSession(export["path"], providers=["CPUExecutionProvider"])
+    (image_input,) = session.get_inputs()
+    assert image_input.name == "image" and not isinstance(image_input.shape[0], int)  # free batch dimension
+    x = torch.randn(3, 3, S, S, generator=torch.Generator().manual_seed(1))
+    model = build_explainer("tiny_unet", len(CLASSES))
+    model.load_state_dict(torch.load(checkpoint, weights_only=True)["state_dict"])
+    model.eval()
+    with torch.no_grad():
+        eager = torch.sigmoid(model(x))
+    exported = torch.sigmoid(torch.from_numpy(session.run(None, {"image": x.numpy()})[0]))
+    assert torch.allclose(exported, eager, atol=1e-5, rtol=0)  # another batch size than the exported example
 
 
 def test_exit_status_and_errors(checkpoint, images, tmp_path):

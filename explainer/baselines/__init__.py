@@ -1,9 +1,10 @@
 """Baseline attribution methods for the paper's tables (SPEC 7), all with one calling convention (common.py).
 
-Grad-CAM uses captum; RISE and Extremal Perturbations use TorchRay (imported lazily: it is slow to import and only
-needed when those methods are asked for). RTIS is not here: it is the same Explainer network trained with the
-Dabkowski-Gal loss (loss.kind=rtis) and evaluated like the Explainer. iGOS++ is out of scope (no maintained
-implementation).
+Grad-CAM uses captum; RISE and Extremal Perturbations use TorchRay, an optional extra (`pip install
+'explainer[baselines]'`: CC BY-NC 4.0, unmaintained, pulls in pymongo), imported only when those methods are asked
+for; without it they raise MissingExtra naming the extra. RTIS is not here: it is the same Explainer network
+trained with the Dabkowski-Gal loss (loss.kind=rtis) and evaluated like the Explainer. iGOS++ is out of scope (no
+maintained implementation).
 """
 
 from __future__ import annotations
@@ -14,6 +15,17 @@ from explainer.baselines.common import AttributionMethod, minmax
 from explainer.config import EvalConfig
 
 BASELINES = ("gradcam", "rise", "ep")
+
+
+class MissingExtra(ImportError):
+    """A method whose library is an optional extra that is not installed."""
+
+
+def missing_torchray(method: str, cause: ImportError) -> MissingExtra:
+    """The error RISE and EP raise when TorchRay cannot be imported."""
+    return MissingExtra(f"{method} needs TorchRay, an optional extra that is not installed: pip install -c "
+                        "requirements/constraints.txt 'explainer[baselines]' (from a checkout: '.[baselines]'). "
+                        f"TorchRay is CC BY-NC 4.0 (non-commercial use only). Import error: {cause}")
 
 
 def build_baseline(name: str, classifier: nn.Module, cfg: EvalConfig) -> AttributionMethod:
@@ -34,4 +46,4 @@ def build_baseline(name: str, classifier: nn.Module, cfg: EvalConfig) -> Attribu
     raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
 
 
-__all__ = ["AttributionMethod", "BASELINES", "build_baseline", "minmax"]
+__all__ = ["AttributionMethod", "BASELINES", "MissingExtra", "build_baseline", "minmax", "missing_torchray"]

@@ -14,7 +14,13 @@ import warnings
 
 import torch
 from torch import Tensor, nn
-from torchray.attribution.extremal_perturbation import BLUR_PERTURBATION, Perturbation, extremal_perturbation
+
+from explainer.baselines import missing_torchray
+
+try:
+    from torchray.attribution.extremal_perturbation import BLUR_PERTURBATION, Perturbation, extremal_perturbation
+except ImportError as exc:  # the optional extra [baselines]
+    raise missing_torchray("Extremal Perturbations", exc) from exc
 
 REF_SIZE, REF_STEP, REF_SIGMA = 224, 7, 21.0  # TorchRay's defaults, for 224 px inputs
 

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchray.attribution.rise import rise
 
+from explainer.baselines import missing_torchray
 from explainer.baselines.common import minmax
+
+try:
+    from torchray.attribution.rise import rise
+except ImportError as exc:  # the optional extra [baselines]
+    raise missing_torchray("RISE", exc) from exc
 
 
 class RISE:
