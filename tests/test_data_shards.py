@@ -167,6 +167,34 @@ def test_tar_bytes_match_webdataset_tarwriter(tmp_path):
     assert ours.getvalue() == theirs.getvalue()
 
 
+def test_stock_webdataset_reads_our_shards(tmp_path, syn_source):
+    """Interoperability, not only byte equality with TarWriter: plain `webdataset.WebDataset(...).decode("pil")` reads
+    every sample of every split with its image, labels and segmentation, in manifest order."""
+    import webdataset as wds
+    from PIL import Image
+
+    out = tmp_path / "shards"
+    assert make_shards(*SYN, "--source-dir", str(syn_source), "--out", str(out), "--shard-maxcount", "7",
+                       "--workers", "1") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    with_seg = 0
+    for split, entry in manifest["splits"].items():
+        urls = [str(out / shard["path"]) for shard in entry["shards"]]
+        assert len(urls) > 1, split  # several shards, so the reader crosses shard boundaries
+        samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil"))
+        assert [s["__key__"] for s in samples] == list(samples_of(out, split)), split
+        assert len(samples) == entry["total"], split
+        for sample in samples:
+            image, meta = sample["jpg"], sample["json"]
+            assert isinstance(image, Image.Image) and image.mode == "RGB", sample["__key__"]
+            assert list(image.size) == meta["orig_size"] and len(meta["labels"]) == len(manifest["classes"])
+            assert meta["classes"] == [c for c, on in zip(manifest["classes"], meta["labels"]) if on]
+            if "seg.png" in sample:  # "pil" converts to RGB: class indices need the raw PNG (docs/dependencies.md)
+                with_seg += 1
+                assert sample["seg.png"].size == image.size, sample["__key__"]
+    assert with_seg > 0
+
+
 def test_tar_header_template_matches_tarfile():
     """The template header equals tarfile's for short, 100-byte, non-ASCII and over-long names and odd sizes."""
     import tarfile
