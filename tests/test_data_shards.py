@@ -170,6 +170,8 @@ def test_tar_bytes_match_webdataset_tarwriter(tmp_path):
 def test_stock_webdataset_reads_our_shards(tmp_path, syn_source):
     """Interoperability, not only byte equality with TarWriter: plain `webdataset.WebDataset(...).decode("pil")` reads
     every sample of every split with its image, labels and segmentation, in manifest order."""
+    import io
+
     import webdataset as wds
     from PIL import Image
 
@@ -193,6 +195,13 @@ def test_stock_webdataset_reads_our_shards(tmp_path, syn_source):
                 with_seg += 1
                 assert sample["seg.png"].size == image.size, sample["__key__"]
     assert with_seg > 0
+    # The class indices of a mask survive when it is read raw, as docs/dependencies.md shows.
+    raw_png = wds.handle_extension("seg.png", lambda data: Image.open(io.BytesIO(data)))
+    test_urls = [str(out / shard["path"]) for shard in manifest["splits"]["test"]["shards"]]
+    for sample in wds.WebDataset(test_urls, shardshuffle=False, empty_check=False).decode(raw_png, "pil"):
+        if "seg.png" in sample:
+            values = set(np.unique(np.asarray(sample["seg.png"])).tolist())
+            assert sample["seg.png"].mode in ("P", "L") and values <= {*range(len(manifest["classes"]) + 1), 255}
 
 
 def test_tar_header_template_matches_tarfile():
