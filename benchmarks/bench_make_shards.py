@@ -6,11 +6,14 @@
 Both read the same VOC-layout folder from the page cache (one warm-up pass each). make_shards does more than tar:
 it parses every XML, checks every image header and end marker, checks segmentation PNGs, writes JSON labels and
 the manifest; it runs with 1 worker (like tar) and with 2 workers (shards of 250 samples, so there is work to share).
+A third make_shards variant (1 worker) reads every image header through PIL instead of the JPEG header walk
+(`explainer.data.shards._jpeg_header`), which says what the hand-written walk is worth.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -23,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _bench_source import bench_dir, make_source, source_bytes  # noqa: E402
 
+from explainer.data import shards  # noqa: E402
 from explainer.data.shards import ShardOptions  # noqa: E402
 from explainer.data.voc import build_voc_shards  # noqa: E402
 
@@ -42,6 +46,17 @@ def time_make_shards(voc: Path, out: Path, workers: int) -> float:
     return time.perf_counter() - t0
 
 
+@contextlib.contextmanager
+def pil_headers():
+    """Every image header through PIL: the JPEG header walk answers "ask PIL" (in-process, so with 1 worker only)."""
+    walk = shards._jpeg_header
+    shards._jpeg_header = lambda data: None
+    try:
+        yield
+    finally:
+        shards._jpeg_header = walk
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2000)
@@ -58,15 +73,19 @@ def main() -> None:
     tar_out, shard_out = root / "plain.tar", root / "shards"
     time_tar(voc, tar_out)  # warm the page cache
     time_make_shards(voc, shard_out, 1)
-    best = {"tar": float("inf"), "w1": float("inf"), "w2": float("inf")}
-    for _ in range(args.repeat):  # interleaved, so load changes on a shared machine hit all three alike
+    best = {"tar": float("inf"), "w1": float("inf"), "w2": float("inf"), "w1_pil": float("inf")}
+    for _ in range(args.repeat):  # interleaved, so load changes on a shared machine hit all of them alike
         best["tar"] = min(best["tar"], time_tar(voc, tar_out))
         best["w1"] = min(best["w1"], time_make_shards(voc, shard_out, 1))
         best["w2"] = min(best["w2"], time_make_shards(voc, shard_out, 2))
+        with pil_headers():
+            best["w1_pil"] = min(best["w1_pil"], time_make_shards(voc, shard_out, 1))
     n = args.images
     print(f"tar cf                    : {n / best['tar']:8.0f} images/s")
     print(f"make_shards --workers 1   : {n / best['w1']:8.0f} images/s   ratio vs tar {best['tar'] / best['w1']:.2f}x")
     print(f"make_shards --workers 2   : {n / best['w2']:8.0f} images/s   ratio vs tar {best['tar'] / best['w2']:.2f}x")
+    print(f"make_shards, PIL headers  : {n / best['w1_pil']:8.0f} images/s   ratio vs tar "
+          f"{best['tar'] / best['w1_pil']:.2f}x; JPEG header walk vs PIL: {best['w1_pil'] / best['w1']:.3f}x")
 
 
 if __name__ == "__main__":
