@@ -1,4 +1,4 @@
-"""Submit Explainer training to SLURM (one task per GPU, multi-node), locally, or as a sweep (one job array).
+r"""Submit Explainer training to SLURM (one task per GPU, multi-node), locally, or as a sweep (one job array).
 
   python launch/submit.py --config configs/coco_resnet.yaml --nodes 2 --gpus-per-node 8 --partition P --time 720 \
       [--account A --qos Q --constraint C --mem-gb 480 --cpus-per-task 10 --exclude node[1-2]] [key.sub=value ...]
