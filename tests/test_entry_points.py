@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -98,6 +99,12 @@ def test_non_editable_install_ships_every_command(bare_venv, tmp_path):
     bin_dir = bare_venv.parent
     where = _run([bare_venv, "-c", "import explainer; print(explainer.__file__)"], cwd=tmp_path).stdout.strip()
     assert Path(where).is_relative_to(bin_dir.parent) and "site-packages" in where, where
+    requires = json.loads(_run([bare_venv, "-c", "import importlib.metadata as m, json; "
+                                                 "print(json.dumps(m.requires('explainer')))"], cwd=tmp_path).stdout)
+    core = {re.split(r"[<>=!~ ;\[]", r, maxsplit=1)[0].lower() for r in requires if "extra ==" not in r}
+    assert "torchray" not in core and {"torch", "braceexpand", "webdataset"} <= core, core  # TorchRay: [baselines]
+    assert any(r.startswith("torchray") and 'extra == "baselines"' in r for r in requires), requires
+    assert {"onnx", "onnxruntime", "onnxscript"} <= {r.split(">")[0] for r in requires if 'extra == "export"' in r}
 
     work = tmp_path / "user"
     work.mkdir()
