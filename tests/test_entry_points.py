@@ -75,6 +75,7 @@ FILE_ENTRY_POINTS = ["explainer/train.py", "explainer/train_classifier.py", "lau
                      "launch/submit.py", "launch/sweep_report.py"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("installed", [False, True], ids=["not-installed", "another-copy-installed"])
 def test_file_entry_points_import_their_own_checkout(installed, bare_venv, tmp_path):
     """`python <checkout>/explainer/train.py` from anywhere: the checkout's code runs, also when the venv has another
