@@ -41,6 +41,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     augment: bool = False
     drop_unlabelled: bool = True  # SPEC 5: images without classes are left out of explainer training
+    # auto: on CUDA the trainer's loaders send uint8 NHWC batches (pinned) and the images are normalised on the GPU
+    # (a quarter of the host-to-device bytes, no float work on the loader side); on: also on CPU; off: never
+    normalize_on_device: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass
@@ -118,6 +121,13 @@ class TrainConfig:
     image_log_every_steps: int = 200
     image_log_count: int = 8
     max_bad_steps: int = 5  # consecutive non-finite losses before stopping
+    # CUDA fast paths and multi-process settings (explainer/distributed.py)
+    cudnn_benchmark: bool = True  # fixed input shapes: let cuDNN time its convolution algorithms once
+    process_group_timeout_min: float = 30.0  # a collective waiting longer fails (torch default: 10 min NCCL)
+    ddp_gradient_as_bucket_view: bool = True  # gradients live in DDP's buckets: one copy less, less memory
+    ddp_broadcast_buffers: bool | None = None  # null: off when BatchNorm is synced (sync_batchnorm on CUDA), else on
+    ddp_comm_hook: Literal["none", "fp16", "bf16"] = "none"  # compress gradients for the all-reduce (multi-node)
+    ddp_bucket_cap_mb: int = 25
 
 
 @dataclass
@@ -144,6 +154,7 @@ class EvalConfig:
     ep_areas: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3])
     ep_iterations: int = 800
     output_dir: str | None = None  # default: <run>/eval
+    process_group_timeout_min: float = 180.0  # ranks may finish their share minutes apart (EP, RISE)
 
 
 @dataclass
@@ -353,9 +364,16 @@ def validate(cfg: Any) -> None:
     if train is not None:
         checks += [
             (train.keep_last >= 1, f"train.keep_last must be >= 1, got {train.keep_last}"),
+            (train.process_group_timeout_min > 0,
+             f"train.process_group_timeout_min must be > 0, got {train.process_group_timeout_min}"),
+            (train.ddp_bucket_cap_mb >= 1, f"train.ddp_bucket_cap_mb must be >= 1, got {train.ddp_bucket_cap_mb}"),
             (train.resume in (None, "auto") or Path(train.resume).exists(),
              f"train.resume must be 'auto', null or an existing checkpoint folder, got {train.resume!r}"),
         ]
+    ev = getattr(cfg, "eval", None)
+    if ev is not None:
+        checks.append((ev.process_group_timeout_min > 0,
+                       f"eval.process_group_timeout_min must be > 0, got {ev.process_group_timeout_min}"))
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

@@ -7,14 +7,19 @@ so that a multi-process world uses gloo instead of each process believing it is 
 
 from __future__ import annotations
 
+import datetime
 import os
 import random
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+from explainer.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -34,24 +39,142 @@ def world_from(accelerator: Accelerator) -> WorldInfo:
     )
 
 
-def make_accelerator(mixed_precision: str, log_with: str | None, project_dir: str) -> Accelerator:
-    """One Accelerator per run. CPU-only machines get gloo; mixed precision 'fp16' on CPU falls back to fp32."""
+class DeviceBindingError(RuntimeError):
+    """This process cannot tell which GPU is its own; the message says how to launch instead."""
+
+
+def choose_cuda_device(local_rank: int, local_world_size: int | None, visible: int) -> int:
+    """Index (among the GPUs this process sees) of this process's GPU, for both ways sites hand out GPUs:
+
+    * every task sees all the node's GPUs (plain `srun`, torchrun): GPU `local_rank`;
+    * every task sees exactly one GPU (`--gpus-per-task=1`, `--gpu-bind=single:1`, cgroup binding): GPU 0.
+    Anything else (say 2 GPUs visible to each of 8 tasks) is ambiguous: fail now, not with "invalid device ordinal"
+    in DDP after the job waited in the queue.
+    """
+    if visible < 1:
+        raise DeviceBindingError(f"local rank {local_rank}: CUDA is available but no GPU is visible "
+                                 f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    if local_rank < visible and (local_world_size is None or local_world_size <= visible):
+        return local_rank
+    if visible == 1:
+        return 0
+    raise DeviceBindingError(
+        f"local rank {local_rank} of {local_world_size or '?'} tasks on this node sees {visible} GPUs "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): give every task either all the node's "
+        f"GPUs or exactly one (launch/submit.py: one task per GPU, --gpus-per-node N; under srun: --gpus-per-task=1 "
+        f"or --gpu-bind=none; torchrun: --nproc_per_node = GPUs)")
+
+
+def _env_int(environ: Mapping[str, str], *names: str) -> int | None:
+    for name in names:
+        value = environ.get(name, "")
+        if value.strip().isdigit():
+            return int(value)
+    return None
+
+
+def bind_local_device(environ: MutableMapping[str, str] | None = None, device_count: int | None = None) -> int | None:
+    """Pick this process's GPU before accelerate does, and make accelerate agree (returns its index, or None for a
+    single process).
+
+    accelerate takes `cuda:LOCAL_RANK % device_count` but hands DDP `device_ids=[LOCAL_RANK]`, which is an invalid
+    device ordinal for ranks 1..N-1 where each task sees one GPU. There LOCAL_RANK is set to the chosen index (0),
+    so both agree; the node-local rank the launcher gave stays in EXPLAINER_NODE_LOCAL_RANK. Nothing of ours uses
+    LOCAL_RANK for data (ranks come from RANK).
+    """
+    environ = os.environ if environ is None else environ
+    world = _env_int(environ, "WORLD_SIZE", "SLURM_NTASKS")
+    if world is None or world <= 1:
+        return None
+    local_rank = _env_int(environ, "LOCAL_RANK", "SLURM_LOCALID")
+    if local_rank is None:
+        raise DeviceBindingError("WORLD_SIZE > 1 but neither LOCAL_RANK nor SLURM_LOCALID is set: start the processes "
+                                 "with torchrun, accelerate launch or launch/submit.py")
+    visible = torch.cuda.device_count() if device_count is None else device_count
+    index = choose_cuda_device(local_rank, _env_int(environ, "LOCAL_WORLD_SIZE"), visible)
+    if index != local_rank or "LOCAL_RANK" not in environ:
+        environ.setdefault("EXPLAINER_NODE_LOCAL_RANK", str(local_rank))
+        environ["LOCAL_RANK"] = str(index)
+    return index
+
+
+def check_gpus_visible(environ: Mapping[str, str] | None = None, cuda_available: bool | None = None) -> None:
+    """A job that was given GPUs must not silently train on the CPU (CPU-only torch build, driver not loaded)."""
+    environ = os.environ if environ is None else environ
+    cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
+    gpus = _env_int(environ, "SLURM_GPUS_ON_NODE")
+    if gpus and not cuda_available:
+        raise DeviceBindingError(f"SLURM gave this job {gpus} GPU(s) on this node but torch.cuda.is_available() is "
+                                 f"False (torch {torch.__version__}: a CPU-only build, or no driver); not training on "
+                                 "the CPU")
+
+
+def ddp_kwargs(train: TrainConfig, *, cuda: bool, world_size: int) -> DistributedDataParallelKwargs:
+    """DDP options from the config. broadcast_buffers (null = auto): rank 0's BatchNorm statistics are broadcast
+    before every forward unless they are already equal everywhere (SyncBatchNorm, which the trainer uses only on CUDA
+    with > 1 process); a frozen BatchNorm can set it off explicitly."""
+    broadcast = train.ddp_broadcast_buffers
+    if broadcast is None:
+        broadcast = not (train.sync_batchnorm and cuda and world_size > 1)
+    hooks = {"none": DDPCommunicationHookType.NO, "fp16": DDPCommunicationHookType.FP16,
+             "bf16": DDPCommunicationHookType.BF16}
+    # find_unused_parameters=False: the explainer's aux/unused heads are disabled, every parameter gets a gradient
+    return DistributedDataParallelKwargs(find_unused_parameters=False,
+                                         gradient_as_bucket_view=train.ddp_gradient_as_bucket_view,
+                                         broadcast_buffers=broadcast, bucket_cap_mb=train.ddp_bucket_cap_mb,
+                                         comm_hook=hooks[train.ddp_comm_hook])
+
+
+def process_group_kwargs(timeout_min: float) -> InitProcessGroupKwargs:
+    """The timeout every collective of the run gets (init_process_group's `timeout`). accelerate forwards only values
+    that differ from the class default (10 min), so exactly 10 min leaves gloo at torch's 30."""
+    return InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=timeout_min))
+
+
+def make_accelerator(mixed_precision: str, log_with: str | None, project_dir: str,
+                     train: TrainConfig | None = None) -> Accelerator:
+    """One Accelerator per run. CPU-only machines get gloo; mixed precision 'fp16' on CPU falls back to fp32.
+
+    On CUDA: this process's GPU is chosen from what it can see (bind_local_device), cuDNN autotuning is on
+    (train.cudnn_benchmark), and DDP gets the train.ddp_* options; every process group gets
+    train.process_group_timeout_min.
+    """
+    train = train if train is not None else TrainConfig()
     use_cpu = not torch.cuda.is_available()
+    check_gpus_visible(cuda_available=not use_cpu)
     if use_cpu:
         os.environ.setdefault("ACCELERATE_USE_CPU", "1")
         if mixed_precision == "fp16":
             # accelerate would silently run fp32 anyway (no fp16 autocast on CPU); say it out loud instead.
             print("[explainer] mixed_precision=fp16 is not available on CPU; running fp32 (use bf16 for CPU autocast)")
             mixed_precision = "no"
+    else:
+        bind_local_device()
+        torch.backends.cudnn.benchmark = train.cudnn_benchmark
+    world_size = _env_int(os.environ, "WORLD_SIZE") or 1
     return Accelerator(
         cpu=use_cpu,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=1,  # the trainer accumulates by hand (exact resume on a step boundary)
         log_with=log_with,
         project_dir=project_dir,
-        # The explainer's aux/unused heads are disabled, so every parameter gets a gradient each step.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        kwargs_handlers=[ddp_kwargs(train, cuda=not use_cpu, world_size=world_size),
+                         process_group_kwargs(train.process_group_timeout_min)],
     )
+
+
+def make_state(timeout_min: float) -> Any:
+    """accelerate's process state for evaluation-style entry points (no model wrapping): same device choice and
+    process-group timeout as training; gloo without CUDA."""
+    from accelerate import PartialState
+
+    cpu = not torch.cuda.is_available()
+    check_gpus_visible(cuda_available=not cpu)
+    if cpu:
+        os.environ.setdefault("ACCELERATE_USE_CPU", "1")
+    else:
+        bind_local_device()
+    return PartialState(cpu=cpu, timeout=datetime.timedelta(minutes=timeout_min))
 
 
 def seed_everything(seed: int) -> None:

@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import sys
 import time
 import zlib
@@ -360,14 +359,12 @@ def write_outputs(res: dict[str, Any], evaluator: Evaluator, out: Path) -> dict[
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _state() -> Any:
-    """accelerate's process state from the environment (torchrun, accelerate launch, SLURM); gloo without CUDA."""
-    from accelerate import PartialState
+def _state(timeout_min: float) -> Any:
+    """accelerate's process state from the environment (torchrun, accelerate launch, SLURM); gloo without CUDA; the
+    device choice and process-group timeout of explainer.distributed.make_state."""
+    from explainer.distributed import make_state
 
-    cpu = not torch.cuda.is_available()
-    if cpu:
-        os.environ.setdefault("ACCELERATE_USE_CPU", "1")
-    return PartialState(cpu=cpu)
+    return make_state(timeout_min)
 
 
 def evaluate(cfg: ExplainerRunConfig, checkpoint: str | None, *, classifier: str | None = None,
@@ -381,7 +378,7 @@ def evaluate(cfg: ExplainerRunConfig, checkpoint: str | None, *, classifier: str
     from explainer.data.loader import make_eval_loader, read_manifest
     from explainer.models import load_classifier, load_explainer
 
-    state = _state()
+    state = _state(cfg.eval.process_group_timeout_min)
     device = state.device if state.device.type != "cpu" else torch.device("cpu")  # accelerate says cpu:0 under gloo
     names = parse_methods(methods or cfg.eval.methods)
     manifest = read_manifest(cfg.data.manifest)

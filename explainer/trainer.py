@@ -26,7 +26,8 @@ from tqdm import tqdm
 from explainer.atomic import write_json_atomic
 from explainer.checkpoint import CheckpointManager, TrainerState
 from explainer.config import DataConfig, OptimConfig, TrackingConfig, TrainConfig, save_config, to_dict
-from explainer.data.loader import Manifest, make_eval_loader, make_train_loader, read_manifest
+from explainer.data.loader import Manifest, batch_image_format, make_eval_loader, make_train_loader, read_manifest
+from explainer.data.transforms import normalize_on_device
 from explainer.distributed import all_reduce_sums, any_true, make_accelerator, seed_everything, world_from
 from explainer.tracking import RunTracker, wandb_log_with
 
@@ -78,7 +79,9 @@ def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool)
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
             value = value.to(device, non_blocking=True)
-            if key == "image" and channels_last:
+            if key == "image" and value.dtype == torch.uint8:  # loader image_format "uint8": normalise here
+                value = normalize_on_device(value, channels_last=channels_last)
+            elif key == "image" and channels_last:
                 value = value.contiguous(memory_format=torch.channels_last)
         out[key] = value
     return out
@@ -105,7 +108,7 @@ def fit(task: Task, settings: RunSettings, full_config: Any) -> dict[str, Any]:
     run_dir = Path(tcfg.output_dir)
     manifest = read_manifest(dcfg.manifest)  # fail fast, before any process group work
 
-    accelerator = make_accelerator(tcfg.mixed_precision, wandb_log_with(settings.tracking), str(run_dir))
+    accelerator = make_accelerator(tcfg.mixed_precision, wandb_log_with(settings.tracking), str(run_dir), tcfg)
     world = world_from(accelerator)
     seed_everything(tcfg.seed)
     task.setup(accelerator, manifest)
@@ -128,7 +131,8 @@ def fit(task: Task, settings: RunSettings, full_config: Any) -> dict[str, Any]:
         model = torch.compile(model)
 
     train_stream = make_train_loader(dcfg, manifest, dcfg.train_split, rank=world.rank, world_size=world.world_size,
-                                     seed=tcfg.seed, drop_unlabelled=task.drop_unlabelled)
+                                     seed=tcfg.seed, drop_unlabelled=task.drop_unlabelled,
+                                     image_format=batch_image_format(dcfg, accelerator.device))
     accum = ocfg.grad_accum_steps
     steps_per_epoch = tcfg.steps_per_epoch or len(train_stream) // accum
     if steps_per_epoch < 1:
@@ -159,7 +163,8 @@ def fit(task: Task, settings: RunSettings, full_config: Any) -> dict[str, Any]:
     def validate() -> dict[str, float]:
         model.eval()
         sums: dict[str, float] = {}
-        loader = make_eval_loader(dcfg, manifest, dcfg.val_split, rank=world.rank, world_size=world.world_size)
+        loader = make_eval_loader(dcfg, manifest, dcfg.val_split, rank=world.rank, world_size=world.world_size,
+                                  image_format=batch_image_format(dcfg, accelerator.device))
         with torch.no_grad():
             for i, batch in enumerate(loader):
                 if tcfg.val_max_batches is not None and i >= tcfg.val_max_batches:

@@ -56,6 +56,7 @@ from explainer.data.transforms import decode_rgb, decode_seg, normalize_batch, s
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "png", "jpeg", "webp", "bmp", "gif", "tiff")
+IMAGE_FORMATS = ("float", "uint8")
 
 
 class ManifestError(ValueError):
@@ -279,6 +280,7 @@ class _ShardStream(IterableDataset):
             self.rank_count = (rank + 1) * total // world_size - self.rank_start
         self.num_batches = self.rank_count // batch_size if train else math.ceil(self.rank_count / batch_size)
         self.num_workers = 1  # set by the owner before iterating (must equal the DataLoader's)
+        self.image_format = "float"  # or "uint8": set by the owner (see make_train_loader)
         # (epoch, batches to skip): shared memory when DataLoader workers persist across epochs
         self.state: Any = [0, 0]
 
@@ -346,10 +348,11 @@ class _ShardStream(IterableDataset):
         images = [it["image"] for it in items]
         if rng is not None:
             images = [im[:, ::-1] if rng.random() < 0.5 else im for im in images]
-        # in a DataLoader worker: uint8 images, normalised by the main process (`_finish`); same values either way
-        in_worker = get_worker_info() is not None
+        # in a DataLoader worker, or when the batch goes to the device as uint8: uint8 images, finished by the main
+        # process (`_Stream._finish`); same values either way
+        as_u8 = get_worker_info() is not None or self.image_format == "uint8"
         batch: dict[str, Any] = {
-            "image_u8" if in_worker else "image": stack_images(images) if in_worker else normalize_batch(images),
+            "image_u8" if as_u8 else "image": stack_images(images) if as_u8 else normalize_batch(images),
             "labels": torch.from_numpy(np.stack([it["labels"] for it in items])),
             "key": [it["key"] for it in items],
             "_index": index,
@@ -437,10 +440,14 @@ class _Stream:
     read when each iteration starts.
     """
 
-    def __init__(self, dataset: _ShardStream, num_workers: int) -> None:
+    def __init__(self, dataset: _ShardStream, num_workers: int, image_format: str = "float") -> None:
+        if image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
         self.dataset = dataset
         self.num_workers = num_workers
+        self.image_format = image_format
         self.dataset.num_workers = max(1, num_workers)
+        self.dataset.image_format = image_format
         self.pin_memory = torch.cuda.is_available()
         if num_workers > 0:
             self.dataset.state = torch.multiprocessing.get_context().Array("q", 2)
@@ -451,10 +458,12 @@ class _Stream:
         return self.dataset.num_batches
 
     def _finish(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Normalise a worker's uint8 images here (see transforms.stack_images); "image" stays the first key."""
+        """Normalise a worker's uint8 images here (see transforms.stack_images), or, for image_format "uint8", hand
+        them on as they are (pinned by the DataLoader when CUDA is there); "image" stays the first key."""
         if "image_u8" not in batch:
             return batch
-        image = normalize_batch(batch.pop("image_u8").numpy(), pin=self.pin_memory)
+        images = batch.pop("image_u8")
+        image = images if self.image_format == "uint8" else normalize_batch(images.numpy(), pin=self.pin_memory)
         return {"image": image, **batch}
 
     def _batches(self, first: int) -> Iterator[dict[str, Any]]:
@@ -487,8 +496,8 @@ class TrainStream(_Stream):
     abandoned iterator of an earlier epoch can never change the next one.
     """
 
-    def __init__(self, dataset: _ShardStream, num_workers: int) -> None:
-        super().__init__(dataset, num_workers)
+    def __init__(self, dataset: _ShardStream, num_workers: int, image_format: str = "float") -> None:
+        super().__init__(dataset, num_workers, image_format)
         self._epoch = 0
         self._skip = 0
 
@@ -527,9 +536,18 @@ def _check_rank(rank: int, world_size: int) -> None:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
 
 
+def batch_image_format(cfg: Any, device: torch.device | str) -> str:
+    """"uint8" when the images should be normalised on `device` (data.normalize_on_device: auto = on CUDA), else
+    "float". uint8 batches: image uint8 [B, H, W, 3], pinned when CUDA is there; finish them with
+    transforms.normalize_on_device after the copy."""
+    mode = getattr(cfg, "normalize_on_device", "auto")
+    return "uint8" if mode == "on" or (mode == "auto" and torch.device(device).type == "cuda") else "float"
+
+
 def make_train_loader(cfg: Any, manifest: Manifest | str | Path, split: str, *, rank: int, world_size: int,
-                      seed: int, drop_unlabelled: bool) -> TrainStream:
-    """Training stream for one rank (see the module docstring); cfg is a DataConfig."""
+                      seed: int, drop_unlabelled: bool, image_format: str = "float") -> TrainStream:
+    """Training stream for one rank (see the module docstring); cfg is a DataConfig. image_format "float": image
+    float32 [B, 3, H, W] ImageNet-normalised; "uint8": see batch_image_format."""
     if not isinstance(manifest, Manifest):
         manifest = read_manifest(manifest)
     _check_rank(rank, world_size)
@@ -542,12 +560,13 @@ def make_train_loader(cfg: Any, manifest: Manifest | str | Path, split: str, *, 
         kept = sum(dataset.kept)
         raise ValueError(f"split {split!r} of {manifest.path} has {kept} usable samples: not enough for one batch "
                          f"of {cfg.batch_size} on each of {world_size} rank(s)")
-    return TrainStream(dataset, cfg.num_workers)
+    return TrainStream(dataset, cfg.num_workers, image_format)
 
 
 def make_eval_loader(cfg: Any, manifest: Manifest | str | Path, split: str, *, rank: int, world_size: int,
-                     max_images: int | None = None) -> EvalStream:
-    """Evaluation stream for one rank: images, labels, keys and segmentation ground truth at cfg.image_size."""
+                     max_images: int | None = None, image_format: str = "float") -> EvalStream:
+    """Evaluation stream for one rank: images, labels, keys and segmentation ground truth at cfg.image_size
+    (image_format: as make_train_loader)."""
     if not isinstance(manifest, Manifest):
         manifest = read_manifest(manifest)
     _check_rank(rank, world_size)
@@ -555,7 +574,7 @@ def make_eval_loader(cfg: Any, manifest: Manifest | str | Path, split: str, *, r
     dataset = _ShardStream(info, num_classes=len(manifest.classes), image_size=cfg.image_size,
                            batch_size=cfg.batch_size, rank=rank, world_size=world_size, train=False, seed=0,
                            drop_unlabelled=False, shuffle_buffer=0, augment=False, max_images=max_images)
-    return EvalStream(dataset, cfg.num_workers)
+    return EvalStream(dataset, cfg.num_workers, image_format)
 
 
 def iter_samples(manifest: Manifest, split: str) -> Iterable[dict[str, Any]]:

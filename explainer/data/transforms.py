@@ -113,6 +113,26 @@ def normalize_batch(images: np.ndarray | Sequence[np.ndarray], *, pin: bool = Fa
     return out
 
 
+_DEVICE_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def normalize_on_device(images: torch.Tensor, *, channels_last: bool = False) -> torch.Tensor:
+    """uint8 [B, H, W, 3] (already on the model's device) -> float32 [B, 3, H, W] ImageNet-normalised, with the
+    arithmetic of normalize_batch (x * scale, then + shift, in float32), so both give the same values.
+
+    For batches sent to a GPU as uint8 (a quarter of the bytes of float32): the permuted NHWC batch IS channels_last,
+    so `channels_last=True` costs no copy; otherwise the result is made contiguous NCHW.
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected a uint8 [B, H, W, 3] batch, got {images.dtype} {tuple(images.shape)}")
+    if images.device not in _DEVICE_CONSTANTS:
+        _DEVICE_CONSTANTS[images.device] = (torch.from_numpy(_SCALE).view(1, 3, 1, 1).to(images.device),
+                                            torch.from_numpy(_SHIFT).view(1, 3, 1, 1).to(images.device))
+    scale, shift = _DEVICE_CONSTANTS[images.device]
+    x = images.permute(0, 3, 1, 2).to(torch.float32).mul_(scale).add_(shift)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 def denormalize(x: torch.Tensor) -> torch.Tensor:
     """Inverse of the ImageNet normalisation, for display: [..., 3, H, W] -> values in about [0, 1]."""
     mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
