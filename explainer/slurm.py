@@ -41,6 +41,12 @@ Cluster = Literal["slurm", "local", "debug"]
 TORCH_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 # Requeues after a time-out (preemptions do not count): a 100-epoch COCO run on 12 h slots needs several.
 MAX_TIMEOUT_REQUEUES = 20
+# Defaults per task when --cpus-per-task / --mem-gb are not given: the main process feeding the GPU, a spare core
+# (pin-memory thread, logging, checkpoint writes) and one core per decode worker; memory for the main process (CUDA
+# context, pinned batches) plus each worker's shuffle buffer of encoded images and decoded batches in flight.
+EXTRA_CPUS_PER_TASK = 2
+MEM_GB_PER_TASK = {"gpu": 8.0, "cpu": 2.0}
+MEM_GB_PER_WORKER = {"gpu": 2.0, "cpu": 1.0}
 
 
 @dataclass
@@ -51,8 +57,8 @@ class JobSpec:
     nodes: int = 1
     gpus_per_node: int = 0
     tasks_per_node: int | None = None  # default: gpus_per_node, or 1 without GPUs
-    cpus_per_task: int | None = None
-    mem_gb: float | None = None
+    cpus_per_task: int | None = None  # default: data.num_workers + 2 (with_defaults)
+    mem_gb: float | None = None  # per node; default: tasks x per-task default (with_defaults); 0: partition default
     time_min: int = 60
     partition: str | None = None
     account: str | None = None
@@ -69,8 +75,20 @@ class JobSpec:
             return self.tasks_per_node
         return self.gpus_per_node if self.gpus_per_node > 0 else 1
 
-    def check(self) -> None:
-        """Errors that sbatch would only report after queueing (or never, for a silently wrong layout)."""
+    def with_defaults(self, num_workers: int) -> JobSpec:
+        """CPUs and memory filled in from the run's data.num_workers where the user gave none: without them SLURM
+        gives a task one CPU (all decode workers on one core) and the partition's default memory."""
+        kind = "gpu" if self.gpus_per_node > 0 else "cpu"
+        cpus = self.cpus_per_task if self.cpus_per_task is not None else num_workers + EXTRA_CPUS_PER_TASK
+        if self.mem_gb is not None:
+            mem = self.mem_gb
+        else:
+            mem = self.ntasks_per_node * (MEM_GB_PER_TASK[kind] + MEM_GB_PER_WORKER[kind] * num_workers)
+        return dataclasses.replace(self, cpus_per_task=cpus, mem_gb=mem)
+
+    def check(self, num_workers: int | None = None) -> None:
+        """Errors that sbatch would only report after queueing (or never, for a silently wrong layout). With
+        `num_workers` (data.num_workers of the run), also whether each task has a core per decode worker."""
         problems = []
         if self.nodes < 1:
             problems.append(f"--nodes must be >= 1, got {self.nodes}")
@@ -83,6 +101,14 @@ class JobSpec:
                             f"--gpus-per-node {self.gpus_per_node} (leave --tasks-per-node out)")
         if self.time_min < 1:
             problems.append(f"--time must be >= 1 minute, got {self.time_min}")
+        if self.cpus_per_task is not None and self.cpus_per_task < 1:
+            problems.append(f"--cpus-per-task must be >= 1, got {self.cpus_per_task}")
+        elif self.cpus_per_task is not None and num_workers is not None and self.cpus_per_task < num_workers + 1:
+            problems.append(f"--cpus-per-task {self.cpus_per_task} leaves no core for the main process next to "
+                            f"data.num_workers={num_workers} decode workers: give at least {num_workers + 1} "
+                            f"(default {num_workers + EXTRA_CPUS_PER_TASK}) or lower data.num_workers")
+        if self.mem_gb is not None and self.mem_gb < 0:
+            problems.append(f"--mem-gb must be >= 0 (0: the partition's default), got {self.mem_gb}")
         if self.array_parallelism < 1:
             problems.append(f"--array-parallelism must be >= 1, got {self.array_parallelism}")
         if self.cluster in ("local", "debug") and self.nodes != 1:
@@ -106,7 +132,7 @@ class JobSpec:
             params["gpus_per_node"] = self.gpus_per_node
         if self.cpus_per_task is not None:
             params["cpus_per_task"] = self.cpus_per_task
-        if self.mem_gb is not None:
+        if self.mem_gb:  # 0 or None: the partition's default
             params["mem_gb"] = self.mem_gb
         for key in ("partition", "account", "qos", "constraint", "exclude"):
             value = getattr(self, key)
@@ -153,7 +179,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         if threads and "OMP_NUM_THREADS" not in os.environ:
             import torch
 
-            torch.set_num_threads(int(threads))
+            # the decode workers have their own cores (single-threaded each); the main process gets the rest
+            torch.set_num_threads(max(1, int(threads) - cfg.data.num_workers))
         with torch_distributed_env() as dist_env:
             from explainer.train import run
 
@@ -184,10 +211,15 @@ _PATH_FIELDS = (("data", "manifest"), ("classifier", "checkpoint"), ("classifier
                 ("explainer", "backbone_weights"), ("train", "output_dir"))
 
 
-def prepare_config(cfg: ExplainerRunConfig, *, new_run: bool = True) -> ExplainerRunConfig:
-    """Absolute paths (jobs must not depend on the submitting shell's cwd), a fixed W&B run id, and the checks that
-    would otherwise fail minutes later on a compute node. Raises ConfigError naming the key."""
+def prepare_config(cfg: ExplainerRunConfig, *, new_run: bool = True, cluster: Cluster = "local") -> ExplainerRunConfig:
+    """Absolute paths (jobs must not depend on the submitting shell's cwd), a fixed W&B run id, W&B offline in SLURM
+    tasks unless asked for online, and the checks that would otherwise fail minutes later on a compute node. Raises
+    ConfigError naming the key."""
     cfg = copy.deepcopy(cfg)
+    if cluster == "slurm" and cfg.tracking.wandb_mode == "auto":
+        # 'auto' means online wherever an API key is found, and compute nodes often have no internet: rank 0 would
+        # stall in wandb.init while the other ranks wait in their first collective. `wandb sync` uploads later.
+        cfg.tracking.wandb_mode = "offline"
     for section, key in _PATH_FIELDS:
         owner = getattr(cfg, section)
         value = getattr(owner, key)
@@ -314,7 +346,10 @@ def _wait_local(jobs: list[submitit.Job]) -> list[dict[str, Any]]:
 def _resources(spec: JobSpec) -> str:
     gpus = f", {spec.gpus_per_node} GPU(s) per node" if spec.gpus_per_node else ""
     part = f", partition {spec.partition}" if spec.partition else ""
-    return f"{spec.nodes} node(s) x {spec.ntasks_per_node} task(s){gpus}{part}, {spec.time_min} min"
+    cpus = f", {spec.cpus_per_task} CPU(s) per task" if spec.cpus_per_task else ""
+    mem = f", {spec.mem_gb:g} GB per node" if spec.mem_gb else (", partition's default memory"
+                                                               if spec.mem_gb == 0 else "")
+    return f"{spec.nodes} node(s) x {spec.ntasks_per_node} task(s){gpus}{cpus}{mem}{part}, {spec.time_min} min"
 
 
 def launch_run(config: str | Path, overrides: list[str], spec: JobSpec, job_dir: str | Path | None,
@@ -322,15 +357,16 @@ def launch_run(config: str | Path, overrides: list[str], spec: JobSpec, job_dir:
     """Validate, then submit one training run (or print what would be submitted)."""
     from explainer.config import load_config
 
-    spec.check()
-    cfg = prepare_config(load_config(ExplainerRunConfig, config, overrides))
+    cfg = prepare_config(load_config(ExplainerRunConfig, config, overrides), cluster=spec.cluster)
+    spec.check(cfg.data.num_workers)
+    spec = spec.with_defaults(cfg.data.num_workers)
     out = Path(cfg.train.output_dir)
     folder = Path(job_dir).absolute() if job_dir else out / "submitit"
     if spec.name == "explainer":
         spec.name = out.name if out.name.startswith("explainer") else f"explainer-{out.name}"
     if dry_run:
-        print(f"# dry run: nothing submitted. Output: {out}, W&B run id {cfg.tracking.run_id}, {_resources(spec)}",
-              file=sys.stderr)
+        print(f"# dry run: nothing submitted. Output: {out}, W&B run id {cfg.tracking.run_id} "
+              f"({cfg.tracking.wandb_mode}), {_resources(spec)}", file=sys.stderr)
         print(render_sbatch(spec, folder) if spec.cluster == "slurm" else describe_local(spec, folder, 1), end="")
         return []
     job = submit_run(cfg, spec, folder)
@@ -338,7 +374,10 @@ def launch_run(config: str | Path, overrides: list[str], spec: JobSpec, job_dir:
     print(f"submitted job {job.job_id} ({spec.cluster}: {_resources(spec)})")
     print(f"  logs:    {stdout}\n           {stderr}  (rank 0; other ranks: {stdout.parent}/*_log.*)")
     print(f"  outputs: {out}  (config.yaml, metrics.jsonl, checkpoints/, summary.json, {out / 'explainer.pt'})")
-    print(f"  W&B run: {cfg.tracking.run_id} (kept when the job is requeued after preemption or time-out)")
+    print(f"  W&B run: {cfg.tracking.run_id} ({cfg.tracking.wandb_mode}; kept when the job is requeued after "
+          "preemption or time-out)")
+    if cfg.tracking.wandb_mode == "offline":
+        print(f"           upload later: wandb sync {out}/wandb/offline-run-*  (tracking.wandb_mode=online: live)")
     if spec.cluster == "slurm":
         print(f"  follow:  tail -f {stdout}   |   squeue -j {job.job_id}   |   scancel {job.job_id}")
     else:
@@ -358,7 +397,10 @@ def launch_sweep(sweep_file: str | Path, config: str | Path | None, overrides: l
     if (sweep_dir / "sweep.json").exists():
         raise ConfigError(f"--job-dir {sweep_dir} already holds a sweep (sweep.json); choose a new folder")
     runs = build_runs(sweep, sweep_dir, sweep_id, overrides, Path(config) if config else None)
-    runs = [dataclasses.replace(r, cfg=prepare_config(r.cfg)) for r in runs]
+    runs = [dataclasses.replace(r, cfg=prepare_config(r.cfg, cluster=spec.cluster)) for r in runs]
+    num_workers = max(r.cfg.data.num_workers for r in runs)
+    spec.check(num_workers)
+    spec = spec.with_defaults(num_workers)
     if spec.name == "explainer":
         spec.name = f"sweep-{sweep.name}"
     # the plan goes to stderr so that `--dry-run > job.sh` leaves a clean script on stdout

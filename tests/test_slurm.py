@@ -187,13 +187,15 @@ def slurm_jobs(slurm_cluster, synthetic_manifest, tiny_classifier, tmp_path_fact
         "single": Submission("single", ["--config", "configs/synthetic.yaml", "--time", "10",
                                         *_tiny(synthetic_manifest, tiny_classifier, root / "single")],
                              root / "single"),
+        # one CPU per task for the others, so that all jobs fit on the node at once ("single" keeps the defaults)
         "two_tasks": Submission("two_tasks", ["--config", "configs/synthetic.yaml", "--time", "10",
-                                              "--tasks-per-node", "2",
+                                              "--cpus-per-task", "1", "--tasks-per-node", "2",
                                               *_tiny(synthetic_manifest, tiny_classifier, root / "two")], root / "two"),
         "sweep": Submission("sweep", ["--sweep", str(sweep_file), "--array-parallelism", "2", "--time", "10",
+                                      "--cpus-per-task", "1",
                                       "--job-dir", str(root / "sweep"),
                                       *_tiny(synthetic_manifest, tiny_classifier, root / "unused")], root / "sweep"),
-        "requeue": Submission("requeue", ["--config", "configs/synthetic.yaml", "--time", "10",
+        "requeue": Submission("requeue", ["--config", "configs/synthetic.yaml", "--time", "10", "--cpus-per-task", "1",
                                           *_tiny(synthetic_manifest, tiny_classifier, root / "requeue",
                                                  REQUEUE_STEPS),
                                           f"train.checkpoint_every_steps={REQUEUE_CKPT_EVERY}",
@@ -271,6 +273,34 @@ def test_dry_run_multi_node_script(synthetic_manifest, tiny_classifier, tmp_path
     assert not out.exists()  # nothing written, nothing queued
 
 
+def test_dry_run_defaults_cpus_and_memory_from_the_workers(synthetic_manifest, tiny_classifier, tmp_path, capsys):
+    """Without --cpus-per-task/--mem-gb a task would get one CPU for 8 decode workers and the partition's default
+    memory: the defaults come from data.num_workers (the COCO preset has 8) and show in the script."""
+    base = ["--dry-run", "--config", "configs/coco_resnet.yaml", "--nodes", "2", "--gpus-per-node", "8",
+            f"train.output_dir={tmp_path / 'coco'}", f"data.manifest={synthetic_manifest}",
+            f"classifier.checkpoint={tiny_classifier}"]
+    rc, script, err = _submit_main(base, capsys)
+    assert rc == 0, err
+    assert "#SBATCH --cpus-per-task=10\n" in script  # 8 workers + 2
+    assert "#SBATCH --mem=192GB\n" in script  # 8 tasks x (8 GB + 2 GB x 8 workers)
+    assert "10 CPU(s) per task, 192 GB per node" in err
+    assert "(offline)" in err  # W&B 'auto' is offline in SLURM tasks ...
+    rc, script, err = _submit_main([*base, "data.num_workers=2", "tracking.wandb_mode=online"], capsys)
+    assert rc == 0 and "#SBATCH --cpus-per-task=4\n" in script and "#SBATCH --mem=96GB\n" in script, err
+    assert "(online)" in err  # ... unless the user asks for online
+    rc, script, err = _submit_main([*base, "--mem-gb", "0", "--cpus-per-task", "9"], capsys)
+    assert rc == 0 and "--mem=" not in script and "#SBATCH --cpus-per-task=9\n" in script, err
+    assert "partition's default memory" in err
+    rc, _, err = _submit_main([*base, "--cpus-per-task", "4"], capsys)
+    assert rc == 2 and "--cpus-per-task 4 leaves no core" in err and "data.num_workers=8" in err, err
+    rc, _, err = _submit_main([*base, "--mem-gb", "-1"], capsys)
+    assert rc == 2 and "--mem-gb must be >= 0" in err, err
+    rc, script, err = _submit_main([*base[:-3], "--cluster", "local", "--nodes", "1", "--gpus-per-node", "0",
+                                    f"data.manifest={synthetic_manifest}", f"classifier.checkpoint={tiny_classifier}",
+                                    f"train.output_dir={tmp_path / 'l'}"], capsys)
+    assert rc == 0 and "(auto)" in err, err  # local runs keep 'auto'
+
+
 def test_dry_run_sweep_is_one_array_with_a_cap(synthetic_manifest, tiny_classifier, tmp_path, capsys):
     args = ["--dry-run", "--sweep", "configs/sweeps/lambdas.yaml", "--gpus-per-node", "1", "--array-parallelism", "4",
             "--job-dir", str(tmp_path / "sw"), f"data.manifest={synthetic_manifest}",
@@ -279,6 +309,7 @@ def test_dry_run_sweep_is_one_array_with_a_cap(synthetic_manifest, tiny_classifi
     assert rc == 0, err
     assert "#SBATCH --array=0-23%4\n" in script and "%A_%a_0_log.out" in script
     assert "--ntasks-per-node=1" in script and "--gpus-per-node=1" in script
+    assert "#SBATCH --cpus-per-task=10\n" in script and "#SBATCH --mem=24GB\n" in script  # VOC base: 8 workers
     assert err.count(" -> ") == 24 and not (tmp_path / "sw").exists()
 
 
@@ -410,7 +441,10 @@ def test_single_job_trains_and_its_script_is_the_dry_run(slurm_jobs, synthetic_m
     assert resolved["tracking"]["run_id"] and resolved["data"]["manifest"] == str(synthetic_manifest)
     # --dry-run prints exactly the script that was submitted
     dry = run_cmd([PYTHON, str(SUBMIT), "--dry-run", *sub.args, "train.resume=auto"])  # the folder has a run now
-    assert dry.stdout == (job_dir / f"{job_id}_submission.sh").read_text()
+    submitted = (job_dir / f"{job_id}_submission.sh").read_text()
+    assert dry.stdout == submitted
+    # the defaults from data.num_workers=0 (CPU task): 0 + 2 CPUs, 2 GB; SLURM accepted and ran them
+    assert "#SBATCH --cpus-per-task=2\n" in submitted and "#SBATCH --mem=2GB\n" in submitted
 
 
 @pytest.mark.slurm
