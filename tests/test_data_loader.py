@@ -301,3 +301,74 @@ def test_abandoned_epochs_do_not_disturb_the_next(syn):
     stream.skip(3)
     batches = iter(stream)  # the old generator is collected here
     assert [b["key"] for b in batches] == full[3:]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# uint8 batches normalised on the device (data.normalize_on_device)
+# ----------------------------------------------------------------------------------------------------------------------
+
+# float32 path (both): x * fl(scale) then + fl(shift), with |x * scale| <= 255 / (255 * 0.224) and |shift| <= 2.12:
+# two rounded constants and two rounded operations, each <= 2^-24 relative, so |error| <= 4 * 2^-24 * (4.47 + 2.12).
+NORMALISE_TOL = 4 * 2.0**-24 * (4.47 + 2.12)
+
+
+def _exact_normalisation(u8: np.ndarray) -> np.ndarray:
+    x = u8.astype(np.float64).transpose(0, 3, 1, 2) / 255.0
+    return (x - np.asarray(IMAGENET_MEAN, np.float64).reshape(3, 1, 1)) / np.asarray(IMAGENET_STD).reshape(3, 1, 1)
+
+
+@pytest.mark.numerics
+def test_device_normalisation_equals_the_loader_normalisation():
+    from explainer.data.transforms import normalize_batch, normalize_on_device
+
+    u8 = np.random.default_rng(0).integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
+    u8[0, 0, 0] = (0, 255, 128)  # the extremes of every channel
+    u8[0, 0, 1] = (255, 0, 0)
+    exact = _exact_normalisation(u8)
+    on_host = normalize_batch(u8).double().numpy()
+    plain = normalize_on_device(torch.from_numpy(u8))
+    cl = normalize_on_device(torch.from_numpy(u8), channels_last=True)
+    assert plain.dtype == torch.float32 and plain.shape == (3, 3, 5, 7) and plain.is_contiguous()
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, plain)
+    assert np.abs(on_host - exact).max() <= NORMALISE_TOL
+    assert np.abs(plain.double().numpy() - exact).max() <= NORMALISE_TOL
+    assert np.abs(plain.double().numpy() - on_host).max() <= 2 * NORMALISE_TOL
+    with pytest.raises(ValueError, match="uint8 \\[B, H, W, 3\\]"):
+        normalize_on_device(torch.zeros(1, 3, 4, 4))
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("workers", [0, 1])
+def test_uint8_batches_become_the_float_batches_on_the_device(syn, workers):
+    """Same stream as uint8 NHWC: the trainer's device hook turns each batch into the float batch of the default
+    loader (same images, same order)."""
+    from explainer.trainer import _to_device
+
+    def stream(image_format):
+        s = make_train_loader(cfg(num_workers=workers), syn, "train", rank=0, world_size=1, seed=0,
+                              drop_unlabelled=True, image_format=image_format)
+        s.set_epoch(1)
+        return list(s)
+
+    floats, bytes_ = stream("float"), stream("uint8")
+    assert len(floats) == len(bytes_) == N_TRAIN // 4
+    for f, b in zip(floats, bytes_):
+        assert b["image"].dtype == torch.uint8 and b["image"].shape == (4, 32, 32, 3)
+        assert b["key"] == f["key"] and torch.equal(b["labels"], f["labels"])
+        moved = _to_device(b, torch.device("cpu"), channels_last=True)
+        assert moved["image"].is_contiguous(memory_format=torch.channels_last)
+        assert (moved["image"].double() - f["image"].double()).abs().max() <= 2 * NORMALISE_TOL
+    evaluated = next(iter(make_eval_loader(cfg(num_workers=workers), syn, "test", rank=0, world_size=1,
+                                           image_format="uint8")))
+    assert evaluated["image"].dtype == torch.uint8 and "seg" in evaluated
+
+
+def test_batch_format_follows_the_device_unless_configured(syn):
+    from explainer.data.loader import batch_image_format
+
+    assert batch_image_format(cfg(), "cuda:3") == "uint8" and batch_image_format(cfg(), "cpu") == "float"
+    assert batch_image_format(cfg(normalize_on_device="on"), "cpu") == "uint8"
+    assert batch_image_format(cfg(normalize_on_device="off"), torch.device("cuda", 0)) == "float"
+    with pytest.raises(ValueError, match="image_format"):
+        make_train_loader(cfg(), syn, "train", rank=0, world_size=1, seed=0, drop_unlabelled=True,
+                          image_format="fp16")
