@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench bench-gpu clean
+.PHONY: venv demo test lint bench bench-gpu gpu-wheels gpu-check clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,18 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_make_shards.py
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_train_step.py --device cpu
+
+# Wheels benchmarks/gpu_check.sh installs (--no-index) on a GPU machine without internet: what the lent H200 image
+# (Python 3.12, torch 2.11, torchvision, Pillow, matplotlib) lacks. Run where pip reaches the index; carry .gpu-wheels.
+GPU_WHEELS := webdataset==1.0.2 braceexpand==0.1.7 captum==0.9.0
+gpu-wheels:
+	python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .gpu-wheels $(GPU_WHEELS)
+
+# On the GPU machine: the whole check (< 8 min), JSON under benchmarks/results/
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs .bench

@@ -4,63 +4,85 @@ Modes (each = forward + loss + backward + Adam step on the Explainer):
   reference  fp32, two classifier passes, per-image Python loops in mask aggregation and the area bound
   ours_fp32  one classifier pass on [x*m; x*(1-m)], vectorised loss, fp32 (the structural gain alone)
   ours       the same under bf16 autocast (+ channels_last / torch.compile when asked): what train.py runs
-On CUDA it also reports MFU (FLOPs of one step from torch.utils.flop_counter over the device's dense bf16 peak) and
-peak memory per batch size.
+On CUDA it also reports MFU (each mode's FLOPs per step from torch.utils.flop_counter over the device's dense peak
+for the mode's precision: bf16/fp16 tensor cores for 'ours', TF32 for the fp32 modes when cuDNN may use it (PyTorch's
+default; these models are convolution-bound), plain fp32 otherwise) and peak memory per batch size.
+
+--e2e adds the end-to-end comparison: explainer/train.py's real loop (shard loader and its workers, uint8 batches
+normalised on the device, the DDP wrapper when several processes run it, logging, the final validation and
+checkpoint) on synthetic shards made at the benchmark's image size, against the bare 'ours' step with the same models,
+batch size, precision, memory format and compile setting, measured in the same run. Trainer images/s: its logged
+windows after the first (start-up, cuDNN autotuning, compilation).
 
   python benchmarks/bench_train_step.py --device cpu                       # small models, < 2 min on a CPU
   python benchmarks/bench_train_step.py --device cuda --channels-last      # paper models, 224 px, bs 16/32/64
+  python benchmarks/bench_train_step.py --device cuda --channels-last --e2e --batch-sizes 32 --modes ours
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
+import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from explainer.atomic import write_json_atomic
+from explainer.atomic import write_json_atomic  # noqa: E402
 from explainer.config import LossConfig  # noqa: E402
 from explainer.models import build_classifier, build_explainer, freeze  # noqa: E402
 from explainer.step import explainer_forward_loss, reference_forward_loss  # noqa: E402
 
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets; first match wins.
-BF16_PEAK_TFLOPS = [
-    ("h200", 989.4),
-    ("gh200", 989.4),
-    ("h100 pcie", 756.0),
-    ("h100 nvl", 835.0),
-    ("h100", 989.4),  # SXM5 ("NVIDIA H100 80GB HBM3")
-    ("h800", 989.4),
-    ("a100", 312.0),
-    ("a800", 312.0),
-    ("l40s", 362.05),
-    ("l40", 181.05),
-    ("l4", 121.0),
+# Dense (no sparsity) peaks in TFLOP/s from NVIDIA's data sheets: bf16/fp16 tensor cores, TF32 tensor cores, plain
+# fp32. First match wins.
+PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("gh200", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("h200", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("h100 pcie", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2}),
+    ("h100 nvl", {"bf16": 835.0, "tf32": 417.5, "fp32": 60.0}),
+    ("h100", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("h800", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("a100", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    ("a800", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    ("l40s", {"bf16": 362.05, "tf32": 183.0, "fp32": 91.6}),
+    ("l40", {"bf16": 181.05, "tf32": 90.5, "fp32": 90.5}),
+    ("l4", {"bf16": 121.0, "tf32": 60.0, "fp32": 30.3}),
 ]
 
 DEFAULTS = {
     "cpu": {"explainer": "deeplabv3_mobilenet_v3_large", "classifiers": "resnet18", "image_size": 64,
-            "batch_sizes": "8", "warmup": 1, "iters": 1, "rounds": 3},
+            "batch_sizes": "8", "warmup": 1, "iters": 1, "rounds": 3, "e2e_steps": 12, "e2e_log_every": 4},
     "cuda": {"explainer": "deeplabv3_resnet50", "classifiers": "resnet50,vgg16", "image_size": 224,
-             "batch_sizes": "16,32,64", "warmup": 5, "iters": 10, "rounds": 3},
+             "batch_sizes": "16,32,64", "warmup": 5, "iters": 10, "rounds": 3, "e2e_steps": 60, "e2e_log_every": 10},
 }
 MODES = ("reference", "ours_fp32", "ours")
 
 
-def peak_tflops(device_name: str) -> float | None:
+def peak_tflops(device_name: str, precision: str = "bf16") -> float | None:
+    """Dense peak of `device_name` for 'bf16' (also fp16), 'tf32' or 'fp32'; None for an unknown device."""
     name = device_name.lower()
-    for key, value in BF16_PEAK_TFLOPS:
+    for key, peaks in PEAK_TFLOPS:
         if key in name:
-            return value
+            return peaks[precision]
     return None
+
+
+def mode_precision(mode: str, args: argparse.Namespace) -> str:
+    """The arithmetic a mode's convolutions run in (what its MFU is measured against)."""
+    if mode == "ours":
+        return "bf16"  # fp16 has the same tensor-core peak
+    if args.device == "cuda" and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "fp32"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,9 +100,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=["bf16", "fp16"], default="bf16", help="autocast dtype of 'ours'")
     parser.add_argument("--channels-last", action="store_true", help="channels_last models/images for 'ours'")
     parser.add_argument("--compile", action="store_true", help="torch.compile explainer and classifier for 'ours'")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (eager: dynamo's tracing only, for smoke tests)")
     parser.add_argument("--tf32", choices=["default", "on", "off"], default="default",
                         help="TF32 for the fp32 modes on CUDA (default: PyTorch's defaults, as the paper code ran)")
     parser.add_argument("--peak-tflops", type=float, help="override the device's dense bf16 peak for MFU")
+    parser.add_argument("--peak-tflops-fp32", type=float,
+                        help="override the dense peak the fp32 modes are measured against (TF32 or fp32)")
+    parser.add_argument("--e2e", action="store_true",
+                        help="also time explainer/train.py's loop on synthetic shards against the bare 'ours' step")
+    parser.add_argument("--e2e-steps", type=int, help="trainer optimiser steps (default: per device)")
+    parser.add_argument("--e2e-log-every", type=int, help="trainer logging window in steps (default: per device)")
+    parser.add_argument("--e2e-workers", type=int, default=min(8, max(1, (os.cpu_count() or 2) - 2)),
+                        help="trainer data.num_workers")
+    parser.add_argument("--e2e-dir", default=".bench/e2e", help="synthetic shards and trainer runs go here")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads on CPU (default 1: steady numbers on a shared machine)")
     parser.add_argument("--seed", type=int, default=0)
@@ -231,6 +264,62 @@ def bench(runners: dict[str, Runner], warmup: int, iters: int, rounds: int, devi
     return out
 
 
+def compile_fresh(module: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
+    """A new static-shape compilation: reusing one compiled module across batch sizes makes dynamo recompile with
+    dynamic shapes (slower kernels) after the second size, so each batch size starts from a reset."""
+    torch._dynamo.reset()
+    return torch.compile(module, dynamic=False, backend=backend)
+
+
+def measure_step_rows(args: argparse.Namespace, device: torch.device, classifier_arch: str, batch_size: int,
+                      modes: list[str], num_classes: int, explainer: torch.nn.Module,
+                      classifier: torch.nn.Module, peaks: dict[str, float | None],
+                      compile_classifier: bool = True) -> list[dict]:
+    """One row per mode at one batch size: images/s, step time, this mode's FLOPs per step, MFU, peak memory.
+    With --compile, 'ours' runs compiled modules (the classifier too unless compile_classifier is False, as in
+    the trainer, whose train.compile compiles the explainer only)."""
+    images, labels = make_batch(batch_size, num_classes, args.image_size, device, args.seed)
+    runners: dict[str, Runner] = {}
+    flops: dict[str, int | None] = {}
+    for mode in modes:
+        runner = Runner(mode, explainer, classifier, images, labels, args, device)
+        flops[mode] = None
+        try:  # each mode's own arithmetic, counted eagerly (before compilation)
+            flops[mode] = count_flops(runner)
+        except torch.OutOfMemoryError:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if mode == "ours" and args.compile:
+            backend = args.compile_backend
+            runner.run_explainer = compile_fresh(explainer, backend)
+            runner.run_classifier = compile_fresh(classifier, backend) if compile_classifier else classifier
+        runners[mode] = runner
+    measured = bench(runners, args.warmup, args.iters, args.rounds, device)
+    rows = []
+    for mode in modes:
+        precision = mode_precision(mode, args)
+        row = {"classifier": classifier_arch, "explainer": args.explainer, "batch_size": batch_size,
+               "image_size": args.image_size, "num_classes": num_classes, "mode": mode, "precision": precision,
+               "channels_last": runners[mode].channels_last,
+               "compiled": ("explainer+classifier" if compile_classifier else "explainer")
+               if mode == "ours" and args.compile else "no",
+               **measured[mode]}
+        if flops[mode]:
+            row["flops_per_step"] = flops[mode]
+            if "images_per_s" in row:
+                row["achieved_tflops"] = flops[mode] * row["images_per_s"] / batch_size / 1e12
+                peak = peaks.get(precision)
+                if peak:
+                    row["peak_tflops"] = peak
+                    row["mfu"] = row["achieved_tflops"] / peak
+        rows.append(row)
+    del runners
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     if args.device == "cpu" and args.threads:
@@ -244,45 +333,23 @@ def run(args: argparse.Namespace) -> dict:
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = platform.processor() or platform.machine()
-    peak = args.peak_tflops or (peak_tflops(device_name) if device.type == "cuda" else None)
+    peaks: dict[str, float | None] = {p: peak_tflops(device_name, p) if device.type == "cuda" else None
+                                      for p in ("bf16", "tf32", "fp32")}
+    if args.peak_tflops:
+        peaks["bf16"] = args.peak_tflops
+    if args.peak_tflops_fp32:
+        peaks["tf32"] = peaks["fp32"] = args.peak_tflops_fp32
 
     results = []
     for classifier_arch in args.classifiers:
         explainer = build_explainer(args.explainer, args.num_classes).to(device).train()
         classifier = freeze(build_classifier(classifier_arch, args.num_classes).to(device))
-        compiled: dict[str, torch.nn.Module] = {}
         for batch_size in args.batch_sizes:
-            images, labels = make_batch(batch_size, args.num_classes, args.image_size, device, args.seed)
-            runners: dict[str, Runner] = {}
-            flops = None
-            for mode in args.modes:
-                runner = Runner(mode, explainer, classifier, images, labels, args, device)
-                if flops is None:
-                    # the arithmetic of one step is the same in every mode (two half passes = one full pass):
-                    # count it once, eagerly, and use it for every mode's achieved FLOP/s and MFU
-                    with contextlib.suppress(torch.OutOfMemoryError):
-                        flops = count_flops(runner)
-                if mode == "ours" and args.compile:
-                    if not compiled:
-                        compiled["e"], compiled["c"] = torch.compile(explainer), torch.compile(classifier)
-                    runner.run_explainer, runner.run_classifier = compiled["e"], compiled["c"]
-                runners[mode] = runner
-            measured = bench(runners, args.warmup, args.iters, args.rounds, device)
-            for mode in args.modes:
-                row = {"classifier": classifier_arch, "explainer": args.explainer, "batch_size": batch_size,
-                       "image_size": args.image_size, "mode": mode, **measured[mode]}
-                if "images_per_s" in row and flops:
-                    row["flops_per_step"] = flops
-                    row["achieved_tflops"] = flops * row["images_per_s"] / batch_size / 1e12
-                    if peak:
-                        row["mfu"] = row["achieved_tflops"] / peak
+            for row in measure_step_rows(args, device, classifier_arch, batch_size, args.modes, args.num_classes,
+                                         explainer, classifier, peaks):
                 results.append(row)
                 print(format_row(row), flush=True)
-            del runners
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        del explainer, classifier, compiled
+        del explainer, classifier
 
     speedups = []
     for row in results:
@@ -293,10 +360,10 @@ def run(args: argparse.Namespace) -> dict:
         if ref:
             speedups.append({"classifier": row["classifier"], "batch_size": row["batch_size"], "mode": row["mode"],
                              "speedup_vs_reference": row["images_per_s"] / ref["images_per_s"]})
-    return {
+    report = {
         "device": device_name,
         "device_type": device.type,
-        "peak_bf16_tflops": peak,
+        "peak_tflops": peaks,
         "torch": torch.__version__,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
@@ -305,6 +372,109 @@ def run(args: argparse.Namespace) -> dict:
         "results": results,
         "speedups": speedups,
     }
+    if args.e2e:
+        report["e2e"] = run_e2e(args, device, peaks)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# End to end: explainer/train.py on synthetic shards vs the bare step
+# ----------------------------------------------------------------------------------------------------------------------
+
+E2E_CLASSES = 12  # the synthetic generator's maximum
+
+
+def make_e2e_shards(args: argparse.Namespace, batch_size: int) -> Path:
+    """Synthetic shards at the benchmark's image size with enough training images for every step of the run."""
+    out = Path(args.e2e_dir) / f"shards_{args.image_size}px_{batch_size}x{args.e2e_steps}"
+    manifest = out / "manifest.json"
+    if not manifest.is_file():
+        counts = f"train={batch_size * (args.e2e_steps + 1)},val={2 * batch_size},test={batch_size}"
+        subprocess.run([sys.executable, str(ROOT / "launch" / "make_shards.py"), "synthetic", "--out", str(out),
+                        "--image-size", str(args.image_size), "--num-classes", str(E2E_CLASSES), "--counts", counts,
+                        "--workers", str(args.e2e_workers), "--no-progress"], check=True, env=_child_env())
+    return manifest
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def trainer_throughput(metrics: Path, batch_size: int, skip_windows: int = 1) -> dict:
+    """Images/s of the trainer's logged windows after the first `skip_windows` (whole-window time, so logging,
+    loader stalls and host syncs count), and its peak memory."""
+    train = [json.loads(line) for line in metrics.read_text().splitlines() if '"kind": "train"' in line]
+    windows, prev = [], 0
+    for record in train:
+        images = (record["step"] - prev) * batch_size
+        windows.append((images, images / record["images_per_s"]))
+        prev = record["step"]
+    timed = windows[skip_windows:]
+    if not timed:
+        raise RuntimeError(f"{metrics}: {len(windows)} logged window(s), none after the first {skip_windows}")
+    images, seconds = sum(i for i, _ in timed), sum(t for _, t in timed)
+    return {"trainer_images_per_s": images / seconds, "trainer_windows": len(timed),
+            "trainer_window_images_per_s": [round(i / t, 2) for i, t in timed],
+            "trainer_peak_mem_gib": max(r.get("memory_mb", 0.0) for r in train) / 1024}
+
+
+def run_e2e(args: argparse.Namespace, device: torch.device, peaks: dict[str, float | None]) -> list[dict]:
+    from explainer.models import save_checkpoint
+
+    rows = []
+    for classifier_arch in args.classifiers:
+        for batch_size in args.batch_sizes:
+            manifest = make_e2e_shards(args, batch_size)
+            work = Path(args.e2e_dir) / f"{classifier_arch}_bs{batch_size}{'_compiled' if args.compile else ''}"
+            classifier = freeze(build_classifier(classifier_arch, E2E_CLASSES))
+            classes = json.loads(manifest.read_text())["classes"]
+            ckpt = save_checkpoint(work / "classifier.pt", classifier, kind="classifier", arch=classifier_arch,
+                                   num_classes=E2E_CLASSES, classes=classes, image_size=args.image_size)
+            # the bare step with the same models, classes and settings, in this process
+            explainer = build_explainer(args.explainer, E2E_CLASSES).to(device).train()
+            bare = measure_step_rows(args, device, classifier_arch, batch_size, ["ours"], E2E_CLASSES, explainer,
+                                     classifier.to(device), peaks, compile_classifier=False)[0]
+            del explainer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            out = work / "run"
+            overrides = [
+                f"data.manifest={manifest}", f"data.image_size={args.image_size}", f"data.batch_size={batch_size}",
+                f"data.num_workers={args.e2e_workers}", "data.shuffle_buffer=64",
+                f"classifier.arch={classifier_arch}", f"classifier.checkpoint={ckpt}",
+                f"explainer.arch={args.explainer}",
+                f"train.mixed_precision={args.precision}", f"train.channels_last={str(args.channels_last).lower()}",
+                f"train.compile={str(args.compile).lower()}", f"train.max_steps={args.e2e_steps}",
+                f"train.log_every_steps={args.e2e_log_every}", f"train.val_every_steps={args.e2e_steps}",
+                f"train.checkpoint_every_steps={args.e2e_steps}", "train.val_max_batches=2",
+                "train.image_log_every_steps=0", f"train.output_dir={out}", "train.resume=null",
+                "tracking.wandb_mode=disabled", f"train.seed={args.seed}",
+            ]
+            if out.exists():
+                import shutil
+
+                shutil.rmtree(out)
+            start = time.perf_counter()
+            proc = subprocess.run([sys.executable, str(ROOT / "explainer" / "train.py"), "--config",
+                                   str(ROOT / "configs" / "voc_vgg16.yaml"), *overrides],
+                                  env=_child_env(), capture_output=True, text=True)
+            wall = time.perf_counter() - start
+            row = {"classifier": classifier_arch, "explainer": args.explainer, "batch_size": batch_size,
+                   "image_size": args.image_size, "num_classes": E2E_CLASSES, "precision": args.precision,
+                   "channels_last": args.channels_last, "compiled": args.compile, "steps": args.e2e_steps,
+                   "num_workers": args.e2e_workers, "trainer_wall_s": wall,
+                   "bare_images_per_s": bare.get("images_per_s"), "bare_peak_mem_gib": bare.get("peak_mem_gib")}
+            if proc.returncode != 0:
+                row["error"] = f"train.py exited {proc.returncode}: {proc.stderr[-2000:]}"
+            else:
+                row.update(trainer_throughput(out / "metrics.jsonl", batch_size))
+                if row["bare_images_per_s"]:
+                    row["trainer_vs_bare"] = row["trainer_images_per_s"] / row["bare_images_per_s"]
+            rows.append(row)
+            print(format_e2e_row(row), flush=True)
+    return rows
 
 
 HEADER = (f"{'classifier':<12} {'bs':>4} {'mode':<10} {'img/s':>9} {'step ms':>9} {'TFLOP/s':>8} {'MFU':>6} "
@@ -314,10 +484,20 @@ HEADER = (f"{'classifier':<12} {'bs':>4} {'mode':<10} {'img/s':>9} {'step ms':>9
 def format_row(row: dict) -> str:
     if "error" in row:
         return f"{row['classifier']:<12} {row['batch_size']:>4} {row['mode']:<10} {row['error']}"
+    tflops = f"{row['achieved_tflops']:.3f}" if "achieved_tflops" in row else "-"  # FLOP count can be missing
     mfu = f"{100 * row['mfu']:.1f}%" if "mfu" in row else "-"
     mem = f"{row['peak_mem_gib']:.2f}" if "peak_mem_gib" in row else "-"
     return (f"{row['classifier']:<12} {row['batch_size']:>4} {row['mode']:<10} {row['images_per_s']:>9.1f} "
-            f"{row['step_ms']:>9.1f} {row['achieved_tflops']:>8.3f} {mfu:>6} {mem:>8}")
+            f"{row['step_ms']:>9.1f} {tflops:>8} {mfu:>6} {mem:>8}")
+
+
+def format_e2e_row(row: dict) -> str:
+    head = f"e2e {row['classifier']:<12} bs {row['batch_size']:>3}"
+    if "error" in row:
+        return f"{head} {row['error']}"
+    bare = row["bare_images_per_s"]
+    return (f"{head} trainer {row['trainer_images_per_s']:.1f} img/s, bare step {bare:.1f} img/s -> "
+            f"x{row.get('trainer_vs_bare', float('nan')):.2f} ({row['trainer_wall_s']:.0f} s wall)")
 
 
 def write_json(report: dict, path: str) -> None:

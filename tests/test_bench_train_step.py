@@ -1,12 +1,16 @@
-"""Smoke test of the train-step benchmark on tiny models, so the script keeps working between GPU runs."""
+"""The train-step benchmark and benchmarks/gpu_check.sh on tiny models, so both keep working between GPU runs."""
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_step.py"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_train_step.py"
 
 
 @pytest.fixture(scope="module")
@@ -17,13 +21,19 @@ def bench():
     return module
 
 
-def test_peak_table_by_device_name(bench):
+TINY = ["--device", "cpu", "--explainer", "tiny_unet", "--classifiers", "tiny_cnn", "--image-size", "32",
+        "--num-classes", "3", "--warmup", "1", "--iters", "1", "--rounds", "1"]
+
+
+def test_peak_table_by_device_name_and_precision(bench):
     assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
     assert bench.peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert bench.peak_tflops("NVIDIA H200") == 989.4
     assert bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert bench.peak_tflops("NVIDIA L40") == 181.05
     assert bench.peak_tflops("Some Future GPU") is None
+    assert bench.peak_tflops("NVIDIA H200", "tf32") == 494.7 and bench.peak_tflops("NVIDIA H200", "fp32") == 66.9
+    assert bench.peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5
 
 
 def test_two_half_passes_cost_the_flops_of_one_full_pass(bench):
@@ -41,17 +51,84 @@ def test_two_half_passes_cost_the_flops_of_one_full_pass(bench):
     assert counts["ours_fp32"] == pytest.approx(counts["reference"], rel=0.05)
 
 
-def test_cpu_benchmark_writes_every_mode(bench, tmp_path):
+def test_every_row_has_its_own_flops_and_the_peak_of_its_precision(bench, tmp_path):
+    """Each mode's FLOPs are recounted here independently (the reference's 3x3 TV convolutions make its count
+    differ from ours), and each MFU is over the peak of the row's precision: fp32 rows over --peak-tflops-fp32."""
+    import torch
+
+    from explainer.models import build_classifier, build_explainer, freeze
+
     out = tmp_path / "bench.json"
-    bench.main([
-        "--device", "cpu", "--explainer", "tiny_unet", "--classifiers", "tiny_cnn", "--image-size", "32",
-        "--batch-sizes", "2", "--num-classes", "3", "--warmup", "1", "--iters", "1", "--rounds", "1",
-        "--peak-tflops", "1.0", "--channels-last", "--out", str(out),
-    ])
+    bench.main([*TINY, "--batch-sizes", "2", "--peak-tflops", "1.0", "--peak-tflops-fp32", "0.25",
+                "--channels-last", "--out", str(out)])
     report = json.loads(out.read_text())
     rows = {row["mode"]: row for row in report["results"]}
     assert set(rows) == {"reference", "ours_fp32", "ours"}
-    for row in rows.values():
-        assert row["images_per_s"] > 0 and row["flops_per_step"] > 0 and row["mfu"] > 0
-    assert len({row["flops_per_step"] for row in rows.values()}) == 1  # one FLOP count of the step for every mode
+    args = bench.parse_args([*TINY, "--channels-last"])
+    cpu = torch.device("cpu")
+    images, labels = bench.make_batch(2, 3, 32, cpu, args.seed)
+    for mode, row in rows.items():
+        runner = bench.Runner(mode, build_explainer("tiny_unet", 3), freeze(build_classifier("tiny_cnn", 3)), images,
+                              labels, args, cpu)
+        assert row["flops_per_step"] == bench.count_flops(runner), mode
+        assert row["achieved_tflops"] == pytest.approx(row["flops_per_step"] * row["images_per_s"] / 2 / 1e12)
+        peak = 1.0 if mode == "ours" else 0.25
+        assert row["precision"] == ("bf16" if mode == "ours" else "fp32") and row["peak_tflops"] == peak
+        assert row["mfu"] == pytest.approx(row["achieved_tflops"] / peak)
+    assert rows["reference"]["flops_per_step"] != rows["ours_fp32"]["flops_per_step"]
     assert {s["mode"] for s in report["speedups"]} == {"ours_fp32", "ours"}
+
+
+def test_a_row_without_a_flop_count_still_prints(bench):
+    row = {"classifier": "vgg16", "batch_size": 64, "mode": "ours", "images_per_s": 10.0, "step_ms": 6400.0}
+    assert "vgg16" in bench.format_row(row) and " - " in bench.format_row(row)
+
+
+def test_compile_is_static_and_fresh_for_every_batch_size(bench, tmp_path):
+    """Reusing one compiled module across batch sizes makes dynamo recompile with a symbolic batch size (slower
+    kernels) from the second size on: every graph compiled here must have static shapes, one batch size each."""
+    import torch
+
+    graphs: list[tuple[bool, set[int]]] = []
+
+    def recording_backend(gm, example_inputs):
+        values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        symbolic = any(isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and
+                                                        any(isinstance(d, torch.SymInt) for d in v.shape))
+                       for v in values)
+        graphs.append((symbolic, {int(t.shape[0]) for t in example_inputs
+                                  if isinstance(t, torch.Tensor) and t.dim() == 4}))
+        return gm.forward
+
+    args = bench.parse_args([*TINY, "--batch-sizes", "2,3", "--modes", "ours", "--compile",
+                             "--out", str(tmp_path / "c.json")])
+    args.compile_backend = recording_backend
+    bench.run(args)
+    assert graphs and not any(symbolic for symbolic, _ in graphs)
+    sizes = set().union(*(s for _, s in graphs))
+    assert {2, 3} <= sizes or {4, 6} <= sizes  # the explainer sees B images, the classifier 2B
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_stage_and_summarises(tmp_path):
+    """benchmarks/gpu_check.sh --device cpu --smoke: the same stages and JSON files as on a GPU, tiny models."""
+    out = tmp_path / "gc"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--smoke",
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").exists() else ""
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{log[-5000:]}"
+    stages = (out / "stages.txt").read_text().splitlines()
+    assert [s.split(":")[0] for s in stages] == ["step_eager", "e2e", "eval_timing", "step_compiled"]
+    assert all(": exit 0," in s for s in stages), stages
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["missing"] == [] and summary["env"]["device_type"] == "cpu"
+    aims = {c["aim"] for c in summary["checks"] if "value" in c}
+    assert aims == {"step_speedup", "mfu", "trainer_vs_bare"}
+    e2e = json.loads((out / "e2e.json").read_text())["e2e"][0]
+    assert e2e["trainer_images_per_s"] > 0 and e2e["bare_images_per_s"] > 0 and e2e["trainer_windows"] >= 2
+    compiled = json.loads((out / "step_compiled.json").read_text())["results"]
+    assert [r["compiled"] for r in compiled] == ["explainer+classifier"]
+    timing = json.loads((out / "eval_timing.json").read_text())["results"][0]
+    assert timing["explainer_ms_per_image"] > 0 and timing["gradcam_ms_per_image"] > 0
+    assert not (out / "e2e_work").exists()
