@@ -34,8 +34,10 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--account")
     p.add_argument("--qos")
     p.add_argument("--constraint")
-    p.add_argument("--mem-gb", type=float)
-    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--mem-gb", type=float,
+                   help="memory per node in GB; default: tasks per node x (8 + 2 x data.num_workers) with GPUs, "
+                        "x (2 + 1 x data.num_workers) without; 0: the partition's default")
+    p.add_argument("--cpus-per-task", type=int, help="default: data.num_workers + 2 (at least data.num_workers + 1)")
     p.add_argument("--exclude", help="nodes to avoid, e.g. node[01-03]")
     p.add_argument("--array-parallelism", type=int, default=16, help="sweeps: runs of the array at once")
     p.add_argument("--job-dir", help="submitit folder (logs, pickles); default <train.output_dir>/submitit, for a "
