@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -340,26 +341,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.peak_tflops_fp32:
         peaks["tf32"] = peaks["fp32"] = args.peak_tflops_fp32
 
-    results = []
-    for classifier_arch in args.classifiers:
-        explainer = build_explainer(args.explainer, args.num_classes).to(device).train()
-        classifier = freeze(build_classifier(classifier_arch, args.num_classes).to(device))
-        for batch_size in args.batch_sizes:
-            for row in measure_step_rows(args, device, classifier_arch, batch_size, args.modes, args.num_classes,
-                                         explainer, classifier, peaks):
-                results.append(row)
-                print(format_row(row), flush=True)
-        del explainer, classifier
-
-    speedups = []
-    for row in results:
-        if row["mode"] == "reference" or "images_per_s" not in row:
-            continue
-        ref = next((r for r in results if r["mode"] == "reference" and r["classifier"] == row["classifier"]
-                    and r["batch_size"] == row["batch_size"] and "images_per_s" in r), None)
-        if ref:
-            speedups.append({"classifier": row["classifier"], "batch_size": row["batch_size"], "mode": row["mode"],
-                             "speedup_vs_reference": row["images_per_s"] / ref["images_per_s"]})
+    results: list[dict] = []
     report = {
         "device": device_name,
         "device_type": device.type,
@@ -368,13 +350,49 @@ def run(args: argparse.Namespace) -> dict:
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "args": {k: v for k, v in vars(args).items()},
+        "args": {k: v if isinstance(v, (str, int, float, bool, list, type(None))) else repr(v)
+                 for k, v in vars(args).items()},
         "results": results,
-        "speedups": speedups,
+        "speedups": [],
+        "partial": True,
     }
+
+    def save_progress() -> None:
+        """Rows so far, so that a run stopped by a time budget still leaves what it measured."""
+        report["speedups"] = speedups(results)
+        if args.out:
+            write_json(report, args.out)
+
+    for classifier_arch in args.classifiers:
+        explainer = build_explainer(args.explainer, args.num_classes).to(device).train()
+        classifier = freeze(build_classifier(classifier_arch, args.num_classes).to(device))
+        for batch_size in args.batch_sizes:
+            for row in measure_step_rows(args, device, classifier_arch, batch_size, args.modes, args.num_classes,
+                                         explainer, classifier, peaks):
+                results.append(row)
+                print(format_row(row), flush=True)
+            save_progress()
+        del explainer, classifier
     if args.e2e:
-        report["e2e"] = run_e2e(args, device, peaks)
+        report["e2e"] = []
+        run_e2e(args, device, peaks, report["e2e"], save_progress)
+    report["speedups"] = speedups(results)
+    report["partial"] = False
     return report
+
+
+def speedups(results: list[dict]) -> list[dict]:
+    out = []
+    for row in results:
+        if row["mode"] == "reference" or "images_per_s" not in row:
+            continue
+        ref = next((r for r in results if r["mode"] == "reference" and r["classifier"] == row["classifier"]
+                    and r["batch_size"] == row["batch_size"] and "images_per_s" in r), None)
+        if ref:
+            out.append({"classifier": row["classifier"], "batch_size": row["batch_size"], "mode": row["mode"],
+                        "compiled": row.get("compiled", "no"),
+                        "speedup_vs_reference": row["images_per_s"] / ref["images_per_s"]})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -420,10 +438,11 @@ def trainer_throughput(metrics: Path, batch_size: int, skip_windows: int = 1) ->
             "trainer_peak_mem_gib": max(r.get("memory_mb", 0.0) for r in train) / 1024}
 
 
-def run_e2e(args: argparse.Namespace, device: torch.device, peaks: dict[str, float | None]) -> list[dict]:
+def run_e2e(args: argparse.Namespace, device: torch.device, peaks: dict[str, float | None], rows: list[dict],
+            save_progress: Callable[[], None]) -> None:
+    """Appends one row per classifier and batch size to `rows`."""
     from explainer.models import save_checkpoint
 
-    rows = []
     for classifier_arch in args.classifiers:
         for batch_size in args.batch_sizes:
             manifest = make_e2e_shards(args, batch_size)
@@ -474,7 +493,7 @@ def run_e2e(args: argparse.Namespace, device: torch.device, peaks: dict[str, flo
                     row["trainer_vs_bare"] = row["trainer_images_per_s"] / row["bare_images_per_s"]
             rows.append(row)
             print(format_e2e_row(row), flush=True)
-    return rows
+            save_progress()
 
 
 HEADER = (f"{'classifier':<12} {'bs':>4} {'mode':<10} {'img/s':>9} {'step ms':>9} {'TFLOP/s':>8} {'MFU':>6} "

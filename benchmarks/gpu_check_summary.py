@@ -28,6 +28,8 @@ def summarise(folder: Path) -> dict[str, Any]:
     checks: list[dict[str, Any]] = []
     missing = [name for name, part in [("step_eager.json", eager), ("step_compiled.json", compiled),
                                        ("e2e.json", e2e), ("eval_timing.json", timing)] if part is None]
+    partial = [name for name, part in [("step_eager.json", eager), ("step_compiled.json", compiled),
+                                       ("e2e.json", e2e)] if part is not None and part.get("partial")]
     step_rows = [r for part in (eager, compiled) if part for r in part["results"] if "images_per_s" in r]
     reference = {(r["classifier"], r["batch_size"]): r["images_per_s"] for r in step_rows if r["mode"] == "reference"}
     ours = [r for r in step_rows if r["mode"] == "ours"]
@@ -60,8 +62,9 @@ def summarise(folder: Path) -> dict[str, Any]:
         "env": env,
         "aims": AIMS,
         "checks": checks,
-        "all_met": bool(checks) and all(c["met"] for c in checks) and not missing,
+        "all_met": bool(checks) and all(c["met"] for c in checks) and not missing and not partial,
         "missing": missing,
+        "partial": partial,  # stopped by the time budget: the rows measured before that
         "peak_mem_gib": peak_mem,
         "trainer_peak_mem_gib": {f"{r['classifier']}/bs{r['batch_size']}": r.get("trainer_peak_mem_gib")
                                  for r in (e2e or {}).get("e2e", [])},
@@ -85,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         value = f"{c['value']:.3f}" if "value" in c else f"error: {c.get('error', '')[:80]}"
         print(f"  {'ok  ' if c['met'] else 'MISS'} {c['aim']:<16} {c['classifier']:<10} bs {c['batch_size']:>3} "
               f"compiled={c.get('compiled', '-'):<20} {value} (aim >= {c['target']})")
+    for name in summary["partial"]:
+        print(f"  PART {name}: stopped by the time budget; the rows above are those measured before")
     for name in summary["missing"]:
         print(f"  MISS {name}: not written (stage failed or ran out of the time budget; see the log)")
     print(f"wrote {folder / 'summary.json'}")
