@@ -150,8 +150,9 @@ class JobSpec:
 def torch_distributed_env() -> Iterator[submitit.helpers.TorchDistributedEnvironment]:
     """Export MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK from the job (SLURM, local or debug) for env:// init.
 
-    CUDA_VISIBLE_DEVICES is left alone: accelerate picks cuda:LOCAL_RANK, as under torchrun. The previous values
-    come back afterwards, which matters for debug jobs (they run inside the submitting process).
+    CUDA_VISIBLE_DEVICES is left alone: each task then takes its GPU from what it sees, whether the site shows it
+    all the node's GPUs or only its own (explainer.distributed.bind_local_device). The previous values come back
+    afterwards, which matters for debug jobs (they run inside the submitting process).
     """
     saved = {key: os.environ.get(key) for key in TORCH_DIST_VARS}
     dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)

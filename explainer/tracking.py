@@ -25,9 +25,12 @@ RUN_ID_FILE = "wandb_run_id.txt"
 
 
 def resolve_wandb_mode(mode: str) -> str:
-    """'auto' -> 'online' if an API key is configured (env or ~/.netrc), else 'offline'."""
+    """'auto' -> 'online' if an API key is configured (env or ~/.netrc), else 'offline'; always 'offline' inside a
+    SLURM job (compute nodes often have no internet: rank 0 would stall in wandb.init while the others wait)."""
     if mode != "auto":
         return mode
+    if os.environ.get("SLURM_JOB_ID"):
+        return "offline"
     if os.environ.get("WANDB_API_KEY"):
         return "online"
     try:

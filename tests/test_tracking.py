@@ -11,10 +11,14 @@ from explainer.tracking import RunTracker, persistent_run_id, resolve_wandb_mode
 
 def test_auto_mode_is_offline_without_a_key(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     assert resolve_wandb_mode("auto") == "offline"
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert resolve_wandb_mode("auto") == "online"
+    monkeypatch.setenv("SLURM_JOB_ID", "123")  # in a SLURM job: offline unless asked for online
+    assert resolve_wandb_mode("auto") == "offline" and resolve_wandb_mode("online") == "online"
+    monkeypatch.delenv("SLURM_JOB_ID")
     assert resolve_wandb_mode("disabled") == "disabled"
     assert wandb_log_with(TrackingConfig(wandb_mode="disabled")) is None
 
