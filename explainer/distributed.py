@@ -83,7 +83,7 @@ def bind_local_device(environ: MutableMapping[str, str] | None = None, device_co
     LOCAL_RANK for data (ranks come from RANK).
     """
     environ = os.environ if environ is None else environ
-    world = _env_int(environ, "WORLD_SIZE", "SLURM_NTASKS")
+    world = _env_int(environ, "WORLD_SIZE")  # torch's world: a plain `python` inside an allocation is one process
     if world is None or world <= 1:
         return None
     local_rank = _env_int(environ, "LOCAL_RANK", "SLURM_LOCALID")

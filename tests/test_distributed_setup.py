@@ -45,8 +45,8 @@ def test_ambiguous_binding_fails_with_a_clear_message(local_rank, local_world, v
 @pytest.mark.parametrize(("env", "visible", "index"), [
     ({"WORLD_SIZE": "16", "LOCAL_RANK": "5", "LOCAL_WORLD_SIZE": "8"}, 8, 5),  # torchrun / submitit, all GPUs visible
     ({"WORLD_SIZE": "16", "LOCAL_RANK": "5", "LOCAL_WORLD_SIZE": "8"}, 1, 0),  # one GPU per task
-    ({"SLURM_NTASKS": "16", "SLURM_LOCALID": "5"}, 1, 0),  # a bare srun task (no torch variables yet)
-    ({"SLURM_NTASKS": "16", "SLURM_LOCALID": "5"}, 8, 5),
+    ({"WORLD_SIZE": "16", "SLURM_LOCALID": "5"}, 1, 0),  # an srun task whose launcher exported no LOCAL_RANK
+    ({"WORLD_SIZE": "16", "SLURM_LOCALID": "5"}, 8, 5),
 ])
 def test_bind_makes_accelerate_and_ddp_agree(env, visible, index):
     """accelerate takes cuda:(LOCAL_RANK % device_count) and gives DDP device_ids=[LOCAL_RANK]: after the binding
@@ -62,6 +62,8 @@ def test_bind_makes_accelerate_and_ddp_agree(env, visible, index):
 def test_bind_leaves_single_processes_alone_and_refuses_unknown_layouts():
     env = {"WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     assert bind_local_device(env, device_count=8) is None and env == {"WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    env = {"SLURM_NTASKS": "8", "SLURM_LOCALID": "3"}  # plain `python train.py` inside a multi-task allocation
+    assert bind_local_device(env, device_count=8) is None and "LOCAL_RANK" not in env
     with pytest.raises(DeviceBindingError, match="neither LOCAL_RANK nor SLURM_LOCALID"):
         bind_local_device({"WORLD_SIZE": "4"}, device_count=4)
     with pytest.raises(DeviceBindingError, match="sees 2 GPUs"):
