@@ -121,13 +121,14 @@ fi
 BENCH=("$PY" benchmarks/bench_train_step.py --device "$DEVICE" --channels-last "${MODELS[@]}")
 
 stage step_eager "$MIN_STEP" "${BENCH[@]}" "${STEP[@]}" --out "$OUT/step_eager.json"
-stage e2e "$MIN_E2E" "${BENCH[@]}" "${STEP[@]}" "${E2E[@]}" --modes ours --e2e --e2e-dir "$OUT/e2e_work" \
+E2E_WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_e2e.XXXXXX")"  # shards, checkpoints: large, not results
+trap 'rm -rf "$E2E_WORK"' EXIT
+stage e2e "$MIN_E2E" "${BENCH[@]}" "${STEP[@]}" "${E2E[@]}" --modes ours --e2e --e2e-dir "$E2E_WORK" \
     --out "$OUT/e2e.json"
 stage eval_timing "$MIN_EVAL" "$PY" benchmarks/bench_eval_timing.py --device "$DEVICE" "${EVAL[@]}" \
     --out "$OUT/eval_timing.json"
 stage step_compiled "$MIN_COMPILE" "${BENCH[@]}" "${STEP[@]}" "${COMPILE[@]}" --modes ours --compile \
     --out "$OUT/step_compiled.json"
-rm -rf "$OUT/e2e_work"  # shards and checkpoints of the trainer runs: large, not results
 
 "$PY" benchmarks/gpu_check_summary.py "$OUT" | tee -a "$LOG"
 say "done in $((SECONDS - START))s: $OUT"
