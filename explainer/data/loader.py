@@ -537,8 +537,8 @@ def _check_rank(rank: int, world_size: int) -> None:
 
 
 def batch_image_format(cfg: Any, device: torch.device | str) -> str:
-    """"uint8" when the images should be normalised on `device` (data.normalize_on_device: auto = on CUDA), else
-    "float". uint8 batches: image uint8 [B, H, W, 3], pinned when CUDA is there; finish them with
+    """'uint8' when the images should be normalised on `device` (data.normalize_on_device: auto = on CUDA), else
+    'float'. uint8 batches: image uint8 [B, H, W, 3], pinned when CUDA is there; finish them with
     transforms.normalize_on_device after the copy."""
     mode = getattr(cfg, "normalize_on_device", "auto")
     return "uint8" if mode == "on" or (mode == "auto" and torch.device(device).type == "cuda") else "float"
