@@ -86,7 +86,7 @@ if ! "$PY" -c "$IMPORTS" 2>/dev/null; then
         exit 1
     fi
 fi
-"$PY" - "$OUT/env.json" "$DEVICE" <<'PYEOF' >>"$LOG" 2>&1
+if "$PY" - "$OUT/env.json" "$DEVICE" <<'PYEOF' >>"$LOG" 2>&1
 import json, os, platform, sys, torch, accelerate
 out, device = sys.argv[1], sys.argv[2]
 info = {"python": platform.python_version(), "torch": torch.__version__, "accelerate": accelerate.__version__,
@@ -99,6 +99,7 @@ if device == "cuda":
     info.update(device=torch.cuda.get_device_name(0), memory_gib=p.total_memory / 2**30, sms=p.multi_processor_count)
 json.dump(info, open(out, "w"), indent=1)
 PYEOF
+then :; else say "environment check failed: $(tail -n 3 "$LOG" | tr '\n' ' ')"; exit 1; fi
 say "environment: $(tr -d '\n' <"$OUT/env.json")"
 
 # -- what to run ---------------------------------------------------------------------------------------------------------
