@@ -54,6 +54,15 @@ class ClassifierModelConfig:
     checkpoint: str | None = None  # our fine-tuned checkpoint (train_classifier output); required by train.py
     imagenet_weights: str | None = None  # local torchvision state-dict file; no download at run time
     finetune_backbone: bool = False  # SPEC 4: reference trains the new head only
+    # Bring your own Explanandum (explainer training and evaluation): at most one of the three sources below; with
+    # none of them, `checkpoint` is one of ours. With `torchvision` or `factory`, `checkpoint` is a plain state dict.
+    torchvision: str | None = None  # any torchvision classification model name (torchvision.models.get_model)
+    torchvision_weights: str | None = None  # weights enum name (e.g. IMAGENET1K_V1) read from the local torch cache
+    factory: str | None = None  # "my_pkg.models:build": a callable returning an nn.Module
+    factory_kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the factory
+    torchscript: str | None = None  # a TorchScript file (torch.jit.save), the most black-box form
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # input normalisation of the
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # classifier (ImageNet by default)
 
 
 @dataclass
@@ -80,6 +89,7 @@ class LossConfig:
     area_min: float = 0.05  # a
     area_max: float = 0.30  # b
     bound_reduction: Literal["sum", "mean"] = "sum"  # reference sums over GT classes; the paper's eq. 6 averages
+    classification: Literal["bce", "ce"] = "bce"  # bce: reference (multi-label); ce: softmax cross entropy (ours)
     # RTIS (Dabkowski and Gal 2017) weights, used when kind == "rtis"
     rtis_tv: float = 10.0
     rtis_area: float = 1.0
@@ -153,6 +163,7 @@ class EvalConfig:
     rise_batch: int = 100
     ep_areas: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3])
     ep_iterations: int = 800
+    gradcam_layer: str | None = None  # a module name such as "features.28"; default: the last spatial conv block
     output_dir: str | None = None  # default: <run>/eval
     process_group_timeout_min: float = 180.0  # ranks may finish their share minutes apart (EP, RISE)
 
@@ -224,6 +235,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(f"{where}: {value!r} is not valid; expected {_describe(tp)}")
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{where}: expected a mapping with string keys, got {type(value).__name__} {value!r}")
+        return dict(value)  # values are passed on as YAML gave them (factory keyword arguments)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected {_describe(tp)}, got {type(value).__name__} {value!r}")
@@ -354,6 +369,23 @@ def validate(cfg: Any) -> None:
             (0.0 <= loss.area_min <= loss.area_max <= 1.0,
              f"loss.area_min/area_max must satisfy 0 <= a <= b <= 1, got {loss.area_min}, {loss.area_max}")
         )
+    classifier = getattr(cfg, "classifier", None)
+    if classifier is not None:
+        sources = [k for k in ("torchvision", "factory", "torchscript") if getattr(classifier, k)]
+        checks += [
+            (len(sources) <= 1, f"classifier: set at most one of torchvision, factory, torchscript (got {sources})"),
+            (len(classifier.mean) == 3 and len(classifier.std) == 3 and all(s > 0 for s in classifier.std),
+             f"classifier.mean/std must be 3 numbers each (std > 0), got {classifier.mean}, {classifier.std}"),
+            (classifier.factory is None or classifier.factory.count(":") == 1,
+             f"classifier.factory must look like 'package.module:callable', got {classifier.factory!r}"),
+            (not (classifier.torchscript and classifier.checkpoint),
+             "classifier.checkpoint must be null with classifier.torchscript (the TorchScript file holds the weights)"),
+            (not (classifier.torchvision_weights and classifier.checkpoint),
+             "classifier: set classifier.checkpoint (a state-dict file) or classifier.torchvision_weights (from the "
+             "local torchvision cache), not both"),
+            (classifier.torchvision_weights is None or classifier.torchvision is not None,
+             "classifier.torchvision_weights needs classifier.torchvision (the model name)"),
+        ]
     optim = getattr(cfg, "optim", None)
     if optim is not None:
         checks += [
@@ -377,6 +409,12 @@ def validate(cfg: Any) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def input_normalization(cfg: Any) -> dict[str, tuple[float, ...]]:
+    """{"mean", "std"} of the classifier's inputs for the data loaders ({} when the config has no classifier)."""
+    clf = getattr(cfg, "classifier", None)
+    return {} if clf is None else {"mean": tuple(clf.mean), "std": tuple(clf.std)}
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

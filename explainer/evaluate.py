@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from explainer import metrics as M
 from explainer.atomic import write_text_atomic
 from explainer.baselines import BASELINES, AttributionMethod, build_baseline
-from explainer.config import EvalConfig, ExplainerRunConfig, load_config, to_dict
+from explainer.config import EvalConfig, ExplainerRunConfig, input_normalization, load_config, to_dict
 
 MASK_METHODS = ("explainer", "rtis")
 WARMUP_METHODS = ("explainer", "rtis", "gradcam")  # one untimed call first (lazy init, allocator); the others are
@@ -367,6 +367,20 @@ def _state(timeout_min: float) -> Any:
     return make_state(timeout_min)
 
 
+def load_eval_classifier(cfg: ExplainerRunConfig, classes: Sequence[str], device: torch.device,
+                         checkpoint: str | None = None, where: str = "the data") -> tuple[nn.Module, str]:
+    """The frozen Explanandum from any source (explainer.models.explanandum) and how reports name it;
+    `checkpoint` (--classifier) replaces classifier.checkpoint."""
+    from explainer.models.explanandum import load_explanandum, source_kind
+
+    if source_kind(cfg.classifier) == "checkpoint" and (checkpoint or cfg.classifier.checkpoint) is None:
+        raise ValueError("no classifier: pass --classifier or set classifier.checkpoint (or classifier.torchvision, "
+                         "classifier.factory, classifier.torchscript) in the config")
+    explanandum = load_explanandum(cfg.classifier, classes, cfg.data.image_size, map_location=device,
+                                   checkpoint=checkpoint, where=where)
+    return explanandum.model, explanandum.source
+
+
 def evaluate(cfg: ExplainerRunConfig, checkpoint: str | None, *, classifier: str | None = None,
              methods: Sequence[str] | None = None, rtis_checkpoint: str | None = None, max_images: int | None = None,
              out: str | None = None, figure_images: int = 4, progress: bool = True,
@@ -376,19 +390,14 @@ def evaluate(cfg: ExplainerRunConfig, checkpoint: str | None, *, classifier: str
     from tqdm import tqdm
 
     from explainer.data.loader import make_eval_loader, read_manifest
-    from explainer.models import load_classifier, load_explainer
+    from explainer.models import load_explainer
 
     state = _state(cfg.eval.process_group_timeout_min)
     device = state.device if state.device.type != "cpu" else torch.device("cpu")  # accelerate says cpu:0 under gloo
     names = parse_methods(methods or cfg.eval.methods)
     manifest = read_manifest(cfg.data.manifest)
     classes = list(manifest.classes)
-    clf_path = classifier or cfg.classifier.checkpoint
-    if clf_path is None:
-        raise ValueError("no classifier: pass --classifier or set classifier.checkpoint in the config")
-    clf, clf_meta = load_classifier(clf_path, map_location=device, num_classes=len(classes))
-    if list(clf_meta["classes"]) != classes:
-        raise ValueError(f"{clf_path}: classifier classes {clf_meta['classes']} differ from the data's {classes}")
+    clf, clf_path = load_eval_classifier(cfg, classes, device, classifier, where=str(manifest.path))
 
     built: dict[str, AttributionMethod] = {}
     for name in names:
@@ -410,7 +419,7 @@ def evaluate(cfg: ExplainerRunConfig, checkpoint: str | None, *, classifier: str
     limit = max_images if max_images is not None else cfg.eval.max_images
     if batches is None:
         batches = make_eval_loader(cfg.data, manifest, cfg.data.test_split, rank=state.process_index,
-                                   world_size=state.num_processes, max_images=limit)
+                                   world_size=state.num_processes, max_images=limit, **input_normalization(cfg))
     evaluator = Evaluator(clf, built, classes, cfg.eval, device,
                           figure_images=figure_images if state.is_main_process else 0)
     for batch in tqdm(batches, desc=f"evaluate[{state.process_index}]", unit="batch",

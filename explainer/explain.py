@@ -265,6 +265,8 @@ def explain(checkpoint: str, inputs: Sequence[str], out: str, *, batch_size: int
     dev = pick_device(device)
     model, meta = load_explainer(checkpoint, map_location=dev)
     classes, size = list(meta["classes"]), int(meta["image_size"])
+    extra = meta.get("extra", {})  # the classifier's input normalisation the Explainer was trained with
+    norm = {k: tuple(extra[k]) for k in ("mean", "std") if k in extra}
     files = expand_inputs(inputs)
     if not files:
         raise FileNotFoundError(f"no image files found in {list(inputs)}")
@@ -281,7 +283,7 @@ def explain(checkpoint: str, inputs: Sequence[str], out: str, *, batch_size: int
                 print(f"[explainer] skipped {d.path}: {d.error}", file=sys.stderr)
                 index["skipped"].append({"file": str(d.path), "reason": d.error})
         if good:
-            x = normalize_batch(np.stack([d.resized for d in good])).to(dev)
+            x = normalize_batch(np.stack([d.resized for d in good]), **norm).to(dev)
             if export is not None and "export" not in index:
                 target = Path(export_path or out_dir / f"explainer.{'onnx' if export == 'onnx' else 'ts'}")
                 diff = export_model(model, x, export, target)

@@ -42,10 +42,22 @@ def aggregate_masks(masks: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(has_t, m, 0.0), torch.where(has_n, n, 0.0)
 
 
-def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """L_c per image: BCE-with-logits against the multi-hot labels, mean over the C classes. -> [B]"""
+def classification_loss(logits: Tensor, labels: Tensor, kind: Literal["bce", "ce"] = "bce") -> Tensor:
+    """L_c per image. -> [B]
+
+    bce (reference, paper eq. 2): BCE-with-logits against the multi-hot labels, mean over the C classes.
+    ce (our extension, for single-label softmax classifiers): cross entropy of softmax(logits) with the image's
+    class, -log p_y; an image with several classes gets the cross entropy with the uniform distribution over them,
+    an image with none gets 0.
+    """
     logits = full_precision(logits)
-    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").mean(dim=1)
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").mean(dim=1)
+    if kind == "ce":
+        target = labels.to(logits.dtype)
+        target = target / target.sum(dim=1, keepdim=True).clamp(min=1)
+        return -(target * F.log_softmax(logits, dim=1)).sum(dim=1)
+    raise ValueError(f"loss.classification must be 'bce' or 'ce', got {kind!r}")
 
 
 def negative_entropy(logits: Tensor) -> Tensor:
@@ -138,7 +150,7 @@ def wysiwyc_loss(
     """
     if m is None or n is None:
         m, n = aggregate_masks(masks, labels)
-    l_c = classification_loss(logits_masked, labels).mean()
+    l_c = classification_loss(logits_masked, labels, cfg.classification).mean()
     l_e = negative_entropy(logits_inv).mean()
     tv_m = total_variation(m).mean()
     tv_n = total_variation(n).mean()

@@ -12,7 +12,8 @@ from accelerate import Accelerator
 from explainer.config import ClassifierRunConfig, ExplainerRunConfig
 from explainer.data.loader import Manifest
 from explainer.metrics import CLEAN_THRESHOLD, classification_counts, precision_recall_f1
-from explainer.models import build_classifier, build_explainer, freeze, load_classifier, save_checkpoint
+from explainer.models import build_classifier, build_explainer, freeze, save_checkpoint
+from explainer.models.explanandum import load_explanandum, source_kind
 from explainer.step import explainer_forward_loss
 from explainer.trainer import StepResult
 
@@ -23,20 +24,17 @@ class ExplainerTask:
     kind = "explainer"
 
     def __init__(self, cfg: ExplainerRunConfig):
-        if not cfg.classifier.checkpoint:
-            raise ValueError("classifier.checkpoint is required: the classifier to explain (train_classifier output)")
+        if source_kind(cfg.classifier) == "checkpoint" and not cfg.classifier.checkpoint:
+            raise ValueError("classifier.checkpoint is required: the classifier to explain (train_classifier output), "
+                             "or set classifier.torchvision, classifier.factory or classifier.torchscript")
         self.cfg = cfg
         self.drop_unlabelled = cfg.data.drop_unlabelled
         self.classifier: torch.nn.Module | None = None
 
     def setup(self, accelerator: Accelerator, manifest: Manifest) -> None:
-        classifier, meta = load_classifier(self.cfg.classifier.checkpoint, map_location="cpu")
-        if list(meta.get("classes", [])) != list(manifest.classes):
-            raise ValueError(
-                f"classifier.checkpoint {self.cfg.classifier.checkpoint} was trained on classes {meta.get('classes')} "
-                f"but {manifest.path} has {manifest.classes}"
-            )
-        classifier = freeze(classifier.to(accelerator.device))
+        explanandum = load_explanandum(self.cfg.classifier, manifest.classes, self.cfg.data.image_size,
+                                       map_location=accelerator.device, where=str(manifest.path))
+        classifier = freeze(explanandum.model)
         if self.cfg.train.channels_last:
             classifier = classifier.to(memory_format=torch.channels_last)
         self.classifier = classifier
@@ -69,7 +67,9 @@ class ExplainerTask:
     def export(self, model: torch.nn.Module, manifest: Manifest, path: Path) -> None:
         save_checkpoint(path, model, kind="explainer", arch=self.cfg.explainer.arch,
                         num_classes=len(manifest.classes), classes=manifest.classes,
-                        image_size=self.cfg.data.image_size, extra={"loss": self.cfg.loss.kind})
+                        image_size=self.cfg.data.image_size,
+                        extra={"loss": self.cfg.loss.kind, "mean": list(self.cfg.classifier.mean),
+                               "std": list(self.cfg.classifier.std)})
 
 
 def _soft_iou_sums(m: torch.Tensor, seg: torch.Tensor, has_seg: torch.Tensor) -> dict[str, float]:

@@ -25,7 +25,15 @@ from tqdm import tqdm
 
 from explainer.atomic import write_json_atomic
 from explainer.checkpoint import CheckpointManager, TrainerState
-from explainer.config import DataConfig, OptimConfig, TrackingConfig, TrainConfig, save_config, to_dict
+from explainer.config import (
+    DataConfig,
+    OptimConfig,
+    TrackingConfig,
+    TrainConfig,
+    input_normalization,
+    save_config,
+    to_dict,
+)
 from explainer.data.loader import Manifest, batch_image_format, make_eval_loader, make_train_loader, read_manifest
 from explainer.data.transforms import normalize_on_device
 from explainer.distributed import all_reduce_sums, any_true, make_accelerator, seed_everything, world_from
@@ -74,13 +82,15 @@ class RunSettings:
     tracking: TrackingConfig
 
 
-def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
+def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool,
+               norm: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`norm`: the classifier's mean/std (config.input_normalization) for uint8 batches normalised here."""
     out = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
             value = value.to(device, non_blocking=True)
             if key == "image" and value.dtype == torch.uint8:  # loader image_format "uint8": normalise here
-                value = normalize_on_device(value, channels_last=channels_last)
+                value = normalize_on_device(value, channels_last=channels_last, **(norm or {}))
             elif key == "image" and channels_last:
                 value = value.contiguous(memory_format=torch.channels_last)
         out[key] = value
@@ -130,9 +140,10 @@ def fit(task: Task, settings: RunSettings, full_config: Any) -> dict[str, Any]:
     if tcfg.compile:
         model = torch.compile(model)
 
+    norm = input_normalization(full_config)  # the classifier's mean/std: a masked-out pixel is its mean colour
     train_stream = make_train_loader(dcfg, manifest, dcfg.train_split, rank=world.rank, world_size=world.world_size,
                                      seed=tcfg.seed, drop_unlabelled=task.drop_unlabelled,
-                                     image_format=batch_image_format(dcfg, accelerator.device))
+                                     image_format=batch_image_format(dcfg, accelerator.device), **norm)
     accum = ocfg.grad_accum_steps
     steps_per_epoch = tcfg.steps_per_epoch or len(train_stream) // accum
     if steps_per_epoch < 1:
@@ -164,12 +175,12 @@ def fit(task: Task, settings: RunSettings, full_config: Any) -> dict[str, Any]:
         model.eval()
         sums: dict[str, float] = {}
         loader = make_eval_loader(dcfg, manifest, dcfg.val_split, rank=world.rank, world_size=world.world_size,
-                                  image_format=batch_image_format(dcfg, accelerator.device))
+                                  image_format=batch_image_format(dcfg, accelerator.device), **norm)
         with torch.no_grad():
             for i, batch in enumerate(loader):
                 if tcfg.val_max_batches is not None and i >= tcfg.val_max_batches:
                     break
-                batch = _to_device(batch, accelerator.device, tcfg.channels_last)
+                batch = _to_device(batch, accelerator.device, tcfg.channels_last, norm)
                 for key, value in task.val_sums(model, batch, accelerator).items():
                     sums[key] = sums.get(key, 0.0) + value
         model.train()
@@ -203,7 +214,7 @@ def fit(task: Task, settings: RunSettings, full_config: Any) -> dict[str, Any]:
         while state.batches_in_epoch < batches_per_epoch and state.step < total_steps:
             bad, results = False, []
             for micro in range(accum):
-                batch = _to_device(next(batches), accelerator.device, tcfg.channels_last)
+                batch = _to_device(next(batches), accelerator.device, tcfg.channels_last, norm)
                 state.batches_in_epoch += 1
                 sync = micro == accum - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):

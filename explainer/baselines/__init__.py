@@ -33,7 +33,7 @@ def build_baseline(name: str, classifier: nn.Module, cfg: EvalConfig) -> Attribu
     if name == "gradcam":
         from explainer.baselines.gradcam import GradCAM
 
-        return GradCAM(classifier)
+        return GradCAM(classifier, cfg.gradcam_layer)
     if name == "rise":
         from explainer.baselines.rise import RISE
 

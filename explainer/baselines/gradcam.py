@@ -1,10 +1,13 @@
-"""Grad-CAM (Selvaraju et al. 2017) through captum's LayerGradCam, on the layer the reference used (SPEC 7).
+"""Grad-CAM (Selvaraju et al. 2017) through captum's LayerGradCam, on the layer the reference used (SPEC 7) or a
+named one (eval.gradcam_layer), for any hookable classifier.
 
 captum works on a frozen classifier as is (pytorch-grad-cam would need an input with requires_grad) and gives the same
 maps after min-max normalisation (LIBRARIES.md). One backward pass per class, batched over the images.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from captum.attr import LayerAttribution, LayerGradCam
@@ -13,23 +16,76 @@ from torch import Tensor, nn
 from explainer.baselines.common import minmax
 
 
-def gradcam_layer(classifier: nn.Module) -> nn.Module:
-    """The output of the last conv block: VGG-16 `features[-1]`, ResNets `layer4[-1]` (the classifier's own
-    `gradcam_layer()`), tiny_cnn and unknown models: their last ReLU after a Conv2d (else the last Conv2d).
+def _check_hookable(classifier: nn.Module) -> None:
+    if isinstance(classifier, torch.jit.ScriptModule):
+        raise ValueError(
+            "Grad-CAM needs the activations of an inner layer, and a TorchScript classifier does not run Python "
+            "hooks inside its compiled forward. Evaluate it with the black-box baselines (rise, ep), or load the "
+            "same weights through classifier.torchvision / classifier.factory to run Grad-CAM"
+        )
 
-    tiny_cnn's `gradcam_layer()` names the whole pooled feature stack, which has no spatial extent left. Its last
-    block's output (conv-BN-ReLU) is the analogue of the VGG/ResNet layers, which are post-activation too; on the
-    synthetic test set it gives Grad-CAM a higher IoU than the raw conv output (0.46 vs 0.41), so the baseline is not
-    handicapped by our choice.
+
+def candidate_layers(classifier: nn.Module, limit: int = 12) -> list[str]:
+    """Names of the modules that hold a Conv2d (blocks and convs), last ones first: what a Grad-CAM layer can be."""
+    names = [name for name, module in classifier.named_modules()
+             if name and any(isinstance(m, nn.Conv2d) for m in module.modules())]
+    return names[::-1][:limit]
+
+
+def named_layer(classifier: nn.Module, name: str) -> nn.Module:
+    """The module called `name` (eval.gradcam_layer, torchvision-style names such as "features.28" or "layer4.1";
+    our fine-tuned classifiers also accept them without their "net." prefix); a clear error lists candidates."""
+    _check_hookable(classifier)
+    modules = dict(classifier.named_modules())
+    for candidate in (name, f"net.{name}"):
+        if candidate in modules and candidate:
+            return modules[candidate]
+    raise ValueError(f"eval.gradcam_layer: the classifier has no layer {name!r}; candidate layers (last first): "
+                     f"{', '.join(candidate_layers(classifier)) or 'none (no Conv2d)'}")
+
+
+def last_spatial_layer(classifier: nn.Module, images: Tensor) -> nn.Module:
+    """The module that produces the last feature map with spatial extent (> 1x1) in one forward pass: the output of
+    the last conv block (for VGG the whole `features` stack, for a ResNet `layer4`, for tiny_cnn its last ReLU)."""
+    _check_hookable(classifier)
+    finished: list[nn.Module] = []
+
+    def record(module: nn.Module, _inputs: Any, output: Any) -> None:
+        if isinstance(output, Tensor) and output.dim() == 4 and output.shape[-1] * output.shape[-2] > 1:
+            finished.append(module)
+
+    handles = [m.register_forward_hook(record) for name, m in classifier.named_modules() if name]
+    try:
+        with torch.no_grad():
+            classifier(images[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not finished:
+        raise ValueError(f"Grad-CAM: classifier {type(classifier).__name__} has no layer with a spatial output "
+                         f"(> 1x1) at {tuple(images.shape[-2:])} px; set eval.gradcam_layer")
+    return finished[-1]
+
+
+def gradcam_layer(classifier: nn.Module, images: Tensor | None = None) -> nn.Module:
+    """The automatic layer: the reference's for our fine-tuned VGG-16 / ResNets (VGG `features[-1]`, ResNet
+    `layer4[-1]`, the classifier's own `gradcam_layer()`), otherwise the last spatial layer found by a forward pass
+    on `images` (any torchvision or user model), without images the first ReLU after the last Conv2d. For tiny_cnn
+    both give its last conv block's ReLU, whose Grad-CAM IoU on the synthetic test set beats the raw conv output
+    (0.46 vs 0.41), so the baseline is not handicapped by our choice.
     """
+    _check_hookable(classifier)
     arch = getattr(classifier, "arch", None)
     if arch != "tiny_cnn" and hasattr(classifier, "gradcam_layer"):
         return classifier.gradcam_layer()
+    if images is not None:
+        return last_spatial_layer(classifier, images)
+    # without images: by registration order, the first ReLU after the last Conv2d (else that Conv2d)
     modules = list(classifier.modules())
     convs = [i for i, m in enumerate(modules) if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ValueError(f"Grad-CAM: classifier {type(classifier).__name__} has no Conv2d layer to attribute to")
-    relus = [m for m in modules[convs[-1] :] if isinstance(m, nn.ReLU)]
+    relus = [m for m in modules[convs[-1]:] if isinstance(m, nn.ReLU)]
     return relus[0] if relus else modules[convs[-1]]
 
 
@@ -39,12 +95,19 @@ class GradCAM:
     name = "gradcam"
     needs_grad = True
 
-    def __init__(self, classifier: nn.Module, layer: nn.Module | None = None) -> None:
+    def __init__(self, classifier: nn.Module, layer: nn.Module | str | None = None) -> None:
+        """`layer`: a module, a module name (eval.gradcam_layer; checked here, at start-up) or None (automatic,
+        resolved on the first batch when the model needs a forward pass to find it)."""
+        _check_hookable(classifier)
         self.classifier = classifier
-        self.layer = layer if layer is not None else gradcam_layer(classifier)
-        self.cam = LayerGradCam(classifier, self.layer)
+        self.layer: nn.Module | None = named_layer(classifier, layer) if isinstance(layer, str) else layer
+        self.cam: LayerGradCam | None = None
 
     def __call__(self, images: Tensor, wanted: Tensor) -> Tensor:
+        if self.cam is None:
+            if self.layer is None:
+                self.layer = gradcam_layer(self.classifier, images)
+            self.cam = LayerGradCam(self.classifier, self.layer)
         b, c = wanted.shape
         maps = torch.zeros(b, c, *images.shape[-2:], device=images.device)
         with torch.enable_grad():

@@ -51,7 +51,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from explainer.data.transforms import decode_rgb, decode_seg, normalize_batch, seg_to_binary, stack_images
+from explainer.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    decode_rgb,
+    decode_seg,
+    normalize_batch,
+    seg_to_binary,
+    stack_images,
+)
 
 log = logging.getLogger(__name__)
 
@@ -255,9 +263,11 @@ class _ShardStream(IterableDataset):
 
     def __init__(self, info: SplitInfo, *, num_classes: int, image_size: int, batch_size: int, rank: int,
                  world_size: int, train: bool, seed: int, drop_unlabelled: bool, shuffle_buffer: int,
-                 augment: bool, max_images: int | None) -> None:
+                 augment: bool, max_images: int | None, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD) -> None:
         super().__init__()
         self.info = info
+        self.mean, self.std = tuple(mean), tuple(std)  # the classifier's input normalisation
         self.num_classes = num_classes
         self.image_size = image_size
         self.batch_size = batch_size
@@ -352,7 +362,8 @@ class _ShardStream(IterableDataset):
         # process (`_Stream._finish`); same values either way
         as_u8 = get_worker_info() is not None or self.image_format == "uint8"
         batch: dict[str, Any] = {
-            "image_u8" if as_u8 else "image": stack_images(images) if as_u8 else normalize_batch(images),
+            "image_u8" if as_u8 else "image": (stack_images(images) if as_u8
+                                                else normalize_batch(images, mean=self.mean, std=self.std)),
             "labels": torch.from_numpy(np.stack([it["labels"] for it in items])),
             "key": [it["key"] for it in items],
             "_index": index,
@@ -463,7 +474,8 @@ class _Stream:
         if "image_u8" not in batch:
             return batch
         images = batch.pop("image_u8")
-        image = images if self.image_format == "uint8" else normalize_batch(images.numpy(), pin=self.pin_memory)
+        image = images if self.image_format == "uint8" else normalize_batch(
+            images.numpy(), pin=self.pin_memory, mean=self.dataset.mean, std=self.dataset.std)
         return {"image": image, **batch}
 
     def _batches(self, first: int) -> Iterator[dict[str, Any]]:
@@ -545,9 +557,11 @@ def batch_image_format(cfg: Any, device: torch.device | str) -> str:
 
 
 def make_train_loader(cfg: Any, manifest: Manifest | str | Path, split: str, *, rank: int, world_size: int,
-                      seed: int, drop_unlabelled: bool, image_format: str = "float") -> TrainStream:
+                      seed: int, drop_unlabelled: bool, image_format: str = "float",
+                      mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> TrainStream:
     """Training stream for one rank (see the module docstring); cfg is a DataConfig. image_format "float": image
-    float32 [B, 3, H, W] ImageNet-normalised; "uint8": see batch_image_format."""
+    float32 [B, 3, H, W] normalised with mean/std (the classifier's; ImageNet's by default); "uint8": see
+    batch_image_format (normalise with the same mean/std on the device)."""
     if not isinstance(manifest, Manifest):
         manifest = read_manifest(manifest)
     _check_rank(rank, world_size)
@@ -555,7 +569,7 @@ def make_train_loader(cfg: Any, manifest: Manifest | str | Path, split: str, *, 
     dataset = _ShardStream(info, num_classes=len(manifest.classes), image_size=cfg.image_size,
                            batch_size=cfg.batch_size, rank=rank, world_size=world_size, train=True, seed=seed,
                            drop_unlabelled=drop_unlabelled, shuffle_buffer=cfg.shuffle_buffer, augment=cfg.augment,
-                           max_images=None)
+                           max_images=None, mean=mean, std=std)
     if dataset.num_batches == 0:
         kept = sum(dataset.kept)
         raise ValueError(f"split {split!r} of {manifest.path} has {kept} usable samples: not enough for one batch "
@@ -564,16 +578,18 @@ def make_train_loader(cfg: Any, manifest: Manifest | str | Path, split: str, *, 
 
 
 def make_eval_loader(cfg: Any, manifest: Manifest | str | Path, split: str, *, rank: int, world_size: int,
-                     max_images: int | None = None, image_format: str = "float") -> EvalStream:
+                     max_images: int | None = None, image_format: str = "float",
+                     mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> EvalStream:
     """Evaluation stream for one rank: images, labels, keys and segmentation ground truth at cfg.image_size
-    (image_format: as make_train_loader)."""
+    (image_format, mean, std: as make_train_loader)."""
     if not isinstance(manifest, Manifest):
         manifest = read_manifest(manifest)
     _check_rank(rank, world_size)
     info = _split_info(manifest, split)
     dataset = _ShardStream(info, num_classes=len(manifest.classes), image_size=cfg.image_size,
                            batch_size=cfg.batch_size, rank=rank, world_size=world_size, train=False, seed=0,
-                           drop_unlabelled=False, shuffle_buffer=0, augment=False, max_images=max_images)
+                           drop_unlabelled=False, shuffle_buffer=0, augment=False, max_images=max_images, mean=mean,
+                           std=std)
     return EvalStream(dataset, cfg.num_workers, image_format)
 
 

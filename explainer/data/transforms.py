@@ -1,4 +1,5 @@
-"""Decode stored bytes into model inputs: RGB resize + ImageNet normalisation, and segmentation maps.
+"""Decode stored bytes into model inputs: RGB resize + normalisation (ImageNet or the classifier's own), and
+segmentation maps.
 
 Shards keep original encoded bytes (SPEC 5), so every conversion to the model's resolution happens here, in one place
 that training, evaluation and the benchmarks share.
@@ -6,6 +7,7 @@ that training, evaluation and the benchmarks share.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Sequence
@@ -55,8 +57,11 @@ def seg_to_binary(classes: np.ndarray) -> np.ndarray:
     return out
 
 
-_SCALE = (1.0 / (255.0 * np.asarray(IMAGENET_STD, np.float32))).reshape(3, 1, 1)
-_SHIFT = (-np.asarray(IMAGENET_MEAN, np.float32) / np.asarray(IMAGENET_STD, np.float32)).reshape(3, 1, 1)
+@functools.lru_cache(maxsize=8)
+def _affine(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift), float32 [3,1,1], such that (x / 255 - mean) / std = x * scale + shift."""
+    m, s = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    return (1.0 / (255.0 * s)).reshape(3, 1, 1), (-m / s).reshape(3, 1, 1)
 
 
 def _empty_batch(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, pin: bool = False) -> torch.Tensor:
@@ -97,44 +102,53 @@ def stack_images(images: Sequence[np.ndarray]) -> torch.Tensor:
     return out
 
 
-def normalize_batch(images: np.ndarray | Sequence[np.ndarray], *, pin: bool = False) -> torch.Tensor:
-    """uint8 [B, H, W, 3] (or B arrays [H, W, 3]) -> float32 [B, 3, H, W] ImageNet-normalised: (x / 255 - mean) / std.
+def normalize_batch(images: np.ndarray | Sequence[np.ndarray], *, pin: bool = False,
+                    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """uint8 [B, H, W, 3] (or B arrays [H, W, 3]) -> float32 [B, 3, H, W] normalised: (x / 255 - mean) / std, with
+    the classifier's mean/std (ImageNet's by default), so a zeroed (masked) pixel is the mean colour.
 
     Image by image into one preallocated batch, so each image is transposed, converted, scaled and shifted while it
     is in cache (about 3x faster than whole-batch tensor ops, which are memory-bound). numpy, not torch: torch's
     intra-op threads made these small ops 100x slower on a busy machine. `pin`: the result in page-locked memory.
     """
     h, w = _check_images(images)
+    scale, shift = _affine(tuple(float(v) for v in mean), tuple(float(v) for v in std))
     out = _empty_batch((len(images), 3, h, w), pin=pin)
     view = out.numpy()
     for i, image in enumerate(images):
-        np.multiply(image.transpose(2, 0, 1), _SCALE, out=view[i])
-        view[i] += _SHIFT
+        np.multiply(image.transpose(2, 0, 1), scale, out=view[i])
+        view[i] += shift
     return out
 
 
-_DEVICE_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_DEVICE_CONSTANTS: dict[tuple[torch.device, tuple[float, ...], tuple[float, ...]],
+                        tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def normalize_on_device(images: torch.Tensor, *, channels_last: bool = False) -> torch.Tensor:
-    """uint8 [B, H, W, 3] (already on the model's device) -> float32 [B, 3, H, W] ImageNet-normalised, with the
-    arithmetic of normalize_batch (x * scale, then + shift, in float32), so both give the same values.
+def normalize_on_device(images: torch.Tensor, *, channels_last: bool = False, mean: Sequence[float] = IMAGENET_MEAN,
+                        std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """uint8 [B, H, W, 3] (already on the model's device) -> float32 [B, 3, H, W] normalised with mean/std (the
+    classifier's; ImageNet's by default), with the arithmetic of normalize_batch (x * scale, then + shift, in
+    float32), so both give the same values.
 
     For batches sent to a GPU as uint8 (a quarter of the bytes of float32): the permuted NHWC batch IS channels_last,
     so `channels_last=True` costs no copy; otherwise the result is made contiguous NCHW.
     """
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected a uint8 [B, H, W, 3] batch, got {images.dtype} {tuple(images.shape)}")
-    if images.device not in _DEVICE_CONSTANTS:
-        _DEVICE_CONSTANTS[images.device] = (torch.from_numpy(_SCALE).view(1, 3, 1, 1).to(images.device),
-                                            torch.from_numpy(_SHIFT).view(1, 3, 1, 1).to(images.device))
-    scale, shift = _DEVICE_CONSTANTS[images.device]
+    key = (images.device, tuple(float(v) for v in mean), tuple(float(v) for v in std))
+    if key not in _DEVICE_CONSTANTS:
+        scale, shift = _affine(key[1], key[2])
+        _DEVICE_CONSTANTS[key] = (torch.from_numpy(scale).view(1, 3, 1, 1).to(images.device),
+                                  torch.from_numpy(shift).view(1, 3, 1, 1).to(images.device))
+    scale, shift = _DEVICE_CONSTANTS[key]
     x = images.permute(0, 3, 1, 2).to(torch.float32).mul_(scale).add_(shift)
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def denormalize(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of the ImageNet normalisation, for display: [..., 3, H, W] -> values in about [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+def denormalize(x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+                std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """Inverse of the normalisation, for display: [..., 3, H, W] -> values in about [0, 1]."""
+    mean = torch.tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
     return x * std + mean
