@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,7 +180,9 @@ def load_torchscript(path: str, map_location: Any) -> tuple[nn.Module, str]:
     if not p.is_file():
         raise FileNotFoundError(f"classifier.torchscript: {p} does not exist (write one with torch.jit.save)")
     try:
-        net = torch.jit.load(str(p), map_location=map_location)
+        with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export, and still works
+            warnings.simplefilter("ignore", FutureWarning)
+            net = torch.jit.load(str(p), map_location=map_location)
     except Exception as exc:  # noqa: BLE001 - any failure means "not a TorchScript archive"
         raise ValueError(f"classifier.torchscript: {p} is not a TorchScript file ({type(exc).__name__}: {exc})") \
             from exc
