@@ -1,8 +1,11 @@
-"""Turn VOC-2007, COCO-2014 or the embedded synthetic scenes into WebDataset shards plus a manifest.
+"""Turn VOC-2007, COCO-2014, your own labelled images or the embedded synthetic scenes into WebDataset shards
+plus a manifest.
 
     python launch/make_shards.py voc --root /data/VOCdevkit/VOC2007 --out shards/voc2007
     python launch/make_shards.py coco --root /data/coco --out shards/coco2014
     python launch/make_shards.py synthetic --out shards/synthetic
+    python launch/make_shards.py folder --root /data/mine --labels /data/mine/labels.csv --out shards/mine
+    python launch/make_shards.py folder --root /data/imagefolder --out shards/mine   (one folder per class)
 
 Exit status: 0 done (skipped inputs are listed in the summary and the manifest), 1 `--strict` found problems (nothing
 written), 2 bad arguments or an unusable source folder.
@@ -69,6 +72,19 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     coco.add_argument("--seg-subset", type=int, default=1000,
                       help="test images that get segmentation ground truth (default 1000)")
 
+    folder = sub.add_parser("folder", parents=[common],
+                            help="your own images: a labels file (CSV/JSONL) or the ImageFolder layout")
+    folder.add_argument("--root", type=Path, required=True, help="folder the image (and mask) paths are relative to")
+    folder.add_argument("--labels", type=Path, default=None,
+                        help="CSV (header path,labels[,mask][,split]) or JSONL; labels `a|b` or a JSON list. "
+                             "Without it: ImageFolder, ROOT/<class>/<image> or ROOT/<split>/<class>/<image>")
+    folder.add_argument("--classes-file", type=Path, default=None,
+                        help="one class name per line, in index order (default: the sorted names in the labels file)")
+    folder.add_argument("--split-fractions", default="train=0.8,val=0.1,test=0.1",
+                        help="seeded split of the rows without a split")
+    folder.add_argument("--seed", type=int, default=0, help="seed of that split")
+    folder.add_argument("--name", default="folder", help="dataset name in the manifest and default output folder")
+
     syn = sub.add_parser("synthetic", parents=[common], help="the embedded synthetic scenes (no download)")
     syn.add_argument("--num-classes", type=int, default=6)
     syn.add_argument("--image-size", type=int, default=64)
@@ -85,7 +101,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
-    default_out = {"voc": "voc2007", "coco": "coco2014", "synthetic": "synthetic"}[args.dataset]
+    default_out = {"voc": "voc2007", "coco": "coco2014", "synthetic": "synthetic",
+                   "folder": getattr(args, "name", "folder")}[args.dataset]
     out = args.out if args.out is not None else Path("shards") / default_out
     options = ShardOptions(out=out, maxcount=args.shard_maxcount, maxsize=args.shard_maxsize, workers=args.workers,
                            resume=args.resume, strict=args.strict, progress=not args.no_progress)
@@ -106,6 +123,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
             manifest = build_coco_shards(args.root, options, seed=args.seed, val_fraction=args.val_fraction,
                                          seg_subset=args.seg_subset, verify=args.verify_decode, command=command)
+        elif args.dataset == "folder":
+            from explainer.data.folder import build_folder_shards
+
+            classes = None
+            if args.classes_file is not None:
+                classes = [n.strip() for n in args.classes_file.read_text().splitlines() if n.strip()]
+            manifest = build_folder_shards(args.root, options, labels=args.labels, classes=classes,
+                                           fractions=args.split_fractions, seed=args.seed, verify=args.verify_decode,
+                                           dataset=args.name, command=command)
         else:
             from explainer.data.synthetic import SyntheticSpec, build_synthetic_shards
 
