@@ -97,7 +97,8 @@ class ClassifierTask:
 
     def build_model(self, manifest: Manifest) -> torch.nn.Module:
         c = self.cfg.classifier
-        return build_classifier(c.arch, len(manifest.classes), c.imagenet_weights, c.finetune_backbone)
+        return build_classifier(c.torchvision or c.arch, len(manifest.classes), c.imagenet_weights,
+                                c.finetune_backbone)
 
     def train_step(self, model: torch.nn.Module, batch: dict[str, Any], accelerator: Accelerator) -> StepResult:
         logits = model(batch["image"])
@@ -121,6 +122,7 @@ class ClassifierTask:
         return {"loss": sums["loss"] / sums["count"], **precision_recall_f1(counts)}
 
     def export(self, model: torch.nn.Module, manifest: Manifest, path: Path) -> None:
-        save_checkpoint(path, model, kind="classifier", arch=self.cfg.classifier.arch,
+        arch = self.cfg.classifier.torchvision or self.cfg.classifier.arch  # our head on any torchvision model
+        save_checkpoint(path, model, kind="classifier", arch=arch,
                         num_classes=len(manifest.classes), classes=manifest.classes,
                         image_size=self.cfg.data.image_size)

@@ -265,3 +265,23 @@ def test_train_refuses_a_wrong_class_count_by_name(synthetic_manifest, tmp_path)
     assert proc.returncode != 0
     assert f"classifier (TorchScript {cfg.torchscript}) outputs shape (1, 3)" in proc.stderr
     assert f"{synthetic_manifest} has 4 classes" in proc.stderr
+
+
+def test_our_head_replacement_on_any_torchvision_model(tmp_path):
+    """train_classifier's fine-tuning (new C-logit head, frozen backbone) for a torchvision model by name."""
+    from explainer.models import build_classifier, load_classifier, save_checkpoint
+
+    imagenet = torchvision.models.get_model("shufflenet_v2_x0_5", weights=None)  # stands for the ImageNet file
+    torch.save(imagenet.state_dict(), tmp_path / "imagenet.pth")
+    model = build_classifier("shufflenet_v2_x0_5", 4, imagenet_weights=str(tmp_path / "imagenet.pth"))
+    assert model.head_name == "fc" and model.net.fc.out_features == 4
+    assert torch.equal(model.net.conv1[0].weight, imagenet.conv1[0].weight)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["net.fc.weight", "net.fc.bias"]
+    path = save_checkpoint(tmp_path / "c.pt", model, kind="classifier", arch="shufflenet_v2_x0_5", num_classes=4,
+                           classes=CLASSES, image_size=S)
+    loaded = load_explanandum(ClassifierModelConfig(checkpoint=str(path)), CLASSES, S)
+    x = torch.randn(2, 3, S, S)
+    assert torch.equal(loaded.model(x), model.eval()(x)) and loaded.kind == "checkpoint"
+    assert load_classifier(path)[1]["arch"] == "shufflenet_v2_x0_5"
+    with pytest.raises(ValueError, match="no Linear head to replace"):
+        build_classifier("squeezenet1_1", 4)

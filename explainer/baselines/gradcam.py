@@ -77,7 +77,9 @@ def gradcam_layer(classifier: nn.Module, images: Tensor | None = None) -> nn.Mod
     _check_hookable(classifier)
     arch = getattr(classifier, "arch", None)
     if arch != "tiny_cnn" and hasattr(classifier, "gradcam_layer"):
-        return classifier.gradcam_layer()
+        layer = classifier.gradcam_layer()
+        if layer is not None:
+            return layer
     if images is not None:
         return last_spatial_layer(classifier, images)
     # without images: by registration order, the first ReLU after the last Conv2d (else that Conv2d)

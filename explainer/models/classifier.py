@@ -61,13 +61,13 @@ class MultiLabelClassifier(nn.Module):
     def head(self) -> nn.Module:
         return self.net.get_submodule(self.head_name)
 
-    def gradcam_layer(self) -> nn.Module:
-        """The layer the reference ran Grad-CAM on (SPEC 7)."""
+    def gradcam_layer(self) -> nn.Module | None:
+        """The layer the reference ran Grad-CAM on (SPEC 7); None when Grad-CAM should find the last spatial layer."""
         if self.arch == "vgg16":
             return self.net.features[-1]
-        if self.arch.startswith("resnet"):
+        if hasattr(self.net, "layer4"):  # ResNets, ResNeXts, wide ResNets
             return self.net.layer4[-1]
-        return self.net.features
+        return getattr(self.net, "features", None)
 
     def train(self, mode: bool = True) -> MultiLabelClassifier:
         """A frozen backbone keeps its BatchNorm statistics: only the head follows `mode`."""
@@ -97,7 +97,10 @@ def _vgg16_head(num_classes: int) -> nn.Sequential:
 def build_classifier(
     arch: str, num_classes: int, imagenet_weights: str | None = None, finetune_backbone: bool = False
 ) -> nn.Module:
-    """x [B,3,H,W] -> logits [B,C]. ImageNet weights only from a local file (WeightsNotFoundError if missing)."""
+    """x [B,3,H,W] -> logits [B,C]. ImageNet weights only from a local file (WeightsNotFoundError if missing).
+
+    `arch`: one of CLASSIFIER_ARCHS (the reference heads) or any torchvision classification model name, whose last
+    Linear is replaced by a fresh C-output one."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if arch == "vgg16":
@@ -112,7 +115,8 @@ def build_classifier(
     elif arch == "tiny_cnn":
         net, head_name, drop = TinyCNN(num_classes), "fc", ()
     else:
-        raise ValueError(f"unknown classifier arch {arch!r}; choose one of {', '.join(CLASSIFIER_ARCHS)}")
+        net, head_name = _torchvision_net(arch)
+        drop = (head_name + ".",)
 
     if imagenet_weights is not None:
         if arch == "tiny_cnn":
@@ -126,7 +130,24 @@ def build_classifier(
         net.fc = nn.Linear(net.fc.in_features, num_classes)
     elif arch == "mobilenet_v3_small":
         net.classifier[3] = nn.Linear(net.classifier[3].in_features, num_classes)
+    elif arch != "tiny_cnn":
+        net.set_submodule(head_name, nn.Linear(net.get_submodule(head_name).in_features, num_classes))
     return MultiLabelClassifier(net, arch, num_classes, head_name, finetune_backbone)
+
+
+def _torchvision_net(arch: str) -> tuple[nn.Module, str]:
+    """Any other torchvision classification model, random init, and the name of its last Linear (the head that is
+    replaced, as for the reference architectures)."""
+    names = models.list_models(module=models)
+    if arch not in names:
+        raise ValueError(f"unknown classifier arch {arch!r}; choose one of {', '.join(CLASSIFIER_ARCHS)} or any "
+                         f"torchvision classification model (torchvision.models.list_models(module="
+                         f"torchvision.models), e.g. {', '.join(names[:4])}, ...)")
+    net = models.get_model(arch, weights=None)
+    linears = [name for name, module in net.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ValueError(f"classifier arch {arch!r}: no Linear head to replace")
+    return net, linears[-1]
 
 
 def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:

@@ -216,7 +216,7 @@ def check_outputs(model: nn.Module, source: str, classes: Sequence[str], image_s
 
 def load_explanandum(cfg: Any, classes: Sequence[str], image_size: int, map_location: Any = "cpu",
                      checkpoint: str | None = None, where: str = "the data") -> Explanandum:
-    """The frozen classifier a ClassifierModelConfig names, on `map_location`, checked against `classes`.
+    """The frozen classifier a ClassifierModelConfig names, on device `map_location`, checked against `classes`.
 
     `checkpoint` overrides cfg.checkpoint (evaluate's --classifier). `where` names the class list in errors.
     """
@@ -225,11 +225,13 @@ def load_explanandum(cfg: Any, classes: Sequence[str], image_size: int, map_loca
     kind = source_kind(cfg)
     ckpt = checkpoint if checkpoint is not None else cfg.checkpoint
     meta: dict[str, Any] = {}
+    device = torch.device(map_location) if isinstance(map_location, str | torch.device) else torch.device("cpu")
+    # loaded on the CPU, then moved: torch.load cannot map to "cpu:0", which accelerate reports under gloo
     if kind == "checkpoint":
         if ckpt is None:
             raise ValueError("classifier.checkpoint is required: the classifier to explain (train_classifier output), "
                              "or set classifier.torchvision, classifier.factory or classifier.torchscript")
-        model, meta = load_classifier(ckpt, map_location=map_location, num_classes=len(classes))
+        model, meta = load_classifier(ckpt, map_location="cpu", num_classes=len(classes))
         if list(meta.get("classes", [])) != list(classes):
             raise ValueError(f"classifier.checkpoint {ckpt} was trained on classes {meta.get('classes')} but "
                              f"{where} has {list(classes)}")
@@ -240,10 +242,7 @@ def load_explanandum(cfg: Any, classes: Sequence[str], image_size: int, map_loca
     elif kind == "factory":
         model, source = load_factory(cfg.factory, dict(cfg.factory_kwargs), ckpt)
     else:
-        model, source = load_torchscript(cfg.torchscript, map_location)
-    if kind in ("torchvision", "factory") and isinstance(map_location, str | torch.device):
-        model = model.to(map_location)
-    model = freeze(model)
-    device = map_location if isinstance(map_location, str | torch.device) else "cpu"
+        model, source = load_torchscript(cfg.torchscript, "cpu")
+    model = freeze(model.to(device))
     check_outputs(model, source, classes, image_size, device, where)
     return Explanandum(model=model, kind=kind, source=source, meta=meta)
