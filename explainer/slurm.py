@@ -209,7 +209,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 # ----------------------------------------------------------------------------------------------------------------------
 
 _PATH_FIELDS = (("data", "manifest"), ("classifier", "checkpoint"), ("classifier", "imagenet_weights"),
-                ("explainer", "backbone_weights"), ("train", "output_dir"))
+                ("explainer", "backbone_weights"), ("train", "output_dir"), ("classifier", "torchscript"))
 
 
 def prepare_config(cfg: ExplainerRunConfig, *, new_run: bool = True, cluster: Cluster = "local") -> ExplainerRunConfig:
@@ -241,8 +241,10 @@ def prepare_config(cfg: ExplainerRunConfig, *, new_run: bool = True, cluster: Cl
         split = getattr(cfg.data, key)
         if split not in splits:
             raise ConfigError(f"data.{key}: split {split!r} is not in {manifest} (has: {', '.join(sorted(splits))})")
-    if not cfg.classifier.checkpoint:
-        raise ConfigError("classifier.checkpoint is required (train one with explainer/train_classifier.py)")
+    clf = cfg.classifier
+    if not (clf.checkpoint or clf.torchvision or clf.factory or clf.torchscript):
+        raise ConfigError("classifier.checkpoint is required (train one with explainer/train_classifier.py), or "
+                          "classifier.torchvision / classifier.factory / classifier.torchscript")
     for section, key in _PATH_FIELDS[1:4]:
         value = getattr(getattr(cfg, section), key)
         if value and not Path(value).is_file():
