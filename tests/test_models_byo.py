@@ -285,3 +285,31 @@ def test_our_head_replacement_on_any_torchvision_model(tmp_path):
     assert load_classifier(path)[1]["arch"] == "shufflenet_v2_x0_5"
     with pytest.raises(ValueError, match="no Linear head to replace"):
         build_classifier("squeezenet1_1", 4)
+
+
+@pytest.mark.numerics
+def test_explain_uses_the_normalisation_the_explainer_was_trained_with(tmp_path):
+    """`explainer explain` reads mean/std from the Explainer checkpoint: same masks as the model on those inputs."""
+    import numpy as np
+    from PIL import Image
+
+    from explainer.data.transforms import decode_rgb, normalize_batch
+    from explainer.explain import explain
+    from explainer.models import save_checkpoint
+
+    mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]  # plain [0, 1] inputs, far from ImageNet's normalisation
+    model = build_explainer("tiny_unet", len(CLASSES)).eval()
+    ckpt = save_checkpoint(tmp_path / "e.pt", model, kind="explainer", arch="tiny_unet", num_classes=len(CLASSES),
+                           classes=CLASSES, image_size=S, extra={"mean": mean, "std": std})
+    src = tmp_path / "in" / "x.png"
+    src.parent.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (S, S, 3), dtype=np.uint8)).save(src)
+    explain(str(ckpt), [str(src)], str(tmp_path / "out"), progress=False)
+    scores = json.loads((tmp_path / "out" / "x" / "scores.json").read_text())["scores"]
+    pixels = np.stack([decode_rgb(src.read_bytes(), S)])
+    with torch.no_grad():
+        ours = torch.sigmoid(model(normalize_batch(pixels, mean=mean, std=std)))[0]
+        imagenet = torch.sigmoid(model(normalize_batch(pixels)))[0]
+    for k, name in enumerate(CLASSES):
+        assert scores[name] == pytest.approx(float(ours[k].mean()), abs=1e-5)
+    assert (ours - imagenet).abs().max() > 1e-2  # the normalisation matters for this model
