@@ -142,6 +142,7 @@ def test_jsonl_seeded_split_is_deterministic(tmp_path):
         (tmp_path / "im" / f"{i:02d}.jpg").write_bytes(jpeg_bytes(rng, 20, 16))
         rows.append(json.dumps({"path": f"im/{i:02d}.jpg", "labels": ["x", "y"][: 1 + i % 2]}))
     rows.insert(3, "{not json")
+    rows.insert(5, json.dumps({"path": "im/00.jpg"}))  # no labels field
     (tmp_path / "labels.jsonl").write_text("\n".join(rows) + "\n")
     common = ["folder", "--root", str(tmp_path), "--labels", str(tmp_path / "labels.jsonl"), "--workers", "1",
               "--split-fractions", "train=0.5,val=0.25,test=0.25"]
@@ -151,7 +152,8 @@ def test_jsonl_seeded_split_is_deterministic(tmp_path):
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert manifest["classes"] == ["x", "y"]
     assert {s: v["total"] for s, v in manifest["splits"].items()} == {"train": 20, "val": 10, "test": 10}
-    assert [p["reason"].split(":")[0] for p in manifest["skipped"]] == ["line 4"]  # the malformed JSON line
+    assert [p["reason"].split(":")[0] for p in manifest["skipped"]] == ["line 4", "line 6"]  # malformed lines
+    assert 'needs the fields "path" and "labels"' in manifest["skipped"][1]["reason"]
     a, b = (tree_bytes(tmp_path / d) for d in "ab")
     assert {k: v for k, v in a.items() if k != "manifest.json"} == {k: v for k, v in b.items() if k != "manifest.json"}
     assert set(samples_of(tmp_path / "a", "val")) != set(samples_of(tmp_path / "c", "val"))  # the seed matters

@@ -185,6 +185,8 @@ def test_gradcam_layer_automatic_named_and_refused(tmp_path):
     assert maps.shape == (2, 4, S, S) and maps.min() >= 0 and maps.max() <= 1 and maps.flatten(2).amax(2).gt(0).all()
     with pytest.raises(ValueError, match=r"no layer 'features\.99'; candidate layers \(last first\): features\.12"):
         GradCAM(net, "features.99")
+    with pytest.raises(ValueError, match=r"'classifier\.3' outputs shape \(1, 4\), not a feature map"):
+        GradCAM(net, "classifier.3")(x, torch.ones(2, 4, dtype=torch.bool))
     scripted = load_explanandum(make_source("torchscript", tmp_path), CLASSES, S).model
     with pytest.raises(ValueError, match="TorchScript classifier does not run Python hooks.*rise, ep"):
         GradCAM(scripted)

@@ -102,13 +102,32 @@ class GradCAM:
         resolved on the first batch when the model needs a forward pass to find it)."""
         _check_hookable(classifier)
         self.classifier = classifier
+        self.layer_name = layer if isinstance(layer, str) else None
         self.layer: nn.Module | None = named_layer(classifier, layer) if isinstance(layer, str) else layer
         self.cam: LayerGradCam | None = None
+
+    def _check_spatial(self, images: Tensor) -> None:
+        """A named layer must output a feature map [B, K, h, w]; said once, on the first batch."""
+        shapes: list[tuple[int, ...]] = []
+        assert self.layer is not None
+        handle = self.layer.register_forward_hook(lambda _m, _i, out: shapes.append(
+            tuple(out.shape) if isinstance(out, Tensor) else ()))
+        try:
+            with torch.no_grad():
+                self.classifier(images[:1])
+        finally:
+            handle.remove()
+        if not shapes or len(shapes[0]) != 4:
+            raise ValueError(f"eval.gradcam_layer: {self.layer_name!r} outputs shape {shapes[0] if shapes else None}, "
+                             f"not a feature map [B, K, h, w]; candidate layers (last first): "
+                             f"{', '.join(candidate_layers(self.classifier))}")
 
     def __call__(self, images: Tensor, wanted: Tensor) -> Tensor:
         if self.cam is None:
             if self.layer is None:
                 self.layer = gradcam_layer(self.classifier, images)
+            elif self.layer_name is not None:
+                self._check_spatial(images)
             self.cam = LayerGradCam(self.classifier, self.layer)
         b, c = wanted.shape
         maps = torch.zeros(b, c, *images.shape[-2:], device=images.device)

@@ -166,6 +166,8 @@ def read_labels_file(path: Path) -> tuple[list[Row], list[tuple[int, str]]]:
                     unknown = sorted(set(record) - set(COLUMNS))
                     if unknown:
                         raise BadRow(f"unknown field(s) {unknown}; expected {', '.join(COLUMNS)}")
+                    if "path" not in record or "labels" not in record:
+                        raise BadRow('needs the fields "path" and "labels" (an empty list for no class)')
                     rows.append(_row(line, record))
                 except ValueError as exc:  # BadRow and json's JSONDecodeError
                     bad.append((line, f"malformed row: {exc}"))
