@@ -385,6 +385,11 @@ def validate(cfg: Any) -> None:
              "local torchvision cache), not both"),
             (classifier.torchvision_weights is None or classifier.torchvision is not None,
              "classifier.torchvision_weights needs classifier.torchvision (the model name)"),
+            (not isinstance(cfg, ClassifierRunConfig) or not (classifier.factory or classifier.torchscript
+                                                              or classifier.torchvision_weights),
+             "train_classifier puts our head on classifier.arch or classifier.torchvision with classifier."
+             "imagenet_weights; classifier.factory, torchscript and torchvision_weights are for explaining a "
+             "classifier as it is"),
         ]
     optim = getattr(cfg, "optim", None)
     if optim is not None:

@@ -20,7 +20,14 @@ from _byo_factory import build as build_user_net
 from _helpers import PYTHON, ROOT, run_cmd, tiny_overrides
 
 from explainer.baselines.gradcam import GradCAM, gradcam_layer
-from explainer.config import ClassifierModelConfig, ConfigError, ExplainerRunConfig, LossConfig, load_config
+from explainer.config import (
+    ClassifierModelConfig,
+    ClassifierRunConfig,
+    ConfigError,
+    ExplainerRunConfig,
+    LossConfig,
+    load_config,
+)
 from explainer.losses import classification_loss
 from explainer.models import WeightsNotFoundError, build_explainer, is_frozen
 from explainer.models.explanandum import load_explanandum
@@ -162,6 +169,9 @@ def test_config_accepts_one_source_and_normalisation():
         load_config(ExplainerRunConfig, None, ["loss.classification=softmax"])
     with pytest.raises(ConfigError, match=r"classifier\.factory_kwargs"):
         load_config(ExplainerRunConfig, None, ["classifier.factory_kwargs=[1,2]"])
+    with pytest.raises(ConfigError, match="train_classifier puts our head on"):
+        load_config(ClassifierRunConfig, None, ["classifier.torchscript=m.pt"])
+    assert load_config(ClassifierRunConfig, None, ["classifier.torchvision=resnet18"]).classifier.torchvision
 
 
 @pytest.mark.numerics
