@@ -1,4 +1,5 @@
-"""Models of the method: the Explainer, the Explanandum (classifier), weights files and checkpoints."""
+"""Models of the method: the Explainer, the Explanandum (classifier, ours or from any source), weights files and
+checkpoints."""
 
 from explainer.models.checkpoint import load_classifier, load_explainer, read_checkpoint, save_checkpoint, unwrap
 from explainer.models.classifier import (
@@ -9,11 +10,13 @@ from explainer.models.classifier import (
     is_frozen,
 )
 from explainer.models.explainer import EXPLAINER_ARCHS, build_explainer
+from explainer.models.explanandum import Explanandum, load_explanandum
 from explainer.models.weights import IMAGENET_SOURCES, WeightsNotFoundError
 
 __all__ = [
     "CLASSIFIER_ARCHS",
     "EXPLAINER_ARCHS",
+    "Explanandum",
     "IMAGENET_SOURCES",
     "MultiLabelClassifier",
     "WeightsNotFoundError",
@@ -23,6 +26,7 @@ __all__ = [
     "is_frozen",
     "load_classifier",
     "load_explainer",
+    "load_explanandum",
     "read_checkpoint",
     "save_checkpoint",
     "unwrap",
