@@ -220,6 +220,10 @@ def test_loader_uses_the_classifiers_normalisation(synthetic_manifest):
     raw = default * imagenet_std.view(3, 1, 1) + imagenet_mean.view(3, 1, 1)
     expected = (raw - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     assert torch.allclose(custom, expected, atol=1e-4)
+    from explainer.data.transforms import normalize_on_device  # uint8 batches normalised on the device (GPU path)
+
+    u8 = next(iter(make_eval_loader(cfg, synthetic_manifest, "test", rank=0, world_size=1, image_format="uint8")))
+    assert torch.equal(normalize_on_device(u8["image"], mean=mean, std=std), custom)  # same arithmetic, bit for bit
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -244,8 +248,8 @@ def test_explainer_trains_and_evaluates_against_each_source(kind, synthetic_mani
     source = _source_overrides(make_source(kind, tmp_path))
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), TESTS, os.environ.get("PYTHONPATH", "")])}
     extra = ["loss.classification=ce"] if kind == "factory" else []
-    if kind == "torchvision":
-        extra.append("classifier.mean=[0.5,0.5,0.5]")  # travels from training to the explainer checkpoint
+    if kind == "torchvision":  # travels from training (normalised on the device) to the explainer checkpoint
+        extra += ["classifier.mean=[0.5,0.5,0.5]", "data.normalize_on_device=on"]
     run_dir = tmp_path / "run"
     overrides = [*tiny_overrides(synthetic_manifest, run_dir), *source, *extra, "explainer.arch=tiny_unet",
                  "train.max_steps=3", "train.val_every_steps=3", "train.val_max_batches=1"]
