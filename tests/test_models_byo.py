@@ -202,6 +202,7 @@ def test_gradcam_layer_automatic_named_and_refused(tmp_path):
         GradCAM(scripted)
 
 
+@pytest.mark.numerics
 def test_loader_uses_the_classifiers_normalisation(synthetic_manifest):
     """A pixel of the configured mean colour is 0 after normalisation: masking removes to that colour."""
     from explainer.config import DataConfig
