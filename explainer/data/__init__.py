@@ -1,4 +1,5 @@
-"""Data: VOC / COCO / synthetic sources -> WebDataset shards -> rank- and worker-exact streaming batches."""
+"""Data: VOC / COCO / your own folder (labels file or ImageFolder) / synthetic sources -> WebDataset shards -> rank-
+and worker-exact streaming batches."""
 
 from importlib import import_module
 from typing import TYPE_CHECKING
