@@ -53,6 +53,7 @@ def epoch_keys(stream, epoch: int) -> list[list[str]]:
     return [b["key"] for b in stream]
 
 
+@pytest.mark.numerics
 def test_batches_have_the_contract_shapes_and_values(syn):
     stream = make_train_loader(cfg(), syn, "train", rank=0, world_size=1, seed=0, drop_unlabelled=True)
     assert len(stream) == N_TRAIN // 4
@@ -71,6 +72,7 @@ def test_batches_have_the_contract_shapes_and_values(syn):
         IMAGENET_STD, np.float32) + np.array(IMAGENET_MEAN, np.float32)).permute(2, 0, 1), atol=1e-5)
 
 
+@pytest.mark.numerics
 def test_worker_batches_equal_in_process_batches(syn):
     """Workers send uint8 images that the main process normalises: same batches, bit for bit, as with 0 workers."""
     batches = []
