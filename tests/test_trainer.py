@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,10 +141,9 @@ def _interleaved_manifest(manifest_path: Path, rank_batches: list[list[list[str]
             _write_shard(out / name, [by_key[k] for k in steps[step]])
             entries.append({"path": name, "count": len(steps[step])})
         raw["splits"]["train"] = {"shards": entries, "total": sum(e["count"] for e in entries)}
-        for split in ("val", "test"):
-            raw["splits"][split]["shards"] = [
-                {**e, "path": str((manifest_path.parent / e["path"]).resolve())} for e in raw["splits"][split]["shards"]
-            ]
+        for split in ("val", "test"):  # copied: a manifest's shards must live in its folder (explainer/data/loader.py)
+            for e in raw["splits"][split]["shards"]:
+                shutil.copyfile(manifest_path.parent / e["path"], out / e["path"])
         (out / "manifest.json").write_text(json.dumps(raw))
         return out / "manifest.json"
 
