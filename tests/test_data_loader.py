@@ -87,25 +87,29 @@ def test_worker_batches_equal_in_process_batches(syn):
         assert torch.equal(ours["image"], ref["image"]) and torch.equal(ours["labels"], ref["labels"])
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_ranks_disjoint_equal_lengths_and_exact_cover(syn, world_size):
-    """Ranks computed in one process (the split depends only on rank arguments), 2 DataLoader workers each."""
-    streams = [make_train_loader(cfg(num_workers=2), syn, "train", rank=r, world_size=world_size, seed=1,
-                                 drop_unlabelled=True) for r in range(world_size)]
-    per_rank = N_TRAIN // (world_size * 4)
+@pytest.mark.parametrize(("world_size", "batch_size", "exact"), [(2, 4, True), (3, 5, False)])
+def test_ranks_disjoint_equal_lengths_and_exact_cover(syn, world_size, batch_size, exact):
+    """Ranks computed in one process (the split depends only on rank arguments), 2 DataLoader workers each. One case
+    where world_size x batch_size divides the 96 samples (every sample every epoch) and one where it does not (a
+    tail of 6 is dropped, and which 6 follows the per-epoch shard order)."""
+    assert (N_TRAIN % (world_size * batch_size) == 0) == exact  # each case takes the branch it is there for
+    streams = [make_train_loader(cfg(num_workers=2, batch_size=batch_size), syn, "train", rank=r,
+                                 world_size=world_size, seed=1, drop_unlabelled=True) for r in range(world_size)]
+    per_rank = N_TRAIN // (world_size * batch_size)
     assert [len(s) for s in streams] == [per_rank] * world_size
     seen_by_epoch = []
     for epoch in (0, 1):
         seen = collections.Counter()
         for s in streams:
             batches = epoch_keys(s, epoch)
-            assert len(batches) == per_rank and all(len(b) == 4 for b in batches)
+            assert len(batches) == per_rank and all(len(b) == batch_size for b in batches)
             seen.update(k for b in batches for k in b)
-        assert max(seen.values()) == 1 and sum(seen.values()) == per_rank * world_size * 4
+        assert max(seen.values()) == 1 and sum(seen.values()) == per_rank * world_size * batch_size
         seen_by_epoch.append(set(seen))
-    if N_TRAIN % (world_size * 4) == 0:
+    if exact:
         assert seen_by_epoch[0] == seen_by_epoch[1] and len(seen_by_epoch[0]) == N_TRAIN
     else:  # the dropped tail follows the per-epoch shard order
+        assert len(seen_by_epoch[0]) == N_TRAIN - N_TRAIN % (world_size * batch_size)
         assert seen_by_epoch[0] != seen_by_epoch[1]
 
 
