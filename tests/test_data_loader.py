@@ -385,7 +385,7 @@ def test_batch_format_follows_the_device_unless_configured(syn):
 # ----------------------------------------------------------------------------------------------------------------------
 
 HOSTILE = {"pipe": "is a shell command", "escape": "outside the manifest's folder", "absolute": "is an absolute path",
-           "https": "is a https URL"}
+           "https": "is an https URL"}
 
 
 def hostile_manifest(syn, tmp_path: Path, kind: str) -> tuple[Path, Path]:

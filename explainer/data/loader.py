@@ -97,10 +97,6 @@ def _scheme(text: str) -> str | None:
     return match.group(1).lower() if match else None
 
 
-def _is_url(text: str) -> bool:
-    return _scheme(text) is not None
-
-
 def _check_allowed_schemes(allow_url_schemes: Sequence[str]) -> set[str]:
     allowed = {s.lower().rstrip(":/") for s in allow_url_schemes}
     bad = sorted(allowed - set(URL_SCHEMES))
@@ -129,7 +125,7 @@ def resolve_shard(manifest: Path, entry: str, split: str, *, allow_external_shar
         if scheme in URL_SCHEMES:
             if scheme in _check_allowed_schemes(allow_url_schemes):
                 return entry
-            raise ManifestError(f"{where} is a {scheme} URL; reading shards over the network is off by default "
+            raise ManifestError(f"{where} is an {scheme} URL; reading shards over the network is off by default "
                                 f"(allow it with data.allow_url_schemes=[{scheme}])")
         raise ManifestError(f"{where} has the unsupported scheme {scheme!r}: a shard must be a file next to the "
                             f"manifest (or an http/https URL with data.allow_url_schemes)")
