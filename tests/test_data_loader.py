@@ -129,6 +129,7 @@ def test_order_is_deterministic_per_epoch_and_changes_between_epochs(syn):
     assert epoch_keys(other_seed, 0) != first
 
 
+@pytest.mark.numerics
 def test_skip_resumes_mid_epoch_with_the_same_batches(syn):
     stream = make_train_loader(cfg(num_workers=2, augment=True), syn, "train", rank=0, world_size=2, seed=2,
                                drop_unlabelled=True)
@@ -144,6 +145,7 @@ def test_skip_resumes_mid_epoch_with_the_same_batches(syn):
         stream.skip(len(full) + 1)
 
 
+@pytest.mark.numerics
 def test_augment_flips_some_images(syn):
     plain = make_train_loader(cfg(), syn, "train", rank=0, world_size=1, seed=0, drop_unlabelled=True)
     aug = make_train_loader(cfg(augment=True), syn, "train", rank=0, world_size=1, seed=0, drop_unlabelled=True)
