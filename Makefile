@@ -3,6 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=  # e.g. make test PYTEST_ARGS="-m numerics"
 
 .PHONY: venv demo test lint bench bench-gpu gpu-wheels gpu-check clean
 
@@ -18,7 +19,7 @@ demo: $(STAMP)
 	$(PY) -m explainer.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check explainer launch tests benchmarks

@@ -44,6 +44,10 @@ class DataConfig:
     # auto: on CUDA the trainer's loaders send uint8 NHWC batches (pinned) and the images are normalised on the GPU
     # (a quarter of the host-to-device bytes, no float work on the loader side); on: also on CPU; off: never
     normalize_on_device: Literal["auto", "on", "off"] = "auto"
+    # A manifest is data, not code: its shards must be files in its own folder unless allowed here. 'pipe:' shards
+    # (a shell command) are never run; http/https shards are read with urllib when listed in allow_url_schemes.
+    allow_external_shards: bool = False  # absolute shard paths, or paths leading out of the manifest's folder
+    allow_url_schemes: list[str] = field(default_factory=list)  # e.g. [https]
 
 
 @dataclass

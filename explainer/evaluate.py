@@ -389,13 +389,13 @@ def evaluate(cfg: ExplainerRunConfig, checkpoint: str | None, *, classifier: str
     on every rank and writes them from rank 0."""
     from tqdm import tqdm
 
-    from explainer.data.loader import make_eval_loader, read_manifest
+    from explainer.data.loader import make_eval_loader, read_data_manifest
     from explainer.models import load_explainer
 
     state = _state(cfg.eval.process_group_timeout_min)
     device = state.device if state.device.type != "cpu" else torch.device("cpu")  # accelerate says cpu:0 under gloo
     names = parse_methods(methods or cfg.eval.methods)
-    manifest = read_manifest(cfg.data.manifest)
+    manifest = read_data_manifest(cfg.data)
     classes = list(manifest.classes)
     clf, clf_path = load_eval_classifier(cfg, classes, device, classifier, where=str(manifest.path))
 

@@ -231,10 +231,10 @@ def prepare_config(cfg: ExplainerRunConfig, *, new_run: bool = True, cluster: Cl
     manifest = Path(cfg.data.manifest)
     if not manifest.is_file():
         raise ConfigError(f"data.manifest: {manifest} does not exist (make it with `python launch/make_shards.py`)")
-    from explainer.data.loader import read_manifest
+    from explainer.data.loader import read_data_manifest
 
     try:
-        splits = read_manifest(manifest).splits
+        splits = read_data_manifest(cfg.data).splits
     except (ValueError, OSError, KeyError) as exc:
         raise ConfigError(f"data.manifest: {exc}") from exc
     for key in ("train_split", "val_split"):

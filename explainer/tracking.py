@@ -1,8 +1,10 @@
 """Run tracking: W&B through accelerate's tracker, plus a local metrics.jsonl that always exists.
 
-Only the main process writes. W&B mode 'auto' means online when an API key is configured, offline otherwise (the
-offline run folder can be uploaded later with `wandb sync`). The run id is stored in the run folder so a resumed or
-requeued job continues the same W&B run.
+Only the main process writes. W&B mode 'auto' means: the user's WANDB_MODE if set, else offline inside a SLURM job,
+else online when an API key is configured, offline otherwise (the offline run folder can be uploaded later with
+`wandb sync`). WANDB_DISABLED or WANDB_MODE in the environment can make tracking more private than the config asks
+(disabled > offline > online), never less, so a user who turned W&B off in their shell never ends up online. The run
+id is stored in the run folder so a resumed or requeued job continues the same W&B run.
 """
 
 from __future__ import annotations
@@ -24,25 +26,55 @@ from explainer.config import TrackingConfig
 RUN_ID_FILE = "wandb_run_id.txt"
 
 
-def resolve_wandb_mode(mode: str) -> str:
-    """'auto' -> 'online' if an API key is configured (env or ~/.netrc), else 'offline'; always 'offline' inside a
-    SLURM job (compute nodes often have no internet: rank 0 would stall in wandb.init while the others wait)."""
-    if mode != "auto":
-        return mode
-    if os.environ.get("SLURM_JOB_ID"):
-        return "offline"
+PRIVACY = ("online", "offline", "disabled")  # in increasing privacy
+_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
+_TRUE = ("1", "true", "yes", "on")
+
+
+def env_wandb_mode() -> str | None:
+    """The mode the user's environment asks for: WANDB_DISABLED=true -> 'disabled', else WANDB_MODE (wandb's own
+    spellings: run = online, dryrun = offline), else None."""
+    if os.environ.get("WANDB_DISABLED", "").strip().lower() in _TRUE:
+        return "disabled"
+    value = os.environ.get("WANDB_MODE", "").strip().lower()
+    if not value:
+        return None
+    if value not in _ENV_MODES:
+        raise ValueError(f"WANDB_MODE={value!r} is not a W&B mode; use one of online, offline, disabled")
+    return _ENV_MODES[value]
+
+
+def has_api_key() -> bool:
     if os.environ.get("WANDB_API_KEY"):
-        return "online"
+        return True
     try:
-        if netrc.netrc().authenticators("api.wandb.ai"):
-            return "online"
+        return bool(netrc.netrc().authenticators("api.wandb.ai"))
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        pass
-    return "offline"
+        return False
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """The W&B mode to run in: tracking.wandb_mode, made more private by the environment if it asks so.
+
+    'auto' -> the environment's mode if set; else 'offline' inside a SLURM job (compute nodes often have no internet:
+    rank 0 would stall in wandb.init while the others wait); else 'online' with an API key (env or ~/.netrc), else
+    'offline'.
+    """
+    env = env_wandb_mode()
+    if mode == "auto":
+        if env:
+            return env
+        if os.environ.get("SLURM_JOB_ID"):
+            return "offline"
+        return "online" if has_api_key() else "offline"
+    if mode not in PRIVACY:
+        raise ValueError(f"tracking.wandb_mode={mode!r}; use auto, online, offline or disabled")
+    return max(mode, env or mode, key=PRIVACY.index)
 
 
 def wandb_log_with(cfg: TrackingConfig) -> str | None:
-    """The accelerate `log_with` value, and the WANDB_MODE the wandb library will obey."""
+    """The accelerate `log_with` value, and the WANDB_MODE the wandb library will obey (set only to the resolved
+    mode, which is never less private than one the user exported)."""
     mode = resolve_wandb_mode(cfg.wandb_mode)
     if mode == "disabled":
         return None

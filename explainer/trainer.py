@@ -34,7 +34,13 @@ from explainer.config import (
     save_config,
     to_dict,
 )
-from explainer.data.loader import Manifest, batch_image_format, make_eval_loader, make_train_loader, read_manifest
+from explainer.data.loader import (
+    Manifest,
+    batch_image_format,
+    make_eval_loader,
+    make_train_loader,
+    read_data_manifest,
+)
 from explainer.data.transforms import normalize_on_device
 from explainer.distributed import all_reduce_sums, any_true, make_accelerator, seed_everything, world_from
 from explainer.tracking import RunTracker, wandb_log_with
@@ -116,7 +122,7 @@ def fit(task: Task, settings: RunSettings, full_config: Any) -> dict[str, Any]:
     """Train until max_steps / epochs / early stopping; return the run summary (also written to summary.json)."""
     tcfg, dcfg, ocfg = settings.train, settings.data, settings.optim
     run_dir = Path(tcfg.output_dir)
-    manifest = read_manifest(dcfg.manifest)  # fail fast, before any process group work
+    manifest = read_data_manifest(dcfg)  # fail fast, before any process group work
 
     accelerator = make_accelerator(tcfg.mixed_precision, wandb_log_with(settings.tracking), str(run_dir), tcfg)
     world = world_from(accelerator)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -32,3 +34,56 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SLURM tests (marker `slurm`): mandatory where they can run, one clear skip line elsewhere
+# ----------------------------------------------------------------------------------------------------------------------
+
+REQUIRE_SLURM = "EXPLAINER_REQUIRE_SLURM"  # .ci/run sets it: a SLURM that cannot start is then a failure
+_SLURM_SKIPPED = pytest.StashKey[int]()
+_SLURM_REASON = pytest.StashKey[str]()
+HOW_TO_RUN_SLURM = "to run them, run `make test` as root (a container or CI machine; .ci/run makes them mandatory)"
+
+
+def slurm_unavailable_reason() -> str | None:
+    """Why launch/local_slurm.sh cannot give these tests a cluster here, or None if it can.
+
+    `local_slurm.sh start` installs the Debian packages if missing and starts munged/slurmctld/slurmd, so it needs
+    root (it refuses to run otherwise, even when a cluster is up). EXPLAINER_TEST_EUID stands in for the user id, so
+    that the test of this logic can play a non-root user.
+    """
+    euid = int(os.environ.get("EXPLAINER_TEST_EUID", os.geteuid()))
+    if euid != 0:
+        return "they need root (launch/local_slurm.sh installs SLURM with apt-get and starts munged, slurmctld, slurmd)"
+    if all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged")) or shutil.which("apt-get"):
+        return None
+    return "SLURM is not installed and there is no apt-get to install it (launch/local_slurm.sh is Debian/Ubuntu only)"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Decide once per session: run the SLURM tests, skip them (one summary line), or fail them (required)."""
+    slurm_items = [item for item in items if item.get_closest_marker("slurm")]
+    reason = slurm_unavailable_reason() if slurm_items else None
+    if reason is None:
+        return
+    config.stash[_SLURM_REASON] = reason
+    if os.environ.get(REQUIRE_SLURM) == "1":
+        return  # pytest_runtest_setup fails each of them
+    skip = pytest.mark.skip(reason=f"SLURM tests skipped: {reason}")
+    for item in slurm_items:
+        item.add_marker(skip)
+    config.stash[_SLURM_SKIPPED] = len(slurm_items)
+
+
+def pytest_runtest_setup(item):
+    reason = item.config.stash.get(_SLURM_REASON, None)
+    if reason and item.get_closest_marker("slurm") and os.environ.get(REQUIRE_SLURM) == "1":
+        pytest.fail(f"{REQUIRE_SLURM}=1 but {reason}; {HOW_TO_RUN_SLURM}", pytrace=False)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    n = config.stash.get(_SLURM_SKIPPED, 0)
+    if n:
+        terminalreporter.write_line(f"{n} SLURM tests skipped: {config.stash[_SLURM_REASON]}; {HOW_TO_RUN_SLURM}",
+                                    yellow=True)

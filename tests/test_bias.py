@@ -35,6 +35,7 @@ def test_relabelling_follows_the_band(tmp_path):
         assert (k in _names(root, "test", i)) == bool((mask == s.cue_class + 1).any())
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_explainer_reveals_the_cue_the_biased_classifier_uses(tmp_path):
     s = BiasSettings(image_size=32, counts=(192, 32, 64), classifier_steps=80, explainer_steps=120)

@@ -53,6 +53,7 @@ def epoch_keys(stream, epoch: int) -> list[list[str]]:
     return [b["key"] for b in stream]
 
 
+@pytest.mark.numerics
 def test_batches_have_the_contract_shapes_and_values(syn):
     stream = make_train_loader(cfg(), syn, "train", rank=0, world_size=1, seed=0, drop_unlabelled=True)
     assert len(stream) == N_TRAIN // 4
@@ -71,6 +72,7 @@ def test_batches_have_the_contract_shapes_and_values(syn):
         IMAGENET_STD, np.float32) + np.array(IMAGENET_MEAN, np.float32)).permute(2, 0, 1), atol=1e-5)
 
 
+@pytest.mark.numerics
 def test_worker_batches_equal_in_process_batches(syn):
     """Workers send uint8 images that the main process normalises: same batches, bit for bit, as with 0 workers."""
     batches = []
@@ -85,25 +87,29 @@ def test_worker_batches_equal_in_process_batches(syn):
         assert torch.equal(ours["image"], ref["image"]) and torch.equal(ours["labels"], ref["labels"])
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_ranks_disjoint_equal_lengths_and_exact_cover(syn, world_size):
-    """Ranks computed in one process (the split depends only on rank arguments), 2 DataLoader workers each."""
-    streams = [make_train_loader(cfg(num_workers=2), syn, "train", rank=r, world_size=world_size, seed=1,
-                                 drop_unlabelled=True) for r in range(world_size)]
-    per_rank = N_TRAIN // (world_size * 4)
+@pytest.mark.parametrize(("world_size", "batch_size", "exact"), [(2, 4, True), (3, 5, False)])
+def test_ranks_disjoint_equal_lengths_and_exact_cover(syn, world_size, batch_size, exact):
+    """Ranks computed in one process (the split depends only on rank arguments), 2 DataLoader workers each. One case
+    where world_size x batch_size divides the 96 samples (every sample every epoch) and one where it does not (a
+    tail of 6 is dropped, and which 6 follows the per-epoch shard order)."""
+    assert (N_TRAIN % (world_size * batch_size) == 0) == exact  # each case takes the branch it is there for
+    streams = [make_train_loader(cfg(num_workers=2, batch_size=batch_size), syn, "train", rank=r,
+                                 world_size=world_size, seed=1, drop_unlabelled=True) for r in range(world_size)]
+    per_rank = N_TRAIN // (world_size * batch_size)
     assert [len(s) for s in streams] == [per_rank] * world_size
     seen_by_epoch = []
     for epoch in (0, 1):
         seen = collections.Counter()
         for s in streams:
             batches = epoch_keys(s, epoch)
-            assert len(batches) == per_rank and all(len(b) == 4 for b in batches)
+            assert len(batches) == per_rank and all(len(b) == batch_size for b in batches)
             seen.update(k for b in batches for k in b)
-        assert max(seen.values()) == 1 and sum(seen.values()) == per_rank * world_size * 4
+        assert max(seen.values()) == 1 and sum(seen.values()) == per_rank * world_size * batch_size
         seen_by_epoch.append(set(seen))
-    if N_TRAIN % (world_size * 4) == 0:
+    if exact:
         assert seen_by_epoch[0] == seen_by_epoch[1] and len(seen_by_epoch[0]) == N_TRAIN
     else:  # the dropped tail follows the per-epoch shard order
+        assert len(seen_by_epoch[0]) == N_TRAIN - N_TRAIN % (world_size * batch_size)
         assert seen_by_epoch[0] != seen_by_epoch[1]
 
 
@@ -123,6 +129,7 @@ def test_order_is_deterministic_per_epoch_and_changes_between_epochs(syn):
     assert epoch_keys(other_seed, 0) != first
 
 
+@pytest.mark.numerics
 def test_skip_resumes_mid_epoch_with_the_same_batches(syn):
     stream = make_train_loader(cfg(num_workers=2, augment=True), syn, "train", rank=0, world_size=2, seed=2,
                                drop_unlabelled=True)
@@ -138,6 +145,7 @@ def test_skip_resumes_mid_epoch_with_the_same_batches(syn):
         stream.skip(len(full) + 1)
 
 
+@pytest.mark.numerics
 def test_augment_flips_some_images(syn):
     plain = make_train_loader(cfg(), syn, "train", rank=0, world_size=1, seed=0, drop_unlabelled=True)
     aug = make_train_loader(cfg(augment=True), syn, "train", rank=0, world_size=1, seed=0, drop_unlabelled=True)
@@ -372,3 +380,94 @@ def test_batch_format_follows_the_device_unless_configured(syn):
     with pytest.raises(ValueError, match="image_format"):
         make_train_loader(cfg(), syn, "train", rank=0, world_size=1, seed=0, drop_unlabelled=True,
                           image_format="fp16")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hostile manifests: a downloaded shard set is data; its manifest must not run commands or reach other folders
+# ----------------------------------------------------------------------------------------------------------------------
+
+HOSTILE = {"pipe": "is a shell command", "escape": "outside the manifest's folder", "absolute": "is an absolute path",
+           "https": "is an https URL"}
+
+
+def hostile_manifest(syn, tmp_path: Path, kind: str) -> tuple[Path, Path]:
+    """A copy of the syn shards whose manifest lists its first train and test shards the hostile way `kind`; returns
+    the manifest and the file that a 'pipe:' shard would `touch` if it were run."""
+    folder, elsewhere = tmp_path / "download", tmp_path / "elsewhere"
+    shutil.copytree(syn.path.parent, folder)
+    elsewhere.mkdir(exist_ok=True)
+    touched = tmp_path / "touched"
+    raw = json.loads((folder / "manifest.json").read_text())
+    for split in ("train", "test"):
+        entry = raw["splits"][split]["shards"][0]
+        real = folder / entry["path"]
+        if kind == "pipe":
+            entry["path"] = f"pipe:touch {touched}; cat {real}"
+        elif kind in ("escape", "absolute"):  # a real shard, so only the location rule can refuse it
+            shutil.move(real, elsewhere / real.name)
+            entry["path"] = f"../elsewhere/{real.name}" if kind == "escape" else str(elsewhere / real.name)
+        else:
+            entry["path"] = f"https://example.invalid/{real.name}"
+    (folder / "manifest.json").write_text(json.dumps(raw))
+    return folder / "manifest.json", touched
+
+
+def _open_both_loaders(manifest: Path, data: DataConfig) -> tuple[int, int]:
+    train = make_train_loader(data, manifest, "train", rank=0, world_size=1, seed=0, drop_unlabelled=True)
+    test = make_eval_loader(data, manifest, "test", rank=0, world_size=1)
+    return sum(len(b["key"]) for b in train), sum(len(b["key"]) for b in test)
+
+
+@pytest.mark.parametrize("kind", list(HOSTILE))
+def test_hostile_manifests_are_refused_by_both_loaders(syn, tmp_path, kind):
+    manifest, touched = hostile_manifest(syn, tmp_path, kind)
+    for split in ("train", "test"):
+        with pytest.raises(ManifestError) as err:
+            if split == "train":
+                make_train_loader(cfg(), manifest, split, rank=0, world_size=1, seed=0, drop_unlabelled=True)
+            else:
+                make_eval_loader(cfg(), manifest, split, rank=0, world_size=1)
+        message = str(err.value)  # names the manifest, the shard and what is wrong with it
+        assert str(manifest) in message and "train-000000.tar" in message and HOSTILE[kind] in message, message
+    assert not touched.exists()
+
+
+def test_external_shards_and_urls_only_when_allowed(syn, tmp_path):
+    full = (N_TRAIN, N_TEST)
+    for kind in ("escape", "absolute"):
+        manifest, _ = hostile_manifest(syn, tmp_path / kind, kind)
+        assert _open_both_loaders(manifest, cfg(allow_external_shards=True)) == full
+        with pytest.raises(ManifestError, match="allow_external_shards"):
+            read_manifest(manifest)
+    manifest, _ = hostile_manifest(syn, tmp_path / "https", "https")
+    with pytest.raises(ManifestError, match=r"data.allow_url_schemes=\[https\]"):
+        read_manifest(manifest, allow_external_shards=True)
+    shards = read_manifest(manifest, allow_url_schemes=["https"]).splits["train"].shards
+    assert shards[0] == "https://example.invalid/train-000000.tar" and Path(shards[1]).is_file()
+
+
+def test_pipe_shards_are_never_run_whatever_is_allowed(syn, tmp_path):
+    manifest, touched = hostile_manifest(syn, tmp_path, "pipe")
+    with pytest.raises(ManifestError, match="is a shell command"):
+        read_manifest(manifest, allow_external_shards=True, allow_url_schemes=["http", "https"])
+    with pytest.raises(ManifestError, match="pipe cannot be allowed"):
+        read_manifest(manifest, allow_url_schemes=["pipe"])
+    with pytest.raises(ManifestError, match="scheme 'pipe' is not allowed"):
+        manifest_from_urls(f"pipe:touch {touched}; cat {syn.splits['train'].shards[0]}")
+    with pytest.raises(ManifestError, match="scheme 's3' is not allowed"):
+        manifest_from_urls("s3://bucket/train-000000.tar")
+    assert not touched.exists()
+
+
+def test_evaluate_refuses_a_hostile_manifest_before_running_it(syn, tmp_path):
+    """The entry point users type, end to end: the error names the manifest and the shard; nothing ran."""
+    from _helpers import PYTHON, run_cmd
+
+    manifest, touched = hostile_manifest(syn, tmp_path, "pipe")
+    proc = run_cmd([PYTHON, "-m", "explainer.evaluate", "--config", "configs/synthetic.yaml", "--checkpoint",
+                    str(tmp_path / "explainer.pt"), "--classifier", str(tmp_path / "classifier.pt"), "--methods",
+                    "explainer", "--out", str(tmp_path / "eval"), "--no-progress", f"data.manifest={manifest}",
+                    "data.image_size=32", "data.num_workers=0", "data.allow_external_shards=true"], check=False)
+    assert proc.returncode != 0 and f"manifest {manifest}" in proc.stderr and "is a shell command" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert not touched.exists() and not (tmp_path / "eval").exists()

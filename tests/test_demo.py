@@ -22,6 +22,7 @@ def learned_explainer(synthetic_manifest, tiny_classifier, tmp_path_factory) -> 
     return out
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_explainer_learns_to_find_the_objects(learned_explainer):
     """Validation soft IoU of the target mask with the ground truth rises from the ~0.2 of an untrained (all ~0.5)
@@ -33,6 +34,7 @@ def test_explainer_learns_to_find_the_objects(learned_explainer):
     assert last["area_m"] < first["area_m"], history
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_demo_claims_hold_on_tiny_data(synthetic_manifest, tiny_classifier, learned_explainer, tmp_path):
     out = tmp_path / "eval"

@@ -60,6 +60,7 @@ def run_toy(methods: list[str], figure_images: int = 0) -> tuple[Evaluator, dict
     return ev, ev.finish()
 
 
+@pytest.mark.numerics
 def test_evaluator_on_a_toy_with_known_answer():
     ev, res = run_toy(["explainer", "gradcam"])
     assert res["n_images"] == 12 and res["n_seg_images"] == 12
@@ -80,6 +81,7 @@ def test_evaluator_on_a_toy_with_known_answer():
     assert t["explainer"]["seconds_per_image"] > 0
 
 
+@pytest.mark.numerics
 def test_report_and_figures_are_written(tmp_path):
     ev, res = run_toy(["explainer", "gradcam", "rise"], figure_images=3)
     res["settings"] = {"checkpoint": "x.pt", "classifier": "c.pt", "manifest": "m.json", "split": "test",
@@ -96,6 +98,7 @@ def test_report_and_figures_are_written(tmp_path):
     assert markdown_report(res).count("## Table") == 4
 
 
+@pytest.mark.numerics
 def test_evaluator_without_segmentation_and_bad_settings():
     clf = colour_classifier(gain=40)
     ev = Evaluator(clf, {"explainer": MaskNetwork("explainer", OracleExplainer())}, CLASSES, EvalConfig(),
@@ -153,6 +156,7 @@ def _evaluate_cmd(manifest: Path, classifier: Path, checkpoint: Path, out: Path,
             "eval.ep_areas=[0.1,0.3]"]
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_evaluate_end_to_end_one_and_two_processes(synthetic_manifest, tiny_classifier, explainer_checkpoints,
                                                    tmp_path):

@@ -54,6 +54,7 @@ def test_expand_inputs_folders_globs_and_errors(images):
         expand_inputs([str(images / "missing.png")])
 
 
+@pytest.mark.numerics
 def test_explain_writes_everything_and_skips_broken_files(checkpoint, images, tmp_path):
     out = tmp_path / "out"
     index = explain(str(checkpoint), [str(images)], str(out), batch_size=2, progress=False)
@@ -86,6 +87,7 @@ def test_explain_writes_everything_and_skips_broken_files(checkpoint, images, tm
     assert not list(out.rglob("*.tmp"))
 
 
+@pytest.mark.numerics
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated; still the format asked for
 def test_torchscript_export_gives_the_same_masks(checkpoint, images, tmp_path):
     index = explain(str(checkpoint), [str(images / "b" / "y.jpg")], str(tmp_path / "o"), export="torchscript",

@@ -28,6 +28,7 @@ def t(values, dtype=torch.float64):
     return torch.tensor(values, dtype=dtype)
 
 
+@pytest.mark.numerics
 def test_aggregate_masks_one_several_zero_and_all_classes():
     # 4 images, C = 3 classes, masks of 1x2 pixels: s_0, s_1, s_2 per image
     masks = t(
@@ -49,6 +50,7 @@ def test_aggregate_masks_one_several_zero_and_all_classes():
     assert torch.equal(n.flatten(1), t([[0.5, 0.1], [0.7, 0.9], [0.0, 0.0], [0.7, 0.9]]))
 
 
+@pytest.mark.numerics
 def test_classification_loss_is_bce_mean_over_classes():
     # logits [0, ln 3], labels [1, 0]:
     #   BCE(0, 1)    = -log sigmoid(0)          = -log(1/2) = ln 2
@@ -59,6 +61,7 @@ def test_classification_loss_is_bce_mean_over_classes():
     assert loss.item() == pytest.approx(1.5 * LN2, abs=1e-12)
 
 
+@pytest.mark.numerics
 def test_negative_entropy_softmax_and_clamp():
     # row 0: p = softmax([0, 0]) = [1/2, 1/2]: (1/2)(2 * 1/2 ln 1/2) = 1/2 ln 1/2 = -0.3465735903
     # row 1: p = softmax([ln 3, 0]) = [3/4, 1/4]: (3/4 ln 3/4 + 1/4 ln 1/4) / 2 = -0.2811675723
@@ -71,11 +74,13 @@ def test_negative_entropy_softmax_and_clamp():
     assert clamped.item() == pytest.approx(1e-16 * math.log(1e-16) / 2, rel=1e-5)
 
 
+@pytest.mark.numerics
 def test_area_is_pixel_mean():
     # (0.2 + 0.4 + 0.6 + 1.0) / 4 = 0.55
     assert area(t([[[[0.2, 0.4], [0.6, 1.0]]]])).tolist() == pytest.approx([0.55])
 
 
+@pytest.mark.numerics
 def test_total_variation_reflection_padding_by_hand():
     # x = [[0, 1, 3],
     #      [2, 2, 2]]           H = 2, W = 3, Z = 6
@@ -116,6 +121,7 @@ def _bound_masks():
     return masks, labels
 
 
+@pytest.mark.numerics
 def test_area_bound_by_hand_sum_and_mean():
     # B(s) = (1/Z) sum_i relu(q_min[i] - q[i]) + relu(q[i] - q_max[i]), q sorted descending,
     # q_min = [1, 0, 0, ...] (k_min = 1), q_max = [1, 1, 1, 0, ...] (k_max = 3)
@@ -139,6 +145,7 @@ def test_area_bound_batch_without_any_class_and_bad_reduction():
         area_bound(masks, torch.ones(2, 3), reduction="max")
 
 
+@pytest.mark.numerics
 def test_area_bound_gradient_reaches_only_ground_truth_masks():
     masks, labels = _bound_masks()
     masks = masks.clone().requires_grad_(True)
@@ -162,6 +169,7 @@ def _one_image_case():
     return masks, labels
 
 
+@pytest.mark.numerics
 def test_wysiwyc_loss_total_by_hand():
     masks, labels = _one_image_case()
     # m = 0.5 and n = 0.25 everywhere -> TV(m) = TV(n) = 0, A(m) = 0.5, A(n) = 0.25
@@ -190,6 +198,7 @@ def test_wysiwyc_loss_total_by_hand():
     assert all(not v.requires_grad for v in terms.values())
 
 
+@pytest.mark.numerics
 def test_wysiwyc_loss_is_the_weighted_batch_mean_of_the_terms():
     torch.manual_seed(0)
     masks = torch.rand(3, 4, 6, 6, dtype=torch.float64)
@@ -223,6 +232,7 @@ def test_wysiwyc_gradients_reach_masks_and_logits():
     assert (masks.grad.abs().sum(dim=(2, 3)) > 0).all()
 
 
+@pytest.mark.numerics
 def test_rtis_loss_by_hand():
     masks, labels = _one_image_case()
     # m = s_0 = 0.5 everywhere -> squared TV 0, area 0.5
@@ -238,6 +248,7 @@ def test_rtis_loss_by_hand():
     assert terms["tv"].item() == 0.0 and terms["area_m"].item() == 0.5
 
 
+@pytest.mark.numerics
 def test_rtis_preserver_destroyer_average_over_ground_truth_pairs():
     # two images: image 0 classes {0}, image 1 classes {0, 1} -> 3 (image, class) pairs
     labels = t([[1, 0], [1, 1]])
@@ -249,6 +260,7 @@ def test_rtis_preserver_destroyer_average_over_ground_truth_pairs():
     assert terms["destroyer"].item() == pytest.approx(0.5)
 
 
+@pytest.mark.numerics
 def test_alternative_images():
     torch.manual_seed(0)
     images = torch.randn(2, 3, 40, 40)

@@ -18,6 +18,7 @@ def _toy_seg() -> tuple[torch.Tensor, torch.Tensor]:
     return mask, seg
 
 
+@pytest.mark.numerics
 def test_segmentation_scores_hand_computed_with_void_excluded():
     mask, seg = _toy_seg()
     s = M.segmentation_scores(mask, seg)
@@ -27,6 +28,7 @@ def test_segmentation_scores_hand_computed_with_void_excluded():
     assert s["mae"].item() == pytest.approx((0.5 + 0.2 + 0.0) / 3)
 
 
+@pytest.mark.numerics
 def test_void_as_foreground_reproduces_reference_convention_and_differs():
     mask, seg = _toy_seg()
     ref = M.segmentation_scores(mask, (seg > 0).to(torch.uint8))  # the reference: void counted as foreground
@@ -39,6 +41,7 @@ def test_void_as_foreground_reproduces_reference_convention_and_differs():
     assert ours["mae"].item() > ref["mae"].item()
 
 
+@pytest.mark.numerics
 def test_sanity_rows_known_properties():
     g = torch.Generator().manual_seed(0)
     seg = (torch.rand(5, 16, 16, generator=g) < 0.3).to(torch.uint8)
@@ -59,6 +62,7 @@ def test_sanity_rows_known_properties():
     assert torch.allclose(rows["0.5"]["acc"], torch.full((5,), 0.5, dtype=torch.float64))
 
 
+@pytest.mark.numerics
 def test_segmentation_scores_edge_cases_and_bad_input():
     seg = torch.zeros(1, 3, 3, dtype=torch.uint8)
     assert M.segmentation_scores(torch.zeros(1, 3, 3), seg)["iou"].item() == 1.0  # both empty: perfect agreement
@@ -70,6 +74,7 @@ def test_segmentation_scores_edge_cases_and_bad_input():
         M.segmentation_scores(torch.zeros(1, 2, 2), torch.zeros(1, 3, 3, dtype=torch.uint8))
 
 
+@pytest.mark.numerics
 def test_aggregate_is_max_over_ground_truth_classes():
     maps = torch.tensor([[[[0.1, 0.9]], [[0.7, 0.2]], [[1.0, 1.0]]]])  # [1, 3, 1, 2]
     labels = torch.tensor([[1.0, 1.0, 0.0]])
@@ -86,6 +91,7 @@ class ConstantLogits(nn.Module):
         return self.logits.expand(x.shape[0], -1)
 
 
+@pytest.mark.numerics
 def test_saliency_hand_computed():
     clf = ConstantLogits([0.0, math.log(3.0)])  # softmax = [.25, .75]
     images = torch.ones(3, 3, 4, 4)
@@ -108,6 +114,7 @@ class HalfMeans(nn.Module):
         return math.log(3.0) * torch.stack([left, right], 1)
 
 
+@pytest.mark.numerics
 def test_class_specific_hand_computed():
     images = torch.ones(2, 3, 4, 4)
     maps = torch.zeros(2, 2, 4, 4)
@@ -129,6 +136,7 @@ def test_class_specific_no_target_present():
     assert counts.tolist() == [0.0] and sums.abs().sum() == 0
 
 
+@pytest.mark.numerics
 def test_classification_counts_and_prf():
     logits = torch.tensor([[0.5, -0.5, 2.0], [-2.0, 0.0, -0.9], [1.0, -3.0, -1.5]])
     labels = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
@@ -144,6 +152,7 @@ def test_classification_counts_and_prf():
     assert M.precision_recall_f1(torch.zeros(3, 2))["f1"] == 0.0
 
 
+@pytest.mark.numerics
 def test_totals_local():
     t = M.Totals()
     t.add_values("iou", torch.tensor([0.5, 1.0]))
@@ -174,6 +183,7 @@ def _reduce_worker(rank: int, world: int, init: str, queue) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_totals_all_reduce_two_processes(tmp_path):
     ctx = mp.get_context("spawn")

@@ -84,6 +84,7 @@ def test_resnet50_head():
     assert model.gradcam_layer() is model.net.layer4[-1]
 
 
+@pytest.mark.numerics
 def test_frozen_backbone_keeps_batchnorm_statistics_during_head_training():
     model = build_classifier("resnet18", 3, finetune_backbone=False)
     model.train()
@@ -96,6 +97,7 @@ def test_frozen_backbone_keeps_batchnorm_statistics_during_head_training():
     assert tuned.net.bn1.training and all(p.requires_grad for p in tuned.parameters())
 
 
+@pytest.mark.numerics
 def test_freeze_really_freezes_through_explainer_training():
     classifier = build_classifier("tiny_cnn", 3, finetune_backbone=True)
     classifier.train()
@@ -177,6 +179,7 @@ def test_local_backbone_weights_for_mobilenet_explainer(tmp_path):
     assert torch.equal(model.net.backbone["16"][1].running_mean, source.features[16][1].running_mean)
 
 
+@pytest.mark.numerics
 def test_checkpoint_round_trip_weights_only(tmp_path):
     classes = ["circle", "square", "triangle"]
     classifier = build_classifier("tiny_cnn", 3).eval()

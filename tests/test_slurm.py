@@ -218,6 +218,34 @@ def slurm_jobs(slurm_cluster, synthetic_manifest, tiny_classifier, tmp_path_fact
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _slurm_tests_as_non_root(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """pytest on this file's SLURM tests in a subprocess that plays a non-root user (EXPLAINER_TEST_EUID); its
+    EXPLAINER_SLURM_DIR is a fresh folder, so a cluster started there by mistake would show."""
+    full = {**os.environ, "EXPLAINER_TEST_EUID": "1000", "EXPLAINER_SLURM_DIR": str(tmp_path / "no-cluster"), **env}
+    if "EXPLAINER_REQUIRE_SLURM" not in env:
+        full.pop("EXPLAINER_REQUIRE_SLURM", None)
+    return subprocess.run([PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'bt'}",
+                           "-m", "slurm", str(Path(__file__).resolve())],
+                          cwd=ROOT, env=full, capture_output=True, text=True, timeout=300)
+
+
+def test_slurm_tests_skip_with_one_line_for_non_root_unless_required(tmp_path):
+    """`make test` without root: the SLURM tests are skipped with one line saying why and how to run them; with
+    EXPLAINER_REQUIRE_SLURM=1 (what .ci/run exports) the same situation fails them instead."""
+    n = sum(1 for _ in re.finditer(r"^@pytest\.mark\.slurm$", Path(__file__).read_text(), re.M))
+    assert n >= 5
+    skipped = _slurm_tests_as_non_root(tmp_path)
+    out = skipped.stdout
+    assert skipped.returncode == 0 and f"{n} skipped" in out, out + skipped.stderr
+    lines = [line for line in out.splitlines() if "SLURM tests skipped" in line]
+    assert len(lines) == 1 and "they need root" in lines[0] and "run `make test` as root" in lines[0], out
+    required = _slurm_tests_as_non_root(tmp_path, EXPLAINER_REQUIRE_SLURM="1")
+    out = required.stdout
+    assert required.returncode == 1 and f"{n} errors" in out and "SLURM tests skipped" not in out, out
+    assert "EXPLAINER_REQUIRE_SLURM=1 but they need root" in out, out
+    assert not (tmp_path / "no-cluster").exists()  # nothing was started
+
+
 @pytest.mark.slurm
 def test_submit_prints_job_ids_logs_and_outputs(slurm_jobs):
     for sub in slurm_jobs.values():

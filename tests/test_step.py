@@ -25,6 +25,7 @@ def _images(dtype=torch.float32, size=32):
     return torch.randn(len(LABELS), 3, size, size, generator=torch.Generator().manual_seed(1), dtype=dtype)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_fast_step_equals_reference_step(reduction):
     explainer, classifier = _models(torch.float64)
@@ -49,6 +50,7 @@ def _count_calls(module):
     return calls, handle
 
 
+@pytest.mark.numerics
 def test_one_classifier_call_on_the_concatenation():
     explainer, classifier = _models()
     images = _images()
@@ -65,6 +67,7 @@ def test_one_classifier_call_on_the_concatenation():
     handle.remove()
 
 
+@pytest.mark.numerics
 def test_gradients_only_on_the_explainer():
     explainer, classifier = _models()
     out = explainer_forward_loss(explainer, classifier, _images(), LABELS, LossConfig())
@@ -82,6 +85,7 @@ def test_an_unfrozen_classifier_is_refused():
         explainer_forward_loss(explainer, classifier, _images(), LABELS, LossConfig())
 
 
+@pytest.mark.numerics
 def test_channels_last_input_gives_the_same_loss_and_stays_channels_last():
     explainer, classifier = _models()
     explainer.eval()
@@ -98,6 +102,7 @@ def test_channels_last_input_gives_the_same_loss_and_stays_channels_last():
     assert cl.loss.item() == pytest.approx(plain.loss.item(), rel=1e-5)
 
 
+@pytest.mark.numerics
 def test_bf16_autocast_entered_once_and_loss_in_fp32():
     explainer, classifier = _models()
     explainer.eval()
@@ -120,6 +125,7 @@ def test_bf16_autocast_entered_once_and_loss_in_fp32():
     assert all(torch.isfinite(p.grad).all() for p in explainer.parameters())
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("alternative", ["blur", "noise"])
 def test_rtis_step(alternative):
     explainer, classifier = _models()

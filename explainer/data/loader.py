@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import random
+import re
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -93,13 +94,65 @@ class Manifest:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the whole JSON (synthetic spec, skipped, ...)
 
 
-def _is_url(text: str) -> bool:
-    return "://" in text or text.startswith("pipe:")
+# A shard path with a scheme ("pipe:", "https://", "s3://", ...). One letter is not a scheme; there are no drive letters
+# on the platforms we support, but "C:/x.tar" reads better as a refused absolute path than as scheme "c".
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
+URL_SCHEMES = ("http", "https")  # the only schemes data.allow_url_schemes can allow: read with urllib, no shell
 
 
-def read_manifest(path: str | Path) -> Manifest:
-    """Load and check a manifest.json written by launch/make_shards.py."""
+def _scheme(text: str) -> str | None:
+    match = _SCHEME.match(text)
+    return match.group(1).lower() if match else None
+
+
+def _check_allowed_schemes(allow_url_schemes: Sequence[str]) -> set[str]:
+    allowed = {s.lower().rstrip(":/") for s in allow_url_schemes}
+    bad = sorted(allowed - set(URL_SCHEMES))
+    if bad:
+        raise ManifestError(f"data.allow_url_schemes: {', '.join(bad)} cannot be allowed; only "
+                            f"{' and '.join(URL_SCHEMES)} shards are supported (a 'pipe:' shard would run a shell "
+                            "command: download the shards and point the manifest at the files instead)")
+    return allowed
+
+
+def resolve_shard(manifest: Path, entry: str, split: str, *, allow_external_shards: bool = False,
+                  allow_url_schemes: Sequence[str] = ()) -> str:
+    """The absolute path (or allowed URL) of one shard listed in `manifest`, or a ManifestError naming both.
+
+    A manifest usually comes with a downloaded shard set, so it is data, not code: a shard must be a file inside the
+    manifest's folder (after following symlinks). Absolute paths and paths leading out of the folder need
+    data.allow_external_shards=true; http(s) URLs need data.allow_url_schemes=[https]; 'pipe:' and every other scheme
+    are refused, because webdataset would hand them to a shell or to tools we do not control.
+    """
+    where = f"manifest {manifest}: shard {entry!r} of split {split!r}"
+    scheme = _scheme(entry)
+    if scheme is not None:
+        if scheme == "pipe":
+            raise ManifestError(f"{where} is a shell command ('pipe:'), which a manifest may never run; download the "
+                                "shards and list their file names instead")
+        if scheme in URL_SCHEMES:
+            if scheme in _check_allowed_schemes(allow_url_schemes):
+                return entry
+            raise ManifestError(f"{where} is an {scheme} URL; reading shards over the network is off by default "
+                                f"(allow it with data.allow_url_schemes=[{scheme}])")
+        raise ManifestError(f"{where} has the unsupported scheme {scheme!r}: a shard must be a file next to the "
+                            f"manifest (or an http/https URL with data.allow_url_schemes)")
+    folder = manifest.parent.resolve()
+    full = (folder / entry).resolve()
+    if not allow_external_shards and not full.is_relative_to(folder):
+        kind = "an absolute path" if Path(entry).is_absolute() else f"outside the manifest's folder {folder}"
+        raise ManifestError(f"{where} is {kind} (it resolves to {full}); shards must live in the manifest's folder "
+                            "unless you allow others with data.allow_external_shards=true")
+    if not full.is_file():
+        raise ManifestError(f"{where} does not exist ({full})")
+    return str(full)
+
+
+def read_manifest(path: str | Path, *, allow_external_shards: bool = False,
+                  allow_url_schemes: Sequence[str] = ()) -> Manifest:
+    """Load and check a manifest.json written by launch/make_shards.py; every shard goes through resolve_shard."""
     path = Path(path)
+    _check_allowed_schemes(allow_url_schemes)
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
@@ -113,9 +166,8 @@ def read_manifest(path: str | Path) -> Manifest:
             shards, counts, unlabelled = [], [], []
             for entry in info["shards"]:
                 rel = str(entry["path"])
-                url = rel if _is_url(rel) else str((path.parent / rel).resolve())
-                if not _is_url(url) and not Path(url).is_file():
-                    raise ManifestError(f"manifest {path}: shard {rel} of split {name!r} does not exist")
+                url = resolve_shard(path, rel, name, allow_external_shards=allow_external_shards,
+                                    allow_url_schemes=allow_url_schemes)
                 count = int(entry["count"])
                 if count < 0:
                     raise ManifestError(f"manifest {path}: shard {rel} has a negative count")
@@ -131,17 +183,36 @@ def read_manifest(path: str | Path) -> Manifest:
     return Manifest(path=path, dataset=dataset, classes=classes, splits=splits, raw=raw)
 
 
+def shard_permissions(dcfg: Any) -> dict[str, Any]:
+    """read_manifest's permission arguments from a DataConfig (off for configs that predate them)."""
+    return {"allow_external_shards": bool(getattr(dcfg, "allow_external_shards", False)),
+            "allow_url_schemes": tuple(getattr(dcfg, "allow_url_schemes", ()) or ())}
+
+
+def read_data_manifest(dcfg: Any) -> Manifest:
+    """read_manifest(dcfg.manifest) with the shard-location permissions of a DataConfig."""
+    return read_manifest(dcfg.manifest, **shard_permissions(dcfg))
+
+
 def manifest_from_urls(urls: str | Sequence[str], split: str = "train",
-                       classes: Sequence[str] | None = None) -> Manifest:
-    """A Manifest for shards given as (brace-expanded) paths/URLs: reads each shard once to count its samples."""
+                       classes: Sequence[str] | None = None, allow_url_schemes: Sequence[str] = ()) -> Manifest:
+    """A Manifest for shards given as (brace-expanded) paths/URLs: reads each shard once to count its samples.
+
+    The caller names the shards itself, so any local path is accepted; URLs follow the same rules as in a manifest.
+    """
     import braceexpand
 
     if isinstance(urls, str):
         urls = list(braceexpand.braceexpand(urls))
+    allowed = _check_allowed_schemes(allow_url_schemes)
     counts, unlabelled, shards = [], [], []
     num_classes = None
     for url in urls:
-        full = url if _is_url(url) else str(Path(url).resolve())
+        scheme = _scheme(url)
+        if scheme is not None and scheme not in allowed:
+            raise ManifestError(f"shard {url!r}: the scheme {scheme!r} is not allowed (only files, or http/https "
+                                "listed in allow_url_schemes; 'pipe:' would run a shell command)")
+        full = url if scheme is not None else str(Path(url).resolve())
         n, zero = 0, []
         for sample in _iter_shard(full):
             try:
@@ -178,11 +249,16 @@ class _Counter:
 
 
 def _open(url: str):
-    if _is_url(url):
-        from webdataset.gopen import gopen
+    """A shard as a byte stream: a plain file, or an http(s) URL through urllib (which read_manifest allowed).
+    Never webdataset's gopen: it runs 'pipe:' URLs in a shell and hands other schemes to curl/aws/gsutil commands."""
+    scheme = _scheme(url)
+    if scheme is None:
+        return open(url, "rb")  # noqa: SIM115 - closed by the caller's generator
+    if scheme in URL_SCHEMES:
+        import urllib.request
 
-        return gopen(url)
-    return open(url, "rb")  # noqa: SIM115 - closed by the caller's generator
+        return urllib.request.urlopen(url, timeout=60)  # noqa: S310 - scheme checked above
+    raise ManifestError(f"shard {url!r}: cannot open the scheme {scheme!r} (only files and http/https)")
 
 
 def _iter_shard(url: str, counter: _Counter | None = None) -> Iterator[dict[str, Any]]:
@@ -563,7 +639,7 @@ def make_train_loader(cfg: Any, manifest: Manifest | str | Path, split: str, *, 
     float32 [B, 3, H, W] normalised with mean/std (the classifier's; ImageNet's by default); "uint8": see
     batch_image_format (normalise with the same mean/std on the device)."""
     if not isinstance(manifest, Manifest):
-        manifest = read_manifest(manifest)
+        manifest = read_manifest(manifest, **shard_permissions(cfg))
     _check_rank(rank, world_size)
     info = _split_info(manifest, split)
     dataset = _ShardStream(info, num_classes=len(manifest.classes), image_size=cfg.image_size,
@@ -583,7 +659,7 @@ def make_eval_loader(cfg: Any, manifest: Manifest | str | Path, split: str, *, r
     """Evaluation stream for one rank: images, labels, keys and segmentation ground truth at cfg.image_size
     (image_format, mean, std: as make_train_loader)."""
     if not isinstance(manifest, Manifest):
-        manifest = read_manifest(manifest)
+        manifest = read_manifest(manifest, **shard_permissions(cfg))
     _check_rank(rank, world_size)
     info = _split_info(manifest, split)
     dataset = _ShardStream(info, num_classes=len(manifest.classes), image_size=cfg.image_size,
