@@ -247,3 +247,51 @@ def test_bad_config_fails_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert "unknown key 'loss.lambda_q'" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+_VAL_SUMS = """
+import json
+import torch
+from accelerate import Accelerator
+from explainer.config import ExplainerRunConfig, load_config
+from explainer.distributed import all_reduce_sums
+from explainer.models import build_classifier, build_explainer, freeze
+from explainer.precision import Precision
+from explainer.tasks import ExplainerTask
+
+accelerator = Accelerator(cpu=True)
+rank = accelerator.process_index
+torch.manual_seed(0)
+cfg = load_config(ExplainerRunConfig, None, ["classifier.checkpoint=unused.pt"])
+task = ExplainerTask(cfg)
+task.classifier = freeze(build_classifier("tiny_cnn", 4))
+model = build_explainer("tiny_unet", 4).eval()
+g = torch.Generator().manual_seed(rank)
+batch = {"image": torch.randn(3, 3, 32, 32, generator=g), "labels": torch.tensor([[1.0, 0, 0, 0]] * 3),
+         "seg": torch.randint(0, 2, (3, 32, 32), generator=g),
+         "has_seg": torch.tensor([rank == 0, rank == 0, False])}  # only rank 0 sees segmentation
+with torch.no_grad():
+    local = task.val_sums(model, batch, Precision("no", accelerator))
+keys = task.val_keys(None)
+total = all_reduce_sums(accelerator, local, keys)
+no_batch = all_reduce_sums(accelerator, local if rank == 0 else {}, keys)  # rank 1 got no validation batch
+print(json.dumps({"local": local, "total": total, "no_batch": no_batch}))
+"""
+
+
+@pytest.mark.numerics
+def test_validation_sums_align_across_ranks_when_only_one_sees_segmentation():
+    """Before: rank 0 all-reduced 11 keys, rank 1 nine (and none without a batch): a gloo error or a hang."""
+    from _helpers import run_ranks
+
+    procs = run_ranks(_VAL_SUMS, world=2, timeout=180)
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    out = [json.loads(proc.stdout.strip().splitlines()[-1]) for proc in procs]
+    assert out[0]["total"] == out[1]["total"] and out[0]["no_batch"] == out[1]["no_batch"]
+    assert out[1]["local"]["iou_count"] == 0.0 and out[0]["local"]["iou_count"] == 2.0
+    total = out[0]["total"]
+    assert total["count"] == 6.0 and total["iou_count"] == 2.0
+    for key in total:
+        assert total[key] == pytest.approx(out[0]["local"][key] + out[1]["local"][key], rel=1e-12), key
+        assert out[0]["no_batch"][key] == pytest.approx(out[0]["local"][key], rel=1e-12), key
