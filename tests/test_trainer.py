@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,9 +85,17 @@ def test_classifier_stays_bit_identical(synthetic_manifest, tiny_classifier, tmp
     assert all(not p.requires_grad for p in task.classifier.parameters())
 
 
-def test_kill9_then_resume_equals_uninterrupted(synthetic_manifest, tiny_classifier, tmp_path):
+def _optimizer_state(run: Path) -> dict:
+    (path,) = (run / "checkpoints" / "step_00000016").glob("optimizer*.bin")
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
+def test_kill9_then_resume_equals_uninterrupted(synthetic_manifest, tiny_classifier, tmp_path, precision):
+    """Bit-identical weights, Adam moments and step counts (and, in fp16, GradScaler scale and growth tracker)."""
     common = ["train.max_steps=16", "train.checkpoint_every_steps=2", "train.val_every_steps=8",
-              "tracking.wandb_mode=disabled"]
+              "tracking.wandb_mode=disabled", "optim.optimizer=adam", f"train.mixed_precision={precision}"]
     straight = tmp_path / "straight"
     run_cmd([PYTHON, TRAIN, *explainer_args(synthetic_manifest, tiny_classifier, straight, *common)])
 
@@ -105,9 +114,26 @@ def test_kill9_then_resume_equals_uninterrupted(synthetic_manifest, tiny_classif
     summary_before = killed / "summary.json"
     assert not summary_before.exists(), "the run finished before the kill; nothing was tested"
 
-    run_cmd([PYTHON, TRAIN, *explainer_args(synthetic_manifest, tiny_classifier, killed, *common), "--resume", "auto"])
+    resumed = run_cmd([PYTHON, TRAIN, *explainer_args(synthetic_manifest, tiny_classifier, killed, *common),
+                       "--resume", "auto"])
+    started = re.search(r"resumed from \S+step_(\d{8}) \(step (\d+),", resumed.stdout)
+    assert started, resumed.stdout[-2000:]
+    assert 6 <= int(started.group(2)) < 16 and int(started.group(1)) == int(started.group(2)), started.group(0)
     assert json.loads(summary_before.read_text())["steps"] == 16
     assert_same_weights(straight / "explainer_last.pt", killed / "explainer_last.pt")
+    opt_a, opt_b = _optimizer_state(straight), _optimizer_state(killed)
+    assert opt_a["param_groups"] == opt_b["param_groups"] and opt_a["state"].keys() == opt_b["state"].keys()
+    for index, moments in opt_a["state"].items():
+        assert set(moments) == {"step", "exp_avg", "exp_avg_sq"}
+        for key in moments:
+            assert torch.equal(moments[key], opt_b["state"][index][key]), (index, key)
+    assert float(opt_a["state"][0]["step"]) == 16
+    scalers = [json.loads((run / "checkpoints" / "step_00000016" / "meta.json").read_text())["scaler"]
+               for run in (straight, killed)]
+    if precision == "fp16":  # the scale and growth tracker continue, not restart at 65536 / 0
+        assert scalers[0] == scalers[1] and scalers[0]["_growth_tracker"] > 16 - int(started.group(2))
+    else:
+        assert scalers == [None, None]
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "train"]
     assert steps == sorted(set(steps)), "metrics logged twice after the resume"
