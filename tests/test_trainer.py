@@ -31,6 +31,17 @@ def explainer_args(manifest: Path, classifier: Path, out: Path, *extra: str) -> 
             "explainer.arch=tiny_unet", *extra]
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """In-process fit() calls with different precisions: accelerate's process-wide state would refuse the second
+    one, so reset it as accelerate's own test cases do (AccelerateTestCase)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
 def state_of(path: Path) -> dict[str, torch.Tensor]:
     """The exported tensors as saved (a float64 run stays float64; load_explainer would build a float32 model)."""
     load_explainer(path)  # a valid explainer checkpoint
@@ -71,13 +82,17 @@ def test_run_folder_has_everything(synthetic_manifest, tiny_classifier, tmp_path
     assert summary["steps"] == 8 and summary["best_step"] in (4, 8)
 
 
-def test_classifier_stays_bit_identical(synthetic_manifest, tiny_classifier, tmp_path):
-    """The reference trained its 'frozen' classifier in train mode; ours keeps weights AND BN buffers untouched."""
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_classifier_stays_bit_identical(synthetic_manifest, tiny_classifier, tmp_path, precision):
+    """The reference trained its 'frozen' classifier in train mode; ours keeps weights AND BN buffers untouched,
+    also under autocast (bf16: the presets' precision)."""
     overrides = [*tiny_overrides(synthetic_manifest, tmp_path / "run"), f"classifier.checkpoint={tiny_classifier}",
-                 "train.max_steps=4", "tracking.wandb_mode=disabled", "optim.lr=0.05"]
+                 "train.max_steps=4", "tracking.wandb_mode=disabled", "optim.lr=0.05",
+                 f"train.mixed_precision={precision}"]
     cfg = load_config(ExplainerRunConfig, ROOT / "configs" / "synthetic.yaml", overrides)
     task = ExplainerTask(cfg)
-    fit(task, RunSettings(cfg.data, cfg.optim, cfg.train, cfg.tracking), cfg)
+    summary = fit(task, RunSettings(cfg.data, cfg.optim, cfg.train, cfg.tracking), cfg)
+    assert summary["precision"] == f"mixed_precision={precision}"
     before = load_classifier(tiny_classifier)[0].state_dict()
     after = task.classifier.state_dict()
     assert any("running_mean" in k for k in before)
