@@ -354,3 +354,30 @@ def test_validation_sums_align_across_ranks_when_only_one_sees_segmentation():
     for key in total:
         assert total[key] == pytest.approx(out[0]["local"][key] + out[1]["local"][key], rel=1e-12), key
         assert out[0]["no_batch"][key] == pytest.approx(out[0]["local"][key], rel=1e-12), key
+
+
+# bf16 keeps 8 significant bits: unit roundoff u = 2^-9. Under autocast each of the ~10 convolutions on the
+# gradient path (6 in tiny_unet, 4 in tiny_cnn) rounds its inputs and outputs in the forward and its gradients in
+# the backward: about 40 roundings, so the 1- and 2-process gradients (different batch shapes, different kernels and
+# summation order) may differ by up to ~40u relative per step, and the weights by ~40u of how far training moved
+# them, before feedback over the steps. We allow 128u (a 3x allowance for that feedback); seen: at most 35u
+# (enc1.1.weight, lr 0.5, 12 steps) on this machine.
+BF16_U = 2.0**-9
+BF16_ALLOWED = 128 * BF16_U
+
+
+@pytest.mark.slow
+@pytest.mark.numerics
+def test_two_processes_equal_one_process_bf16(synthetic_manifest, tiny_classifier, tmp_path):
+    """bf16 autocast (the presets' precision): 1 vs 2 processes within what bf16 rounding implies."""
+    extra = ["optim.optimizer=sgd", "optim.lr=0.5", "train.mixed_precision=bf16"]
+    one, two, one_manifest, common = _one_vs_two_processes(synthetic_manifest, tiny_classifier, tmp_path, extra, 29519)
+    start = tmp_path / "start"
+    run_cmd([PYTHON, TRAIN, *explainer_args(one_manifest, tiny_classifier, start, *common, "train.max_steps=0")])
+    w0, w1, w2 = (state_of(run / "explainer_last.pt") for run in (start, one, two))
+    assert w0.keys() == w1.keys() == w2.keys()
+    for key in w0:
+        moved = (w1[key] - w0[key]).abs().max().item()
+        diff = (w1[key] - w2[key]).abs().max().item()
+        assert moved > 1e-3, (key, moved)  # training moved every tensor: the comparison is not vacuous
+        assert diff <= BF16_ALLOWED * moved, (key, diff, moved, f"{diff / moved / BF16_U:.0f}u")
