@@ -260,19 +260,29 @@ def test_two_processes_equal_one_process(synthetic_manifest, tiny_classifier, tm
 
 @pytest.mark.slow
 def test_two_processes_odd_sample_count_does_not_hang(synthetic_manifest, tiny_classifier, tmp_path):
-    """Batch 5 on 2 ranks over 96 samples: uneven split of samples, equal batch counts, the run finishes."""
+    """Batch 5 on 2 ranks over 96 samples: uneven split of samples, equal batch counts, the run finishes.
+    Also the scale policy end to end: 5 per process, global batch 10, lr x 2 with a 5% warm-up, printed and recorded."""
     out = tmp_path / "odd"
-    run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
-             TRAIN, *explainer_args(synthetic_manifest, tiny_classifier, out, "data.batch_size=5", "train.epochs=1",
-                                    "tracking.wandb_mode=disabled")], env={"ACCELERATE_USE_CPU": "1"}, timeout=300)
+    proc = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+                    TRAIN, *explainer_args(synthetic_manifest, tiny_classifier, out, "data.batch_size=5",
+                                           "train.epochs=2", "optim.lr=0.01", "optim.batch_policy=scale",
+                                           "optim.warmup_steps=10",
+                                           "tracking.wandb_mode=disabled")], env={"ACCELERATE_USE_CPU": "1"},
+                   timeout=300)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["steps"] == 96 // (2 * 5)
+    assert summary["world_size"] == 2 and summary["steps"] == 2 * (96 // (2 * 5))
+    assert (summary["batch_policy"], summary["per_process_batch"], summary["global_batch"]) == ("scale", 5, 10)
+    assert summary["lr"] == pytest.approx(0.02) and summary["warmup_steps"] == 10
+    assert "scale: global batch 10 = 5 per process x 2 processes x 1 accumulation; lr 0.02" in proc.stdout
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+           if r["kind"] == "train"}
+    assert lrs[5] == pytest.approx(0.02 * 5 / 10) and lrs[15] == pytest.approx(0.02)  # linear warm-up, then flat
 
 
 class _NaNTask(ExplainerTask):
     """Injects non-finite losses at chosen steps (a real run rarely produces them on demand)."""
 
-    def __init__(self, cfg, bad_calls: set[int]):
+    def __init__(self, cfg, bad_calls: set[int] = frozenset()):
         super().__init__(cfg)
         self.calls, self.bad_calls = 0, bad_calls
 
@@ -381,3 +391,117 @@ def test_two_processes_equal_one_process_bf16(synthetic_manifest, tiny_classifie
         diff = (w1[key] - w2[key]).abs().max().item()
         assert moved > 1e-3, (key, moved)  # training moved every tensor: the comparison is not vacuous
         assert diff <= BF16_ALLOWED * moved, (key, diff, moved, f"{diff / moved / BF16_U:.0f}u")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The pieces of fit(), in-process (no subprocess)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _batch_cfgs(manifest, **over):
+    from explainer.config import DataConfig, OptimConfig
+
+    data = DataConfig(manifest=str(manifest), image_size=32, batch_size=over.pop("batch", 16))
+    optim = OptimConfig(batch_policy=over.pop("policy", "reproduce"), grad_accum_steps=over.pop("accum", 1),
+                        warmup_steps=over.pop("warmup", None))
+    return data, optim
+
+
+def test_plan_batch_reproduce_and_scale():
+    from explainer.trainer import plan_batch
+
+    data, optim = _batch_cfgs("m.json")
+    for world, per in ((1, 16), (2, 8), (8, 2)):
+        plan = plan_batch(data, optim, world)
+        assert (plan.per_process_batch, plan.global_batch, plan.lr) == (per, 16, optim.lr)
+    with pytest.raises(ValueError, match="does not divide over 3 processes"):
+        plan_batch(data, optim, 3)
+    data, optim = _batch_cfgs("m.json", policy="scale", accum=2)
+    plan = plan_batch(data, optim, 8)
+    assert (plan.per_process_batch, plan.global_batch, plan.lr) == (16, 256, 8 * optim.lr)
+    assert plan_batch(data, optim, 1).lr == optim.lr  # one process: both policies are the same run
+
+
+def test_plan_steps_and_warmup():
+    from explainer.config import TrainConfig
+    from explainer.trainer import lr_at, plan_batch, plan_steps
+
+    data, optim = _batch_cfgs("m.json", policy="scale")
+    tcfg = TrainConfig(epochs=10, max_steps=None)
+    plan = plan_steps(tcfg, optim, plan_batch(data, optim, 4), batches_available=30)
+    assert (plan.steps_per_epoch, plan.total_steps, plan.val_every, plan.ckpt_every) == (30, 300, 30, 30)
+    assert plan.warmup_steps == 15  # 5% when scale raised the lr
+    assert plan_steps(tcfg, optim, plan_batch(data, optim, 1), 30).warmup_steps == 0
+    assert [lr_at(s, 1.0, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    data, optim = _batch_cfgs("m.json", accum=4)
+    with pytest.raises(ValueError, match="fewer than grad_accum_steps=4"):
+        plan_steps(tcfg, optim, plan_batch(data, optim, 1), batches_available=3)
+
+
+@pytest.fixture
+def tiny_run(synthetic_manifest, tiny_classifier, tmp_path):
+    """A Run set up in this process (world 1): what fit() works on."""
+    from explainer.trainer import start_run
+
+    def make(*extra: str, task_cls=ExplainerTask, **kw):
+        overrides = [*tiny_overrides(synthetic_manifest, tmp_path / "run"), f"classifier.checkpoint={tiny_classifier}",
+                     "tracking.wandb_mode=disabled", *extra]
+        cfg = load_config(ExplainerRunConfig, ROOT / "configs" / "synthetic.yaml", overrides)
+        settings = RunSettings(cfg.data, cfg.optim, cfg.train, cfg.tracking)
+        run, stream, _ = start_run(task_cls(cfg, **kw), settings, cfg)
+        stream.set_epoch(0)
+        return run, iter(stream)
+
+    return make
+
+
+def test_optimizer_step_one_decision_per_step_and_masks_only_when_asked(tiny_run, monkeypatch):
+    import explainer.trainer as trainer
+
+    decisions = []
+    real = trainer.any_flag
+    monkeypatch.setattr(trainer, "any_flag", lambda acc, flags: decisions.append(flags.shape) or real(acc, flags))
+    run, batches = tiny_run("optim.grad_accum_steps=3")
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    outcome = trainer.optimizer_step(run, batches)
+    assert outcome.applied and outcome.images is None and run.state.batches_in_epoch == 3
+    assert decisions == [torch.Size([2])]  # loss flag + grad-norm flag, one collective for 3 micro-batches
+    assert any(not torch.equal(v, run.model.state_dict()[k]) for k, v in before.items())
+    assert run.window.micro_batches == 3 and run.window.images == 3 * 8 and run.window.sums.shape == (8,)
+    outcome = trainer.optimizer_step(run, batches, keep_images=2)
+    assert outcome.images["masks"].shape == (2, 4, 32, 32) and not outcome.images["masks"].requires_grad
+    logged = trainer.log_window(run)
+    assert logged["loss"] > 0 and run.window.sums is None
+
+
+def test_optimizer_step_skips_a_non_finite_step_without_touching_weights_or_adam(tiny_run):
+    from explainer.trainer import optimizer_step
+
+    run, batches = tiny_run("optim.grad_accum_steps=2", task_cls=_NaNTask, bad_calls={2})
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    outcome = optimizer_step(run, batches)
+    assert not outcome.applied and run.window.sums is None
+    assert all(torch.equal(v, run.model.state_dict()[k]) for k, v in before.items())
+    assert not run.optimizer.state and all(p.grad is None for p in run.params)
+    assert optimizer_step(run, batches).applied  # the next step goes on
+
+
+def test_validate_after_validation_and_summary(tiny_run):
+    from explainer.trainer import after_validation, validate, write_summary
+
+    run, _ = tiny_run("train.early_stop_patience=2")
+    stream = run.val_stream
+    metrics = validate(run)
+    assert run.val_stream is stream  # built once per run, reused
+    assert metrics["mask_iou"] >= 0 and {"loss", "classification", "bound"} <= set(metrics)
+    assert validate(run) == metrics  # the same split, the same model: the same numbers
+    after_validation(run, metrics)
+    assert run.state.best_metric == metrics["loss"] and (run.run_dir / "explainer.pt").is_file()
+    for _ in range(2):
+        after_validation(run, {**metrics, "loss": metrics["loss"] + 1})
+    assert run.state.bad_validations == 2 and run.state.stopped_early
+    summary = write_summary(run)
+    on_disk = json.loads((run.run_dir / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert (on_disk["batch_policy"], on_disk["global_batch"], on_disk["per_process_batch"]) == ("scale", 8, 8)
+    assert len(on_disk["history"]) == 3 and on_disk["best"]["step"] == 0
