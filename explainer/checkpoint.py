@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 
 from explainer.atomic import write_json_atomic
@@ -39,6 +40,7 @@ class TrainerState:
     bad_steps_in_a_row: int = 0
     skipped_steps: int = 0
     stopped_early: bool = False
+    scaler: dict[str, Any] | None = None  # our fp16 GradScaler on CPU (scale, growth tracker): JSON, not a pickle
     history: list[dict[str, Any]] = field(default_factory=list)  # validation results, for summary.json
 
     def to_json(self) -> dict[str, Any]:
@@ -108,6 +110,45 @@ class CheckpointManager:
         path = Path(resume)
         if not (path / META).is_file():
             raise FileNotFoundError(f"train.resume={resume!r}: {path / META} not found; not a complete checkpoint")
+        return path
+
+    def resolve_shared(self, accelerator: Accelerator, resume: str | None) -> Path | None:
+        """`resolve` done by rank 0 only and broadcast, then checked readable on every rank (collective).
+
+        Ranks resolving `auto` on their own could pick different checkpoints (or none) when run folders are
+        node-local, and then diverge or hang in the first collective. Instead every rank gets rank 0's choice, and
+        when any rank cannot read it every rank raises the same clear error.
+        """
+        choice: list[str | None] = [None]
+        error: list[str | None] = [None]
+        if accelerator.is_main_process:
+            try:
+                found = self.resolve(resume)
+                choice[0] = None if found is None else str(found)
+            except FileNotFoundError as exc:
+                error[0] = str(exc)
+        if accelerator.num_processes > 1:
+            torch.distributed.broadcast_object_list(choice, src=0)
+            torch.distributed.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise FileNotFoundError(error[0])
+        if choice[0] is None:
+            return None
+        path = Path(choice[0])
+        readable = (path / META).is_file()
+        if accelerator.num_processes > 1:
+            flags = torch.zeros(accelerator.num_processes, dtype=torch.float64, device=accelerator.device)
+            flags[accelerator.process_index] = 0.0 if readable else 1.0
+            missing = accelerator.reduce(flags, reduction="sum")
+            unreadable = [rank for rank, bad in enumerate(missing.tolist()) if bad > 0]
+        else:
+            unreadable = [] if readable else [0]
+        if unreadable:
+            raise RuntimeError(
+                f"train.resume={resume!r}: rank 0 chose checkpoint {path} but rank(s) {unreadable} cannot read "
+                f"{path / META}. Every process must see the same run folder (train.output_dir on a shared "
+                "filesystem, not a node-local disk); copy it there or resume from a folder all nodes can read."
+            )
         return path
 
     @staticmethod

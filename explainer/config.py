@@ -36,7 +36,7 @@ class DataConfig:
     val_split: str = "val"
     test_split: str = "test"
     image_size: int = 224
-    batch_size: int = 16  # per process; the global batch is batch_size * world_size * grad_accum_steps
+    batch_size: int = 16  # of a one-process run; with N processes see optim.batch_policy
     num_workers: int = 2
     shuffle_buffer: int = 1000
     augment: bool = False
@@ -109,6 +109,11 @@ class OptimConfig:
     weight_decay: float = 0.0
     lr_scaling: Literal["none", "linear"] = "none"  # none: reference lr whatever the global batch
     reference_batch: int = 16  # global batch the reference lr was tuned for
+    # How N processes relate to the one-process config (README "Training"): reproduce keeps the global batch at
+    # data.batch_size x grad_accum_steps (each process gets data.batch_size / N); scale keeps data.batch_size per
+    # process and multiplies lr by N, with a linear warm-up. Identical with one process.
+    batch_policy: Literal["reproduce", "scale"] = "reproduce"
+    warmup_steps: int | None = None  # linear lr warm-up; default: none, or 5% of the steps when scale raises lr
     grad_accum_steps: int = 1
     grad_clip_norm: float | None = None
 
@@ -120,6 +125,7 @@ class TrainConfig:
     max_steps: int | None = None  # optimiser steps; stops earlier than epochs when set
     steps_per_epoch: int | None = None  # default: train samples // global batch (from the manifest)
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    dtype: Literal["float32", "float64"] = "float32"  # float64 (with mixed_precision=no): exact-comparison tests
     channels_last: bool = False
     compile: bool = False
     sync_batchnorm: bool = False  # DeepLabV3 has BatchNorm: share its statistics across GPUs (CUDA, > 1 process)
@@ -400,6 +406,10 @@ def validate(cfg: Any) -> None:
         checks += [
             (optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}"),
             (optim.grad_accum_steps >= 1, f"optim.grad_accum_steps must be >= 1, got {optim.grad_accum_steps}"),
+            (optim.warmup_steps is None or optim.warmup_steps >= 0,
+             f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}"),
+            (optim.lr_scaling == "none",
+             "optim.lr_scaling=linear is replaced by optim.batch_policy=scale (lr x processes, with warm-up)"),
         ]
     train = getattr(cfg, "train", None)
     if train is not None:
@@ -408,6 +418,8 @@ def validate(cfg: Any) -> None:
             (train.process_group_timeout_min > 0,
              f"train.process_group_timeout_min must be > 0, got {train.process_group_timeout_min}"),
             (train.ddp_bucket_cap_mb >= 1, f"train.ddp_bucket_cap_mb must be >= 1, got {train.ddp_bucket_cap_mb}"),
+            (train.dtype == "float32" or train.mixed_precision == "no",
+             f"train.dtype={train.dtype} needs train.mixed_precision=no, got {train.mixed_precision!r}"),
             (train.resume in (None, "auto") or Path(train.resume).exists(),
              f"train.resume must be 'auto', null or an existing checkpoint folder, got {train.resume!r}"),
         ]

@@ -133,7 +133,8 @@ def process_group_kwargs(timeout_min: float) -> InitProcessGroupKwargs:
 
 def make_accelerator(mixed_precision: str, log_with: str | None, project_dir: str,
                      train: TrainConfig | None = None) -> Accelerator:
-    """One Accelerator per run. CPU-only machines get gloo; mixed precision 'fp16' on CPU falls back to fp32.
+    """One Accelerator per run. CPU-only machines get gloo. accelerate ignores 'fp16' on CPU (no autocast, no
+    scaler), so there it is told 'no' and explainer.precision.Precision does fp16 autocast and loss scaling itself.
 
     On CUDA: this process's GPU is chosen from what it can see (bind_local_device), cuDNN autotuning is on
     (train.cudnn_benchmark), and DDP gets the train.ddp_* options; every process group gets
@@ -145,9 +146,7 @@ def make_accelerator(mixed_precision: str, log_with: str | None, project_dir: st
     if use_cpu:
         os.environ.setdefault("ACCELERATE_USE_CPU", "1")
         if mixed_precision == "fp16":
-            # accelerate would silently run fp32 anyway (no fp16 autocast on CPU); say it out loud instead.
-            print("[explainer] mixed_precision=fp16 is not available on CPU; running fp32 (use bf16 for CPU autocast)")
-            mixed_precision = "no"
+            mixed_precision = "no"  # fp16 on CPU: autocast + GradScaler("cpu") by explainer.precision
     else:
         bind_local_device()
         torch.backends.cudnn.benchmark = train.cudnn_benchmark
@@ -184,19 +183,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def any_true(accelerator: Accelerator, flag: bool) -> bool:
-    """True on every rank if `flag` is true on any rank (so all ranks take the same branch; no DDP hang)."""
-    if accelerator.num_processes == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+def any_flag(accelerator: Accelerator, flags: torch.Tensor) -> bool:
+    """True on every rank if any element of `flags` (a small device tensor, > 0 = set) is set on any rank.
+
+    One collective and one device-to-host copy: the trainer calls it once per optimizer step, never per micro-batch.
+    """
+    flags = flags.detach().float().reshape(-1).amax()
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags.reshape(1), reduction="sum")
+    return bool(flags.item() > 0)
 
 
-def all_reduce_sums(accelerator: Accelerator, sums: dict[str, float]) -> dict[str, float]:
-    """Sum a dict of floats over ranks (deterministic key order)."""
-    if accelerator.num_processes == 1 or not sums:
-        return dict(sums)
-    keys = sorted(sums)
-    values = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=accelerator.device)
-    values = accelerator.reduce(values, reduction="sum")
+def all_reduce_sums(
+    accelerator: Accelerator, sums: dict[str, float], keys: list[str] | tuple[str, ...]
+) -> dict[str, float]:
+    """Sum a dict of floats over ranks, in the fixed key order `keys` that every rank passes alike.
+
+    The collective always runs (also with no local batch: missing keys count 0), so ranks whose data differ (one saw
+    a segmented image, another none) still line up; a key outside `keys` is a bug and raises before the collective.
+    """
+    unknown = sorted(set(sums) - set(keys))
+    if unknown:
+        raise KeyError(f"all_reduce_sums: keys {unknown} are not in the fixed key set {list(keys)}")
+    values = torch.tensor([float(sums.get(k, 0.0)) for k in keys], dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values, reduction="sum")
     return {k: float(v) for k, v in zip(keys, values.tolist())}

@@ -1,8 +1,8 @@
 """The Explainer's training objective (SPEC 2) and the RTIS baseline objective (SPEC 7), vectorised.
 
 Every term is a pure function returning one value per image ([B]) so tests can pin it by hand; the combined losses
-average over the batch. No Python loops over images or classes: the per-class area bound gathers the ground-truth
-masks of the whole batch and sorts them once.
+average over the batch. No Python loops over images or classes, and no data-dependent shapes: the per-class area
+bound sorts every class mask of the batch at once and lets the labels pick the ground-truth ones.
 """
 
 from __future__ import annotations
@@ -116,18 +116,19 @@ def area_bound(
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"bound reduction must be 'sum' or 'mean', got {reduction!r}")
-    batch, _, h, w = masks.shape
+    batch, classes, h, w = masks.shape
     z = h * w
     k_min, k_max = area_counts(z, a, b)
-    target = _as_bool(labels)
-    image_idx, class_idx = target.nonzero(as_tuple=True)
-    chosen = masks[image_idx, class_idx].reshape(-1, z)  # [K, Z]: every ground-truth class mask in the batch
-    q = chosen.sort(dim=1, descending=True).values  # the one sort of the batch
+    target = _as_bool(labels).to(masks.device)
+    # Fixed shapes (no nonzero / boolean indexing, so no host sync and compile-friendly): every B x C mask is
+    # sorted and bounded, and the labels select which ones count. torch.where, not a product, so an absent
+    # class contributes an exact 0 (also to the gradient) whatever its mask holds.
+    q = masks.reshape(batch, classes, z).sort(dim=2, descending=True).values
     position = torch.arange(z, device=masks.device)
     q_min = (position < k_min).to(q.dtype)
     q_max = (position < k_max).to(q.dtype)
-    per_class = (F.relu(q_min - q) + F.relu(q - q_max)).sum(dim=1) / z  # [K]
-    per_image = masks.new_zeros(batch, dtype=per_class.dtype).index_add(0, image_idx, per_class)
+    per_class = (F.relu(q_min - q) + F.relu(q - q_max)).sum(dim=2) / z  # [B, C]
+    per_image = torch.where(target, per_class, 0.0).sum(dim=1)
     if reduction == "mean":
         per_image = per_image / target.sum(dim=1).clamp(min=1).to(per_image.dtype)
     return per_image

@@ -11,11 +11,19 @@ from accelerate import Accelerator
 
 from explainer.config import ClassifierRunConfig, ExplainerRunConfig
 from explainer.data.loader import Manifest
+from explainer.losses import full_precision
 from explainer.metrics import CLEAN_THRESHOLD, classification_counts, precision_recall_f1
 from explainer.models import build_classifier, build_explainer, freeze, save_checkpoint
 from explainer.models.explanandum import load_explanandum, source_kind
+from explainer.precision import Precision
 from explainer.step import explainer_forward_loss
 from explainer.trainer import StepResult
+
+# The logged loss terms of each objective (explainer/losses.py): fixed, so every rank reduces the same keys.
+LOSS_TERMS = {
+    "wysiwyc": ("classification", "entropy", "tv_m", "tv_n", "bound", "area_m", "area_n"),
+    "rtis": ("tv", "area_m", "preserver", "destroyer"),
+}
 
 
 class ExplainerTask:
@@ -34,7 +42,7 @@ class ExplainerTask:
     def setup(self, accelerator: Accelerator, manifest: Manifest) -> None:
         explanandum = load_explanandum(self.cfg.classifier, manifest.classes, self.cfg.data.image_size,
                                        map_location=accelerator.device, where=str(manifest.path))
-        classifier = freeze(explanandum.model)
+        classifier = freeze(explanandum.model.to(dtype=getattr(torch, self.cfg.train.dtype)))
         if self.cfg.train.channels_last:
             classifier = classifier.to(memory_format=torch.channels_last)
         self.classifier = classifier
@@ -42,18 +50,23 @@ class ExplainerTask:
     def build_model(self, manifest: Manifest) -> torch.nn.Module:
         return build_explainer(self.cfg.explainer.arch, len(manifest.classes), self.cfg.explainer.backbone_weights)
 
-    def train_step(self, model: torch.nn.Module, batch: dict[str, Any], accelerator: Accelerator) -> StepResult:
+    def train_step(self, model: torch.nn.Module, batch: dict[str, Any], precision: Precision) -> StepResult:
         out = explainer_forward_loss(model, self.classifier, batch["image"], batch["labels"], self.cfg.loss,
-                                     accelerator.autocast())
+                                     precision.autocast())
         return StepResult(loss=out.loss, terms=out.terms, masks=out.masks)
 
-    def val_sums(self, model: torch.nn.Module, batch: dict[str, Any], accelerator: Accelerator) -> dict[str, float]:
+    def val_keys(self, manifest: Manifest) -> tuple[str, ...]:
+        return ("count", "loss", *LOSS_TERMS[self.cfg.loss.kind], "iou_sum", "iou_count")
+
+    def val_sums(self, model: torch.nn.Module, batch: dict[str, Any], precision: Precision) -> dict[str, float]:
+        """Every key of val_keys, always (iou_* are 0 for a batch without segmentation), so ranks stay aligned."""
         out = explainer_forward_loss(model, self.classifier, batch["image"], batch["labels"], self.cfg.loss,
-                                     accelerator.autocast())
+                                     precision.autocast())
         n = batch["image"].shape[0]
         sums = {"count": float(n), "loss": float(out.loss) * n}
         sums.update({k: float(v) * n for k, v in out.terms.items() if k != "loss"})
-        if "seg" in batch and bool(batch["has_seg"].any()):
+        sums.update({"iou_sum": 0.0, "iou_count": 0.0})
+        if "seg" in batch and "has_seg" in batch:
             sums.update(_soft_iou_sums(out.m, batch["seg"], batch["has_seg"]))
         return sums
 
@@ -79,8 +92,9 @@ def _soft_iou_sums(m: torch.Tensor, seg: torch.Tensor, has_seg: torch.Tensor) ->
     g = (seg == 1).float()
     inter = (torch.minimum(m, g) * valid).flatten(1).sum(1)
     union = (torch.maximum(m, g) * valid).flatten(1).sum(1).clamp_min(1e-8)
-    iou = (inter / union)[has_seg]
-    return {"iou_sum": float(iou.sum()), "iou_count": float(iou.numel())}
+    has_seg = has_seg.to(device=m.device, dtype=torch.bool)
+    iou = torch.where(has_seg, inter / union, 0.0)
+    return {"iou_sum": float(iou.sum()), "iou_count": float(has_seg.sum())}
 
 
 class ClassifierTask:
@@ -100,14 +114,20 @@ class ClassifierTask:
         return build_classifier(c.torchvision or c.arch, len(manifest.classes), c.imagenet_weights,
                                 c.finetune_backbone)
 
-    def train_step(self, model: torch.nn.Module, batch: dict[str, Any], accelerator: Accelerator) -> StepResult:
-        logits = model(batch["image"])
-        loss = F.binary_cross_entropy_with_logits(logits.float(), batch["labels"])
+    def train_step(self, model: torch.nn.Module, batch: dict[str, Any], precision: Precision) -> StepResult:
+        with precision.autocast():
+            logits = full_precision(model(batch["image"]))
+        loss = F.binary_cross_entropy_with_logits(logits, batch["labels"].to(logits.dtype))
         return StepResult(loss=loss, terms={})
 
-    def val_sums(self, model: torch.nn.Module, batch: dict[str, Any], accelerator: Accelerator) -> dict[str, float]:
-        logits = model(batch["image"]).float()
-        labels = batch["labels"]
+    def val_keys(self, manifest: Manifest) -> tuple[str, ...]:
+        classes = range(len(manifest.classes))
+        return ("count", "loss", *(f"{kind}/{c}" for kind in ("tp", "fp", "fn") for c in classes))
+
+    def val_sums(self, model: torch.nn.Module, batch: dict[str, Any], precision: Precision) -> dict[str, float]:
+        with precision.autocast():
+            logits = full_precision(model(batch["image"]))
+        labels = batch["labels"].to(logits.dtype)
         n = labels.shape[0]
         counts = classification_counts(logits, labels, CLEAN_THRESHOLD)  # [3 (tp, fp, fn), C]
         sums = {"count": float(n), "loss": float(F.binary_cross_entropy_with_logits(logits, labels)) * n}

@@ -1,21 +1,31 @@
 """The training loop shared by the Explainer and the Explanandum (classifier) trainers.
 
 What differs between the two lives in a `Task` (explainer/tasks.py); everything else is here once: process group,
-data streams, optimiser, mixed precision, gradient accumulation and clipping, non-finite-loss guard, validation,
-early stopping, checkpoints with exact resume, tracking.
+data streams, batch/lr policy, optimiser, precision, gradient accumulation and clipping, non-finite-loss guard,
+validation, early stopping, checkpoints with exact resume, tracking.
+
+`fit` only orchestrates. The pieces are module-level functions over one `Run` (the live objects of a run):
+`plan_batch` / `plan_steps` (pure), `build_optimizer`, `optimizer_step`, `validate`, `after_validation`,
+`log_window`, `write_summary`.
+
+The hot loop makes no host sync per micro-batch: the non-finite flag stays on the device and is decided once per
+optimizer step, in one collective together with the gradient norm's finiteness; logged terms are summed on the
+device and reduced only every `train.log_every_steps`.
 
 Data is NOT passed through `accelerator.prepare` (accelerate would re-split the already rank-split WebDataset
-stream, LIBRARIES.md); batches are moved to the device here. Gradient accumulation is done by hand with
-`no_sync`, so a resumed run restarts exactly on an optimiser-step boundary.
+stream); batches are moved to the device here. Gradient accumulation is done by hand with `no_sync`, so a resumed
+run restarts exactly on an optimiser-step boundary.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,6 +45,7 @@ from explainer.config import (
     to_dict,
 )
 from explainer.data.loader import (
+    EvalStream,
     Manifest,
     batch_image_format,
     make_eval_loader,
@@ -42,7 +53,8 @@ from explainer.data.loader import (
     read_data_manifest,
 )
 from explainer.data.transforms import normalize_on_device
-from explainer.distributed import all_reduce_sums, any_true, make_accelerator, seed_everything, world_from
+from explainer.distributed import WorldInfo, all_reduce_sums, any_flag, make_accelerator, seed_everything, world_from
+from explainer.precision import Precision
 from explainer.tracking import RunTracker, wandb_log_with
 
 
@@ -67,9 +79,13 @@ class Task(Protocol):
 
     def setup(self, accelerator: Accelerator, manifest: Manifest) -> None: ...
 
-    def train_step(self, model: torch.nn.Module, batch: dict[str, Any], accelerator: Accelerator) -> StepResult: ...
+    def train_step(self, model: torch.nn.Module, batch: dict[str, Any], precision: Precision) -> StepResult: ...
 
-    def val_sums(self, model: torch.nn.Module, batch: dict[str, Any], accelerator: Accelerator) -> dict[str, float]:
+    def val_keys(self, manifest: Manifest) -> tuple[str, ...]:
+        """Every key val_sums may return, the same on every rank (the all-reduce is over this fixed list)."""
+        ...
+
+    def val_sums(self, model: torch.nn.Module, batch: dict[str, Any], precision: Precision) -> dict[str, float]:
         """Per-batch sums; must contain 'loss' (summed over images) and 'count'."""
         ...
 
@@ -88,8 +104,144 @@ class RunSettings:
     tracking: TrackingConfig
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Planning (pure functions)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the one-process config maps onto N processes (optim.batch_policy)."""
+
+    policy: str
+    world_size: int
+    per_process_batch: int
+    accum: int
+    global_batch: int
+    lr: float  # peak lr
+    lr_factor: float  # lr / optim.lr
+
+
+def plan_batch(dcfg: DataConfig, ocfg: OptimConfig, world_size: int) -> BatchPlan:
+    """reproduce: the global batch stays data.batch_size x accum, split over processes (must divide), lr unchanged.
+    scale: every process keeps data.batch_size, lr x world_size (linear scaling rule; warm-up in plan_steps)."""
+    accum = ocfg.grad_accum_steps
+    if ocfg.batch_policy == "reproduce":
+        if dcfg.batch_size % world_size:
+            raise ValueError(
+                f"optim.batch_policy=reproduce keeps the global batch at data.batch_size={dcfg.batch_size} "
+                f"(x grad_accum_steps={accum}), which does not divide over {world_size} processes; use a batch size "
+                f"divisible by {world_size}, raise optim.grad_accum_steps and lower data.batch_size, or set "
+                "optim.batch_policy=scale"
+            )
+        per_process, factor = dcfg.batch_size // world_size, 1.0
+    elif ocfg.batch_policy == "scale":
+        per_process, factor = dcfg.batch_size, float(world_size)
+    else:
+        raise ValueError(f"optim.batch_policy must be 'reproduce' or 'scale', got {ocfg.batch_policy!r}")
+    return BatchPlan(policy=ocfg.batch_policy, world_size=world_size, per_process_batch=per_process, accum=accum,
+                     global_batch=per_process * world_size * accum, lr=ocfg.lr * factor, lr_factor=factor)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    steps_per_epoch: int
+    batches_per_epoch: int  # loader batches per rank per epoch
+    total_steps: int
+    val_every: int
+    ckpt_every: int
+    warmup_steps: int
+
+
+def plan_steps(tcfg: TrainConfig, ocfg: OptimConfig, batch: BatchPlan, batches_available: int,
+               where: str = "the train split") -> StepPlan:
+    accum = batch.accum
+    steps_per_epoch = tcfg.steps_per_epoch or batches_available // accum
+    if steps_per_epoch < 1:
+        raise ValueError(f"{where} gives {batches_available} batches per rank, fewer than grad_accum_steps={accum}; "
+                         "lower data.batch_size or use fewer processes")
+    batches_per_epoch = steps_per_epoch * accum
+    if batches_per_epoch > batches_available:
+        raise ValueError(f"train.steps_per_epoch={steps_per_epoch} needs {batches_per_epoch} batches per rank, but "
+                         f"{where} gives {batches_available}")
+    total = tcfg.epochs * steps_per_epoch
+    if tcfg.max_steps is not None:
+        total = min(total, tcfg.max_steps)
+    val_every = tcfg.val_every_steps or steps_per_epoch
+    default_warmup = total // 20 if batch.lr_factor > 1 else 0  # 5% of the run when scale raised the lr
+    warmup = ocfg.warmup_steps if ocfg.warmup_steps is not None else default_warmup
+    return StepPlan(steps_per_epoch=steps_per_epoch, batches_per_epoch=batches_per_epoch, total_steps=total,
+                    val_every=val_every, ckpt_every=tcfg.checkpoint_every_steps or val_every, warmup_steps=warmup)
+
+
+def lr_at(step: int, peak: float, warmup_steps: int) -> float:
+    """Linear warm-up to the peak over warmup_steps optimizer steps (step counts steps already done), then flat."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return peak
+    return peak * (step + 1) / warmup_steps
+
+
+def build_optimizer(model: torch.nn.Module, ocfg: OptimConfig, lr: float) -> tuple[torch.optim.Optimizer, list]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    if ocfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=ocfg.weight_decay), params
+    return torch.optim.SGD(params, lr=lr, weight_decay=ocfg.weight_decay), params
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run's live objects
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LogWindow:
+    """Loss terms summed on the device since the last log (no host sync until the log step)."""
+
+    keys: list[str] = field(default_factory=list)
+    sums: torch.Tensor | None = None
+    micro_batches: int = 0
+    images: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, rows: torch.Tensor, keys: list[str], images: int) -> None:
+        """rows: [micro-batches, terms] of one applied step."""
+        self.keys = keys
+        total = rows.sum(0)
+        self.sums = total if self.sums is None else self.sums + total
+        self.micro_batches += rows.shape[0]
+        self.images += images
+
+    def reset(self) -> None:
+        self.sums, self.micro_batches, self.images, self.start = None, 0, 0, time.perf_counter()
+
+
+@dataclass
+class Run:
+    task: Task
+    settings: RunSettings
+    accelerator: Accelerator
+    world: WorldInfo
+    precision: Precision
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    params: list
+    manifest: Manifest
+    data: DataConfig  # data config with this process's batch size
+    batch: BatchPlan
+    plan: StepPlan
+    state: TrainerState
+    checkpoints: CheckpointManager
+    tracker: Any
+    val_stream: EvalStream
+    run_dir: Path
+    norm: dict[str, Any] = field(default_factory=dict)  # the classifier's mean/std (uint8 batches normalised here)
+    window: LogWindow = field(default_factory=LogWindow)
+
+
 def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool,
-               norm: dict[str, Any] | None = None) -> dict[str, Any]:
+               dtype: torch.dtype = torch.float32, norm: dict[str, Any] | None = None) -> dict[str, Any]:
     """`norm`: the classifier's mean/std (config.input_normalization) for uint8 batches normalised here."""
     out = {}
     for key, value in batch.items():
@@ -99,6 +251,8 @@ def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool,
                 value = normalize_on_device(value, channels_last=channels_last, **(norm or {}))
             elif key == "image" and channels_last:
                 value = value.contiguous(memory_format=torch.channels_last)
+            if value.is_floating_point() and value.dtype != dtype:
+                value = value.to(dtype)
         out[key] = value
     return out
 
@@ -109,200 +263,282 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def mean_over_ranks(accelerator: Accelerator, results: list[tuple[StepResult, dict]]) -> dict[str, float]:
-    """Loss and terms of the last step averaged over its micro-batches and all ranks (collective)."""
-    keys = ["loss", *sorted(k for k in results[0][0].terms if k != "loss")]
-    rows = [torch.stack([r.loss.detach().float(), *(r.terms[k].detach().float() for k in keys[1:])])
-            for r, _ in results]
-    values = accelerator.reduce(torch.stack(rows).mean(0), reduction="mean")
-    return dict(zip(keys, values.tolist()))
+# ----------------------------------------------------------------------------------------------------------------------
+# One optimizer step
+# ----------------------------------------------------------------------------------------------------------------------
 
 
-def fit(task: Task, settings: RunSettings, full_config: Any) -> dict[str, Any]:
-    """Train until max_steps / epochs / early stopping; return the run summary (also written to summary.json)."""
+@dataclass
+class StepOutcome:
+    applied: bool
+    images: dict[str, torch.Tensor] | None = None  # image, labels, masks of the last micro-batch, when logging images
+
+
+def optimizer_step(run: Run, batches: Iterator[dict[str, Any]], keep_images: int = 0) -> StepOutcome:
+    """Micro-batches of one optimizer step, then one decision: step, or skip a non-finite step on every rank.
+
+    Backward runs for every micro-batch (also a non-finite one) so DDP's all-reduce stays aligned across ranks;
+    a skipped step only zeroes the gradients. `keep_images` > 0 keeps that many images of the last micro-batch.
+    """
+    model, task, precision = run.model, run.task, run.precision
+    accum, device = run.batch.accum, run.accelerator.device
+    tcfg = run.settings.train
+    nonfinite = torch.zeros((), device=device)
+    rows, keys, images, kept = [], [], 0, None
+    for micro in range(accum):
+        batch = _to_device(next(batches), device, tcfg.channels_last, precision.dtype, run.norm)
+        run.state.batches_in_epoch += 1
+        last = micro == accum - 1
+        with contextlib.nullcontext() if last else run.accelerator.no_sync(model):
+            result = task.train_step(model, batch, precision)
+            loss = result.loss
+            nonfinite = nonfinite + (~torch.isfinite(loss.detach())).float()
+            precision.backward(loss / accum)
+        keys = ["loss", *sorted(k for k in result.terms if k != "loss")]
+        rows.append(torch.stack([loss.detach().float(), *(result.terms[k].float() for k in keys[1:])]))
+        images += batch["image"].shape[0]
+        if last and keep_images and result.masks is not None:
+            kept = {"image": batch["image"][:keep_images], "labels": batch["labels"][:keep_images],
+                    "masks": result.masks[:keep_images].detach()}
+        del result, loss  # the graph is gone after backward; drop this micro-batch's masks now
+
+    clip = run.settings.optim.grad_clip_norm
+    if precision.scaler is None:
+        # Gradients are already all-reduced (identical on every rank): their norm joins the loss flag in ONE
+        # collective and ONE host sync for the step.
+        norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None])
+        bad = any_flag(run.accelerator, torch.stack([nonfinite, (~torch.isfinite(norm)).float()]))
+        if not bad and clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(run.params, clip, norm)
+    else:
+        # fp16 with our scaler: inf/nan gradients are the scaler's business (skip + lower the scale); only a
+        # non-finite LOSS counts against max_bad_steps.
+        bad = any_flag(run.accelerator, nonfinite)
+        if not bad:
+            precision.unscale_(run.optimizer)
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(run.params, clip)
+    if bad:
+        run.optimizer.zero_grad(set_to_none=True)
+        return StepOutcome(applied=False)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(run.state.step, run.batch.lr, run.plan.warmup_steps)
+    precision.step(run.optimizer)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.window.add(torch.stack(rows), keys, images * run.world.world_size)
+    return StepOutcome(applied=True, images=kept)
+
+
+def handle_skipped_step(run: Run) -> None:
+    state, tcfg = run.state, run.settings.train
+    state.bad_steps_in_a_row += 1
+    state.skipped_steps += 1
+    if run.world.is_main:
+        print(f"[explainer] non-finite loss at step {state.step}: step skipped "
+              f"({state.bad_steps_in_a_row} in a row, limit {tcfg.max_bad_steps})")
+    if state.bad_steps_in_a_row >= tcfg.max_bad_steps:
+        run.tracker.finish()
+        raise TrainingDiverged(
+            f"{state.bad_steps_in_a_row} non-finite losses in a row at step {state.step}; stopping. "
+            f"Last good checkpoint: {run.checkpoints.latest()}"
+        )
+
+
+def log_window(run: Run) -> dict[str, float]:
+    """Mean loss terms over the window's micro-batches and all ranks (the one collective of a log step)."""
+    window = run.window
+    means = window.sums / max(window.micro_batches, 1)
+    means = run.accelerator.reduce(means, reduction="mean") if run.world.world_size > 1 else means
+    elapsed = max(time.perf_counter() - window.start, 1e-9)
+    logged = {**dict(zip(window.keys, means.tolist())),
+              "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": window.images / elapsed,
+              "epoch": run.state.epoch, "memory_mb": _peak_memory_mb(run.accelerator.device),
+              "skipped_steps": run.state.skipped_steps}
+    run.tracker.log(logged, run.state.step)
+    window.reset()
+    return logged
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation, bookkeeping, summary
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def validate(run: Run) -> dict[str, float]:
+    """Validation metrics over the whole split and all ranks (collective; the stream is built once per run)."""
+    tcfg, model = run.settings.train, run.model
+    model.eval()
+    sums: dict[str, float] = {}
+    with torch.no_grad():
+        for i, batch in enumerate(run.val_stream):
+            if tcfg.val_max_batches is not None and i >= tcfg.val_max_batches:
+                break
+            batch = _to_device(batch, run.accelerator.device, tcfg.channels_last, run.precision.dtype, run.norm)
+            for key, value in run.task.val_sums(model, batch, run.precision).items():
+                sums[key] = sums.get(key, 0.0) + value
+    model.train()
+    sums = all_reduce_sums(run.accelerator, sums, run.task.val_keys(run.manifest))
+    if not sums["count"]:
+        raise ValueError(f"{run.data.manifest}: validation split '{run.data.val_split}' yielded no samples")
+    return run.task.val_metrics(sums)
+
+
+def after_validation(run: Run, metrics: dict[str, float]) -> None:
+    """Early stopping, best-model export and the validation record."""
+    state, tcfg = run.state, run.settings.train
+    loss = metrics["loss"]
+    improved = state.best_metric is None or loss < state.best_metric - tcfg.early_stop_min_delta
+    if improved:
+        state.best_metric, state.best_step, state.bad_validations = loss, state.step, 0
+        if run.world.is_main:
+            run.task.export(run.accelerator.unwrap_model(run.model), run.manifest, run.run_dir / f"{run.task.kind}.pt")
+    else:
+        state.bad_validations += 1
+        state.stopped_early = state.bad_validations >= tcfg.early_stop_patience
+    state.history.append({"step": state.step, "epoch": state.epoch, **metrics, "improved": improved})
+    run.tracker.log({**metrics, "best_loss": state.best_metric}, state.step, kind="val")
+
+
+def save_checkpoint(run: Run) -> None:
+    run.state.scaler = run.precision.state_dict()
+    run.checkpoints.save(run.accelerator, run.state)
+
+
+def batch_summary(run: Run) -> dict[str, Any]:
+    b = run.batch
+    return {"batch_policy": b.policy, "world_size": b.world_size, "per_process_batch": b.per_process_batch,
+            "grad_accum_steps": b.accum, "global_batch": b.global_batch, "lr": b.lr,
+            "warmup_steps": run.plan.warmup_steps, "total_steps": run.plan.total_steps,
+            "steps_per_epoch": run.plan.steps_per_epoch, "precision": run.precision.describe()}
+
+
+def write_summary(run: Run) -> dict[str, Any]:
+    state = run.state
+    summary = {
+        "kind": run.task.kind,
+        "steps": state.step,
+        "epochs_started": state.epoch + (1 if state.batches_in_epoch else 0),
+        "best_val_loss": state.best_metric,
+        "best_step": state.best_step,
+        "stopped_early": state.stopped_early,
+        "skipped_steps": state.skipped_steps,
+        **batch_summary(run),
+        "output_dir": str(run.run_dir),
+        "checkpoint": str(run.run_dir / f"{run.task.kind}.pt"),
+        "history": state.history,
+        "best": next((h for h in state.history if h["step"] == state.best_step), None),
+    }
+    if run.world.is_main:
+        run.task.export(run.accelerator.unwrap_model(run.model), run.manifest, run.run_dir / f"{run.task.kind}_last.pt")
+        write_json_atomic(run.run_dir / "summary.json", summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Set-up and the orchestrator
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def start_run(task: Task, settings: RunSettings, full_config: Any) -> tuple[Run, Any, bool]:
+    """Process group, model, optimizer, streams, plan, resume: everything before the first step."""
     tcfg, dcfg, ocfg = settings.train, settings.data, settings.optim
     run_dir = Path(tcfg.output_dir)
     manifest = read_data_manifest(dcfg)  # fail fast, before any process group work
 
     accelerator = make_accelerator(tcfg.mixed_precision, wandb_log_with(settings.tracking), str(run_dir), tcfg)
     world = world_from(accelerator)
+    precision = Precision(tcfg.mixed_precision, accelerator, tcfg.dtype)
+    batch_plan = plan_batch(dcfg, ocfg, world.world_size)
+    data = dataclasses.replace(dcfg, batch_size=batch_plan.per_process_batch)
     seed_everything(tcfg.seed)
     task.setup(accelerator, manifest)
-    model = task.build_model(manifest)
-    if tcfg.sync_batchnorm and world.world_size > 1 and accelerator.device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = task.build_model(manifest).to(precision.dtype)
+    if tcfg.sync_batchnorm and world.world_size > 1:
+        if accelerator.device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif world.is_main:  # torch's SyncBatchNorm refuses CPU tensors (README "Training")
+            print("[explainer] train.sync_batchnorm: torch supports SyncBatchNorm on GPUs only; on CPU each process "
+                  "keeps its own BatchNorm statistics")
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    global_batch = dcfg.batch_size * world.world_size * ocfg.grad_accum_steps
-    lr = ocfg.lr * (global_batch / ocfg.reference_batch if ocfg.lr_scaling == "linear" else 1.0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"{task.kind}: the model has no trainable parameters")
-    if ocfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=ocfg.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(params, lr=lr, weight_decay=ocfg.weight_decay)
+    optimizer, params = build_optimizer(model, ocfg, lr_at(0, batch_plan.lr, 0))
     model, optimizer = accelerator.prepare(model, optimizer)
     if tcfg.compile:
         model = torch.compile(model)
 
+    image_format = batch_image_format(dcfg, accelerator.device)
     norm = input_normalization(full_config)  # the classifier's mean/std: a masked-out pixel is its mean colour
-    train_stream = make_train_loader(dcfg, manifest, dcfg.train_split, rank=world.rank, world_size=world.world_size,
-                                     seed=tcfg.seed, drop_unlabelled=task.drop_unlabelled,
-                                     image_format=batch_image_format(dcfg, accelerator.device), **norm)
-    accum = ocfg.grad_accum_steps
-    steps_per_epoch = tcfg.steps_per_epoch or len(train_stream) // accum
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"{dcfg.manifest}: split '{dcfg.train_split}' gives {len(train_stream)} batches per rank, fewer than "
-            f"grad_accum_steps={accum}; lower data.batch_size or use fewer processes"
-        )
-    batches_per_epoch = steps_per_epoch * accum
-    if batches_per_epoch > len(train_stream):
-        raise ValueError(f"train.steps_per_epoch={steps_per_epoch} needs {batches_per_epoch} batches per rank, but "
-                         f"split '{dcfg.train_split}' of {dcfg.manifest} gives {len(train_stream)}")
-    total_steps = tcfg.epochs * steps_per_epoch
-    if tcfg.max_steps is not None:
-        total_steps = min(total_steps, tcfg.max_steps)
-    val_every = tcfg.val_every_steps or steps_per_epoch
-    ckpt_every = tcfg.checkpoint_every_steps or val_every
+    train_stream = make_train_loader(data, manifest, dcfg.train_split, rank=world.rank, world_size=world.world_size,
+                                     seed=tcfg.seed, drop_unlabelled=task.drop_unlabelled, image_format=image_format,
+                                     **norm)
+    plan = plan_steps(tcfg, ocfg, batch_plan, len(train_stream), f"{dcfg.manifest}: split '{dcfg.train_split}'")
+    val_stream = make_eval_loader(data, manifest, dcfg.val_split, rank=world.rank, world_size=world.world_size,
+                                  image_format=image_format, **norm)
 
     checkpoints = CheckpointManager(run_dir, tcfg.keep_last)
-    resume_from = checkpoints.resolve(tcfg.resume)
+    resume_from = checkpoints.resolve_shared(accelerator, tcfg.resume)
     state = CheckpointManager.load(accelerator, resume_from) if resume_from else TrainerState()
+    precision.load_state_dict(state.scaler)
     if world.is_main:
         save_config(full_config, run_dir / "config.yaml")
         if resume_from:
             print(f"[explainer] resumed from {resume_from} (step {state.step}, epoch {state.epoch})")
+        print(f"[explainer] {batch_plan.policy}: global batch {batch_plan.global_batch} = "
+              f"{batch_plan.per_process_batch} per process x {world.world_size} processes x {batch_plan.accum} "
+              f"accumulation; lr {batch_plan.lr:g} (warm-up {plan.warmup_steps} steps); {plan.total_steps} steps "
+              f"({plan.steps_per_epoch} per epoch); {precision.describe()}")
     tracker = RunTracker(accelerator, run_dir, settings.tracking, to_dict(full_config),
                          resume_step=state.step if resume_from else None)
+    run = Run(task=task, settings=settings, accelerator=accelerator, world=world, precision=precision, model=model,
+              optimizer=optimizer, params=params, manifest=manifest, data=data, batch=batch_plan, plan=plan,
+              state=state, checkpoints=checkpoints, tracker=tracker, val_stream=val_stream, run_dir=run_dir,
+              norm=norm)
+    return run, train_stream, resume_from is not None
 
-    def validate() -> dict[str, float]:
-        model.eval()
-        sums: dict[str, float] = {}
-        loader = make_eval_loader(dcfg, manifest, dcfg.val_split, rank=world.rank, world_size=world.world_size,
-                                  image_format=batch_image_format(dcfg, accelerator.device), **norm)
-        with torch.no_grad():
-            for i, batch in enumerate(loader):
-                if tcfg.val_max_batches is not None and i >= tcfg.val_max_batches:
-                    break
-                batch = _to_device(batch, accelerator.device, tcfg.channels_last, norm)
-                for key, value in task.val_sums(model, batch, accelerator).items():
-                    sums[key] = sums.get(key, 0.0) + value
-        model.train()
-        sums = all_reduce_sums(accelerator, sums)
-        if not sums.get("count"):
-            raise ValueError(f"{dcfg.manifest}: validation split '{dcfg.val_split}' yielded no samples")
-        return task.val_metrics(sums)
 
-    def after_validation(metrics: dict[str, float]) -> None:
-        loss = metrics["loss"]
-        improved = state.best_metric is None or loss < state.best_metric - tcfg.early_stop_min_delta
-        if improved:
-            state.best_metric, state.best_step, state.bad_validations = loss, state.step, 0
-            if world.is_main:
-                task.export(accelerator.unwrap_model(model), manifest, run_dir / f"{task.kind}.pt")
-        else:
-            state.bad_validations += 1
-            state.stopped_early = state.bad_validations >= tcfg.early_stop_patience
-        state.history.append({"step": state.step, "epoch": state.epoch, **metrics, "improved": improved})
-        tracker.log({**metrics, "best_loss": state.best_metric}, state.step, kind="val")
-
-    model.train()
-    progress = tqdm(total=total_steps, initial=state.step, disable=not world.is_main, desc=task.kind, unit="step",
-                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)  # log files: a line / 30 s
-    last_validated, last_saved = (state.step if resume_from else -1), (state.step if resume_from else -1)
-    window_images, window_start = 0, time.perf_counter()
-    while state.step < total_steps and not state.stopped_early:
+def fit(task: Task, settings: RunSettings, full_config: Any) -> dict[str, Any]:
+    """Train until max_steps / epochs / early stopping; return the run summary (also written to summary.json)."""
+    run, train_stream, resumed = start_run(task, settings, full_config)
+    state, plan, tcfg = run.state, run.plan, settings.train
+    run.model.train()
+    progress = tqdm(total=plan.total_steps, initial=state.step, disable=not run.world.is_main, desc=task.kind,
+                    unit="step", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    last_validated = last_saved = state.step if resumed else -1
+    while state.step < plan.total_steps and not state.stopped_early:
         train_stream.set_epoch(state.epoch)
         train_stream.skip(state.batches_in_epoch)
         batches = iter(train_stream)
-        while state.batches_in_epoch < batches_per_epoch and state.step < total_steps:
-            bad, results = False, []
-            for micro in range(accum):
-                batch = _to_device(next(batches), accelerator.device, tcfg.channels_last, norm)
-                state.batches_in_epoch += 1
-                sync = micro == accum - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    result = task.train_step(model, batch, accelerator)
-                    bad = bad or any_true(accelerator, not bool(torch.isfinite(result.loss.detach())))
-                    if not bad:
-                        accelerator.backward(result.loss / accum)
-                results.append((result, batch))
-            if bad:
-                optimizer.zero_grad(set_to_none=True)
-                state.bad_steps_in_a_row += 1
-                state.skipped_steps += 1
-                if world.is_main:
-                    print(f"[explainer] non-finite loss at step {state.step}: step skipped "
-                          f"({state.bad_steps_in_a_row} in a row, limit {tcfg.max_bad_steps})")
-                if state.bad_steps_in_a_row >= tcfg.max_bad_steps:
-                    tracker.finish()
-                    raise TrainingDiverged(
-                        f"{state.bad_steps_in_a_row} non-finite losses in a row at step {state.step}; stopping. "
-                        f"Last good checkpoint: {checkpoints.latest()}"
-                    )
+        while state.batches_in_epoch < plan.batches_per_epoch and state.step < plan.total_steps:
+            upcoming = state.step + 1
+            log_images = bool(tcfg.image_log_every_steps) and upcoming % tcfg.image_log_every_steps == 0
+            outcome = optimizer_step(run, batches, keep_images=tcfg.image_log_count if log_images else 0)
+            if not outcome.applied:
+                handle_skipped_step(run)
                 continue
-            state.bad_steps_in_a_row = 0
-            if ocfg.grad_clip_norm is not None:
-                accelerator.clip_grad_norm_(params, ocfg.grad_clip_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            window_images += sum(b["image"].shape[0] for _, b in results) * world.world_size
+            state.step, state.bad_steps_in_a_row = upcoming, 0
             progress.update(1)
-
-            if state.step % tcfg.log_every_steps == 0 or state.step == total_steps:
-                elapsed = max(time.perf_counter() - window_start, 1e-9)
-                logged = {**mean_over_ranks(accelerator, results), "lr": lr,
-                          "images_per_s": window_images / elapsed, "epoch": state.epoch,
-                          "memory_mb": _peak_memory_mb(accelerator.device), "skipped_steps": state.skipped_steps}
-                tracker.log(logged, state.step)
+            if state.step % tcfg.log_every_steps == 0 or state.step == plan.total_steps:
+                logged = log_window(run)
                 progress.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['images_per_s']:.1f}")
-                window_images, window_start = 0, time.perf_counter()
-            last_result, last_batch = results[-1]
-            if tcfg.image_log_every_steps and state.step % tcfg.image_log_every_steps == 0 \
-                    and last_result.masks is not None:
-                n = tcfg.image_log_count
-                tracker.log_masks(last_batch["image"][:n], last_result.masks[:n].detach(),
-                                  last_batch["labels"][:n], manifest.classes, state.step)
-            if state.step % val_every == 0 or state.step == total_steps:
-                after_validation(validate())
+            if outcome.images is not None:
+                run.tracker.log_masks(outcome.images["image"], outcome.images["masks"], outcome.images["labels"],
+                                      run.manifest.classes, state.step)
+            if state.step % plan.val_every == 0 or state.step == plan.total_steps:
+                after_validation(run, validate(run))
                 last_validated = state.step
-            if state.step % ckpt_every == 0 or state.step == total_steps or state.stopped_early:
-                checkpoints.save(accelerator, state)
+            if state.step % plan.ckpt_every == 0 or state.step == plan.total_steps or state.stopped_early:
+                save_checkpoint(run)
                 last_saved = state.step
             if state.stopped_early:
                 break
-        if state.batches_in_epoch >= batches_per_epoch:
-            state.epoch += 1
-            state.batches_in_epoch = 0
+        if state.batches_in_epoch >= plan.batches_per_epoch:
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
     progress.close()
-
     if last_validated != state.step:
-        after_validation(validate())
+        after_validation(run, validate(run))
     if last_saved != state.step:
-        checkpoints.save(accelerator, state)
-    summary = {
-        "kind": task.kind,
-        "steps": state.step,
-        "total_steps": total_steps,
-        "epochs_started": state.epoch + (1 if state.batches_in_epoch else 0),
-        "best_val_loss": state.best_metric,
-        "best_step": state.best_step,
-        "stopped_early": state.stopped_early,
-        "skipped_steps": state.skipped_steps,
-        "world_size": world.world_size,
-        "global_batch": global_batch,
-        "lr": lr,
-        "output_dir": str(run_dir),
-        "checkpoint": str(run_dir / f"{task.kind}.pt"),
-        "history": state.history,
-        "best": next((h for h in state.history if h["step"] == state.best_step), None),
-    }
-    if world.is_main:
-        task.export(accelerator.unwrap_model(model), manifest, run_dir / f"{task.kind}_last.pt")
-        write_json_atomic(run_dir / "summary.json", summary)
-    tracker.finish()
-    accelerator.wait_for_everyone()
+        save_checkpoint(run)
+    summary = write_summary(run)
+    run.tracker.finish()
+    run.accelerator.wait_for_everyone()
     return summary

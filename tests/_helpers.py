@@ -41,7 +41,41 @@ def tiny_overrides(manifest: Path, out: Path) -> list[str]:
     """Overrides shared by every tiny CPU training run in the tests."""
     return [f"data.manifest={manifest}", "data.image_size=32", "data.batch_size=8", "data.num_workers=0",
             "data.shuffle_buffer=16", "train.mixed_precision=no", "tracking.wandb_mode=offline",
-            f"train.output_dir={out}", "train.log_every_steps=5"]
+            f"train.output_dir={out}", "train.log_every_steps=5",
+            "optim.batch_policy=scale"]  # batch 8 per process also in the multi-process tests (no-op for one)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ranks(script: str, world: int = 2, timeout: float = 120, cwds: list[Path] | None = None,
+              args: list[str] | None = None) -> list[subprocess.CompletedProcess]:
+    """Run `python -c script` as `world` real gloo ranks (RANK/WORLD_SIZE/MASTER_* in the environment, as torchrun
+    sets them); a rank that hangs fails the test after `timeout` seconds instead of blocking the suite."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_WORLD_SIZE": str(world), "PYTHONPATH": str(ROOT)}
+        procs.append(subprocess.Popen([PYTHON, "-c", script, *(args or [])], cwd=cwds[rank] if cwds else ROOT,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    done = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
 
 
 def train_tiny_classifier(manifest: Path, out: Path, steps: int = 60) -> Path:

@@ -71,3 +71,55 @@ def test_unreadable_meta_is_reported(tmp_path, prepared):
     (path / "meta.json").write_text("{broken")
     with pytest.raises(RuntimeError, match="cannot read meta.json"):
         CheckpointManager.load(accelerator, path)
+
+
+_RESOLVE = """
+import json
+from accelerate import Accelerator
+from explainer.checkpoint import CheckpointManager
+accelerator = Accelerator(cpu=True)
+try:
+    path = CheckpointManager("run", keep_last=2).resolve_shared(accelerator, "auto")
+    print(json.dumps({"path": None if path is None else str(path)}))
+except RuntimeError as exc:
+    print(json.dumps({"error": str(exc)}))
+"""
+
+
+def _fake_checkpoint(cwd, step):
+    path = cwd / "run" / "checkpoints" / f"step_{step:08d}"
+    path.mkdir(parents=True)
+    (path / "meta.json").write_text(json.dumps({"step": step}))
+
+
+def _resolve_on_two_ranks(cwds):
+    from _helpers import run_ranks
+
+    procs = run_ranks(_RESOLVE, world=2, cwds=cwds)
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(proc.stdout.strip().splitlines()[-1]) for proc in procs]
+
+
+def test_resume_auto_is_rank0s_choice_on_every_rank(tmp_path):
+    """Each rank has its own (node-local) run folder: rank 1's newer checkpoint must not win on rank 1."""
+    cwds = [tmp_path / "node0", tmp_path / "node1"]
+    for step in (4, 6):
+        _fake_checkpoint(cwds[0], step)
+        _fake_checkpoint(cwds[1], step)
+    _fake_checkpoint(cwds[1], 8)  # only rank 1 sees step 8
+    results = _resolve_on_two_ranks(cwds)
+    assert results == [{"path": "run/checkpoints/step_00000006"}] * 2
+
+
+def test_resume_auto_fails_clearly_on_every_rank_when_one_cannot_read(tmp_path):
+    """Node-local run folders: rank 1 cannot read rank 0's checkpoint. Before: rank 1 started fresh and rank 0
+    resumed (divergence, then a hang); now both stop with the same message naming the rank."""
+    cwds = [tmp_path / "node0", tmp_path / "node1"]
+    cwds[1].mkdir()
+    _fake_checkpoint(cwds[0], 6)
+    results = _resolve_on_two_ranks(cwds)
+    for result in results:
+        assert "error" in result, results
+        assert "rank(s) [1] cannot read run/checkpoints/step_00000006/meta.json" in result["error"]
+        assert "shared filesystem" in result["error"]

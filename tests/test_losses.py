@@ -162,6 +162,48 @@ def test_area_bound_gradient_reaches_only_ground_truth_masks():
     assert grad[0, 0, 1, 0].item() == 0.0
 
 
+def _gathered_area_bound(masks, labels, a, b, reduction):
+    """The previous implementation (nonzero() + gather of the K ground-truth masks), kept to pin the new one."""
+    batch, _, h, w = masks.shape
+    z = h * w
+    k_min, k_max = area_counts(z, a, b)
+    target = labels > 0.5
+    image_idx, class_idx = target.nonzero(as_tuple=True)
+    q = masks[image_idx, class_idx].reshape(-1, z).sort(dim=1, descending=True).values
+    position = torch.arange(z)
+    per_class = (torch.relu((position < k_min).to(q.dtype) - q) + torch.relu(q - (position < k_max).to(q.dtype)))
+    per_image = masks.new_zeros(batch).index_add(0, image_idx, per_class.sum(dim=1) / z)
+    if reduction == "mean":
+        per_image = per_image / target.sum(dim=1).clamp(min=1).to(per_image.dtype)
+    return per_image
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_fixed_shape_area_bound_equals_the_gathered_one_in_float64(reduction):
+    """Random masks and labels, incl. images with no class and with every class: values and gradients agree."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(5):
+        masks = torch.rand(6, 5, 7, 9, generator=g, dtype=torch.float64).requires_grad_(True)
+        labels = (torch.rand(6, 5, generator=g) < 0.4).double()
+        labels[0] = 0.0
+        labels[1] = 1.0
+        new = area_bound(masks, labels, 0.05, 0.3, reduction)
+        (grad_new,) = torch.autograd.grad(new.sum(), masks)
+        old = _gathered_area_bound(masks, labels, 0.05, 0.3, reduction)
+        (grad_old,) = torch.autograd.grad(old.sum(), masks)
+        # one sort per mask either way; only the order of adding the per-class values differs (C <= 5 terms)
+        assert torch.allclose(new, old, rtol=1e-14, atol=0), (trial, (new - old).abs().max())
+        assert torch.equal(grad_new, grad_old), trial
+        assert new[0].item() == 0.0
+
+
+def test_area_bound_ignores_non_finite_masks_of_absent_classes():
+    masks = torch.rand(1, 2, 4, 4)
+    masks[0, 1] = float("nan")
+    assert torch.isfinite(area_bound(masks, torch.tensor([[1.0, 0.0]]))).all()
+
+
 def _one_image_case():
     # B = 1, C = 2, 2x2 masks: s_0 = 0.5 everywhere (the ground-truth class), s_1 = 0.25 everywhere
     masks = torch.stack([torch.full((2, 2), 0.5), torch.full((2, 2), 0.25)]).unsqueeze(0).double()

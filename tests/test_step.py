@@ -142,3 +142,28 @@ def test_rtis_step(alternative):
     assert all(p.grad is not None for p in explainer.parameters())
     with pytest.raises(ValueError, match="WYSIWYC"):
         reference_forward_loss(explainer, classifier, images, LABELS, cfg)
+
+
+@pytest.mark.parametrize(("mode", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_autocast_runs_both_networks_in_low_precision_and_the_loss_in_fp32(mode, dtype):
+    """The dtype seen INSIDE the fused classifier pass (a hook on its convolutions), not a call count; fp16 is the
+    trainer's own CPU autocast + GradScaler (accelerate ignores fp16 on CPU)."""
+    from explainer.precision import Precision
+
+    explainer, classifier = _models()
+    precision = Precision(mode, None)
+    seen = {"classifier": [], "explainer": []}
+    hooks = [conv.register_forward_hook(lambda mod, inputs, output, name=name: seen[name].append(output.dtype))
+             for name, net in (("classifier", classifier), ("explainer", explainer))
+             for conv in net.modules() if isinstance(conv, torch.nn.Conv2d)]
+    out = explainer_forward_loss(explainer, classifier, _images(), LABELS, LossConfig(), precision.autocast())
+    for hook in hooks:
+        hook.remove()
+    assert seen["classifier"] and set(seen["classifier"]) == {dtype}
+    assert seen["explainer"] and set(seen["explainer"]) == {dtype}
+    assert out.loss.dtype == torch.float32 and out.masks.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in out.terms.values()), {k: v.dtype for k, v in out.terms.items()}
+    precision.backward(out.loss)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in explainer.parameters())
+    if mode == "fp16":  # the gradients carry the loss scale until unscale_
+        assert precision.scaler.get_scale() == 65536.0
