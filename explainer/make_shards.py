@@ -20,6 +20,7 @@ from pathlib import Path
 
 from explainer.cli_args import ArgumentParser
 from explainer.data.shards import ShardOptions, StrictError, summary
+from explainer.logs import configure_logging
 
 
 def _size(text: str) -> int:
@@ -101,6 +102,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
+    configure_logging()
     default_out = {"voc": "voc2007", "coco": "coco2014", "synthetic": "synthetic",
                    "folder": getattr(args, "name", "folder")}[args.dataset]
     out = args.out if args.out is not None else Path("shards") / default_out

@@ -31,6 +31,9 @@ from submitit.core.utils import FailedJobError, UncompletedJobError
 from submitit.slurm.slurm import SlurmExecutor
 
 from explainer.config import ConfigError, ExplainerRunConfig
+from explainer.logs import configure_logging, get_logger
+
+log = get_logger(__name__)
 
 
 class LaunchError(RuntimeError):
@@ -185,10 +188,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         with torch_distributed_env() as dist_env:
             from explainer.train import run
 
+            configure_logging(dist_env.rank)
             if dist_env.rank == 0:
-                print(f"[explainer] task rank {dist_env.rank}/{dist_env.world_size} master "
-                      f"{dist_env.master_addr}:{dist_env.master_port} output {cfg.train.output_dir} "
-                      f"resume={cfg.train.resume}", flush=True)
+                log.info("task rank %d/%d master %s:%s output %s resume=%s", dist_env.rank, dist_env.world_size,
+                         dist_env.master_addr, dist_env.master_port, cfg.train.output_dir, cfg.train.resume)
             summary = run(cfg)
             launcher = {"rank": dist_env.rank, "world_size": dist_env.world_size, "local_rank": dist_env.local_rank,
                         "master_addr": dist_env.master_addr, "master_port": dist_env.master_port,
@@ -199,8 +202,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         """Rank 0 only, from the signal handler: requeue this run so that it resumes. No collective calls here."""
         cfg = copy.deepcopy(self.cfg)
         cfg.train.resume = "auto"
-        print(f"[explainer] preempted or timed out: requeueing {cfg.train.output_dir} with train.resume=auto "
-              f"(W&B run {cfg.tracking.run_id})", flush=True)
+        log.warning("preempted or timed out: requeueing %s with train.resume=auto (W&B run %s)",
+                    cfg.train.output_dir, cfg.tracking.run_id)
         return submitit.helpers.DelayedSubmission(TrainJob(cfg))
 
 

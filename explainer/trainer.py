@@ -54,9 +54,11 @@ from explainer.data.loader import (
 )
 from explainer.data.transforms import normalize_on_device
 from explainer.distributed import WorldInfo, all_reduce_sums, any_flag, make_accelerator, seed_everything, world_from
+from explainer.logs import configure_logging, get_logger
 from explainer.precision import Precision
 from explainer.tracking import RunTracker, wandb_log_with
 
+log = get_logger(__name__)
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite losses in a row; the last good checkpoint is left untouched."""
@@ -334,8 +336,8 @@ def handle_skipped_step(run: Run) -> None:
     state.bad_steps_in_a_row += 1
     state.skipped_steps += 1
     if run.world.is_main:
-        print(f"[explainer] non-finite loss at step {state.step}: step skipped "
-              f"({state.bad_steps_in_a_row} in a row, limit {tcfg.max_bad_steps})")
+        log.warning("non-finite loss at step %d: step skipped (%d in a row, limit %d)", state.step,
+                    state.bad_steps_in_a_row, tcfg.max_bad_steps)
     if state.bad_steps_in_a_row >= tcfg.max_bad_steps:
         run.tracker.finish()
         raise TrainingDiverged(
@@ -447,6 +449,7 @@ def start_run(task: Task, settings: RunSettings, full_config: Any) -> tuple[Run,
 
     accelerator = make_accelerator(tcfg.mixed_precision, wandb_log_with(settings.tracking), str(run_dir), tcfg)
     world = world_from(accelerator)
+    configure_logging(world.rank)
     precision = Precision(tcfg.mixed_precision, accelerator, tcfg.dtype)
     batch_plan = plan_batch(dcfg, ocfg, world.world_size)
     data = dataclasses.replace(dcfg, batch_size=batch_plan.per_process_batch)
@@ -457,8 +460,8 @@ def start_run(task: Task, settings: RunSettings, full_config: Any) -> tuple[Run,
         if accelerator.device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         elif world.is_main:  # torch's SyncBatchNorm refuses CPU tensors (README "Training")
-            print("[explainer] train.sync_batchnorm: torch supports SyncBatchNorm on GPUs only; on CPU each process "
-                  "keeps its own BatchNorm statistics")
+            log.warning("train.sync_batchnorm: torch supports SyncBatchNorm on GPUs only; on CPU each process keeps "
+                        "its own BatchNorm statistics")
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer, params = build_optimizer(model, ocfg, lr_at(0, batch_plan.lr, 0))
@@ -482,8 +485,8 @@ def start_run(task: Task, settings: RunSettings, full_config: Any) -> tuple[Run,
     if world.is_main:
         save_config(full_config, run_dir / "config.yaml")
         if resume_from:
-            print(f"[explainer] resumed from {resume_from} (step {state.step}, epoch {state.epoch})")
-        print(f"[explainer] {batch_plan.policy}: global batch {batch_plan.global_batch} = "
+            log.info("resumed from %s (step %d, epoch %d)", resume_from, state.step, state.epoch)
+        log.info(f"{batch_plan.policy}: global batch {batch_plan.global_batch} = "
               f"{batch_plan.per_process_batch} per process x {world.world_size} processes x {batch_plan.accum} "
               f"accumulation; lr {batch_plan.lr:g} (warm-up {plan.warmup_steps} steps); {plan.total_steps} steps "
               f"({plan.steps_per_epoch} per epoch); {precision.describe()}")

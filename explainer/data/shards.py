@@ -44,6 +44,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from explainer.atomic import write_text_atomic
+from explainer.logs import get_logger
 
 _json_string = json.encoder.encode_basestring_ascii  # what json.dumps uses for str (ensure_ascii)
 
@@ -54,6 +55,8 @@ PROGRESS_DIR = ".progress"
 
 IMAGE_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "WEBP": "webp", "TIFF": "tiff"}
 _SUFFIX_ALIASES = {"jpeg": "jpg", "jpe": "jpg", "tif": "tiff"}
+
+log = get_logger(__name__)
 
 
 class BadInput(Exception):
@@ -586,7 +589,7 @@ def write_dataset(*, dataset: str, classes: Sequence[str], splits: dict[str, lis
                 done[job.name] = record
     todo = [job for job in jobs if job.name not in done]
     if done:
-        print(f"resume: {len(done)} of {len(jobs)} shard(s) already complete, writing {len(todo)}", file=sys.stderr)
+        log.info("resume: %d of %d shard(s) already complete, writing %d", len(done), len(jobs), len(todo))
     for result in _execute(todo, str(out), build, options.workers, f"writing {dataset}", options.progress):
         done[result.name] = result
     results = [done[job.name] for job in jobs]
