@@ -11,7 +11,7 @@ import json
 import sys
 
 import pytest
-from _helpers import ROOT, run_cmd
+from _helpers import ROOT, free_port, run_cmd
 
 from explainer.config import TrainConfig
 from explainer.distributed import (
@@ -87,8 +87,8 @@ def test_broadcast_buffers_auto_is_off_only_where_batchnorm_is_synced():
     assert ddp_kwargs(frozen, cuda=True, world_size=8).broadcast_buffers is False
 
 
-def _probe(tmp_path, port: int, *args: str) -> list[dict]:
-    run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+def _probe(tmp_path, *args: str) -> list[dict]:
+    run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
              str(PROBE), args[0], str(tmp_path), *args[1:]], env={"ACCELERATE_USE_CPU": "1"}, timeout=300)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -97,7 +97,7 @@ def _probe(tmp_path, port: int, *args: str) -> list[dict]:
 def test_ddp_options_and_timeout_reach_torch_in_a_gloo_world(tmp_path):
     """Every option differs from torch's DDP default, so each one is seen to arrive; the timeout (3 s) makes rank 0's
     collective fail while rank 1 is 8 s late (torch's default would have waited)."""
-    ranks = _probe(tmp_path, 29531, "accelerator", "train.process_group_timeout_min=0.05",
+    ranks = _probe(tmp_path, "accelerator", "train.process_group_timeout_min=0.05",
                    "train.ddp_comm_hook=bf16", "train.ddp_bucket_cap_mb=1", "train.ddp_broadcast_buffers=false")
     for r in ranks:
         assert r["wrapper"] == "DistributedDataParallel"
@@ -110,5 +110,5 @@ def test_ddp_options_and_timeout_reach_torch_in_a_gloo_world(tmp_path):
 
 @pytest.mark.slow
 def test_evaluation_state_gets_its_own_timeout(tmp_path):
-    ranks = _probe(tmp_path, 29532, "state", "0.05")
+    ranks = _probe(tmp_path, "state", "0.05")
     assert "completed" not in ranks[0]["collective"] and 2.0 < ranks[0]["waited_s"] < 7.5, ranks[0]

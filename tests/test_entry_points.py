@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _helpers import PYTHON, ROOT, TINY_SHARDS, run_cmd, tiny_overrides
+from _helpers import PYTHON, ROOT, TINY_SHARDS, free_port, run_cmd, tiny_overrides
 
 MARKER = "explainer-checkout-marker"
 
@@ -139,7 +139,7 @@ def test_module_entry_points_under_torchrun_and_accelerate(synthetic_manifest, t
     """`torchrun -m explainer.train` (2 gloo processes) and `accelerate launch -m explainer.train_classifier`."""
     env = {"ACCELERATE_USE_CPU": "1"}
     out = tmp_path / "explainer"
-    run_cmd([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", "-m",
+    run_cmd([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
              "explainer.train", "--config", "configs/synthetic.yaml", *tiny_overrides(synthetic_manifest, out),
              f"classifier.checkpoint={tiny_classifier}", "explainer.arch=tiny_unet", "train.max_steps=2",
              "tracking.wandb_mode=disabled"], env=env, timeout=300)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-from _helpers import PYTHON, ROOT, run_cmd, tiny_overrides
+from _helpers import PYTHON, ROOT, free_port, run_cmd, tiny_overrides
 
 from explainer.config import ExplainerRunConfig, load_config
 from explainer.data.loader import iter_samples, make_train_loader, read_manifest
@@ -203,7 +203,7 @@ def _interleaved_manifest(manifest_path: Path, rank_batches: list[list[list[str]
     return write(order)
 
 
-def _one_vs_two_processes(manifest: Path, classifier: Path, tmp_path: Path, extra: list[str], port: int):
+def _one_vs_two_processes(manifest: Path, classifier: Path, tmp_path: Path, extra: list[str]):
     """The same global batch (8) and data order on 1 and on 2 gloo processes; returns the two run folders."""
     per_rank, world = 4, 2
     data = read_manifest(manifest)
@@ -220,8 +220,9 @@ def _one_vs_two_processes(manifest: Path, classifier: Path, tmp_path: Path, extr
               "tracking.wandb_mode=disabled", "optim.batch_policy=reproduce", f"data.batch_size={per_rank * world}",
               *extra]
     two = tmp_path / "two"
-    run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(port),
-             TRAIN, *explainer_args(manifest, classifier, two, *common)], env={"ACCELERATE_USE_CPU": "1"})
+    run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+             "--master_port", str(free_port()), TRAIN, *explainer_args(manifest, classifier, two, *common)],
+            env={"ACCELERATE_USE_CPU": "1"})
     one_manifest = _interleaved_manifest(manifest, rank_batches, tmp_path / "interleaved")
     one = tmp_path / "one"
     run_cmd([PYTHON, TRAIN, *explainer_args(one_manifest, classifier, one, *common)])
@@ -246,9 +247,9 @@ FLOAT64_ATOL = 1e-10
 def test_two_processes_equal_one_process(synthetic_manifest, tiny_classifier, tmp_path):
     """float64 models and data (train.dtype=float64): DDP over gloo gives the 1-process weights to rounding."""
     # Plain SGD: Adam divides by sqrt(v) and turns rounding noise in near-zero gradients into lr-sized weight
-    # differences (tests/test_trainer.py::test_two_processes_adam_bound covers Adam).
+    # differences (test_two_processes_batchnorm_explainer_with_adam covers Adam).
     extra = ["optim.optimizer=sgd", "optim.lr=0.5", "train.dtype=float64"]
-    one, two, one_manifest, common = _one_vs_two_processes(synthetic_manifest, tiny_classifier, tmp_path, extra, 29517)
+    one, two, one_manifest, common = _one_vs_two_processes(synthetic_manifest, tiny_classifier, tmp_path, extra)
     assert_same_weights(two / "explainer_last.pt", one / "explainer_last.pt", atol=FLOAT64_ATOL)
     s_two, s_one = json.loads((two / "summary.json").read_text()), json.loads((one / "summary.json").read_text())
     assert s_two["history"][-1]["loss"] == pytest.approx(s_one["history"][-1]["loss"], rel=1e-9)
@@ -264,11 +265,11 @@ def test_two_processes_odd_sample_count_does_not_hang(synthetic_manifest, tiny_c
     """Batch 5 on 2 ranks over 96 samples: uneven split of samples, equal batch counts, the run finishes.
     Also the scale policy end to end: 5 per process, global batch 10, lr x 2 with a 5% warm-up, printed and recorded."""
     out = tmp_path / "odd"
-    proc = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
-                    TRAIN, *explainer_args(synthetic_manifest, tiny_classifier, out, "data.batch_size=5",
-                                           "train.epochs=2", "optim.lr=0.01", "optim.batch_policy=scale",
-                                           "optim.warmup_steps=10",
-                                           "tracking.wandb_mode=disabled")], env={"ACCELERATE_USE_CPU": "1"},
+    proc = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", str(free_port()), TRAIN,
+                    *explainer_args(synthetic_manifest, tiny_classifier, out, "data.batch_size=5", "train.epochs=2",
+                                    "optim.lr=0.01", "optim.batch_policy=scale", "optim.warmup_steps=10",
+                                    "tracking.wandb_mode=disabled")], env={"ACCELERATE_USE_CPU": "1"},
                    timeout=300)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2 * (96 // (2 * 5))
@@ -382,7 +383,7 @@ BF16_ALLOWED = 128 * BF16_U
 def test_two_processes_equal_one_process_bf16(synthetic_manifest, tiny_classifier, tmp_path):
     """bf16 autocast (the presets' precision): 1 vs 2 processes within what bf16 rounding implies."""
     extra = ["optim.optimizer=sgd", "optim.lr=0.5", "train.mixed_precision=bf16"]
-    one, two, one_manifest, common = _one_vs_two_processes(synthetic_manifest, tiny_classifier, tmp_path, extra, 29519)
+    one, two, one_manifest, common = _one_vs_two_processes(synthetic_manifest, tiny_classifier, tmp_path, extra)
     start = tmp_path / "start"
     run_cmd([PYTHON, TRAIN, *explainer_args(one_manifest, tiny_classifier, start, *common, "train.max_steps=0")])
     w0, w1, w2 = (state_of(run / "explainer_last.pt") for run in (start, one, two))
@@ -532,7 +533,7 @@ def test_two_processes_batchnorm_explainer_with_adam(synthetic_manifest, tiny_cl
     lr = 1e-3
     extra = ["explainer.arch=lraspp_mobilenet_v3_large", "optim.optimizer=adam", f"optim.lr={lr}",
              "train.dtype=float64"]
-    one, two, _, _ = _one_vs_two_processes(synthetic_manifest, tiny_classifier, tmp_path, extra, 29521)
+    one, two, _, _ = _one_vs_two_processes(synthetic_manifest, tiny_classifier, tmp_path, extra)
     steps = json.loads((one / "summary.json").read_text())["steps"]
     bound = 2 * lr * sum(adam_step_bound(t) for t in range(1, steps + 1))
     w1, w2 = state_of(one / "explainer_last.pt"), state_of(two / "explainer_last.pt")
