@@ -17,6 +17,7 @@ from typing import Any
 
 from explainer.cli_args import parse_run_config
 from explainer.config import ExplainerRunConfig
+from explainer.distributed import close_process_group
 from explainer.tasks import ExplainerTask
 from explainer.trainer import RunSettings, fit
 
@@ -29,6 +30,7 @@ def run(cfg: ExplainerRunConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     run(parse_run_config(ExplainerRunConfig, argv, "Train an Explainer for a frozen classifier.", prog))
+    close_process_group()
     return 0
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from explainer.cli_args import parse_run_config
 from explainer.config import ClassifierRunConfig
+from explainer.distributed import close_process_group
 from explainer.tasks import ClassifierTask
 from explainer.trainer import RunSettings, fit
 
@@ -25,6 +26,7 @@ def run_classifier(cfg: ClassifierRunConfig) -> dict[str, Any]:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     run_classifier(parse_run_config(ClassifierRunConfig, argv, "Fine-tune a multi-label classifier (Explanandum).",
                                     prog))
+    close_process_group()
     return 0
 
 

@@ -53,6 +53,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Without this, a rank leaving while gloo's threads still talk to the other rank can abort at exit
+# ("terminate called without an active exception", seen once under load).
+_CLOSE_GROUP = """
+import torch.distributed as _dist
+if _dist.is_initialized():
+    _dist.barrier()
+    _dist.destroy_process_group()
+"""
+
+
 def run_ranks(script: str, world: int = 2, timeout: float = 120, cwds: list[Path] | None = None,
               args: list[str] | None = None) -> list[subprocess.CompletedProcess]:
     """Run `python -c script` as `world` real gloo ranks (RANK/WORLD_SIZE/MASTER_* in the environment, as torchrun
@@ -63,7 +73,7 @@ def run_ranks(script: str, world: int = 2, timeout: float = 120, cwds: list[Path
         env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": port, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                "LOCAL_WORLD_SIZE": str(world), "PYTHONPATH": str(ROOT)}
-        procs.append(subprocess.Popen([PYTHON, "-c", script, *(args or [])], cwd=cwds[rank] if cwds else ROOT,
+        procs.append(subprocess.Popen([PYTHON, "-c", script + _CLOSE_GROUP, *(args or [])], cwd=cwds[rank] if cwds else ROOT,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     done = []
     try:
