@@ -73,8 +73,9 @@ def run_ranks(script: str, world: int = 2, timeout: float = 120, cwds: list[Path
         env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": port, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                "LOCAL_WORLD_SIZE": str(world), "PYTHONPATH": str(ROOT)}
-        procs.append(subprocess.Popen([PYTHON, "-c", script + _CLOSE_GROUP, *(args or [])], cwd=cwds[rank] if cwds else ROOT,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen([PYTHON, "-c", script + _CLOSE_GROUP, *(args or [])],
+                                      cwd=cwds[rank] if cwds else ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
     done = []
     try:
         for proc in procs:
