@@ -78,6 +78,7 @@ class ExplainerModelConfig:
         "tiny_unet",
     ] = "deeplabv3_resnet50"
     backbone_weights: str | None = None  # local ImageNet backbone file; default is training from scratch
+    head_init: Literal["random", "zero"] = "random"  # mask head's last conv; "zero": every mask 0.5 at step 0
 
 
 @dataclass
@@ -174,6 +175,9 @@ class EvalConfig:
     ep_areas: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3])
     ep_iterations: int = 800
     gradcam_layer: str | None = None  # a module name such as "features.28"; default: the last spatial conv block
+    faithfulness_steps: int = 32  # deletion / insertion curve steps K (Petsiuk et al. 2018); 0 = off
+    faithfulness_prob: Literal["sigmoid", "softmax"] = "sigmoid"  # class probability on the curves
+    pointing_tolerance: float = 15.0  # pointing game tolerance in px at 224 px, scaled with the image size
     output_dir: str | None = None  # default: <run>/eval
     process_group_timeout_min: float = 180.0  # ranks may finish their share minutes apart (EP, RISE)
 

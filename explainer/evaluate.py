@@ -33,7 +33,7 @@ import time
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +41,14 @@ from torch import Tensor, nn
 from explainer import metrics as M
 from explainer.atomic import write_text_atomic
 from explainer.baselines import BASELINES, AttributionMethod, build_baseline
-from explainer.config import EvalConfig, ExplainerRunConfig, input_normalization, load_config, to_dict
+from explainer.config import (
+    EvalConfig,
+    ExplainerRunConfig,
+    TrackingConfig,
+    input_normalization,
+    load_config,
+    to_dict,
+)
 
 MASK_METHODS = ("explainer", "rtis")
 WARMUP_METHODS = ("explainer", "rtis", "gradcam")  # one untimed call first (lazy init, allocator); the others are
@@ -76,8 +83,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class MethodExtras(Protocol):
+    """Optional hook of an attribution method with numbers of its own for results.json (e.g. Extremal Perturbations:
+    how often each area was chosen). Sums are all-reduced like every other total, so N processes give one's result."""
+
+    def batch_totals(self) -> dict[str, Tensor]:
+        """Sums over the images since the last call (the method then forgets them)."""
+        ...
+
+    def results(self, totals: dict[str, Tensor]) -> dict[str, Any]:
+        """Top-level results.json entries from the all-reduced sums."""
+        ...
+
+
 class Evaluator:
-    """Accumulates every table over batches; `finish` all-reduces and turns sums into the results dict."""
+    """Accumulates every table over batches; `finish` all-reduces and turns sums into the results dict.
+
+    `update` adds per-batch sums (one helper per table); `finish` builds each table from the sums (one builder per
+    table). A method may add numbers of its own through the `MethodExtras` hook.
+    """
 
     def __init__(self, classifier: nn.Module, methods: dict[str, AttributionMethod], classes: Sequence[str],
                  cfg: EvalConfig, device: torch.device, figure_images: int = 0) -> None:
@@ -90,71 +114,116 @@ class Evaluator:
         self.targets = [self.classes.index(n) for n in names]
         if not cfg.thresholds or any(not 0.0 <= t < 1.0 for t in cfg.thresholds):
             raise ValueError(f"eval.thresholds must be a non-empty list in [0, 1), got {cfg.thresholds}")
+        if cfg.faithfulness_steps < 0:
+            raise ValueError(f"eval.faithfulness_steps must be >= 0 (0 = off), got {cfg.faithfulness_steps}")
+        if cfg.faithfulness_prob not in M.FAITHFULNESS_PROBS:
+            raise ValueError(f"eval.faithfulness_prob must be one of {M.FAITHFULNESS_PROBS}, got "
+                             f"{cfg.faithfulness_prob!r}")
+        if cfg.pointing_tolerance < 0:
+            raise ValueError(f"eval.pointing_tolerance must be >= 0 px, got {cfg.pointing_tolerance}")
         self.totals = M.Totals()
         self.figure_images = figure_images
         self.figure: dict[str, Any] = {"images": [], "labels": [], "maps": {m: [] for m in methods}}
         self.warm = False
+        self.image_size: int | None = None
 
     # ------------------------------------------------------------------------------------------------------------------
     def update(self, batch: dict[str, Any]) -> None:
         x = batch["image"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device)
         b = x.shape[0]
+        self.image_size = min(x.shape[-2:])
         has_seg = torch.as_tensor(batch.get("has_seg", torch.zeros(b, dtype=torch.bool))).to(self.device).bool()
         rows = (has_seg & (labels.sum(1) > 0)).nonzero().flatten()
         seg = batch["seg"].to(self.device)[rows] if len(rows) else None
-        wanted = labels > 0
+        seg_classes = batch["seg_classes"].to(self.device)[rows] if len(rows) and "seg_classes" in batch else None
         t = self.totals
         t.add("n/images", float(b))
         # order-free fingerprint of the keys seen: equal for 1 and N processes iff every sample is counted once
         t.add("n/key_checksum", float(sum(zlib.crc32(str(k).encode()) for k in batch.get("key", []))))
         t.add("n/seg_images", float(len(rows)))
-
         with torch.no_grad():
             clean = self.classifier(x)
         t.add("cls/clean", M.classification_counts(clean, labels, M.CLEAN_THRESHOLD))
-
         if seg is not None:
             for name, mask in M.sanity_masks(seg).items():
                 self._segmentation(f"sanity/{name}", x[rows], mask, seg, labels[rows])
-
-        if not self.warm:
-            for name in WARMUP_METHODS:
-                if name in self.methods:
-                    self.methods[name](x[:1], wanted[:1])
-            self.warm = True
+        self._warm_up(x, labels > 0)
+        start = None
+        if self.cfg.faithfulness_steps and bool((labels > 0).any()):
+            start = M.insertion_start(x, M.scaled(M.INSERTION_BLUR_SIGMA, self.image_size))
         kept: dict[str, Tensor] = {}
         for name, method in self.methods.items():
-            _sync(self.device)
-            start = time.perf_counter()
-            maps = method(x, wanted)
-            _sync(self.device)
-            t.add(f"time/{name}/seconds", time.perf_counter() - start)
-            if name == "ep":  # how often each area was the smallest that kept the logit (all ranks)
-                chosen = getattr(method, "chosen_areas", [])
-                areas = list(getattr(method, "areas", []))
-                t.add("ep/area_counts", torch.tensor([float(chosen.count(a)) for a in areas]))
-                chosen.clear()
-            t.add(f"time/{name}/images", float(b))
-            maps = maps.detach().float()
+            maps = self._timed_maps(name, method, x, labels > 0)
             kept[name] = maps
             m = M.aggregate(maps, labels)
             if seg is not None:
                 self._segmentation(f"method/{name}", x[rows], m[rows], seg, labels[rows])
             if name in MASK_METHODS:
-                with torch.no_grad():
-                    masked = self.classifier(x * m[:, None])
-                t.add(f"cls/masked/{name}", M.classification_counts(masked, labels, M.MASKED_THRESHOLD))
-                sums, counts = M.class_specific_sums(self.classifier, x, maps, labels, self.targets, self.targets,
-                                                     self.cfg.thresholds)
-                t.add(f"cs/{name}/sums", sums)
-                t.add(f"cs/{name}/counts", counts)
+                self._masked_classification(name, x, m, labels)
+                self._class_specific(name, x, maps, labels)
+            if start is not None:
+                self._deletion_insertion(name, x, maps, labels, start)
+            if seg_classes is not None:
+                self._pointing(name, maps[rows], seg_classes, labels[rows])
+            self._method_extras(name, method)
         self._collect_figure(x, labels, kept)
+
+    def _warm_up(self, x: Tensor, wanted: Tensor) -> None:
+        if not self.warm:
+            for name in WARMUP_METHODS:
+                if name in self.methods:
+                    self.methods[name](x[:1], wanted[:1])
+            self.warm = True
+
+    def _timed_maps(self, name: str, method: AttributionMethod, x: Tensor, wanted: Tensor) -> Tensor:
+        _sync(self.device)
+        start = time.perf_counter()
+        maps = method(x, wanted)
+        _sync(self.device)
+        self.totals.add(f"time/{name}/seconds", time.perf_counter() - start)
+        self.totals.add(f"time/{name}/images", float(x.shape[0]))
+        return maps.detach().float()
 
     def _segmentation(self, key: str, x: Tensor, mask: Tensor, seg: Tensor, labels: Tensor) -> None:
         for metric, values in M.segmentation_scores(mask, seg).items():
             self.totals.add_values(f"{key}/{metric}", values)
         self.totals.add_values(f"{key}/sal", M.saliency_scores(self.classifier, x, mask, labels))
+
+    def _masked_classification(self, name: str, x: Tensor, m: Tensor, labels: Tensor) -> None:
+        with torch.no_grad():
+            masked = self.classifier(x * m[:, None])
+        self.totals.add(f"cls/masked/{name}", M.classification_counts(masked, labels, M.MASKED_THRESHOLD))
+
+    def _class_specific(self, name: str, x: Tensor, maps: Tensor, labels: Tensor) -> None:
+        sums, counts = M.class_specific_sums(self.classifier, x, maps, labels, self.targets, self.targets,
+                                             self.cfg.thresholds)
+        self.totals.add(f"cs/{name}/sums", sums)
+        self.totals.add(f"cs/{name}/counts", counts)
+
+    def _deletion_insertion(self, name: str, x: Tensor, maps: Tensor, labels: Tensor, start: Tensor) -> None:
+        """Per-class sums of the deletion / insertion AUC of every (image, ground-truth class) pair."""
+        deletion, insertion, cls = M.deletion_insertion_auc(self.classifier, x, maps, labels,
+                                                            self.cfg.faithfulness_steps, self.cfg.faithfulness_prob,
+                                                            start)
+        c = len(self.classes)
+        zeros = torch.zeros(c, dtype=torch.float64)
+        self.totals.add(f"faith/{name}/deletion", zeros.index_add(0, cls, deletion))
+        self.totals.add(f"faith/{name}/insertion", zeros.index_add(0, cls, insertion))
+        self.totals.add(f"faith/{name}/pairs", zeros.index_add(0, cls, torch.ones_like(deletion)))
+
+    def _pointing(self, name: str, maps: Tensor, seg_classes: Tensor, labels: Tensor) -> None:
+        tolerance = M.scaled(self.cfg.pointing_tolerance, self.image_size or M.REFERENCE_SIZE)
+        hits, cls = M.pointing_hits(maps, seg_classes, labels, tolerance)
+        zeros = torch.zeros(len(self.classes), dtype=torch.float64)
+        self.totals.add(f"point/{name}/hits", zeros.index_add(0, cls, hits.double()))
+        self.totals.add(f"point/{name}/pairs", zeros.index_add(0, cls, torch.ones_like(hits, dtype=torch.float64)))
+
+    def _method_extras(self, name: str, method: AttributionMethod) -> None:
+        hook = getattr(method, "batch_totals", None)
+        if hook is not None:
+            for key, value in hook().items():
+                self.totals.add(f"extra/{name}/{key}", value)
 
     def _collect_figure(self, x: Tensor, labels: Tensor, maps: dict[str, Tensor]) -> None:
         """Keep the first few images of this rank, with every method's maps (of their ground-truth classes)."""
@@ -171,6 +240,7 @@ class Evaluator:
 
     # ------------------------------------------------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:
+        """All-reduce the sums (collective: every rank calls it) and build every table."""
         t = self.totals
         t.all_reduce()
         zero = torch.zeros((), dtype=torch.float64)
@@ -179,22 +249,38 @@ class Evaluator:
             "n_seg_images": int(t.get("n/seg_images", zero)),
             "key_checksum": int(t.get("n/key_checksum", zero)),
             "classes": self.classes,
+            "segmentation": self._segmentation_table(),
+            "class_specific": self._class_specific_tables(),
+            "classification": self._classification_table(),
+            "timing": self._timing_table(),
         }
+        if self.cfg.faithfulness_steps or any(k.startswith("point/") for k in t.data):
+            res["faithfulness"] = self._faithfulness_table()
+        for name, method in self.methods.items():
+            hook = getattr(method, "results", None)
+            if hook is not None and hasattr(method, "batch_totals"):
+                prefix = f"extra/{name}/"
+                res.update(hook({k[len(prefix):]: v for k, v in t.data.items() if k.startswith(prefix)}))
+        return res
+
+    def _segmentation_table(self) -> dict[str, Any]:
         seg: dict[str, Any] = {}
+        t = self.totals
         for row in list(self.methods) + list(M.SANITY_ROWS):
             key = f"method/{row}" if row in self.methods else f"sanity/{row}"
             seg[row] = {metric: t.mean(f"{key}/{metric}") for metric in METRICS}
             seg[row]["n"] = t.count(f"{key}/acc")
             seg[row]["kind"] = "method" if row in self.methods else "sanity"
-        res["segmentation"] = seg
+        return seg
 
+    def _class_specific_tables(self) -> dict[str, Any]:
         cs: dict[str, Any] = {}
         names = [self.classes[i] for i in self.targets]
         for name in self.methods:
             if name not in MASK_METHODS:
                 continue
-            sums = t.get(f"cs/{name}/sums", torch.zeros(len(names), len(names) + 1, dtype=torch.float64))
-            counts = t.get(f"cs/{name}/counts", torch.zeros(len(names), dtype=torch.float64))
+            sums = self.totals.get(f"cs/{name}/sums", torch.zeros(len(names), len(names) + 1, dtype=torch.float64))
+            counts = self.totals.get(f"cs/{name}/counts", torch.zeros(len(names), dtype=torch.float64))
             table = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], torch.nan)
             diag = table[:, : len(names)].diagonal()
             off = table[:, : len(names)].clone()
@@ -206,36 +292,79 @@ class Evaluator:
                 "images_per_target": counts.tolist(),
                 "thresholds": list(self.cfg.thresholds),
                 "mean_diagonal": _nanmean(diag),
+                "min_diagonal": _nanmin(diag),
                 "mean_off_diagonal": _nanmean(off),
                 "max_off_diagonal": _nanmax(off),
             }
-        res["class_specific"] = cs
+        return cs
 
+    def _classification_table(self) -> dict[str, Any]:
+        t = self.totals
         cls: dict[str, Any] = {"clean": {"threshold": M.CLEAN_THRESHOLD,
                                          **M.precision_recall_f1(t.get("cls/clean", torch.zeros(3, 1)))}}
         cls["masked"] = {name: {"threshold": M.MASKED_THRESHOLD,
                                 **M.precision_recall_f1(t.get(f"cls/masked/{name}", torch.zeros(3, 1)))}
                          for name in self.methods if name in MASK_METHODS}
-        res["classification"] = cls
+        return cls
 
+    def _timing_table(self) -> dict[str, Any]:
         timing = {}
+        zero = torch.zeros((), dtype=torch.float64)
         for name, method in self.methods.items():
-            seconds = float(t.get(f"time/{name}/seconds", zero))
-            images = int(t.get(f"time/{name}/images", zero))
+            seconds = float(self.totals.get(f"time/{name}/seconds", zero))
+            images = int(self.totals.get(f"time/{name}/images", zero))
             timing[name] = {"seconds_per_image": seconds / images if images else math.nan, "images": images,
                             "autograd": bool(method.needs_grad), "device": str(self.device)}
-        res["timing"] = timing
-        if "ep" in self.methods:
-            areas = list(getattr(self.methods["ep"], "areas", []))
-            counts = t.get("ep/area_counts", torch.zeros(len(areas), dtype=torch.float64)).tolist()
-            res["ep_chosen_areas"] = {str(a): int(n) for a, n in zip(areas, counts)}
-        return res
+        return timing
+
+    def _faithfulness_table(self) -> dict[str, Any]:
+        """Deletion / insertion AUC (mean over (image, class) pairs) and pointing game accuracy per method."""
+        size = self.image_size or M.REFERENCE_SIZE
+        out: dict[str, Any] = {"settings": {
+            "steps": self.cfg.faithfulness_steps,
+            "probability": self.cfg.faithfulness_prob,
+            "deletion_value": "0 in normalised space (the dataset-mean colour)",
+            "insertion_start": f"Gaussian blur, sigma {M.scaled(M.INSERTION_BLUR_SIGMA, size):.3g} px "
+                               f"({M.INSERTION_BLUR_SIGMA:g} px at {M.REFERENCE_SIZE})",
+            "pixel_order": "descending map value, ties in row-major order",
+            "pointing_tolerance_px": M.scaled(self.cfg.pointing_tolerance, size),
+            "pointing_tolerance_at_224": self.cfg.pointing_tolerance,
+            "pointing_object": "pixels of the class, void (255) counted as the object's",
+            "image_size": size,
+        }, "methods": {}}
+        c = len(self.classes)
+        zeros = torch.zeros(c, dtype=torch.float64)
+        for name in self.methods:
+            pairs = self.totals.get(f"faith/{name}/pairs", zeros)
+            hits = self.totals.get(f"point/{name}/hits", zeros)
+            tries = self.totals.get(f"point/{name}/pairs", zeros)
+            row: dict[str, Any] = {"pairs": int(pairs.sum()), "pointing_pairs": int(tries.sum())}
+            for kind in ("deletion", "insertion"):
+                sums = self.totals.get(f"faith/{name}/{kind}", zeros)
+                row[f"{kind}_auc"] = float(sums.sum() / pairs.sum()) if pairs.sum() > 0 else math.nan
+                row[f"{kind}_auc_per_class"] = _per_class(sums, pairs, self.classes)
+            row["pointing_accuracy"] = float(hits.sum() / tries.sum()) if tries.sum() > 0 else math.nan
+            per_class = torch.where(tries > 0, hits / tries.clamp_min(1), torch.nan)
+            row["pointing_accuracy_class_mean"] = _nanmean(per_class)  # TorchRay's figure: mean over classes
+            row["pointing_accuracy_per_class"] = _per_class(hits, tries, self.classes)
+            out["methods"][name] = row
+        return out
 
     def figure_data(self) -> tuple[Tensor, Tensor, dict[str, Tensor]] | None:
         if not self.figure["images"]:
             return None
         return (torch.cat(self.figure["images"]), torch.cat(self.figure["labels"]),
                 {k: torch.cat(v) for k, v in self.figure["maps"].items()})
+
+
+def _per_class(sums: Tensor, counts: Tensor, classes: Sequence[str]) -> dict[str, float]:
+    """{class: sum / count} for the classes with a count (classes without test pairs are left out)."""
+    return {name: float(s / n) for name, s, n in zip(classes, sums, counts) if n > 0}
+
+
+def _nanmin(x: Tensor) -> float:
+    x = x[~torch.isnan(x)]
+    return float(x.min()) if len(x) else math.nan
 
 
 def _nanmean(x: Tensor) -> float:
@@ -259,65 +388,112 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
-def markdown_report(res: dict[str, Any]) -> str:
-    """The four tables as markdown, in the paper's numbering."""
+def _title(name: str) -> str:
     from explainer.figures import METHOD_TITLES
 
-    title = lambda n: METHOD_TITLES.get(n, n)  # noqa: E731
-    lines = ["# Evaluation report", ""]
-    info = res.get("settings", {})
-    lines += [f"- explainer checkpoint: `{info.get('checkpoint')}`", f"- classifier: `{info.get('classifier')}`",
-              f"- data: `{info.get('manifest')}` split `{info.get('split')}`: {res['n_images']} images, "
-              f"{res['n_seg_images']} with segmentation; {info.get('world_size', 1)} process(es) on "
-              f"{info.get('device')}", f"- date: {info.get('date')}", ""]
+    return METHOD_TITLES.get(name, name)
 
-    lines += ["## Table 2: segmentation scores of the aggregated mask", "",
-              "Mask = pixel-wise max over the image's ground-truth classes, compared with the binary ground truth; "
-              "void pixels excluded (the reference counted them as foreground). Acc, IoU higher is better; MAE, Sal "
-              "lower is better.", "",
-              "| method | Acc | IoU | MAE | Sal | images |", "|---|---|---|---|---|---|"]
+
+def _header_lines(res: dict[str, Any]) -> list[str]:
+    info = res.get("settings", {})
+    return ["# Evaluation report", "", f"- explainer checkpoint: `{info.get('checkpoint')}`",
+            f"- classifier: `{info.get('classifier')}`",
+            f"- data: `{info.get('manifest')}` split `{info.get('split')}`: {res['n_images']} images, "
+            f"{res['n_seg_images']} with segmentation; {info.get('world_size', 1)} process(es) on "
+            f"{info.get('device')}", f"- date: {info.get('date')}", ""]
+
+
+def _segmentation_lines(res: dict[str, Any]) -> list[str]:
+    lines = ["## Table 2: segmentation scores of the aggregated mask", "",
+             "Mask = pixel-wise max over the image's ground-truth classes, compared with the binary ground truth; "
+             "void pixels excluded (the reference counted them as foreground). Acc, IoU higher is better; MAE, Sal "
+             "lower is better.", "",
+             "| method | Acc | IoU | MAE | Sal | images |", "|---|---|---|---|---|---|"]
     for row, s in res["segmentation"].items():
-        name = title(row) if s["kind"] == "method" else f"*{row}*"
+        name = _title(row) if s["kind"] == "method" else f"*{row}*"
         lines.append(f"| {name} | {_fmt(s['acc'])} | {_fmt(s['iou'])} | {_fmt(s['mae'])} | {_fmt(s['sal'], 2)} | "
                      f"{s['n']} |")
-    lines.append("")
+    return [*lines, ""]
 
-    for name, cs in res["class_specific"].items():
-        lines += [f"## Table 1: class-specific masking ({title(name)})", "",
-                  "Softmax probability (x100) of the target class (row) when the image is multiplied by the "
-                  f"thresholded mask of the column class, averaged over thresholds {cs['thresholds']} and the test "
-                  "images containing the target; \"none\" = unmasked. Good: high diagonal, low off-diagonal.", "",
-                  "| target \\ mask | " + " | ".join(cs["columns"]) + " | images |",
-                  "|---" * (len(cs["columns"]) + 2) + "|"]
-        for target, row, n in zip(cs["targets"], cs["table"], cs["images_per_target"]):
-            cells = [("**" + _fmt(v * 100, 2) + "**") if j == cs["targets"].index(target) else _fmt(v * 100, 2)
-                     for j, v in enumerate(row)]
-            lines.append(f"| {target} | " + " | ".join(cells) + f" | {int(n)} |")
-        lines += ["", f"Mean diagonal {_fmt(cs['mean_diagonal'] * 100, 2)}, mean off-diagonal "
-                      f"{_fmt(cs['mean_off_diagonal'] * 100, 2)}, max off-diagonal "
-                      f"{_fmt(cs['max_off_diagonal'] * 100, 2)}.", ""]
 
+def _class_specific_lines(name: str, cs: dict[str, Any]) -> list[str]:
+    """Rows of target classes without a test image are left out (they would be all dashes); columns stay."""
+    lines = [f"## Table 1: class-specific masking ({_title(name)})", "",
+             "Softmax probability (x100) of the target class (row) when the image is multiplied by the "
+             f"thresholded mask of the column class, averaged over thresholds {cs['thresholds']} and the test "
+             "images containing the target; \"none\" = unmasked. Good: high diagonal, low off-diagonal.", "",
+             "| target \\ mask | " + " | ".join(cs["columns"]) + " | images |",
+             "|---" * (len(cs["columns"]) + 2) + "|"]
+    hidden = []
+    for i, (target, row, n) in enumerate(zip(cs["targets"], cs["table"], cs["images_per_target"])):
+        if not n:
+            hidden.append(target)
+            continue
+        cells = [("**" + _fmt(v * 100, 2) + "**") if j == i else _fmt(v * 100, 2) for j, v in enumerate(row)]
+        lines.append(f"| {target} | " + " | ".join(cells) + f" | {int(n)} |")
+    lines += ["", f"Mean diagonal {_fmt(cs['mean_diagonal'] * 100, 2)} (worst "
+                  f"{_fmt(cs.get('min_diagonal', math.nan) * 100, 2)}), mean off-diagonal "
+                  f"{_fmt(cs['mean_off_diagonal'] * 100, 2)}, max off-diagonal "
+                  f"{_fmt(cs['max_off_diagonal'] * 100, 2)}."]
+    if hidden:
+        lines.append(f"Classes without a test image (rows left out): {', '.join(hidden)}.")
+    return [*lines, ""]
+
+
+def _classification_lines(res: dict[str, Any]) -> list[str]:
     cls = res["classification"]
-    lines += ["## Table 4: classification before and after masking", "",
-              "Micro-averaged over (image, class) pairs; macro F1 = mean over classes. Clean images: logit >= 0; "
-              "images multiplied by the method's aggregated mask: logit >= -1 (the paper's convention).", "",
-              "| images | threshold | P | R | F1 | macro F1 |", "|---|---|---|---|---|---|"]
-    rows = [("clean", cls["clean"])] + [(f"masked ({title(n)})", v) for n, v in cls["masked"].items()]
+    lines = ["## Table 4: classification before and after masking", "",
+             "Micro-averaged over (image, class) pairs; macro F1 = mean over classes. Clean images: logit >= 0; "
+             "images multiplied by the method's aggregated mask: logit >= -1 (the paper's convention).", "",
+             "| images | threshold | P | R | F1 | macro F1 |", "|---|---|---|---|---|---|"]
+    rows = [("clean", cls["clean"])] + [(f"masked ({_title(n)})", v) for n, v in cls["masked"].items()]
     for name, v in rows:
         lines.append(f"| {name} | logit >= {v['threshold']:g} | {_fmt(v['precision'] * 100, 1)} | "
                      f"{_fmt(v['recall'] * 100, 1)} | {_fmt(v['f1'] * 100, 1)} | {_fmt(v['macro_f1'] * 100, 1)} |")
-    lines.append("")
+    return [*lines, ""]
 
-    lines += ["## Table 3: time per image", "",
-              "The method alone (the Explainer: one forward pass for all classes, no classifier), device "
-              "synchronised, after one untimed warm-up call of the cheap methods; autograd off unless the method "
-              "needs gradients. Per process; batch size "
-              f"{info.get('batch_size')}.", "",
-              "| method | ms / image | images | autograd | device |", "|---|---|---|---|---|"]
+
+def _timing_lines(res: dict[str, Any]) -> list[str]:
+    lines = ["## Table 3: time per image", "",
+             "The method alone (the Explainer: one forward pass for all classes, no classifier), device "
+             "synchronised, after one untimed warm-up call of the cheap methods; autograd off unless the method "
+             "needs gradients. Per process; batch size "
+             f"{res.get('settings', {}).get('batch_size')}.", "",
+             "| method | ms / image | images | autograd | device |", "|---|---|---|---|---|"]
     for name, v in res["timing"].items():
-        lines.append(f"| {title(name)} | {_fmt(v['seconds_per_image'] * 1000, 2)} | {v['images']} | "
+        lines.append(f"| {_title(name)} | {_fmt(v['seconds_per_image'] * 1000, 2)} | {v['images']} | "
                      f"{'yes' if v['autograd'] else 'no'} | {v['device']} |")
-    lines.append("")
+    return [*lines, ""]
+
+
+def _faithfulness_lines(res: dict[str, Any]) -> list[str]:
+    faith = res.get("faithfulness")
+    if not faith:
+        return []
+    st = faith["settings"]
+    lines = ["## Faithfulness (beyond the paper)", "",
+             f"Deletion / insertion AUC (Petsiuk et al. 2018): pixels in decreasing order of the class's map, "
+             f"{st['steps']} equal steps; deletion sets them to {st['deletion_value']}, insertion copies them into "
+             f"a blurred start ({st['insertion_start']}); the {st['probability']} probability of the class, "
+             "integrated by the trapezoid rule, mean over (image, ground-truth class) pairs. Lower deletion and "
+             "higher insertion are better. Pointing game (TorchRay's protocol): a hit when the map's maximum lies "
+             f"within {st['pointing_tolerance_px']:.3g} px ({st['pointing_tolerance_at_224']:g} px at 224) of the "
+             "class's object mask (void counted as object); accuracy over pairs, and TorchRay's mean over classes.",
+             "", "| method | deletion AUC | insertion AUC | pairs | pointing acc. | pointing (class mean) | pairs |",
+             "|---|---|---|---|---|---|---|"]
+    for name, v in faith["methods"].items():
+        lines.append(f"| {_title(name)} | {_fmt(v['deletion_auc'])} | {_fmt(v['insertion_auc'])} | {v['pairs']} | "
+                     f"{_fmt(v['pointing_accuracy'] * 100, 1)} | {_fmt(v['pointing_accuracy_class_mean'] * 100, 1)}"
+                     f" | {v['pointing_pairs']} |")
+    return [*lines, ""]
+
+
+def markdown_report(res: dict[str, Any]) -> str:
+    """The paper's four tables (in its numbering) and the faithfulness table, as markdown."""
+    lines = _header_lines(res) + _segmentation_lines(res)
+    for name, cs in res["class_specific"].items():
+        lines += _class_specific_lines(name, cs)
+    lines += _classification_lines(res) + _timing_lines(res) + _faithfulness_lines(res)
     if res.get("figures"):
         lines += ["## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in res["figures"]] + [""]
     return "\n".join(lines)
@@ -352,6 +528,63 @@ def write_outputs(res: dict[str, Any], evaluator: Evaluator, out: Path) -> dict[
     write_text_atomic(out / "results.json", json.dumps(_json_safe(res), indent=2))
     write_text_atomic(out / "report.md", markdown_report(res))
     return res
+
+
+def wandb_tables(res: dict[str, Any]) -> dict[str, tuple[list[str], list[list[Any]]]]:
+    """Every report table as (columns, rows), for W&B (keys: eval/<table>)."""
+    tables: dict[str, tuple[list[str], list[list[Any]]]] = {}
+    metrics = ["acc", "iou", "mae", "sal", "n"]
+    tables["segmentation"] = (["row", *metrics], [[row, *(v[m] for m in metrics)]
+                                                  for row, v in res["segmentation"].items()])
+    for name, cs in res["class_specific"].items():
+        tables[f"class_specific_{name}"] = (["target", *cs["columns"], "images"], [
+            [t, *row, n] for t, row, n in zip(cs["targets"], cs["table"], cs["images_per_target"]) if n])
+    cls = res["classification"]
+    keys = ["threshold", "precision", "recall", "f1", "macro_f1"]
+    tables["classification"] = (["images", *keys], [["clean", *(cls["clean"][k] for k in keys)]] + [
+        [f"masked ({n})", *(v[k] for k in keys)] for n, v in cls["masked"].items()])
+    tables["timing"] = (["method", "ms_per_image", "images", "autograd", "device"], [
+        [n, v["seconds_per_image"] * 1000, v["images"], v["autograd"], v["device"]] for n, v in res["timing"].items()])
+    if res.get("faithfulness"):
+        keys = ["deletion_auc", "insertion_auc", "pairs", "pointing_accuracy", "pointing_accuracy_class_mean",
+                "pointing_pairs"]
+        tables["faithfulness"] = (["method", *keys], [[n, *(v[k] for k in keys)]
+                                                      for n, v in res["faithfulness"]["methods"].items()])
+    return tables
+
+
+def log_to_wandb(res: dict[str, Any], out: Path, tracking: TrackingConfig, checkpoint: str | None) -> Path | None:
+    """The report's tables (wandb.Table) and figures (wandb.Image) as a W&B run of the training run's project.
+
+    Offline unless an API key is configured (`tracking.wandb_mode`, as training); the run files go to <out>/wandb
+    (`wandb sync` uploads them). The run is grouped with the training run (its id, from the checkpoint's folder)
+    and has job_type "evaluate". Returns the run folder, or None when W&B is disabled.
+    """
+    from explainer.tracking import RUN_ID_FILE, resolve_wandb_mode
+
+    mode = resolve_wandb_mode(tracking.wandb_mode)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    id_file = Path(checkpoint).parent / RUN_ID_FILE if checkpoint else None
+    group = tracking.group or (id_file.read_text().strip() if id_file and id_file.is_file() else None)
+    out.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=tracking.project, entity=tracking.entity, group=group, job_type="evaluate",
+                     tags=list(tracking.tags), dir=str(out), mode=mode, config=_json_safe(res.get("settings", {})),
+                     settings=wandb.Settings(silent=True))
+    logged: dict[str, Any] = {}
+    for name, (columns, rows) in wandb_tables(_json_safe(res)).items():
+        logged[f"eval/{name}"] = wandb.Table(columns=columns, data=rows)
+    for figure in res.get("figures", []):
+        logged[f"eval/figures/{Path(figure).stem}"] = wandb.Image(str(out / figure), caption=Path(figure).stem)
+    run.log(logged)
+    for row, v in res["segmentation"].items():
+        if v["kind"] == "method":
+            run.summary[f"eval/{row}/iou"] = v["iou"]
+    folder = Path(run.dir).parent
+    run.finish()
+    return folder
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -438,6 +671,9 @@ def evaluate(cfg: ExplainerRunConfig, checkpoint: str | None, *, classifier: str
     if state.is_main_process:
         write_outputs(res, evaluator, out_dir)
         print(f"[evaluate] wrote {out_dir / 'results.json'} and {out_dir / 'report.md'}")
+        run_dir = log_to_wandb(res, out_dir, cfg.tracking, checkpoint)
+        if run_dir is not None:
+            print(f"[evaluate] W&B run: {run_dir}")
     res["output_dir"] = str(out_dir)
     state.wait_for_everyone()
     return res

@@ -1,4 +1,5 @@
-"""Evaluation metrics of the paper (SPEC 6): segmentation scores, class-specific masking, classification P/R/F1.
+"""Evaluation metrics (SPEC 6): segmentation scores, class-specific masking, classification P/R/F1, and faithfulness
+(deletion / insertion AUC, pointing game) beyond the paper.
 
 Everything here works on whole batches and returns per-image (or per-class) values; `Totals` adds them up as sums and
 counts so that any number of processes can evaluate disjoint parts of the test set and combine them with one
@@ -148,6 +149,117 @@ def class_specific_sums(
     sums[:, : len(k_idx)] += torch.einsum("bkt,bt->tk", target_probs, sel)
     sums[:, len(k_idx)] += (clean[:, t_idx] * sel).sum(0)
     return sums, counts
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Faithfulness beyond the paper: deletion / insertion AUC (Petsiuk et al. 2018), pointing game (Zhang et al. 2016)
+# ----------------------------------------------------------------------------------------------------------------------
+
+FAITHFULNESS_PROBS = ("sigmoid", "softmax")
+INSERTION_BLUR_SIGMA = 5.0  # px at 224 (the RISE code's insertion start: Gaussian sigma 5, 11x11 taps), scaled
+POINTING_TOLERANCE = 15.0  # px at 224 (TorchRay's pointing game), scaled
+REFERENCE_SIZE = 224
+
+
+def scaled(px_at_224: float, size: int) -> float:
+    """A length set for 224 px inputs, at `size` px (the protocols' constants were chosen at 224)."""
+    return px_at_224 * size / REFERENCE_SIZE
+
+
+def insertion_start(images: Tensor, sigma: float) -> Tensor:
+    """The blurred copy insertion starts from, as in the RISE code: a Gaussian of `sigma` truncated to a kernel of
+    2 round(sigma) + 1 taps (11 taps, sigma 5 at 224 px), torchvision's blur with reflect padding."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    if sigma <= 0:
+        return images.clone()
+    kernel = 2 * max(1, round(sigma)) + 1
+    kernel = min(kernel, 2 * ((min(images.shape[-2:]) - 1) // 2) + 1)  # reflect padding needs kernel // 2 < size
+    return gaussian_blur(images, [kernel, kernel], [sigma, sigma])
+
+
+def class_probabilities(logits: Tensor, prob: str) -> Tensor:
+    """sigmoid (each class on its own: a multi-label head) or softmax over classes, in float64."""
+    if prob == "sigmoid":
+        return torch.sigmoid(logits.double())
+    if prob == "softmax":
+        return F.softmax(logits.double(), dim=-1)
+    raise ValueError(f"eval.faithfulness_prob must be one of {FAITHFULNESS_PROBS}, got {prob!r}")
+
+
+@torch.no_grad()
+def deletion_insertion_auc(
+    classifier: nn.Module,
+    images: Tensor,
+    maps: Tensor,
+    labels: Tensor,
+    steps: int = 32,
+    prob: str = "sigmoid",
+    start: Tensor | None = None,
+    chunk: int = 256,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Deletion and insertion AUC of every (image, ground-truth class) pair. -> (deletion [P], insertion [P], class [P])
+
+    Pixels are ranked by the class's map, highest first (ties: row-major order, a stable sort). At step k of K the
+    first round(k Z / K) of them are deleted (set to 0 = the dataset-mean colour of the normalised image) or inserted
+    (copied from the image into `start`, default: a blurred copy). The class probability (`prob`) at the K+1 points
+    is integrated by the trapezoid rule on [0, 1]. Lower deletion and higher insertion are better. Pairs come in
+    (image, class) row-major order.
+    """
+    if steps < 1:
+        raise ValueError(f"eval.faithfulness_steps must be >= 1, got {steps}")
+    b, c, h, w = maps.shape
+    z = h * w
+    pairs = (labels > 0).nonzero()  # [P, 2]
+    if len(pairs) == 0:
+        empty = torch.zeros(0, dtype=torch.float64)
+        return empty, empty, torch.zeros(0, dtype=torch.long)
+    if start is None:
+        start = insertion_start(images, scaled(INSERTION_BLUR_SIGMA, min(h, w)))
+    order = maps[pairs[:, 0], pairs[:, 1]].reshape(len(pairs), z).float().argsort(dim=1, descending=True,
+                                                                                    stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(z, device=order.device).expand_as(order))
+    counts = torch.round(torch.arange(steps + 1, dtype=torch.float64) * z / steps).long().to(rank.device)
+    # every (pair, step) of both curves: a pixel is "switched" when its rank < counts[step]
+    jobs = [(p, k) for p in range(len(pairs)) for k in range(steps + 1)]
+    curves = torch.empty(2, len(pairs), steps + 1, dtype=torch.float64)
+    for first in range(0, len(jobs), chunk):
+        part = torch.as_tensor(jobs[first : first + chunk], device=rank.device)
+        p, k = part[:, 0], part[:, 1]
+        switched = (rank[p] < counts[k][:, None]).reshape(-1, 1, h, w).to(images.dtype)
+        i, cls = pairs[p, 0], pairs[p, 1]
+        deleted = images[i] * (1 - switched)
+        inserted = start[i] * (1 - switched) + images[i] * switched
+        logits = classifier(torch.cat([deleted, inserted]))
+        probs = class_probabilities(logits, prob)
+        rows = torch.arange(len(p), device=probs.device)
+        curves[0, p.cpu(), k.cpu()] = probs[: len(p)][rows, cls.to(probs.device)].cpu()
+        curves[1, p.cpu(), k.cpu()] = probs[len(p) :][rows, cls.to(probs.device)].cpu()
+    auc = (curves.sum(2) - (curves[..., 0] + curves[..., -1]) / 2) / steps  # trapezoid rule on [0, 1]
+    return auc[0], auc[1], pairs[:, 1].cpu()
+
+
+def pointing_hits(maps: Tensor, seg_classes: Tensor, labels: Tensor, tolerance: float) -> tuple[Tensor, Tensor]:
+    """Pointing game (TorchRay's protocol) on every (image, ground-truth class) pair. -> (hit [P] bool, class [P])
+
+    The point is the map's first maximum in row-major order (numpy/torch argmax); a hit when some pixel of the class's
+    object (seg_classes == class + 1, void pixels 255 counted as the object's) lies at distance < `tolerance` (strict,
+    as TorchRay's `PointingGame`). Images need a segmentation; pairs come in (image, class) row-major order.
+    """
+    b, c, h, w = maps.shape
+    if seg_classes.shape != (b, h, w):
+        raise ValueError(f"pointing game: seg {tuple(seg_classes.shape)} does not match maps {tuple(maps.shape)}")
+    pairs = (labels > 0).nonzero()
+    if len(pairs) == 0:
+        return torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long)
+    i, cls = pairs[:, 0], pairs[:, 1]
+    flat = maps[i, cls].reshape(len(pairs), -1).argmax(dim=1)
+    py, px = (flat // w).double(), (flat % w).double()
+    obj = (seg_classes[i] == (cls + 1)[:, None, None].to(seg_classes.dtype)) | (seg_classes[i] == VOID)
+    ys = torch.arange(h, device=maps.device, dtype=torch.float64)[None, :, None]
+    xs = torch.arange(w, device=maps.device, dtype=torch.float64)[None, None, :]
+    near = (ys - py[:, None, None]) ** 2 + (xs - px[:, None, None]) ** 2 < tolerance**2
+    return (obj & near).flatten(1).any(1).cpu(), cls.cpu()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -98,6 +98,83 @@ def test_report_and_figures_are_written(tmp_path):
     assert markdown_report(res).count("## Table") == 4
 
 
+def test_faithfulness_on_the_toy_oracle_beats_a_reversed_map():
+    """The oracle's maps rank the object first: deletion kills the class at once, insertion brings it back at once;
+    the same maps reversed (object last) do the opposite. Pointing: the oracle always hits, the reversed map (its
+    maximum on the background, far from the 8x8 object in most images) mostly misses."""
+    clf = colour_classifier(gain=40)
+    cfg = EvalConfig(faithfulness_steps=8)
+
+    class Reversed(MaskNetwork):
+        def __call__(self, images, wanted):
+            return 1 - super().__call__(images, wanted)
+
+    methods = {"explainer": MaskNetwork("explainer", OracleExplainer()), "rtis": Reversed("rtis", OracleExplainer())}
+    ev = Evaluator(clf, methods, CLASSES, cfg, torch.device("cpu"))
+    for seed in range(3):
+        ev.update(toy_batch(seed))
+    res = ev.finish()
+    faith = res["faithfulness"]
+    ours, rev = faith["methods"]["explainer"], faith["methods"]["rtis"]
+    pairs = sum(int(v) for b in range(3) for v in toy_batch(b)["labels"].sum(0))
+    assert ours["pairs"] == rev["pairs"] == ours["pointing_pairs"] == pairs
+    # the toy's probability floor is sigmoid(-2) = 0.12 (nothing lit), its ceiling ~1; at 24 px the insertion start
+    # is blurred by less than a pixel (sigma 5 px at 224), so the class is already there: insertion is high for both
+    assert ours["deletion_auc"] < 0.25 < 0.6 < rev["deletion_auc"]
+    assert ours["insertion_auc"] > rev["insertion_auc"]
+    assert ours["pointing_accuracy"] == 1.0 and rev["pointing_accuracy"] < 0.5
+    assert set(ours["pointing_accuracy_per_class"]) == set(CLASSES)
+    st = faith["settings"]
+    assert st["steps"] == 8 and st["probability"] == "sigmoid" and st["image_size"] == S
+    assert st["pointing_tolerance_px"] == pytest.approx(15 * S / 224)
+    report = markdown_report({**res, "settings": {}})
+    assert "## Faithfulness (beyond the paper)" in report and "sigmoid probability" in report
+    off = Evaluator(clf, methods, CLASSES, EvalConfig(faithfulness_steps=0), torch.device("cpu"))
+    off.update(toy_batch(0))
+    off_res = off.finish()["faithfulness"]["methods"]["explainer"]
+    assert off_res["pairs"] == 0 and off_res["pointing_pairs"] > 0  # the pointing game is cheap: always on
+
+
+def test_class_specific_rows_without_test_images_are_hidden():
+    clf = colour_classifier(gain=40)
+    ev = Evaluator(clf, {"explainer": MaskNetwork("explainer", OracleExplainer())}, CLASSES, EvalConfig(),
+                   torch.device("cpu"))
+    batch = toy_batch(0)
+    keep = batch["labels"][:, 0] == 0  # only images without "red"
+    batch = {k: (v[keep] if isinstance(v, torch.Tensor) else [x for x, f in zip(v, keep) if f])
+             for k, v in batch.items()}
+    ev.update(batch)
+    res = ev.finish()
+    report = markdown_report({**res, "settings": {}})
+    assert "\n| red |" not in report and "\n| green |" in report
+    assert "Classes without a test image (rows left out): red." in report
+
+
+def test_evaluation_tables_and_figures_go_to_an_offline_wandb_run(tmp_path, monkeypatch):
+    """A real W&B offline run (no server here): the tables and figures are media files of the run on disk."""
+    from explainer.config import TrackingConfig
+    from explainer.evaluate import log_to_wandb
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    ev, res = run_toy(["explainer", "gradcam"], figure_images=2)
+    res["settings"] = {"checkpoint": str(tmp_path / "run" / "explainer.pt"), "batch_size": 4}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "wandb_run_id.txt").write_text("train42")
+    write_outputs(res, ev, tmp_path / "eval")
+    assert log_to_wandb(res, tmp_path / "eval", TrackingConfig(wandb_mode="disabled"), None) is None
+    folder = log_to_wandb(res, tmp_path / "eval", TrackingConfig(wandb_mode="auto", project="test"),
+                          res["settings"]["checkpoint"])
+    assert folder is not None and folder.parent == tmp_path / "eval" / "wandb" and folder.name.startswith("offline-")
+    assert list(folder.glob("*.wandb"))
+    tables = {p.name.rsplit("_", 2)[0]: p for p in folder.glob("files/media/table/eval/*.table.json")}
+    assert set(tables) == {"segmentation", "class_specific_explainer", "classification", "timing", "faithfulness"}
+    faith = json.loads(tables["faithfulness"].read_text())
+    assert [row[0] for row in faith["data"]] == ["explainer", "gradcam"]
+    assert len(list(folder.glob("files/media/images/eval/figures/*.png"))) == 2  # fig1, the class-specific heat map
+
+
 @pytest.mark.numerics
 def test_evaluator_without_segmentation_and_bad_settings():
     clf = colour_classifier(gain=40)

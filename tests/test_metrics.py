@@ -136,6 +136,120 @@ def test_class_specific_no_target_present():
     assert counts.tolist() == [0.0] and sums.abs().sum() == 0
 
 
+class RegionFraction(nn.Module):
+    """sigmoid(logit_c) = share of region c's pixels still lit in channel 0 (clamped away from 0 and 1)."""
+
+    def __init__(self, regions: torch.Tensor) -> None:
+        super().__init__()
+        self.regions = regions.double()  # [C,H,W] in {0,1}
+
+    def forward(self, x):
+        lit = torch.einsum("bhw,chw->bc", x[:, 0].double(), self.regions) / self.regions.sum((1, 2))
+        p = lit.clamp(1e-9, 1 - 1e-9)
+        return torch.log(p / (1 - p))
+
+
+def _top_row_toy() -> tuple[torch.Tensor, RegionFraction]:
+    regions = torch.zeros(2, 4, 4)
+    regions[0, 0] = 1  # class 0: the top row (4 of 16 pixels)
+    regions[1, 3] = 1  # class 1: the bottom row
+    image = torch.zeros(1, 3, 4, 4)
+    image[0, 0] = regions.amax(0)
+    return image, RegionFraction(regions)
+
+
+@pytest.mark.numerics
+def test_deletion_insertion_auc_hand_computed():
+    image, clf = _top_row_toy()
+    rank = torch.arange(16.0).flip(0).reshape(4, 4)  # row-major order: the top row first
+    maps = torch.stack([rank, rank])[None]  # top row first: class 0's row goes first, class 1's (bottom) last
+    labels = torch.tensor([[1.0, 1.0]])
+    deletion, insertion, cls = M.deletion_insertion_auc(clf, image, maps, labels, steps=4,
+                                                        start=torch.zeros_like(image))
+    assert cls.tolist() == [0, 1]
+    # class 0: deletion curve 1,0,0,0,0 -> trapezoid 0.125; insertion from black 0,1,1,1,1 -> 0.875
+    # class 1 (its row ranked last): deletion 1,1,1,1,0 -> 0.875; insertion 0,0,0,0,1 -> 0.125
+    assert deletion.tolist() == pytest.approx([0.125, 0.875], abs=1e-8)
+    assert insertion.tolist() == pytest.approx([0.125 + 0.75, 0.125], abs=1e-8)
+    # a single step: trapezoid of the end points only; chunking does not change anything
+    d1, i1, _ = M.deletion_insertion_auc(clf, image, maps, labels, steps=1, start=torch.zeros_like(image), chunk=3)
+    assert d1.tolist() == pytest.approx([0.5, 0.5], abs=1e-8) and i1.tolist() == pytest.approx([0.5, 0.5], abs=1e-8)
+    # a constant map keeps row-major order (stable sort): class 0's row goes first, like the perfect map
+    d0, _, _ = M.deletion_insertion_auc(clf, image, torch.zeros_like(maps), labels, steps=4,
+                                        start=torch.zeros_like(image))
+    assert d0.tolist() == pytest.approx([0.125, 0.875], abs=1e-8)
+
+
+@pytest.mark.numerics
+def test_deletion_insertion_probability_and_errors():
+    image, clf = _top_row_toy()
+    maps = torch.rand(1, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([[1.0, 0.0]])
+    sig = M.deletion_insertion_auc(clf, image, maps, labels, steps=8, prob="sigmoid")
+    soft = M.deletion_insertion_auc(clf, image, maps, labels, steps=8, prob="softmax")
+    assert sig[2].tolist() == [0] and not torch.allclose(sig[0], soft[0])  # two different probabilities
+    assert all(0.0 <= float(v) <= 1.0 for v in (*sig[0], *sig[1], *soft[0], *soft[1]))
+    with pytest.raises(ValueError, match="faithfulness_prob"):
+        M.deletion_insertion_auc(clf, image, maps, labels, prob="probit")
+    with pytest.raises(ValueError, match="faithfulness_steps"):
+        M.deletion_insertion_auc(clf, image, maps, labels, steps=0)
+    empty = M.deletion_insertion_auc(clf, image, maps, torch.zeros(1, 2))
+    assert all(len(v) == 0 for v in empty)
+
+
+def test_insertion_start_is_a_blur():
+    flat = torch.full((1, 3, 16, 16), 0.7)
+    assert torch.allclose(M.insertion_start(flat, 2.0), flat)  # reflect padding: a flat image stays flat
+    dot = torch.zeros(1, 3, 16, 16)
+    dot[..., 8, 8] = 1.0
+    blurred = M.insertion_start(dot, 2.0)
+    assert blurred[..., 8, 8].max() < 0.2 and blurred[..., 8, 10].min() > 0 and blurred.sum() == pytest.approx(3.0)
+    assert blurred[..., 8, 11].max() == 0  # truncated like the RISE code: 2 round(sigma) + 1 taps
+    assert M.scaled(15, 224) == 15 and M.scaled(15, 64) == pytest.approx(15 * 64 / 224)
+
+
+def test_pointing_game_hand_computed():
+    seg = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    seg[0, 2:4, 2:4] = 1  # class 0 object; nearest pixel to (5,5) is (3,3): distance sqrt(8) = 2.83
+    seg[0, 0, 7] = 2  # class 1 object in the top-right corner
+    maps = torch.zeros(1, 2, 8, 8)
+    maps[0, 0, 5, 5] = 1.0
+    maps[0, 1, 0, 7] = 1.0
+    labels = torch.tensor([[1.0, 1.0]])
+    hits, cls = M.pointing_hits(maps, seg, labels, tolerance=2.9)
+    assert hits.tolist() == [True, True] and cls.tolist() == [0, 1]
+    assert M.pointing_hits(maps, seg, labels, tolerance=2.8)[0].tolist() == [False, True]
+    exact = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    exact[0, 5, 3] = 1  # at distance exactly 2 from the point (5,5)
+    assert M.pointing_hits(maps[:, :1], exact, labels[:, :1], tolerance=2.0)[0].tolist() == [False]  # strict "<"
+    assert M.pointing_hits(maps[:, :1], exact, labels[:, :1], tolerance=2.01)[0].tolist() == [True]
+    seg[0, 4, 4] = 255  # void next to the point counts as the object's (distance sqrt(2))
+    assert M.pointing_hits(maps, seg, labels, tolerance=1.5)[0].tolist() == [True, True]
+    flat = torch.zeros(1, 2, 8, 8)  # a constant map points at its first pixel (0,0): far from class 0's object
+    assert M.pointing_hits(flat, seg, labels, tolerance=2.0)[0].tolist() == [False, False]
+    with pytest.raises(ValueError, match="pointing game"):
+        M.pointing_hits(maps, seg[:, :4], labels, 2.0)
+
+
+def test_pointing_game_matches_torchray():
+    from torchray.benchmark.pointing_game import PointingGame
+
+    g = torch.Generator().manual_seed(0)
+    seg = torch.randint(0, 3, (6, 20, 20), generator=g, dtype=torch.uint8) * (torch.rand(6, 20, 20, generator=g)
+                                                                              < 0.05)
+    maps = torch.rand(6, 2, 20, 20, generator=g)
+    labels = torch.ones(6, 2)
+    for tolerance in (1, 3, 6):
+        ours, _ = M.pointing_hits(maps, seg, labels, float(tolerance))
+        game = PointingGame(2, tolerance=tolerance)
+        theirs = []
+        for i in range(6):
+            for c in range(2):
+                flat = int(maps[i, c].argmax())
+                theirs.append(game.evaluate(seg[i] == c + 1, (flat % 20, flat // 20)) == 1)
+        assert ours.tolist() == theirs
+
+
 @pytest.mark.numerics
 def test_classification_counts_and_prf():
     logits = torch.tensor([[0.5, -0.5, 2.0], [-2.0, 0.0, -0.9], [1.0, -3.0, -1.5]])

@@ -59,6 +59,17 @@ class ExtremalPerturbation:
         self.chosen_areas.append(self.areas[index])
         return masks[index, 0]
 
+    def batch_totals(self) -> dict[str, Tensor]:
+        """Evaluator hook: how often each area was the smallest that kept the logit, since the last call."""
+        counts = torch.tensor([float(self.chosen_areas.count(a)) for a in self.areas], dtype=torch.float64)
+        self.chosen_areas.clear()
+        return {"area_counts": counts}
+
+    def results(self, totals: dict[str, Tensor]) -> dict[str, dict[str, int]]:
+        """Evaluator hook: the all-reduced counts as results.json's `ep_chosen_areas`."""
+        counts = totals.get("area_counts", torch.zeros(len(self.areas), dtype=torch.float64)).tolist()
+        return {"ep_chosen_areas": {str(a): int(n) for a, n in zip(self.areas, counts)}}
+
     def __call__(self, images: Tensor, wanted: Tensor) -> Tensor:
         maps = torch.zeros(*wanted.shape, *images.shape[-2:], device=images.device)
         for i, k in wanted.nonzero().tolist():
