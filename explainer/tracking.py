@@ -163,7 +163,7 @@ class RunTracker:
         out_dir = self.run_dir / "images"
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"masks_step_{step:08d}.png"
-        grid = mask_grid(rgb, masks, labels)
+        grid = mask_grid(rgb, masks, labels, class_names)
         tmp = path.with_suffix(".tmp.png")
         Image.fromarray(grid).save(tmp)
         os.replace(tmp, path)
@@ -179,8 +179,10 @@ class RunTracker:
                         "mask_data": (masks[i, c] > 0.5).astype(np.uint8),
                         "class_labels": {1: class_names[c]},
                     }
-                logged.append(wandb.Image(rgb[i], masks=overlays or None))
-            run.log({"train/masks": logged, "train/mask_grid": wandb.Image(grid)}, step=step)
+                gt = ", ".join(class_names[c] for c in np.flatnonzero(labels[i] > 0.5)) or "no class"
+                logged.append(wandb.Image(rgb[i], masks=overlays or None, caption=f"ground truth: {gt}"))
+            caption = "per row: image, mask of each ground-truth class (GT), strongest other class (not GT)"
+            run.log({"train/masks": logged, "train/mask_grid": wandb.Image(grid, caption=caption)}, step=step)
         return path
 
     def finish(self) -> None:
@@ -191,17 +193,58 @@ class RunTracker:
                 tracker.finish()
 
 
-def mask_grid(rgb: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Rows: image, then the mask of each of its ground-truth classes (grey), side by side."""
+MIN_PANEL = 96  # px: panels are enlarged (nearest) to at least this, so captions fit
+CAPTION_H = 14
+PAD_COLOUR = (214, 226, 240)  # light blue: grey masks never have a colour
+HATCH_COLOUR = (150, 170, 200)
+
+
+def _padding_panel(h: int, w: int) -> np.ndarray:
+    """A cell with no mask: light blue with diagonal hatching, unmistakable for a (grey-scale) mask."""
+    panel = np.empty((h, w, 3), np.uint8)
+    panel[:] = PAD_COLOUR
+    yy, xx = np.mgrid[:h, :w]
+    panel[(yy + xx) % 8 < 2] = HATCH_COLOUR
+    return panel
+
+
+def mask_grid(rgb: np.ndarray, masks: np.ndarray, labels: np.ndarray,
+              class_names: list[str] | None = None) -> np.ndarray:
+    """Rows: the image, the mask of each of its ground-truth classes (grey, captioned "<class> (GT)"), then the
+    strongest mask of a class NOT in the image (captioned "<class> (not GT)": what leaks). Cells of shorter rows are
+    hatched light blue, never white (a white cell would read as a full mask)."""
+    from PIL import ImageDraw
+
     n, h, w, _ = rgb.shape
-    cols = 1 + max(1, int(labels.sum(1).max()) if n else 1)
-    canvas = np.full((n * h, cols * w, 3), 255, np.uint8)
+    c = masks.shape[1]
+    names = class_names or [str(k) for k in range(c)]
+    scale = max(1, -(-MIN_PANEL // max(h, w)))
+    ph, pw = h * scale, w * scale
+    rows = []
     for i in range(n):
-        canvas[i * h : (i + 1) * h, :w] = rgb[i]
-        for j, c in enumerate(np.flatnonzero(labels[i] > 0.5)):
-            grey = (masks[i, c] * 255).astype(np.uint8)
-            canvas[i * h : (i + 1) * h, (j + 1) * w : (j + 2) * w] = grey[..., None]
-    return canvas
+        gt = list(np.flatnonzero(labels[i] > 0.5))
+        others = [k for k in range(c) if k not in gt]
+        panels = [(rgb[i], "image")] + [(masks[i, k], f"{names[k]} (GT)") for k in gt]
+        if others:
+            k = max(others, key=lambda j: float(masks[i, j].mean()))
+            panels.append((masks[i, k], f"{names[k]} (not GT)"))
+        rows.append(panels)
+    cols = max(len(r) for r in rows) if rows else 1
+    canvas = Image.new("RGB", (cols * pw, max(n, 1) * (ph + CAPTION_H)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, panels in enumerate(rows):
+        top = i * (ph + CAPTION_H)
+        for j in range(cols):
+            if j < len(panels):
+                data, caption = panels[j]
+                cell = data if data.ndim == 3 else np.repeat((np.clip(data, 0, 1) * 255).astype(np.uint8)[..., None],
+                                                             3, axis=2)
+            else:
+                cell, caption = _padding_panel(h, w), "(no class)"
+            cell = np.repeat(np.repeat(cell, scale, axis=0), scale, axis=1)
+            canvas.paste(Image.fromarray(np.ascontiguousarray(cell)), (j * pw, top + CAPTION_H))
+            draw.text((j * pw + 2, top + 1), caption[: max(4, pw // 6)], fill=(0, 0, 0))
+    return np.asarray(canvas)
 
 
 def _to_float(value: Any) -> float:

@@ -158,3 +158,27 @@ def test_exported_offline_mode_with_an_api_key_is_a_real_offline_run(wandb_serve
     assert len(runs) == 1 and list(runs[0].glob("run-offl456.wandb")), list((tmp_path / "wandb").iterdir())
     assert not list((tmp_path / "wandb").glob("run-*"))  # no online run folder
     assert wandb_server == []  # the server was never contacted
+
+
+def test_mask_grid_captions_and_padding_cannot_pass_for_a_mask():
+    """Rows: image, each ground-truth class's mask, the strongest other class; short rows padded with a coloured
+    hatch (a mask panel is grey: equal R, G, B), each panel under a caption strip."""
+    import numpy as np
+
+    from explainer.tracking import CAPTION_H, MIN_PANEL, mask_grid
+
+    rgb = np.zeros((2, 32, 32, 3), np.uint8)
+    masks = np.ones((2, 3, 32, 32))  # full masks: white panels
+    masks[0, 1] = 0.0
+    labels = np.array([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    grid = mask_grid(rgb, masks, labels, ["a", "b", "c"])
+    scale = MIN_PANEL // 32
+    ph, pw = 32 * scale, 32 * scale
+    assert grid.shape == (2 * (ph + CAPTION_H), 4 * pw, 3)  # image + 2 GT masks + 1 "not GT"
+    row1 = grid[ph + CAPTION_H + CAPTION_H :]
+    mask_cell = grid[CAPTION_H:ph + CAPTION_H, pw:2 * pw]
+    assert (mask_cell == 255).all()  # a full mask is white
+    pad_cell = row1[:, 2 * pw:3 * pw].astype(int)  # image, strongest other class, then padding
+    assert (pad_cell[..., 2] - pad_cell[..., 0] > 20).all()  # bluish everywhere: never grey like a mask
+    captions = grid[:CAPTION_H]
+    assert (captions < 128).any()  # dark caption text on the white strip
