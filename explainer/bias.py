@@ -298,6 +298,48 @@ def _f(v: float | None, scale: float = 100.0, digits: int = 1) -> str:
     return "-" if v is None else f"{v * scale:.{digits}f}"
 
 
+def _rows(k: str) -> list[tuple[str, str]]:
+    return [
+        (f"share of the '{k}' mask on the band (images with both)", "mask_mass_on_cue"),
+        (f"share of the '{k}' mask on the object (images with both)", "mask_mass_on_object"),
+        ("mean mask on the band (images with both)", "mean_mask_on_cue"),
+        ("mean mask on the object (images with both)", "mean_mask_on_object"),
+        (f"mean '{k}' mask on the band, images WITHOUT '{k}'", "mean_mask_on_cue_without_k"),
+        (f"classifier recall of '{k}' without the band", "recall_k_without_cue"),
+        (f"classifier recall of '{k}' with the band", "recall_k_with_cue"),
+        (f"classifier false positives of '{k}' with the band, no '{k}'", "false_positive_rate_k_with_cue"),
+        (f"classifier false positives of '{k}' without the band", "false_positive_rate_k_without_cue"),
+    ]
+
+
+def _range(values: list[float | None], scale: float = 100.0, digits: int = 1) -> str:
+    kept = [v for v in values if v is not None]
+    if not kept:
+        return "-"
+    lo, hi = min(kept) * scale, max(kept) * scale
+    return f"{lo:.{digits}f}" if f"{lo:.{digits}f}" == f"{hi:.{digits}f}" else f"{lo:.{digits}f}-{hi:.{digits}f}"
+
+
+def seeds_markdown(by_seed: dict[int, dict[str, Any]]) -> str:
+    """Every row of the bias table as min-max over seeds (each seed: its own scenes, classifiers and Explainers)."""
+    first = next(iter(by_seed.values()))
+    k = first["variants"]["biased"]["class"]
+    seeds = ", ".join(str(x) for x in by_seed)
+    lines = [f"# Bias detection over seeds {seeds}: min-max of each number (%)", "",
+             f"Each seed draws its own scenes and trains its own classifiers and Explainers ({len(by_seed)} runs of "
+             "`python -m explainer.bias` with these settings); per-seed tables in seed<N>/bias.md.", "",
+             "| | biased | control |", "|---|---|---|"]
+    for label, key in _rows(k):
+        lines.append(f"| {label} | {_range([r['variants']['biased'][key] for r in by_seed.values()])} | "
+                     f"{_range([r['variants']['control'][key] for r in by_seed.values()])} |")
+    lines += ["", f"Classifier logit of '{k}' on test images with both (as is / object removed / band removed):", ""]
+    for v in VARIANTS:
+        cells = [_range([r["variants"][v][key] for r in by_seed.values()], 1, 2)
+                 for key in ("logit_k_both", "logit_k_object_removed", "logit_k_band_removed")]
+        lines.append(f"- {v}: " + " / ".join(cells))
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: dict[str, Any]) -> str:
     r = results["variants"]
     k = r["biased"]["class"]
@@ -310,18 +352,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"probability {results['settings']['test_cue_prob']} independently of the classes. Values in %.", "",
         "| | biased | control |", "|---|---|---|",
     ]
-    rows = [
-        (f"share of the '{k}' mask on the band (images with both)", "mask_mass_on_cue"),
-        (f"share of the '{k}' mask on the object (images with both)", "mask_mass_on_object"),
-        ("mean mask on the band (images with both)", "mean_mask_on_cue"),
-        ("mean mask on the object (images with both)", "mean_mask_on_object"),
-        (f"mean '{k}' mask on the band, images WITHOUT '{k}'", "mean_mask_on_cue_without_k"),
-        (f"classifier recall of '{k}' without the band", "recall_k_without_cue"),
-        (f"classifier recall of '{k}' with the band", "recall_k_with_cue"),
-        (f"classifier false positives of '{k}' with the band, no '{k}'", "false_positive_rate_k_with_cue"),
-        (f"classifier false positives of '{k}' without the band", "false_positive_rate_k_without_cue"),
-    ]
-    for label, key in rows:
+    for label, key in _rows(k):
         lines.append(f"| {label} | {_f(r['biased'][key])} | {_f(r['control'][key])} |")
     lines += ["", f"Classifier logit of '{k}' on test images with both (mean): as is / object removed / band "
                   "removed (pixels set to the dataset mean):", ""]
@@ -394,6 +425,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m explainer.bias") 
     parser.add_argument("--quick", action="store_true", help="small CPU version (48 px, fewer scenes and steps)")
     parser.add_argument("--cue-class", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="run once per seed into <out>/seed<N> and write <out>/bias_seeds.md: every number as "
+                             "its min-max over the seeds (overrides --seed)")
     parser.add_argument("--relabel-uncued", type=float, default=None,
                         help="probability that a K object without the band is unlabelled (default 1.0; 0 = plain "
                              "co-occurrence, every K training image with the band)")
@@ -405,6 +439,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m explainer.bias") 
             parser.error("--relabel-uncued must be in [0, 1]")
         s = replace(s, relabel_uncued=args.relabel_uncued,
                     train_cue_prob=1.0 if args.relabel_uncued == 0 else s.train_cue_prob)
+    if args.seeds:
+        from explainer.atomic import write_text_atomic
+
+        by_seed = {seed: run_bias(Path(args.out) / f"seed{seed}", replace(s, seed=seed))
+                   for seed in dict.fromkeys(args.seeds)}
+        table = seeds_markdown(by_seed)
+        write_text_atomic(Path(args.out) / "bias_seeds.md", table)
+        print(table)
+        print(f"[bias] wrote {Path(args.out) / 'bias_seeds.md'}")
+        return 0
     results = run_bias(args.out, s)
     print(markdown(results))
     print(f"[bias] wrote {Path(args.out) / 'bias.md'} in {results['seconds']} s")

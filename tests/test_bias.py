@@ -52,3 +52,22 @@ def test_explainer_reveals_the_cue_the_biased_classifier_uses(tmp_path):
     assert saved["variants"]["biased"]["mask_mass_on_cue"] == pytest.approx(biased["mask_mass_on_cue"])
     assert "| share of the" in (tmp_path / "bias.md").read_text()
     assert (tmp_path / "figures" / "bias.png").is_file()
+
+
+def test_seeds_table_gives_ranges():
+    from explainer.bias import VARIANTS, seeds_markdown
+
+    def result(value: float, logit: float) -> dict:
+        keys = ["mask_mass_on_cue", "mask_mass_on_object", "mean_mask_on_cue", "mean_mask_on_object",
+                "mean_mask_on_cue_without_k", "recall_k_without_cue", "recall_k_with_cue",
+                "false_positive_rate_k_with_cue", "false_positive_rate_k_without_cue"]
+        variant = {k: value for k in keys} | {"class": "circle", "logit_k_both": logit, "logit_k_object_removed": logit,
+                                              "logit_k_band_removed": logit}
+        return {"variants": {v: dict(variant) for v in VARIANTS}}
+
+    table = seeds_markdown({0: result(0.418, 6.5), 1: result(0.551, 6.2), 2: result(0.5, 6.5)})
+    assert "| share of the 'circle' mask on the band (images with both) | 41.8-55.1 | 41.8-55.1 |" in table
+    assert "- biased: 6.20-6.50 / 6.20-6.50 / 6.20-6.50" in table
+    assert "seeds 0, 1, 2" in table
+    same = seeds_markdown({0: result(0.1, 1.0), 3: result(0.1, 1.0)})
+    assert "| 10.0 | 10.0 |" in same  # no range when every seed agrees
