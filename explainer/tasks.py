@@ -48,7 +48,8 @@ class ExplainerTask:
         self.classifier = classifier
 
     def build_model(self, manifest: Manifest) -> torch.nn.Module:
-        return build_explainer(self.cfg.explainer.arch, len(manifest.classes), self.cfg.explainer.backbone_weights)
+        e = self.cfg.explainer
+        return build_explainer(e.arch, len(manifest.classes), e.backbone_weights, e.head_init)
 
     def train_step(self, model: torch.nn.Module, batch: dict[str, Any], precision: Precision) -> StepResult:
         out = explainer_forward_loss(model, self.classifier, batch["image"], batch["labels"], self.cfg.loss,

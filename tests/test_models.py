@@ -246,3 +246,46 @@ def test_every_arch_is_selectable_in_the_config():
 
     assert set(get_args(get_type_hints(ClassifierModelConfig)["arch"])) == set(CLASSIFIER_ARCHS)
     assert set(get_args(get_type_hints(ExplainerModelConfig)["arch"])) == set(EXPLAINER_ARCHS)
+
+
+def _two_object_scenes(n: int = 8, size: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images with a red and a green 5x5 square each; object masks [n, 2, size, size]."""
+    g = torch.Generator().manual_seed(0)
+    x, objects = torch.zeros(n, 3, size, size), torch.zeros(n, 2, size, size, dtype=torch.bool)
+    for i in range(n):
+        for k in range(2):
+            r, c = (int(v) for v in torch.randint(0, size - 5, (2,), generator=g))
+            x[i, k, r : r + 5, c : c + 5] = 1.0
+            objects[i, k, r : r + 5, c : c + 5] = True
+    return x, torch.ones(n, 2), objects
+
+
+@pytest.mark.parametrize("arch", ["tiny_unet", "lraspp_mobilenet_v3_large"])
+def test_zero_head_starts_every_class_channel_equal_and_fed(arch):
+    """Guard against the dying class channel (README, `make demo`): the loss's max over an image's classes sends the
+    classification gradient on a pixel to the highest target channel only. With a random head a channel that starts
+    lower on a pixel of its own object gets nothing there, and on images with several classes it can starve for good.
+    head_init="zero" (the synthetic preset) starts every mask at 0.5, so every channel gets gradient on every pixel of
+    its objects; the old random head leaves a large share of them without any."""
+    from _helpers import colour_classifier
+
+    from explainer.losses import aggregate_masks, classification_loss, negative_entropy
+
+    x, labels, objects = _two_object_scenes(size=32)
+    clf = colour_classifier(gain=40)
+    fed = {}
+    for init in ("zero", "random"):
+        torch.manual_seed(0)
+        net = build_explainer(arch, 2, head_init=init)
+        logits = net(x)
+        m, _ = aggregate_masks(torch.sigmoid(logits), labels)
+        both = clf(torch.cat([x * m, x * (1 - m)]))
+        classifier_terms = classification_loss(both[:8], labels).mean() + negative_entropy(both[8:]).mean()
+        grad = torch.autograd.grad(classifier_terms, logits)[0]
+        fed[init] = [float((grad[:, k][objects[:, k]] != 0).float().mean()) for k in range(2)]
+        if init == "zero":
+            assert torch.equal(torch.sigmoid(logits), torch.full_like(logits, 0.5))
+    assert fed["zero"] == [1.0, 1.0]  # ties: autograd splits the max's gradient evenly
+    assert min(fed["random"]) < 0.9, fed  # the old head: part of some channel's own object gets no gradient
+    with pytest.raises(ValueError, match="head_init"):
+        build_explainer("tiny_unet", 2, head_init="ones")

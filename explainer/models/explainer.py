@@ -57,9 +57,12 @@ def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class TinyUNet(nn.Module):
-    """Two-level U-Net with a few thousand parameters: fast enough for CPU tests and the synthetic demo."""
+    """Two-level U-Net with a few thousand parameters: fast enough for CPU tests and the synthetic demo.
 
-    def __init__(self, num_classes: int, width: int = 16) -> None:
+    `zero_head`: see `build_explainer(head_init="zero")`.
+    """
+
+    def __init__(self, num_classes: int, width: int = 16, zero_head: bool = False) -> None:
         super().__init__()
         self.arch = "tiny_unet"
         self.num_classes = num_classes
@@ -69,6 +72,9 @@ class TinyUNet(nn.Module):
         self.dec2 = _conv_block(6 * width, 2 * width)
         self.dec1 = _conv_block(3 * width, width)
         self.head = nn.Conv2d(width, num_classes, 1)
+        if zero_head:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e1 = self.enc1(x)
@@ -79,14 +85,36 @@ class TinyUNet(nn.Module):
         return self.head(d1)
 
 
-def build_explainer(arch: str, num_classes: int, backbone_weights: str | None = None) -> nn.Module:
-    """x [B,3,H,W] -> logits [B,C,H,W]. From scratch unless `backbone_weights` names a local ImageNet file."""
+HEAD_INITS = ("random", "zero")
+
+
+def _mask_head_convs(net: nn.Module) -> list[nn.Conv2d]:
+    """The last convolution(s) producing the class logits of a torchvision segmentation model."""
+    head = net.classifier
+    if hasattr(head, "low_classifier"):  # LR-ASPP adds a low-level and a high-level 1x1 classifier
+        return [head.low_classifier, head.high_classifier]
+    return [head[-1]]
+
+
+def build_explainer(arch: str, num_classes: int, backbone_weights: str | None = None,
+                    head_init: str = "random") -> nn.Module:
+    """x [B,3,H,W] -> logits [B,C,H,W]. From scratch unless `backbone_weights` names a local ImageNet file.
+
+    head_init="zero" starts the mask head's last convolution at zero: every class mask is 0.5 everywhere at step 0.
+    Why: with a random head one channel starts a little higher on another class's objects; the loss's max over an
+    image's classes then sends the whole classification gradient on those pixels to that channel, the other one gets
+    none there, is pushed down by the area terms, and its mask can stay dark for good (a class channel "dies": README
+    "What `make demo` shows"). Equal channels split that gradient evenly (autograd's rule for ties in a max), so every
+    channel first learns from the images of its own class. "random" is PyTorch's default (the reference).
+    """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"explainer.head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
     if arch == "tiny_unet":
         if backbone_weights is not None:
             raise ValueError("explainer.backbone_weights: tiny_unet has no ImageNet backbone; set it to null")
-        return TinyUNet(num_classes)
+        return TinyUNet(num_classes, zero_head=head_init == "zero")
     if arch not in _TORCHVISION:
         raise ValueError(f"unknown explainer arch {arch!r}; choose one of {', '.join(EXPLAINER_ARCHS)}")
     builder, network, prefix = _TORCHVISION[arch]
@@ -101,4 +129,9 @@ def build_explainer(arch: str, num_classes: int, backbone_weights: str | None = 
         load_into(
             net.backbone, state, path=backbone_weights, network=network, strip_prefix=prefix, drop_prefixes=("fc.",)
         )
+    if head_init == "zero":
+        for conv in _mask_head_convs(net):
+            nn.init.zeros_(conv.weight)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
     return SegmentationExplainer(net, arch, num_classes)
