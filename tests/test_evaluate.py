@@ -260,6 +260,13 @@ def test_evaluate_end_to_end_one_and_two_processes(synthetic_manifest, tiny_clas
         assert b["classification"]["clean"][key] == pytest.approx(a["classification"]["clean"][key])
         assert b["classification"]["masked"]["explainer"][key] == pytest.approx(
             a["classification"]["masked"]["explainer"][key])
+    for row in ("explainer", "gradcam", "rise"):  # faithfulness sums: N processes = 1 process
+        fa, fb = a["faithfulness"]["methods"][row], b["faithfulness"]["methods"][row]
+        assert fa["pairs"] == fb["pairs"] > 0 and fa["pointing_pairs"] == fb["pointing_pairs"] > 0
+        for key in ("deletion_auc", "insertion_auc", "pointing_accuracy", "pointing_accuracy_class_mean"):
+            assert fb[key] == pytest.approx(fa[key], abs=1e-6), (row, key)
+    assert set(a["faithfulness"]["methods"]) == {"explainer", "gradcam", "rise", "ep", "rtis"}
+    assert a["faithfulness"]["settings"]["steps"] == 32 and a["faithfulness"]["settings"]["image_size"] == 32
     assert set(a["segmentation"]) >= {"ep", "rtis"} and set(a["class_specific"]) == {"explainer", "rtis"}
     assert a["timing"]["ep"]["images"] == total and a["timing"]["ep"]["autograd"]
     # one EP map per (image, ground-truth class): at least one per labelled image
