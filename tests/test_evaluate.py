@@ -98,6 +98,7 @@ def test_report_and_figures_are_written(tmp_path):
     assert markdown_report(res).count("## Table") == 4
 
 
+@pytest.mark.numerics
 def test_faithfulness_on_the_toy_oracle_beats_a_reversed_map():
     """The oracle's maps rank the object first: deletion kills the class at once, insertion brings it back at once;
     the same maps reversed (object last) do the opposite. Pointing: the oracle always hits, the reversed map (its
@@ -266,7 +267,8 @@ def test_evaluate_end_to_end_one_and_two_processes(synthetic_manifest, tiny_clas
         for key in ("deletion_auc", "insertion_auc", "pointing_accuracy", "pointing_accuracy_class_mean"):
             assert fb[key] == pytest.approx(fa[key], abs=1e-6), (row, key)
     assert set(a["faithfulness"]["methods"]) == {"explainer", "gradcam", "rise", "ep", "rtis"}
-    assert a["faithfulness"]["settings"]["steps"] == 32 and a["faithfulness"]["settings"]["image_size"] == 32
+    # configs/synthetic.yaml: 8 steps; data.image_size=32 here
+    assert a["faithfulness"]["settings"]["steps"] == 8 and a["faithfulness"]["settings"]["image_size"] == 32
     assert set(a["segmentation"]) >= {"ep", "rtis"} and set(a["class_specific"]) == {"explainer", "rtis"}
     assert a["timing"]["ep"]["images"] == total and a["timing"]["ep"]["autograd"]
     # one EP map per (image, ground-truth class): at least one per labelled image

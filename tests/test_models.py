@@ -260,6 +260,7 @@ def _two_object_scenes(n: int = 8, size: int = 16) -> tuple[torch.Tensor, torch.
     return x, torch.ones(n, 2), objects
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("arch", ["tiny_unet", "lraspp_mobilenet_v3_large"])
 def test_zero_head_starts_every_class_channel_equal_and_fed(arch):
     """Guard against the dying class channel (README, `make demo`): the loss's max over an image's classes sends the
