@@ -317,7 +317,7 @@ def _range(values: list[float | None], scale: float = 100.0, digits: int = 1) ->
     if not kept:
         return "-"
     lo, hi = min(kept) * scale, max(kept) * scale
-    return f"{lo:.{digits}f}" if f"{lo:.{digits}f}" == f"{hi:.{digits}f}" else f"{lo:.{digits}f}-{hi:.{digits}f}"
+    return f"{lo:.{digits}f}" if f"{lo:.{digits}f}" == f"{hi:.{digits}f}" else f"{lo:.{digits}f} to {hi:.{digits}f}"
 
 
 def seeds_markdown(by_seed: dict[int, dict[str, Any]]) -> str:

@@ -66,8 +66,8 @@ def test_seeds_table_gives_ranges():
         return {"variants": {v: dict(variant) for v in VARIANTS}}
 
     table = seeds_markdown({0: result(0.418, 6.5), 1: result(0.551, 6.2), 2: result(0.5, 6.5)})
-    assert "| share of the 'circle' mask on the band (images with both) | 41.8-55.1 | 41.8-55.1 |" in table
-    assert "- biased: 6.20-6.50 / 6.20-6.50 / 6.20-6.50" in table
+    assert "| share of the 'circle' mask on the band (images with both) | 41.8 to 55.1 | 41.8 to 55.1 |" in table
+    assert "- biased: 6.20 to 6.50 / 6.20 to 6.50 / 6.20 to 6.50" in table
     assert "seeds 0, 1, 2" in table
     same = seeds_markdown({0: result(0.1, 1.0), 3: result(0.1, 1.0)})
     assert "| 10.0 | 10.0 |" in same  # no range when every seed agrees
