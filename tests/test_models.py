@@ -270,9 +270,8 @@ def test_zero_head_starts_every_class_channel_equal_and_fed(arch):
     its objects; the old random head leaves a large share of them without any."""
     from _helpers import colour_classifier
 
-    from explainer.losses import aggregate_masks, classification_loss, negative_entropy
-
     from explainer.config import ExplainerRunConfig, load_config
+    from explainer.losses import aggregate_masks, classification_loss, negative_entropy
 
     preset = load_config(ExplainerRunConfig, "configs/synthetic.yaml").explainer.head_init  # what `make demo` uses
     x, labels, objects = _two_object_scenes(size=32)
