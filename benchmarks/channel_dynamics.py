@@ -3,7 +3,7 @@
     python benchmarks/channel_dynamics.py --config configs/synthetic.yaml --steps 300 --every 5 \
         --out runs/diag/seed0 [key=value ...]
 
-Runs the real trainer (`explainer.trainer.fit`, same data order, initial weights and optimiser as
+Runs the real trainer (`explainer.training_loop.fit`, same data order, initial weights and optimiser as
 `explainer/train.py`) with a task that, every `--every` steps, also records on a fixed probe (the first 64
 validation images; the training step itself is unchanged) for every class c:
   on_obj / off_obj   mean mask s_c on the pixels of c's objects / on the background, over the probe images with c
@@ -39,9 +39,9 @@ from explainer.losses import (  # noqa: E402
     negative_entropy,
     total_variation,
 )
-from explainer.models.checkpoint import unwrap  # noqa: E402
+from explainer.models.model_files import unwrap  # noqa: E402
 from explainer.tasks import ExplainerTask  # noqa: E402
-from explainer.trainer import RunSettings, StepResult, fit  # noqa: E402
+from explainer.training_loop import RunSettings, StepResult, fit  # noqa: E402
 
 DEAD_LOGIT = -6.0
 

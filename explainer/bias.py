@@ -418,7 +418,7 @@ def run_bias(out: str | os.PathLike, settings: BiasSettings | None = None) -> di
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m explainer.bias") -> int:
-    from explainer.cli_args import HelpFormatter
+    from explainer.arguments import HelpFormatter
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")

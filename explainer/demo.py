@@ -128,7 +128,7 @@ def _other_seed(py: str, args: argparse.Namespace, out: Path, manifest: Path, se
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    from explainer.cli_args import HelpFormatter
+    from explainer.arguments import HelpFormatter
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="run folder of the demo")

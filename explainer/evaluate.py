@@ -680,7 +680,7 @@ def evaluate(cfg: ExplainerRunConfig, checkpoint: str | None, *, classifier: str
 
 
 def build_parser(prog: str = "python -m explainer.evaluate") -> argparse.ArgumentParser:
-    from explainer.cli_args import HelpFormatter
+    from explainer.arguments import HelpFormatter
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=HelpFormatter)

@@ -33,8 +33,8 @@ from PIL import Image, ImageDraw
 from torch import nn
 from tqdm import tqdm
 
+from explainer.arguments import HelpFormatter
 from explainer.atomic import write_atomic
-from explainer.cli_args import HelpFormatter
 from explainer.data.transforms import decode_rgb, normalize_batch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from explainer.cli_args import ArgumentParser
+from explainer.arguments import ArgumentParser
 from explainer.data.shards import ShardOptions, StrictError, summary
 from explainer.logs import configure_logging
 

@@ -25,7 +25,7 @@ from explainer.losses import (
     rtis_loss,
     wysiwyc_loss,
 )
-from explainer.models.checkpoint import unwrap
+from explainer.models.model_files import unwrap
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from explainer.cli_args import ArgumentParser
+from explainer.arguments import ArgumentParser
 from explainer.config import ConfigError
 from explainer.slurm import JobSpec, LaunchError, launch_run, launch_sweep
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from explainer.cli_args import ArgumentParser
+from explainer.arguments import ArgumentParser
 from explainer.sweep import write_report
 
 

@@ -17,7 +17,7 @@ from explainer.models import build_classifier, build_explainer, freeze, save_che
 from explainer.models.explanandum import load_explanandum, source_kind
 from explainer.precision import Precision
 from explainer.step import explainer_forward_loss
-from explainer.trainer import StepResult
+from explainer.training_loop import StepResult
 
 # The logged loss terms of each objective (explainer/losses.py): fixed, so every rank reduces the same keys.
 LOSS_TERMS = {

@@ -11,11 +11,11 @@ if __package__ in (None, ""):  # run as a file: import the checkout this file li
 
 from typing import Any
 
-from explainer.cli_args import parse_run_config
+from explainer.arguments import parse_run_config
 from explainer.config import ClassifierRunConfig
 from explainer.distributed import close_process_group
 from explainer.tasks import ClassifierTask
-from explainer.trainer import RunSettings, fit
+from explainer.training_loop import RunSettings, fit
 
 
 def run_classifier(cfg: ClassifierRunConfig) -> dict[str, Any]:

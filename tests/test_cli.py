@@ -8,7 +8,7 @@ import argparse
 import pytest
 
 from explainer import cli
-from explainer.cli_args import HelpFormatter
+from explainer.arguments import HelpFormatter
 
 
 class _Parsed(Exception):

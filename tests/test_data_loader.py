@@ -350,7 +350,7 @@ def test_device_normalisation_equals_the_loader_normalisation():
 def test_uint8_batches_become_the_float_batches_on_the_device(syn, workers):
     """Same stream as uint8 NHWC: the trainer's device hook turns each batch into the float batch of the default
     loader (same images, same order)."""
-    from explainer.trainer import _to_device
+    from explainer.training_loop import _to_device
 
     def stream(image_format):
         s = make_train_loader(cfg(num_workers=workers), syn, "train", rank=0, world_size=1, seed=0,

@@ -32,6 +32,6 @@ def test_rank0_info_other_ranks_warnings_only(capsys, restore_logger):
 def test_rank_defaults_to_the_launchers_variable(capsys, monkeypatch, restore_logger):
     monkeypatch.setenv("RANK", "1")
     configure_logging()
-    get_logger("trainer").info("rank 1 says nothing at INFO")
+    get_logger("training_loop").info("rank 1 says nothing at INFO")
     assert capsys.readouterr().out == ""
-    assert get_logger("trainer").name == "explainer.trainer"
+    assert get_logger("training_loop").name == "explainer.training_loop"

@@ -1,7 +1,6 @@
 """Models of the method: the Explainer, the Explanandum (classifier, ours or from any source), weights files and
 checkpoints."""
 
-from explainer.models.checkpoint import load_classifier, load_explainer, read_checkpoint, save_checkpoint, unwrap
 from explainer.models.classifier import (
     CLASSIFIER_ARCHS,
     MultiLabelClassifier,
@@ -11,6 +10,7 @@ from explainer.models.classifier import (
 )
 from explainer.models.explainer import EXPLAINER_ARCHS, build_explainer
 from explainer.models.explanandum import Explanandum, load_explanandum
+from explainer.models.model_files import load_classifier, load_explainer, read_checkpoint, save_checkpoint, unwrap
 from explainer.models.weights import IMAGENET_SOURCES, WeightsNotFoundError
 
 __all__ = [

@@ -220,7 +220,7 @@ def load_explanandum(cfg: Any, classes: Sequence[str], image_size: int, map_loca
 
     `checkpoint` overrides cfg.checkpoint (evaluate's --classifier). `where` names the class list in errors.
     """
-    from explainer.models.checkpoint import load_classifier
+    from explainer.models.model_files import load_classifier
 
     kind = source_kind(cfg)
     ckpt = checkpoint if checkpoint is not None else cfg.checkpoint

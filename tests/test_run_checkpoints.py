@@ -6,7 +6,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from explainer.checkpoint import CheckpointManager, TrainerState
+from explainer.run_checkpoints import CheckpointManager, TrainerState
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_unreadable_meta_is_reported(tmp_path, prepared):
 _RESOLVE = """
 import json
 from accelerate import Accelerator
-from explainer.checkpoint import CheckpointManager
+from explainer.run_checkpoints import CheckpointManager
 accelerator = Accelerator(cpu=True)
 try:
     path = CheckpointManager("run", keep_last=2).resolve_shared(accelerator, "auto")

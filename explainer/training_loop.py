@@ -34,7 +34,6 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from explainer.atomic import write_json_atomic
-from explainer.checkpoint import CheckpointManager, TrainerState
 from explainer.config import (
     DataConfig,
     OptimConfig,
@@ -56,6 +55,7 @@ from explainer.data.transforms import normalize_on_device
 from explainer.distributed import WorldInfo, all_reduce_sums, any_flag, make_accelerator, seed_everything, world_from
 from explainer.logs import configure_logging, get_logger
 from explainer.precision import Precision
+from explainer.run_checkpoints import CheckpointManager, TrainerState
 from explainer.tracking import RunTracker, wandb_log_with
 
 log = get_logger(__name__)

@@ -22,7 +22,7 @@ from explainer.config import ExplainerRunConfig, load_config
 from explainer.data.loader import iter_samples, make_train_loader, read_manifest
 from explainer.models import load_classifier, load_explainer
 from explainer.tasks import ExplainerTask
-from explainer.trainer import RunSettings, StepResult, TrainingDiverged, fit
+from explainer.training_loop import RunSettings, StepResult, TrainingDiverged, fit
 
 TRAIN = "explainer/train.py"
 
@@ -412,7 +412,7 @@ def _batch_cfgs(manifest, **over):
 
 
 def test_plan_batch_reproduce_and_scale():
-    from explainer.trainer import plan_batch
+    from explainer.training_loop import plan_batch
 
     data, optim = _batch_cfgs("m.json")
     for world, per in ((1, 16), (2, 8), (8, 2)):
@@ -428,7 +428,7 @@ def test_plan_batch_reproduce_and_scale():
 
 def test_plan_steps_and_warmup():
     from explainer.config import TrainConfig
-    from explainer.trainer import lr_at, plan_batch, plan_steps
+    from explainer.training_loop import lr_at, plan_batch, plan_steps
 
     data, optim = _batch_cfgs("m.json", policy="scale")
     tcfg = TrainConfig(epochs=10, max_steps=None)
@@ -445,7 +445,7 @@ def test_plan_steps_and_warmup():
 @pytest.fixture
 def tiny_run(synthetic_manifest, tiny_classifier, tmp_path):
     """A Run set up in this process (world 1): what fit() works on."""
-    from explainer.trainer import start_run
+    from explainer.training_loop import start_run
 
     def make(*extra: str, task_cls=ExplainerTask, **kw):
         overrides = [*tiny_overrides(synthetic_manifest, tmp_path / "run"), f"classifier.checkpoint={tiny_classifier}",
@@ -460,7 +460,7 @@ def tiny_run(synthetic_manifest, tiny_classifier, tmp_path):
 
 
 def test_optimizer_step_one_decision_per_step_and_masks_only_when_asked(tiny_run, monkeypatch):
-    import explainer.trainer as trainer
+    import explainer.training_loop as trainer
 
     decisions = []
     real = trainer.any_flag
@@ -479,7 +479,7 @@ def test_optimizer_step_one_decision_per_step_and_masks_only_when_asked(tiny_run
 
 
 def test_optimizer_step_skips_a_non_finite_step_without_touching_weights_or_adam(tiny_run):
-    from explainer.trainer import optimizer_step
+    from explainer.training_loop import optimizer_step
 
     run, batches = tiny_run("optim.grad_accum_steps=2", task_cls=_NaNTask, bad_calls={2})
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
@@ -491,7 +491,7 @@ def test_optimizer_step_skips_a_non_finite_step_without_touching_weights_or_adam
 
 
 def test_validate_after_validation_and_summary(tiny_run):
-    from explainer.trainer import after_validation, validate, write_summary
+    from explainer.training_loop import after_validation, validate, write_summary
 
     run, _ = tiny_run("train.early_stop_patience=2")
     stream = run.val_stream
