@@ -40,7 +40,7 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     augment: bool = False
-    drop_unlabelled: bool = True  # SPEC 5: images without classes are left out of explainer training
+    drop_unlabelled: bool = True  # docs/method.md#data-coco: images without classes are left out of explainer training
     # auto: on CUDA the trainer's loaders send uint8 NHWC batches (pinned) and the images are normalised on the GPU
     # (a quarter of the host-to-device bytes, no float work on the loader side); on: also on CPU; off: never
     normalize_on_device: Literal["auto", "on", "off"] = "auto"
@@ -57,7 +57,7 @@ class ClassifierModelConfig:
     arch: Literal["vgg16", "resnet50", "resnet18", "resnet34", "mobilenet_v3_small", "tiny_cnn"] = "resnet50"
     checkpoint: str | None = None  # our fine-tuned checkpoint (train_classifier output); required by train.py
     imagenet_weights: str | None = None  # local torchvision state-dict file; no download at run time
-    finetune_backbone: bool = False  # SPEC 4: reference trains the new head only
+    finetune_backbone: bool = False  # docs/method.md#explanandum: reference trains the new head only
     # Bring your own Explanandum (explainer training and evaluation): at most one of the three sources below; with
     # none of them, `checkpoint` is one of ours. With `torchvision` or `factory`, `checkpoint` is a plain state dict.
     torchvision: str | None = None  # any torchvision classification model name (torchvision.models.get_model)
@@ -83,7 +83,7 @@ class ExplainerModelConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights (SPEC 2); names follow the reference code."""
+    """Loss weights (docs/method.md#total-loss); names follow the reference code."""
 
     kind: Literal["wysiwyc", "rtis"] = "wysiwyc"
     lambda_e: float = 1.0  # entropy of the inverse-masked prediction

@@ -2,7 +2,8 @@
 
 Accelerate reads RANK / WORLD_SIZE / MASTER_ADDR from the environment, whoever exported them (torchrun, accelerate
 launch, or submitit's TorchDistributedEnvironment in a SLURM task). On a machine without CUDA we force its CPU mode,
-so that a multi-process world uses gloo instead of each process believing it is rank 0 (LIBRARIES.md).
+so that a multi-process world uses gloo instead of each process believing it is rank 0
+(docs/dependencies.md#accelerate-cpu).
 """
 
 from __future__ import annotations

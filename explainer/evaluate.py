@@ -13,13 +13,13 @@ one. Written by rank 0 under --out (default: eval.output_dir, else <checkpoint f
                     Table 4 (classification clean vs Explainer-masked), Table 3 (time per image per method)
     figures/fig1.png, figures/class_specific_<method>.png
 
-Protocol (SPEC 6): masks are aggregated over each image's ground-truth classes (pixel-wise max) and compared with the
-binary ground truth at the mask's resolution, void pixels excluded (the reference counted them as foreground).
-Table 2 uses the images that have a segmentation and at least one class. Table 4 uses every image; its masked column
-multiplies each image by the Explainer's aggregated mask (an image without classes gets m = 0, as in training).
-Timing: the method alone (for the Explainer: its forward pass, no classifier), autograd off where the method allows
-(Grad-CAM and Extremal Perturbations need it), device synchronised before and after, after one untimed warm-up call
-of the cheap methods (Explainer, RTIS, Grad-CAM) on the first image.
+Protocol (docs/method.md#evaluation): masks are aggregated over each image's ground-truth classes (pixel-wise max) and
+compared with the binary ground truth at the mask's resolution, void pixels excluded (the reference counted them as
+foreground). Table 2 uses the images that have a segmentation and at least one class. Table 4 uses every image; its
+masked column multiplies each image by the Explainer's aggregated mask (an image without classes gets m = 0, as in
+training). Timing: the method alone (for the Explainer: its forward pass, no classifier), autograd off where the method
+allows (Grad-CAM and Extremal Perturbations need it), device synchronised before and after, after one untimed warm-up
+call of the cheap methods (Explainer, RTIS, Grad-CAM) on the first image.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The Explainer's training objective (SPEC 2) and the RTIS baseline objective (SPEC 7), vectorised.
+"""The Explainer's training objective (docs/method.md#objective) and the RTIS baseline objective
+(docs/method.md#rtis-objective), vectorised.
 
 Every term is a pure function returning one value per image ([B]) so tests can pin it by hand; the combined losses
 average over the batch. No Python loops over images or classes, and no data-dependent shapes: the per-class area
@@ -85,7 +86,8 @@ def _neighbour_differences(mask: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def total_variation(mask: Tensor, power: int = 1) -> Tensor:
-    """TV = (1/Z) sum_ij |x[i,j]-x[i+1,j]|^p + |x[i,j]-x[i,j+1]|^p with reflection padding (p=1: SPEC 2). -> [B]
+    """TV = (1/Z) sum_ij |x[i,j]-x[i+1,j]|^p + |x[i,j]-x[i,j+1]|^p with reflection padding (p=1:
+    docs/method.md#total-variation). -> [B]
 
     With reflection the padded column W equals column W-2, so the last column contributes |x[:,W-1]-x[:,W-2]| once
     more; the same holds for the last row.

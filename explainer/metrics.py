@@ -1,5 +1,5 @@
-"""Evaluation metrics (SPEC 6): segmentation scores, class-specific masking, classification P/R/F1, and faithfulness
-(deletion / insertion AUC, pointing game) beyond the paper.
+"""Evaluation metrics (docs/method.md#evaluation): segmentation scores, class-specific masking, classification P/R/F1,
+and faithfulness (deletion / insertion AUC, pointing game) beyond the paper.
 
 Everything here works on whole batches and returns per-image (or per-class) values; `Totals` adds them up as sums and
 counts so that any number of processes can evaluate disjoint parts of the test set and combine them with one

@@ -1,4 +1,5 @@
-"""One training step of the method (SPEC 2 step): explainer -> masks -> ONE frozen-classifier pass -> loss.
+"""One training step of the method (docs/method.md#training-step): explainer -> masks -> ONE frozen-classifier pass ->
+loss.
 
 `explainer_forward_loss` is what the trainer calls. `reference_forward_loss` rebuilds the paper code's slow structure
 (fp32, two classifier passes, per-image Python loops) with the same maths; it exists only for the benchmark and for
@@ -34,7 +35,8 @@ class StepOutput:
     terms: dict[str, Tensor]  # detached scalars, "loss" included
     masks: Tensor  # S = sigmoid(E(x)) [B,C,H,W], fp32, with graph
     m: Tensor  # target mask [B,1,H,W], with graph
-    logits_masked: Tensor  # F(x_m) [B,C], detached fp32 (masked-image metrics, SPEC 4 Table 4 convention)
+    # F(x_m) [B,C], detached fp32 (masked-image metrics, docs/method.md#classification-thresholds)
+    logits_masked: Tensor
 
 
 def _check_frozen(classifier: nn.Module) -> None:

@@ -27,7 +27,7 @@ LOSS_TERMS = {
 
 
 class ExplainerTask:
-    """Trains the Explainer against a frozen classifier (SPEC 2)."""
+    """Trains the Explainer against a frozen classifier (docs/method.md#objective)."""
 
     kind = "explainer"
 
@@ -99,7 +99,7 @@ def _soft_iou_sums(m: torch.Tensor, seg: torch.Tensor, has_seg: torch.Tensor) ->
 
 
 class ClassifierTask:
-    """Fine-tunes the Explanandum's multi-label head (SPEC 4)."""
+    """Fine-tunes the Explanandum's multi-label head (docs/method.md#explanandum)."""
 
     kind = "classifier"
     drop_unlabelled = False  # images with no class are legitimate negatives for a classifier

@@ -1,4 +1,4 @@
-"""Config loading: presets match SPEC 3, overrides apply, and every kind of mistake names its key."""
+"""Config loading: presets match docs/method.md#presets, overrides apply, and every kind of mistake names its key."""
 
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from explainer.config import (
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# SPEC 3: config -> (lr, l_e, l_tv, w_B, w_m, w_n, patience)
+# docs/method.md#presets: config -> (lr, l_e, l_tv, w_B, w_m, w_n, patience)
 REFERENCE = {
     "voc_vgg16": (1e-5, 1.0, 1.0, 1.0, 0.1, 0.3, 5),
     "voc_resnet50": (1e-4, 3.0, 1.0, 0.8, 0.01, 0.3, 5),
@@ -24,8 +24,8 @@ REFERENCE = {
 }
 
 
-# Presets that validate on a step schedule count patience in validations; SPEC 3 counts epochs of the reference global
-# batch 16 (VOC-2007 train: 2501 images = 156 steps).
+# Presets that validate on a step schedule count patience in validations; docs/method.md#presets counts epochs of the
+# reference global batch 16 (VOC-2007 train: 2501 images = 156 steps).
 STEPS_PER_EPOCH = {"voc_vgg16": 2501 // 16, "voc_resnet50": 2501 // 16}
 
 

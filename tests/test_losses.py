@@ -1,4 +1,5 @@
-"""Each loss term of SPEC 2 (and the RTIS loss) pinned against numbers computed by hand on tiny tensors."""
+"""Each loss term of docs/method.md#objective (and the RTIS loss) pinned against numbers computed by hand on tiny
+tensors."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Metrics of SPEC 6 against hand-computed values and the sanity rows' known properties."""
+"""Metrics of docs/method.md#evaluation against hand-computed values and the sanity rows' known properties."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Baseline attribution methods for the paper's tables (SPEC 7), all with one calling convention (common.py).
+"""Baseline attribution methods for the paper's tables (docs/method.md#baselines), all with one calling convention
+(common.py).
 
 Grad-CAM uses captum; RISE and Extremal Perturbations use TorchRay, an optional extra (`pip install
 'explainer[baselines]'`: CC BY-NC 4.0, unmaintained, pulls in pymongo), imported only when those methods are asked

@@ -1,4 +1,5 @@
-"""Extremal Perturbations (Fong et al. 2019) through TorchRay, the library the paper's baselines came from (SPEC 7).
+"""Extremal Perturbations (Fong et al. 2019) through TorchRay, the library the paper's baselines came from
+(docs/method.md#baselines).
 
 For each wanted (image, class), TorchRay optimises one "preserve" mask per area (blur perturbation) jointly; as in
 the EP paper, the map kept is the one of the SMALLEST area whose blurred-outside image scores a class logit at least as

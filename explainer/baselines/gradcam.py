@@ -1,8 +1,8 @@
-"""Grad-CAM (Selvaraju et al. 2017) through captum's LayerGradCam, on the layer the reference used (SPEC 7) or a
-named one (eval.gradcam_layer), for any hookable classifier.
+"""Grad-CAM (Selvaraju et al. 2017) through captum's LayerGradCam, on the layer the reference used
+(docs/method.md#baselines) or a named one (eval.gradcam_layer), for any hookable classifier.
 
 captum works on a frozen classifier as is (pytorch-grad-cam would need an input with requires_grad) and gives the same
-maps after min-max normalisation (LIBRARIES.md). One backward pass per class, batched over the images.
+maps after min-max normalisation (docs/dependencies.md#captum). One backward pass per class, batched over the images.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""RISE (Petsiuk et al. 2018) through TorchRay, the library the paper's baselines came from (SPEC 7).
+"""RISE (Petsiuk et al. 2018) through TorchRay, the library the paper's baselines came from (docs/method.md#baselines).
 
 TorchRay's `rise` scores N random up-sampled binary masks (cells x cells grid, a cell kept with probability p, random
 shift) with the SIGMOID of the classifier logits, for all classes at once, and averages the masks weighted by the
 scores. Masked pixels become 0 in the normalised input, i.e. the dataset-mean colour, as in the explainer's training.
-Each class map is then min-max normalised (SPEC 7). The mask set is seeded, so results are reproducible. Paper
-settings: 8000 masks, 7x7 cells, p = 0.5 (EvalConfig.rise_*); the cost is N/batch classifier passes per image.
+Each class map is then min-max normalised (docs/method.md#baselines). The mask set is seeded, so results are
+reproducible. Paper settings: 8000 masks, 7x7 cells, p = 0.5 (EvalConfig.rise_*); the cost is N/batch classifier passes
+per image.
 """
 
 from __future__ import annotations

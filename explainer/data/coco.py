@@ -1,4 +1,4 @@
-"""COCO-2014 -> shards (SPEC 5): pycocotools annotations, categories mapped to 0..C-1 by ascending id.
+"""COCO-2014 -> shards (docs/method.md#data-coco): pycocotools annotations, categories mapped to 0..C-1 by ascending id.
 
 Splits: a seeded 90/10 split of train2014 into train/val, val2014 as test. Segmentation ground truth (union of the
 instance masks, crowd regions included, category index + 1 per pixel; smaller instances drawn over larger ones) is

@@ -1,8 +1,8 @@
 """Decode stored bytes into model inputs: RGB resize + normalisation (ImageNet or the classifier's own), and
 segmentation maps.
 
-Shards keep original encoded bytes (SPEC 5), so every conversion to the model's resolution happens here, in one place
-that training, evaluation and the benchmarks share.
+Shards keep original encoded bytes (docs/method.md#data-shards), so every conversion to the model's resolution happens
+here, in one place that training, evaluation and the benchmarks share.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""PASCAL VOC layout -> shards (SPEC 5): labels from the Annotations XML, splits from ImageSets/Main.
+"""PASCAL VOC layout -> shards (docs/method.md#data-voc): labels from the Annotations XML, splits from ImageSets/Main.
 
 The same code path shards the synthetic dataset (written in this layout with its own class list), so the demo
 exercises exactly what a VOC user runs.

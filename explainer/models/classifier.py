@@ -1,4 +1,5 @@
-"""The Explanandum: multi-label classifiers with the reference heads (SPEC 4), and `freeze` for explainer training.
+"""The Explanandum: multi-label classifiers with the reference heads (docs/method.md#explanandum), and `freeze` for
+explainer training.
 
 The torchvision network is kept intact with only its head replaced, so ImageNet state dicts load by their own key
 names and Grad-CAM layers (VGG `features[-1]`, ResNet `layer4[-1]`) stay where users expect them.
@@ -62,7 +63,8 @@ class MultiLabelClassifier(nn.Module):
         return self.net.get_submodule(self.head_name)
 
     def gradcam_layer(self) -> nn.Module | None:
-        """The layer the reference ran Grad-CAM on (SPEC 7); None when Grad-CAM should find the last spatial layer."""
+        """The layer the reference ran Grad-CAM on (docs/method.md#baselines); None when Grad-CAM should find the last
+        spatial layer."""
         if self.arch == "vgg16":
             return self.net.features[-1]
         if hasattr(self.net, "layer4"):  # ResNets, ResNeXts, wide ResNets

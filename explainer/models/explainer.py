@@ -1,4 +1,5 @@
-"""The Explainer: a dense network mapping an image to one logit map per class, at the input resolution (SPEC 1).
+"""The Explainer: a dense network mapping an image to one logit map per class, at the input resolution
+(docs/method.md#roles).
 
 The paper uses torchvision's DeepLabV3-ResNet50 trained from scratch; lighter torchvision heads and a tiny U-Net are
 selectable by name for CPU work and tests. Masks are sigmoid(logits) - applied by the loss/step, not here.

@@ -1,7 +1,7 @@
 """Model checkpoints of ours: a plain dict that torch.load(weights_only=True) accepts, written atomically.
 
 {"kind", "arch", "num_classes", "classes", "image_size", "state_dict", "extra"} - no pickled classes, so a file can be
-inspected and loaded without trusting code, and a config object cannot sneak in (see LIBRARIES.md, submitit).
+inspected and loaded without trusting code, and a config object cannot sneak in (see docs/dependencies.md#submitit).
 """
 
 from __future__ import annotations
