@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="retrain instead of resuming finished stages")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a claim of the demo does not hold")
     args = parser.parse_args(argv)
+    if not (ROOT / "configs" / "synthetic.yaml").is_file():  # a non-editable install ships the package only
+        parser.error(f"the demo runs from a checkout of the repository (it uses configs/ and launch/), but "
+                     f"{ROOT / 'configs' / 'synthetic.yaml'} does not exist: clone the repository and run `make demo`")
 
     py = sys.executable
     out, shards = Path(args.out), Path(args.shards)

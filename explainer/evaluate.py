@@ -49,12 +49,15 @@ from explainer.config import (
     load_config,
     to_dict,
 )
+from explainer.logs import configure_logging, get_logger
 
 MASK_METHODS = ("explainer", "rtis")
 WARMUP_METHODS = ("explainer", "rtis", "gradcam")  # one untimed call first (lazy init, allocator); the others are
 # hundreds of classifier passes per image already
 ALL_METHODS = MASK_METHODS + BASELINES
 METRICS = ("acc", "iou", "mae", "sal")
+
+log = get_logger(__name__)
 
 
 class MaskNetwork:
@@ -643,8 +646,8 @@ def evaluate(cfg: ExplainerRunConfig, checkpoint: str | None, *, classifier: str
             if list(meta["classes"]) != classes:
                 raise ValueError(f"{path}: explainer classes {meta['classes']} differ from the data's {classes}")
             if int(meta["image_size"]) != cfg.data.image_size:
-                print(f"[evaluate] note: {path} was trained at {meta['image_size']} px, evaluating at "
-                      f"{cfg.data.image_size} px (data.image_size)", file=sys.stderr)
+                log.warning("note: %s was trained at %s px, evaluating at %d px (data.image_size)", path,
+                            meta["image_size"], cfg.data.image_size)
             built[name] = MaskNetwork(name, net)
         else:
             built[name] = build_baseline(name, clf, cfg.eval)
@@ -670,10 +673,10 @@ def evaluate(cfg: ExplainerRunConfig, checkpoint: str | None, *, classifier: str
     out_dir = Path(out or cfg.eval.output_dir or (Path(checkpoint).parent / "eval" if checkpoint else "eval"))
     if state.is_main_process:
         write_outputs(res, evaluator, out_dir)
-        print(f"[evaluate] wrote {out_dir / 'results.json'} and {out_dir / 'report.md'}")
+        log.info("evaluate: wrote %s and %s", out_dir / "results.json", out_dir / "report.md")
         run_dir = log_to_wandb(res, out_dir, cfg.tracking, checkpoint)
         if run_dir is not None:
-            print(f"[evaluate] W&B run: {run_dir}")
+            log.info("evaluate: W&B run %s", run_dir)
     res["output_dir"] = str(out_dir)
     state.wait_for_everyone()
     return res
@@ -700,9 +703,13 @@ def build_parser(prog: str = "python -m explainer.evaluate") -> argparse.Argumen
 
 def run_args(args: argparse.Namespace) -> int:
     cfg = load_config(ExplainerRunConfig, args.config, args.overrides)
+    configure_logging()
     evaluate(cfg, args.checkpoint, classifier=args.classifier, methods=args.methods,
              rtis_checkpoint=args.rtis_checkpoint, max_images=args.max_images, out=args.out,
              figure_images=args.figure_images, progress=not args.no_progress)
+    from explainer.distributed import close_process_group
+
+    close_process_group()
     return 0
 
 
