@@ -27,6 +27,21 @@ def tiny_classifier(synthetic_manifest, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def fresh_wandb_per_test():
+    """An in-process wandb.init starts a wandb-core service and exports WANDB_SERVICE into os.environ, and wandb keeps
+    its settings in a process-wide singleton. Without this, a later test's W&B mode or API key is ignored, and the
+    SLURM jobs this process submits inherit WANDB_SERVICE and talk to this process's service ("run ID is in use")."""
+    had_service = "WANDB_SERVICE" in os.environ
+    yield
+    import sys
+
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
+    if not had_service:
+        os.environ.pop("WANDB_SERVICE", None)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny ops on a shared 2-core machine: two intra-op threads make TorchRay's EP loop 20x slower under load."""
