@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-from _helpers import PYTHON, colour_classifier, run_cmd
+from _helpers import PYTHON, colour_classifier, free_port, run_cmd
 from torch import nn
 
 from explainer.baselines import build_baseline
@@ -216,16 +215,11 @@ def explainer_checkpoints(synthetic_manifest, tmp_path_factory) -> tuple[Path, P
     return paths[0], paths[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _evaluate_cmd(manifest: Path, classifier: Path, checkpoint: Path, out: Path, methods: str,
                   extra: list[str] = (), procs: int = 1) -> list[str]:
     launcher = [PYTHON] if procs == 1 else [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
-                                            "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+                                            "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     # overrides on both sides of the options (parsed intermixed)
     return [*launcher, "-m", "explainer.evaluate", "--config", "configs/synthetic.yaml", f"data.manifest={manifest}",
             "--checkpoint", str(checkpoint), "--classifier", str(classifier), "--methods", methods, "--out", str(out),
