@@ -91,6 +91,9 @@ class LossConfig:
     w_bound: float = 1.0  # area bound per ground-truth class mask
     w_m: float = 0.1  # area of the target mask
     w_n: float = 0.3  # area of the non-target mask
+    # Ours; 0 = the reference objective. Weight of L_s: one class's mask ALONE must make F see that class and no
+    # other (docs/method.md#class-specific-term). Costs one more classifier pass on the batch.
+    w_class_specific: float = 0.0
     area_min: float = 0.05  # a
     area_max: float = 0.30  # b
     bound_reduction: Literal["sum", "mean"] = "sum"  # reference sums over GT classes; the paper's eq. 6 averages
@@ -383,6 +386,11 @@ def validate(cfg: Any) -> None:
             (0.0 <= loss.area_min <= loss.area_max <= 1.0,
              f"loss.area_min/area_max must satisfy 0 <= a <= b <= 1, got {loss.area_min}, {loss.area_max}")
         )
+        checks += [
+            (loss.w_class_specific >= 0, f"loss.w_class_specific must be >= 0, got {loss.w_class_specific}"),
+            (loss.kind == "wysiwyc" or loss.w_class_specific == 0,
+             f"loss.w_class_specific is a term of the wysiwyc objective; set it to 0 with loss.kind={loss.kind}"),
+        ]
     classifier = getattr(cfg, "classifier", None)
     if classifier is not None:
         sources = [k for k in ("torchvision", "factory", "torchscript") if getattr(classifier, k)]

@@ -43,6 +43,29 @@ def aggregate_masks(masks: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(has_t, m, 0.0), torch.where(has_n, n, 0.0)
 
 
+def draw_class(labels: Tensor, draws: Tensor) -> Tensor:
+    """One ground-truth class per image as a one-hot [B,C] (all-zero: an image without classes).
+
+    draws: one uniform number in [0, 1) per image ([B]); the image's classes in index order, the
+    floor(u * count)-th is drawn. Fixed shapes, no RNG of its own: the loader supplies u per sample
+    (batch["draw"]), so the draw does not depend on how the batch is split over processes.
+    """
+    present = _as_bool(labels)
+    count = present.sum(dim=1, keepdim=True)
+    position = (draws.reshape(-1, 1) * count).floor().clamp(max=count - 1)  # 0-based rank among the classes
+    chosen = present & (present.cumsum(dim=1) == position + 1)
+    return chosen.to(draws.dtype if draws.is_floating_point() else torch.float32)
+
+
+def class_specific_loss(logits: Tensor, drawn: Tensor) -> Tensor:
+    """L_s per image (ours, docs/method.md#class-specific-term): BCE-with-logits between F(x * s_k) and the one-hot
+    label of the drawn class k, mean over the C classes; 0 for an image without classes. -> [B]"""
+    logits = full_precision(logits)
+    drawn = drawn.to(logits.dtype)
+    per_image = F.binary_cross_entropy_with_logits(logits, drawn, reduction="none").mean(dim=1)
+    return per_image * drawn.sum(dim=1)
+
+
 def classification_loss(logits: Tensor, labels: Tensor, kind: Literal["bce", "ce"] = "bce") -> Tensor:
     """L_c per image. -> [B]
 
@@ -145,11 +168,14 @@ def wysiwyc_loss(
     *,
     m: Tensor | None = None,
     n: Tensor | None = None,
+    logits_single: Tensor | None = None,
+    drawn: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """L = L_c + l_e L_e + l_tv (TV(m)+TV(n)) + w_B B + w_m A(m) + w_n A(n), each averaged over the batch.
+    """L = L_c + l_e L_e + l_tv (TV(m)+TV(n)) + w_B B + w_m A(m) + w_n A(n) [+ w_s L_s], each averaged over the batch.
 
-    `m`, `n` may be passed when the caller already aggregated them. Returns the total and the unweighted terms
-    (detached) for logging.
+    `m`, `n` may be passed when the caller already aggregated them. L_s (cfg.w_class_specific > 0) needs
+    `logits_single` = F(x * s_k) and `drawn` = the one-hot drawn class k per image (explainer/step.py). Returns the
+    total and the unweighted terms (detached) for logging.
     """
     if m is None or n is None:
         m, n = aggregate_masks(masks, labels)
@@ -160,8 +186,19 @@ def wysiwyc_loss(
     bound = area_bound(masks, labels, cfg.area_min, cfg.area_max, cfg.bound_reduction).mean()
     area_m = area(m).mean()
     area_n = area(n).mean()
+    optional: dict[str, Tensor] = {}
+    if cfg.w_class_specific > 0:
+        if logits_single is None or drawn is None:
+            raise ValueError("loss.w_class_specific > 0 needs F(x * s_k) and the drawn classes (logits_single, drawn)")
+        optional["class_specific"] = class_specific_loss(logits_single, drawn).mean()
     return combine_terms(cfg, classification=l_c, entropy=l_e, tv_m=tv_m, tv_n=tv_n, bound=bound, area_m=area_m,
-                         area_n=area_n)
+                         area_n=area_n, **optional)
+
+
+def wysiwyc_terms(cfg: LossConfig) -> tuple[str, ...]:
+    """The terms wysiwyc_loss logs for one config (fixed per run, so every rank reduces the same keys)."""
+    base = ("classification", "entropy", "tv_m", "tv_n", "bound", "area_m", "area_n")
+    return (*base, "class_specific") if cfg.w_class_specific > 0 else base
 
 
 def combine_terms(cfg: LossConfig, **terms: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -174,6 +211,8 @@ def combine_terms(cfg: LossConfig, **terms: Tensor) -> tuple[Tensor, dict[str, T
         + cfg.w_m * terms["area_m"]
         + cfg.w_n * terms["area_n"]
     )
+    if "class_specific" in terms:
+        total = total + cfg.w_class_specific * terms["class_specific"]
     return total, {"loss": total.detach(), **{k: v.detach() for k, v in terms.items()}}
 
 

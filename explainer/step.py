@@ -22,6 +22,7 @@ from explainer.losses import (
     alternative_image,
     area_counts,
     combine_terms,
+    draw_class,
     full_precision,
     rtis_loss,
     wysiwyc_loss,
@@ -55,9 +56,12 @@ def explainer_forward_loss(
     labels: Tensor,
     loss_cfg: LossConfig,
     autocast_ctx: Any = None,
+    draws: Tensor | None = None,
 ) -> StepOutput:
     """Forward pass and loss of one batch. `autocast_ctx` (e.g. torch.autocast / accelerator.autocast()) is entered
-    once around both networks; every loss term is computed in fp32. channels_last images stay channels_last."""
+    once around both networks; every loss term is computed in fp32. channels_last images stay channels_last.
+    `draws` ([B], uniform in [0, 1)) picks L_s's class per image when loss.w_class_specific > 0: the trainer passes
+    the loader's batch["draw"]; default: torch's global RNG."""
     _check_frozen(classifier)
     channels_last = images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last)
     labels = labels.to(device=images.device)
@@ -72,13 +76,24 @@ def explainer_forward_loss(
         else:
             x_m = images * m  # on the NORMALISED image: removed pixels become the dataset-mean colour
             x_inv = images * (1 - m)
-        both = torch.cat([x_m, x_inv])
+        passes, drawn = [x_m, x_inv], None
+        if loss_cfg.kind == "wysiwyc" and loss_cfg.w_class_specific > 0:
+            if draws is None:
+                draws = torch.rand(batch, device=images.device)
+            drawn = draw_class(labels, draws.to(images.device))
+            single = (masks * drawn[:, :, None, None]).sum(dim=1, keepdim=True)  # s_k of the drawn class k
+            passes.append(images * single.to(images.dtype))
+        both = torch.cat(passes)
         if channels_last:
             both = both.contiguous(memory_format=torch.channels_last)
         logits = full_precision(classifier(both))  # one batched pass; gradients reach the masks, not F's weights
-        logits_masked, logits_inv = logits[:batch], logits[batch:]
-        loss_fn = rtis_loss if loss_cfg.kind == "rtis" else wysiwyc_loss
-        loss, terms = loss_fn(masks, labels, logits_masked, logits_inv, loss_cfg, m=m, n=n)
+        logits_masked, logits_inv = logits[:batch], logits[batch:2 * batch]
+        if loss_cfg.kind == "rtis":
+            loss, terms = rtis_loss(masks, labels, logits_masked, logits_inv, loss_cfg, m=m, n=n)
+        else:
+            logits_single = logits[2 * batch:] if drawn is not None else None
+            loss, terms = wysiwyc_loss(masks, labels, logits_masked, logits_inv, loss_cfg, m=m, n=n,
+                                       logits_single=logits_single, drawn=drawn)
     return StepOutput(loss=loss, terms=terms, masks=masks, m=m, logits_masked=logits_masked.detach())
 
 
@@ -145,8 +160,8 @@ def reference_forward_loss(
 ) -> StepOutput:
     """The paper code's step with its structure (fp32, two classifier passes, Python loops) and our fixes (frozen
     eval classifier, images without classes allowed). Only the WYSIWYC loss."""
-    if loss_cfg.kind != "wysiwyc":
-        raise ValueError("reference_forward_loss reproduces the WYSIWYC loss only")
+    if loss_cfg.kind != "wysiwyc" or loss_cfg.w_class_specific > 0:
+        raise ValueError("reference_forward_loss reproduces the reference WYSIWYC loss only (w_class_specific = 0)")
     _check_frozen(classifier)
     targets = labels.to(device=images.device, dtype=images.dtype)
     segmentations = explainer(images)

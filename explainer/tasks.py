@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from explainer.config import ClassifierRunConfig, ExplainerRunConfig
+from explainer.config import ClassifierRunConfig, ExplainerRunConfig, LossConfig
 from explainer.data.loader import Manifest
-from explainer.losses import full_precision
+from explainer.losses import full_precision, wysiwyc_terms
 from explainer.metrics import CLEAN_THRESHOLD, classification_counts, precision_recall_f1
 from explainer.models import build_classifier, build_explainer, freeze, save_checkpoint
 from explainer.models.explanandum import load_explanandum, source_kind
@@ -19,11 +19,12 @@ from explainer.precision import Precision
 from explainer.step import explainer_forward_loss
 from explainer.training_loop import StepResult
 
-# The logged loss terms of each objective (explainer/losses.py): fixed, so every rank reduces the same keys.
-LOSS_TERMS = {
-    "wysiwyc": ("classification", "entropy", "tv_m", "tv_n", "bound", "area_m", "area_n"),
-    "rtis": ("tv", "area_m", "preserver", "destroyer"),
-}
+RTIS_TERMS = ("tv", "area_m", "preserver", "destroyer")  # what rtis_loss logs (explainer/losses.py)
+
+
+def loss_terms(cfg: LossConfig) -> tuple[str, ...]:
+    """The logged loss terms of a run's objective: fixed per run, so every rank reduces the same keys."""
+    return RTIS_TERMS if cfg.kind == "rtis" else wysiwyc_terms(cfg)
 
 
 class ExplainerTask:
@@ -53,16 +54,16 @@ class ExplainerTask:
 
     def train_step(self, model: torch.nn.Module, batch: dict[str, Any], precision: Precision) -> StepResult:
         out = explainer_forward_loss(model, self.classifier, batch["image"], batch["labels"], self.cfg.loss,
-                                     precision.autocast())
+                                     precision.autocast(), batch.get("draw"))
         return StepResult(loss=out.loss, terms=out.terms, masks=out.masks)
 
     def val_keys(self, manifest: Manifest) -> tuple[str, ...]:
-        return ("count", "loss", *LOSS_TERMS[self.cfg.loss.kind], "iou_sum", "iou_count")
+        return ("count", "loss", *loss_terms(self.cfg.loss), "iou_sum", "iou_count")
 
     def val_sums(self, model: torch.nn.Module, batch: dict[str, Any], precision: Precision) -> dict[str, float]:
         """Every key of val_keys, always (iou_* are 0 for a batch without segmentation), so ranks stay aligned."""
         out = explainer_forward_loss(model, self.classifier, batch["image"], batch["labels"], self.cfg.loss,
-                                     precision.autocast())
+                                     precision.autocast(), batch.get("draw"))
         n = batch["image"].shape[0]
         sums = {"count": float(n), "loss": float(out.loss) * n}
         sums.update({k: float(v) * n for k, v in out.terms.items() if k != "loss"})

@@ -39,6 +39,7 @@ def test_reference_presets_match_spec(name):
     assert got == REFERENCE[name]
     assert (cfg.loss.area_min, cfg.loss.area_max, cfg.data.image_size, cfg.data.batch_size) == (0.05, 0.30, 224, 16)
     assert cfg.loss.bound_reduction == "sum" and cfg.train.early_stop_min_delta == 1e-3
+    assert cfg.loss.w_class_specific == 0  # our class-specific term is off: the paper's objective
     assert cfg.explainer.arch == "deeplabv3_resnet50"
 
 
@@ -70,6 +71,7 @@ def test_overrides_are_typed_and_nested():
         ("explainer.arch=unet9000", "explainer.arch: 'unet9000' is not valid"),
         ("loss.area_min=0.5", "loss.area_min/area_max"),
         ("optim.lr=-1", "optim.lr must be > 0"),
+        ("loss.w_class_specific=-1", "loss.w_class_specific must be >= 0"),
         ("train.resume=/nonexistent/ckpt", "train.resume must be 'auto'"),
         ("nodots", "not of the form key.sub=value"),
     ],
@@ -78,6 +80,12 @@ def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as err:
         load_config(ExplainerRunConfig, ROOT / "configs" / "voc_vgg16.yaml", [override])
     assert needle in str(err.value)
+
+
+def test_class_specific_term_is_refused_with_the_rtis_objective():
+    with pytest.raises(ConfigError, match="w_class_specific is a term of the wysiwyc objective"):
+        load_config(ExplainerRunConfig, ROOT / "configs" / "voc_vgg16.yaml",
+                    ["loss.kind=rtis", "loss.w_class_specific=1"])
 
 
 def test_bad_files_are_named(tmp_path):

@@ -129,6 +129,30 @@ def test_order_is_deterministic_per_epoch_and_changes_between_epochs(syn):
     assert epoch_keys(other_seed, 0) != first
 
 
+def test_class_draws_are_a_function_of_seed_epoch_and_sample(syn):
+    """batch["draw"] picks the class of the class-specific loss term: the same sample gets the same number on one
+    rank or two, with or without workers, and in a validation stream every time; another epoch or seed redraws."""
+    def draws(world_size, epoch, seed=1, workers=2):
+        out = {}
+        for rank in range(world_size):
+            s = make_train_loader(cfg(num_workers=workers), syn, "train", rank=rank, world_size=world_size,
+                                  seed=seed, drop_unlabelled=True)
+            s.set_epoch(epoch)
+            for batch in s:
+                assert batch["draw"].shape == (len(batch["key"]),) and batch["draw"].dtype == torch.float32
+                out.update(zip(batch["key"], batch["draw"].tolist()))
+        return out
+
+    one = draws(1, 0)
+    assert all(0 <= u < 1 for u in one.values()) and len(set(one.values())) == len(one)
+    assert draws(2, 0) == one and draws(1, 0, workers=0) == one
+    assert draws(1, 1).keys() == one.keys() and all(draws(1, 1)[k] != one[k] for k in one)
+    assert all(draws(1, 0, seed=2)[k] != one[k] for k in one)
+    val = [torch.cat([b["draw"] for b in make_eval_loader(cfg(), syn, "test", rank=0, world_size=1)])
+           for _ in range(2)]
+    assert torch.equal(val[0], val[1]) and len(val[0]) == N_TEST
+
+
 @pytest.mark.numerics
 def test_skip_resumes_mid_epoch_with_the_same_batches(syn):
     stream = make_train_loader(cfg(num_workers=2, augment=True), syn, "train", rank=0, world_size=2, seed=2,

@@ -14,12 +14,15 @@ from explainer.losses import (
     area,
     area_bound,
     area_counts,
+    class_specific_loss,
     classification_loss,
+    draw_class,
     gaussian_blur,
     negative_entropy,
     rtis_loss,
     total_variation,
     wysiwyc_loss,
+    wysiwyc_terms,
 )
 
 LN2 = math.log(2.0)
@@ -273,6 +276,72 @@ def test_wysiwyc_gradients_reach_masks_and_logits():
         assert tensor.grad is not None and torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
     # every class mask gets gradient: ground-truth ones through m and the bound, the others through n
     assert (masks.grad.abs().sum(dim=(2, 3)) > 0).all()
+
+
+def test_draw_class_picks_the_image_classes_in_index_order_by_the_uniform_number():
+    labels = t([[1, 0, 1, 1], [0, 0, 0, 0], [0, 1, 0, 0]])
+    cases = {0.0: [0, 2, 1], 0.32: [0, 2, 1], 0.34: [2, 2, 1], 0.66: [2, 2, 1], 0.67: [3, 2, 1], 0.999: [3, 2, 1]}
+    for u, expected in cases.items():
+        drawn = draw_class(labels, torch.full((3,), u, dtype=torch.float64))
+        assert drawn.sum(dim=1).tolist() == [1.0, 0.0, 1.0], u  # one class, none for an image without any
+        assert [int(drawn[0].argmax()), int(drawn[1].sum() * 2), int(drawn[2].argmax())] == [expected[0], 0, 1], u
+    # uniform numbers -> each of the image's classes about equally often
+    u = torch.rand(3000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    shares = draw_class(labels[:1].expand(3000, -1), u).mean(dim=0)
+    assert shares[1] == 0 and all(abs(shares[c].item() - 1 / 3) < 0.04 for c in (0, 2, 3)), shares
+
+
+@pytest.mark.numerics
+def test_class_specific_loss_by_hand():
+    # image 0, drawn class 1 of 2: BCE(logits [0, ln 3], one-hot [0, 1]) = (ln 2 + ln(4/3)) / 2; image 1: no class
+    logits = t([[0.0, math.log(3.0)], [5.0, -5.0]])
+    drawn = t([[0, 1], [0, 0]])
+    loss = class_specific_loss(logits, drawn)
+    assert loss.tolist() == pytest.approx([(LN2 + math.log(4 / 3)) / 2, 0.0], abs=1e-12)
+    assert torch.equal(loss, class_specific_loss(logits, drawn.bool()))
+
+
+@pytest.mark.numerics
+def test_class_specific_term_is_added_only_when_weighted():
+    torch.manual_seed(0)
+    masks = torch.rand(3, 4, 6, 6, dtype=torch.float64)
+    labels = t([[1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0]])
+    lm, li, ls = (torch.randn(3, 4, dtype=torch.float64) for _ in range(3))
+    drawn = t([[0, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0]])
+    reference, ref_terms = wysiwyc_loss(masks, labels, lm, li, LossConfig())
+    assert tuple(k for k in ref_terms if k != "loss") == wysiwyc_terms(LossConfig())
+    cfg = LossConfig(w_class_specific=2.5)
+    total, terms = wysiwyc_loss(masks, labels, lm, li, cfg, logits_single=ls, drawn=drawn)
+    assert tuple(k for k in terms if k != "loss") == wysiwyc_terms(cfg) and "class_specific" in terms
+    expected = class_specific_loss(ls, drawn).mean()
+    assert terms["class_specific"].item() == pytest.approx(expected.item(), abs=1e-12)
+    assert total.item() == pytest.approx(reference.item() + 2.5 * expected.item(), abs=1e-12)
+    with pytest.raises(ValueError, match="w_class_specific"):
+        wysiwyc_loss(masks, labels, lm, li, cfg)
+
+
+def test_class_specific_term_pushes_a_channel_off_another_present_class():
+    """The failure it exists for: in a scene with classes 0 and 1, channel 0 covers both objects while channel 1
+    covers its own. The reference terms cannot tell (m = max is the same either way); L_s on x * s_0 sees class 1
+    and pushes s_0 down on class 1's object, and up on its own."""
+    left, right = torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8)
+    left[..., :4], right[..., 4:] = 1.0, 1.0
+    images = torch.cat([left, right, torch.zeros_like(left)], dim=1).double()  # object 0 in red, 1 in green
+
+    def classifier(x):  # class c's logit = 8 * (mean of colour channel c) - 2
+        return 8 * x[:, :2].mean(dim=(2, 3)) - 2
+
+    s0 = torch.full((1, 1, 4, 8), 0.9, dtype=torch.float64, requires_grad=True)  # covers both objects
+    s1 = (0.05 + 0.9 * right).double().requires_grad_()
+    labels, drawn = t([[1, 1]]), t([[1, 0]])
+    masks = torch.cat([s0, s1], dim=1)
+    cfg = LossConfig(lambda_e=0, lambda_tv=0, w_bound=0, w_m=0, w_n=0, w_class_specific=1.0)
+    total, _ = wysiwyc_loss(masks, labels, torch.zeros(1, 2), torch.zeros(1, 2), cfg,
+                            logits_single=classifier(images * s0), drawn=drawn)
+    total.backward()
+    assert (s0.grad[..., 4:] > 0).all()  # descent lowers s_0 on class 1's object
+    assert (s0.grad[..., :4] < 0).all()  # and raises it on its own
+    assert s1.grad is None or (s1.grad == 0).all()  # only the drawn class's channel is touched
 
 
 @pytest.mark.numerics

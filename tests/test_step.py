@@ -68,6 +68,30 @@ def test_one_classifier_call_on_the_concatenation():
 
 
 @pytest.mark.numerics
+def test_class_specific_term_adds_one_block_to_the_same_classifier_call():
+    explainer, classifier = _models()
+    images = _images()
+    calls, handle = _count_calls(classifier)
+    cfg = LossConfig(w_class_specific=1.0)
+    draws = torch.tensor([0.1, 0.9, 0.5, 0.6])
+    out = explainer_forward_loss(explainer, classifier, images, LABELS, cfg, draws=draws)
+    handle.remove()
+    batch = len(LABELS)
+    assert len(calls) == 1 and calls[0].shape == (3 * batch, 3, 32, 32)
+    assert torch.allclose(calls[0][: 2 * batch], torch.cat([images * out.m.detach(), images * (1 - out.m.detach())]))
+    for i, k in enumerate([0, 2, None, 2]):  # image 1: the second of {1, 2}; image 3: the third of {0, 1, 2, 3}
+        if k is None:  # no class: a blank block, and no L_s
+            assert (calls[0][2 * batch + i] == 0).all()
+        else:
+            assert torch.allclose(calls[0][2 * batch + i], images[i] * out.masks[i, k].detach())
+    assert "class_specific" in out.terms and out.terms["class_specific"] > 0
+    without = explainer_forward_loss(explainer, classifier, images, LABELS, LossConfig())
+    assert out.loss.item() == pytest.approx(without.loss.item() + out.terms["class_specific"].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="reference"):
+        reference_forward_loss(explainer, classifier, images, LABELS, cfg)
+
+
+@pytest.mark.numerics
 def test_gradients_only_on_the_explainer():
     explainer, classifier = _models()
     out = explainer_forward_loss(explainer, classifier, _images(), LABELS, LossConfig())

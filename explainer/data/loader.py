@@ -41,6 +41,7 @@ import logging
 import math
 import random
 import re
+import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -430,6 +431,13 @@ class _ShardStream(IterableDataset):
             out["orig_size"] = np.asarray(size, dtype=np.int64)
         return out
 
+    def _draw(self, key: str) -> float:
+        """A uniform number in [0, 1) per (seed, epoch, sample): which of its classes the class-specific loss term
+        uses (explainer/losses.py:draw_class). A function of the sample, not of the batch, the rank or an RNG state,
+        so N processes draw what one process draws, a resumed epoch what the uninterrupted one drew, and every
+        validation the same."""
+        return _seed(self.seed, self.epoch, zlib.crc32(key.encode()), 3) / 2**32
+
     def _collate(self, items: list[dict[str, Any]], index: int, corrupt: int, rng: random.Random | None) -> dict:
         images = [it["image"] for it in items]
         if rng is not None:
@@ -442,6 +450,7 @@ class _ShardStream(IterableDataset):
                                                 else normalize_batch(images, mean=self.mean, std=self.std)),
             "labels": torch.from_numpy(np.stack([it["labels"] for it in items])),
             "key": [it["key"] for it in items],
+            "draw": torch.tensor([self._draw(it["key"]) for it in items], dtype=torch.float32),
             "_index": index,
             "_corrupt": corrupt,
         }
