@@ -35,7 +35,9 @@ from explainer.losses import (  # noqa: E402
     aggregate_masks,
     area,
     area_bound,
+    class_specific_loss,
     classification_loss,
+    draw_class,
     negative_entropy,
     total_variation,
 )
@@ -77,7 +79,11 @@ class DynamicsTask(ExplainerTask):
         logits = model(images).float()
         masks = torch.sigmoid(logits)
         m, n = aggregate_masks(masks, labels)
-        both = self.classifier(torch.cat([images * m, images * (1 - m)]))
+        passes, drawn = [images * m, images * (1 - m)], None
+        if cfg.w_class_specific > 0:  # docs/method.md#class-specific-term (the loader's draws are not needed here)
+            drawn = draw_class(labels, torch.rand(images.shape[0], device=images.device))
+            passes.append(images * (masks * drawn[:, :, None, None]).sum(dim=1, keepdim=True))
+        both = self.classifier(torch.cat(passes))
         b = images.shape[0]
         terms = {
             "classification": classification_loss(both[:b], labels).mean(),
@@ -87,6 +93,8 @@ class DynamicsTask(ExplainerTask):
             "area_m": cfg.w_m * area(m).mean(),
             "area_n": cfg.w_n * area(n).mean(),
         }
+        if drawn is not None:
+            terms["class_specific"] = cfg.w_class_specific * class_specific_loss(both[2 * b:], drawn).mean()
         return logits, masks, terms
 
     def _record(self, model: torch.nn.Module, logits: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
