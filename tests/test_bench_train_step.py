@@ -51,6 +51,20 @@ def test_two_half_passes_cost_the_flops_of_one_full_pass(bench):
     assert counts["ours_fp32"] == pytest.approx(counts["reference"], rel=0.05)
 
 
+def test_class_specific_mode_adds_one_classifier_block(bench, tmp_path):
+    """'ours_class_specific' (opt-in) is 'ours' plus x * s_k in the same classifier call: more FLOPs per step than
+    'ours' (a third block of the batch), the same precision, and a speedup row against the reference."""
+    out = tmp_path / "bench.json"
+    bench.main([*TINY, "--batch-sizes", "2", "--modes", "reference,ours,ours_class_specific", "--out", str(out)])
+    report = json.loads(out.read_text())
+    rows = {row["mode"]: row for row in report["results"]}
+    assert rows["ours_class_specific"]["precision"] == rows["ours"]["precision"] == "bf16"
+    assert rows["ours_class_specific"]["flops_per_step"] > rows["ours"]["flops_per_step"]
+    assert {s["mode"] for s in report["speedups"]} == {"ours", "ours_class_specific"}
+    with pytest.raises(SystemExit):
+        bench.parse_args([*TINY, "--modes", "ours,nope"])
+
+
 def test_every_row_has_its_own_flops_and_the_peak_of_its_precision(bench, tmp_path):
     """Each mode's FLOPs are recounted here independently (the reference's 3x3 TV convolutions make its count
     differ from ours), and each MFU is over the peak of the row's precision: fp32 rows over --peak-tflops-fp32."""
