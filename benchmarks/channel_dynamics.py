@@ -38,6 +38,7 @@ from explainer.losses import (  # noqa: E402
     class_specific_loss,
     classification_loss,
     draw_class,
+    drawn_class_mask,
     negative_entropy,
     total_variation,
 )
@@ -82,7 +83,7 @@ class DynamicsTask(ExplainerTask):
         passes, drawn = [images * m, images * (1 - m)], None
         if cfg.w_class_specific > 0:  # docs/method.md#class-specific-term (the loader's draws are not needed here)
             drawn = draw_class(labels, torch.rand(images.shape[0], device=images.device))
-            passes.append(images * (masks * drawn[:, :, None, None]).sum(dim=1, keepdim=True))
+            passes.append(images * drawn_class_mask(masks, drawn))
         both = self.classifier(torch.cat(passes))
         b = images.shape[0]
         terms = {

@@ -57,6 +57,11 @@ def draw_class(labels: Tensor, draws: Tensor) -> Tensor:
     return chosen.to(draws.dtype if draws.is_floating_point() else torch.float32)
 
 
+def drawn_class_mask(masks: Tensor, drawn: Tensor) -> Tensor:
+    """s_k of each image's drawn class k ([B,1,H,W]; 0 for an image without classes): what F sees in L_s."""
+    return (masks * drawn[:, :, None, None].to(masks.dtype)).sum(dim=1, keepdim=True)
+
+
 def class_specific_loss(logits: Tensor, drawn: Tensor) -> Tensor:
     """L_s per image (ours, docs/method.md#class-specific-term): BCE-with-logits between F(x * s_k) and the one-hot
     label of the drawn class k, mean over the C classes; 0 for an image without classes. -> [B]"""
@@ -195,10 +200,16 @@ def wysiwyc_loss(
                          area_n=area_n, **optional)
 
 
-def wysiwyc_terms(cfg: LossConfig) -> tuple[str, ...]:
-    """The terms wysiwyc_loss logs for one config (fixed per run, so every rank reduces the same keys)."""
-    base = ("classification", "entropy", "tv_m", "tv_n", "bound", "area_m", "area_n")
-    return (*base, "class_specific") if cfg.w_class_specific > 0 else base
+WYSIWYC_TERMS = ("classification", "entropy", "tv_m", "tv_n", "bound", "area_m", "area_n")
+RTIS_TERMS = ("tv", "area_m", "preserver", "destroyer")
+
+
+def loss_terms(cfg: LossConfig) -> tuple[str, ...]:
+    """The terms a config's objective logs (wysiwyc_loss / rtis_loss): fixed per run, so every rank reduces the same
+    keys."""
+    if cfg.kind == "rtis":
+        return RTIS_TERMS
+    return (*WYSIWYC_TERMS, "class_specific") if cfg.w_class_specific > 0 else WYSIWYC_TERMS
 
 
 def combine_terms(cfg: LossConfig, **terms: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

@@ -23,6 +23,7 @@ from explainer.losses import (
     area_counts,
     combine_terms,
     draw_class,
+    drawn_class_mask,
     full_precision,
     rtis_loss,
     wysiwyc_loss,
@@ -81,8 +82,7 @@ def explainer_forward_loss(
             if draws is None:
                 draws = torch.rand(batch, device=images.device)
             drawn = draw_class(labels, draws.to(images.device))
-            single = (masks * drawn[:, :, None, None]).sum(dim=1, keepdim=True)  # s_k of the drawn class k
-            passes.append(images * single.to(images.dtype))
+            passes.append(images * drawn_class_mask(masks, drawn).to(images.dtype))
         both = torch.cat(passes)
         if channels_last:
             both = both.contiguous(memory_format=torch.channels_last)

@@ -9,22 +9,15 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from explainer.config import ClassifierRunConfig, ExplainerRunConfig, LossConfig
+from explainer.config import ClassifierRunConfig, ExplainerRunConfig
 from explainer.data.loader import Manifest
-from explainer.losses import full_precision, wysiwyc_terms
+from explainer.losses import full_precision, loss_terms
 from explainer.metrics import CLEAN_THRESHOLD, classification_counts, precision_recall_f1
 from explainer.models import build_classifier, build_explainer, freeze, save_checkpoint
 from explainer.models.explanandum import load_explanandum, source_kind
 from explainer.precision import Precision
 from explainer.step import explainer_forward_loss
 from explainer.training_loop import StepResult
-
-RTIS_TERMS = ("tv", "area_m", "preserver", "destroyer")  # what rtis_loss logs (explainer/losses.py)
-
-
-def loss_terms(cfg: LossConfig) -> tuple[str, ...]:
-    """The logged loss terms of a run's objective: fixed per run, so every rank reduces the same keys."""
-    return RTIS_TERMS if cfg.kind == "rtis" else wysiwyc_terms(cfg)
 
 
 class ExplainerTask:
