@@ -36,6 +36,9 @@ class DataConfig:
     val_split: str = "val"
     test_split: str = "test"
     image_size: int = 224
+    # how an image becomes image_size x image_size, in training, evaluation and explain (recorded in explainer.pt):
+    # squash (the paper presets: aspect ratio lost), center_crop (borders unseen), letterbox (padded, mean colour)
+    resize: Literal["squash", "center_crop", "letterbox"] = "squash"
     batch_size: int = 16  # of a one-process run; with N processes see optim.batch_policy
     num_workers: int = 2
     shuffle_buffer: int = 1000

@@ -1,13 +1,21 @@
-"""Explain images with a trained Explainer alone (no classifier): per-class masks, overlays, a top-k grid, scores.
+"""Explain images with a trained Explainer: per-class masks of the classes that matter, overlays, a top-k grid, scores.
 
     explainer explain --checkpoint run/explainer.pt photos/ more/*.jpg one.png --out explained/
 
+Which classes are written: by default the top k (--top-k, 5) by the classifier's probability (the run's config.yaml
+next to the checkpoint, or --config, names the classifier; sigmoid, or softmax with loss.classification=ce), so 1000
+classes do not mean 1000 files per image. --classes NAME (repeatable) writes those, --all-classes every class;
+--rank-by mask ranks by the average mask activation instead (no classifier needed; also the fallback when no config
+is found). Images are fitted to the explainer's input as in its training (data.resize, recorded in the checkpoint).
+
 For every input image, under OUT/<name>/:
-    masks/<k>_<class>.png   8-bit mask of class k at the image's original size (255 = fully kept)
+    masks/<k>_<class>.png   8-bit mask of class k on the original image (255 = fully kept), for the classes written;
+                            k zero-padded to the digits of the largest class index, so names sort by k
     aggregated.png          pixel-wise max over all classes (no labels at inference: absent classes should be empty)
     overlay.png             the aggregated mask as a heat map over the image
-    topk.png                the image and the k classes with the highest average mask activation, each as an overlay
-    scores.json             average mask activation per class and the ranking
+    topk.png                the image and the top k classes of the ranking, each as the image seen through its mask
+    scores.json             per class the average mask activation (and the classifier's probability), the ranking,
+                            the classes written
 and OUT/index.json lists the images written and the files skipped (with the reason). A file that cannot be decoded
 is reported by name and skipped, the others are still written; the exit status is then 1.
 
@@ -35,10 +43,18 @@ from tqdm import tqdm
 
 from explainer.arguments import HelpFormatter
 from explainer.atomic import write_atomic
-from explainer.data.transforms import decode_rgb, normalize_batch
+from explainer.data.transforms import (
+    IMAGENET_MEAN,
+    RESIZE_MODES,
+    decode_rgb,
+    mask_to_original,
+    mean_fill,
+    normalize_batch,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 EXPORT_TOLERANCE = 1e-4  # max |mask difference| accepted between the exported and the eager model
+RANK_BY = ("auto", "probability", "mask")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -80,11 +96,20 @@ class Decoded:
     error: str | None = None
 
 
-def decode(path: Path, size: int) -> Decoded:
+@dataclass(frozen=True)
+class Fit:
+    """How an image becomes the model input (data.resize of the training run) and the letterbox fill colour."""
+
+    size: int
+    resize: str = "squash"
+    fill: tuple[int, int, int] = (0, 0, 0)
+
+
+def decode(path: Path, fit: Fit) -> Decoded:
     """Read one image the way the training loader does (decode_rgb); any failure is returned, not raised."""
     try:
         data = path.read_bytes()
-        resized = decode_rgb(data, size)
+        resized = decode_rgb(data, fit.size, fit.resize, fit.fill)
         with Image.open(path) as im:
             original = im.convert("RGB")
         return Decoded(path, original, resized)
@@ -93,18 +118,18 @@ def decode(path: Path, size: int) -> Decoded:
 
 
 class _Files(torch.utils.data.Dataset):
-    def __init__(self, files: list[Path], size: int) -> None:
-        self.files, self.size = files, size
+    def __init__(self, files: list[Path], fit: Fit) -> None:
+        self.files, self.fit = files, fit
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> Decoded:
-        return decode(self.files[i], self.size)
+        return decode(self.files[i], self.fit)
 
 
-def batches(files: list[Path], size: int, batch_size: int, workers: int) -> Iterator[list[Decoded]]:
-    loader = torch.utils.data.DataLoader(_Files(files, size), batch_size=batch_size, num_workers=workers,
+def batches(files: list[Path], fit: Fit, batch_size: int, workers: int) -> Iterator[list[Decoded]]:
+    loader = torch.utils.data.DataLoader(_Files(files, fit), batch_size=batch_size, num_workers=workers,
                                          collate_fn=list, shuffle=False)
     yield from loader
 
@@ -120,12 +145,6 @@ def save_png(image: Image.Image, path: Path) -> None:
 
 def save_json(payload: Any, path: Path) -> None:
     write_atomic(path, lambda h: h.write(json.dumps(payload, indent=2).encode()))
-
-
-def to_8bit(mask: np.ndarray, size: tuple[int, int]) -> Image.Image:
-    """[S,S] float mask in [0,1] -> 8-bit 'L' image resized (bilinear) to size = (W, H)."""
-    im = Image.fromarray(np.round(np.clip(mask, 0.0, 1.0) * 255).astype(np.uint8), mode="L")
-    return im if im.size == size else im.resize(size, Image.BILINEAR)
 
 
 def heat_overlay(image: Image.Image, mask: Image.Image, alpha: float = 0.5) -> Image.Image:
@@ -175,27 +194,55 @@ def unique_dirs(files: list[Path]) -> dict[Path, str]:
     return names
 
 
-def write_outputs(item: Decoded, masks: np.ndarray, classes: list[str], out: Path, top_k: int) -> dict[str, Any]:
-    """All files of one image from its [C,S,S] masks; returns its scores record."""
+def mask_file_name(k: int, name: str, num_classes: int) -> str:
+    """`<k>_<class>.png`, k zero-padded to the digits of the largest index (at least 2), so files sort by k."""
+    return f"{k:0{max(2, len(str(num_classes - 1)))}d}_{safe_name(name)}.png"
+
+
+@dataclass
+class Ranked:
+    """One image's masks and how its classes rank: `values` are probabilities (by = 'probability') or average mask
+    activations (by = 'mask'); `written` the class indices whose masks are written, best first."""
+
+    masks: torch.Tensor  # [C, S, S] in [0, 1]
+    activation: np.ndarray  # [C] average mask activation
+    probability: np.ndarray | None  # [C] the classifier's probability, if a classifier ranks
+    order: np.ndarray  # class indices, best first
+    written: list[int]
+
+    @property
+    def by(self) -> str:
+        return "mask" if self.probability is None else "probability"
+
+    def value(self, k: int) -> float:
+        return float((self.activation if self.probability is None else self.probability)[k])
+
+
+def write_outputs(item: Decoded, ranked: Ranked, classes: list[str], out: Path, top_k: int,
+                  resize: str = "squash") -> dict[str, Any]:
+    """All files of one image; only the written classes' masks are mapped to full resolution. Returns its record."""
     assert item.original is not None
     size = item.original.size
-    scores = masks.reshape(len(classes), -1).mean(1)
-    order = np.argsort(-scores, kind="stable")
-    mask_images = {}
-    for k, name in enumerate(classes):
-        mask_images[k] = to_8bit(masks[k], size)
-        save_png(mask_images[k], out / "masks" / f"{k:02d}_{safe_name(name)}.png")
-    agg = to_8bit(masks.max(0), size)
+    full = {k: mask_to_original(ranked.masks[k].numpy(), size, resize) for k in ranked.written}
+    for k, im in full.items():
+        save_png(im, out / "masks" / mask_file_name(k, classes[k], len(classes)))
+    agg = mask_to_original(ranked.masks.amax(0).numpy(), size, resize)
     save_png(agg, out / "aggregated.png")
     save_png(heat_overlay(item.original, agg), out / "overlay.png")
-    top = [(classes[k], float(scores[k]), dimmed(item.original, mask_images[int(k)])) for k in order[:top_k]]
+    shown = ranked.written[:top_k]
+    top = [(classes[k], ranked.value(k), dimmed(item.original, full[k])) for k in shown]
     save_png(topk_grid(item.original, top), out / "topk.png")
-    record = {
+    record: dict[str, Any] = {
         "file": str(item.path),
         "size": list(size),
-        "scores": {name: float(scores[k]) for k, name in enumerate(classes)},
-        "ranking": [[classes[k], float(scores[k])] for k in order],
+        "resize": resize,
+        "ranked_by": ranked.by,
+        "scores": {name: float(ranked.activation[k]) for k, name in enumerate(classes)},
+        "ranking": [[classes[k], ranked.value(int(k))] for k in ranked.order],
+        "written": [classes[k] for k in ranked.written],
     }
+    if ranked.probability is not None:
+        record["probabilities"] = {name: float(ranked.probability[k]) for k, name in enumerate(classes)}
     save_json(record, out / "scores.json")
     return record
 
@@ -256,48 +303,143 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclass
+class Ranker:
+    """The classifier whose probabilities choose the classes (None: rank by average mask activation)."""
+
+    model: nn.Module | None = None
+    softmax: bool = False
+    source: str = ""
+
+    def probabilities(self, x: torch.Tensor) -> np.ndarray | None:
+        if self.model is None:
+            return None
+        with torch.no_grad():
+            logits = self.model(x).float()
+        return (logits.softmax(1) if self.softmax else logits.sigmoid()).cpu().numpy()
+
+
+def load_ranker(rank_by: str, config: str | None, checkpoint: Path, classes: list[str], size: int,
+                device: torch.device) -> Ranker:
+    """The run's classifier (--config, else config.yaml next to the checkpoint) for rank_by auto/probability."""
+    if rank_by not in RANK_BY:
+        raise ValueError(f"--rank-by must be one of {RANK_BY}, got {rank_by!r}")
+    if rank_by == "mask":
+        return Ranker()
+    path = Path(config) if config else checkpoint.parent / "config.yaml"
+    if not path.is_file():
+        if rank_by == "probability" or config:
+            raise FileNotFoundError(f"--rank-by probability needs the run's config (classifier section): {path} "
+                                    "does not exist; pass --config")
+        print(f"[explainer] no {path}: ranking classes by average mask activation (pass --config RUN/config.yaml "
+              "to rank by the classifier's probability)", file=sys.stderr)
+        return Ranker()
+    from explainer.config import ExplainerRunConfig, load_config
+    from explainer.evaluate import load_eval_classifier
+
+    cfg = load_config(ExplainerRunConfig, path)
+    model, source = load_eval_classifier(cfg, classes, device, where=str(checkpoint))
+    return Ranker(model, cfg.loss.classification == "ce", source)
+
+
+def choose(ranked_order: np.ndarray, top_k: int, wanted: list[int] | None, all_classes: bool) -> list[int]:
+    """The classes whose masks are written, best first: all, the wanted ones, or the top k."""
+    if all_classes:
+        return [int(k) for k in ranked_order]
+    if wanted:
+        keep = set(wanted)
+        return [int(k) for k in ranked_order if int(k) in keep]
+    return [int(k) for k in ranked_order[:top_k]]
+
+
+def class_indices(names: Sequence[str] | None, classes: list[str]) -> list[int] | None:
+    """--classes values -> indices; a value is a class name, or else an index; unknown ones are an error."""
+    if not names:
+        return None
+    index = {c: i for i, c in enumerate(classes)}
+    out = []
+    for name in names:
+        if name in index:
+            out.append(index[name])
+        elif name.isdigit() and int(name) < len(classes):
+            out.append(int(name))
+        else:
+            shown = ", ".join(repr(c) for c in classes[:8]) + (", ..." if len(classes) > 8 else "")
+            raise ValueError(f"--classes {name!r} is neither a class of the explainer nor an index < "
+                             f"{len(classes)} (the classes are {shown})")
+    return out
+
+
+def _fit(meta: dict[str, Any], resize: str | None) -> tuple[Fit, dict[str, tuple[float, ...]]]:
+    """The input geometry and normalisation the explainer was trained with (checkpoint extra; squash before)."""
+    extra = meta.get("extra", {})  # the classifier's input normalisation the Explainer was trained with
+    norm = {k: tuple(extra[k]) for k in ("mean", "std") if k in extra}
+    mode = resize or extra.get("resize", "squash")
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {mode!r}")
+    return Fit(int(meta["image_size"]), mode, mean_fill(norm.get("mean", IMAGENET_MEAN))), norm
+
+
+def _rank(masks: torch.Tensor, probs: np.ndarray | None, i: int, top_k: int, wanted: list[int] | None,
+          all_classes: bool) -> Ranked:
+    activation = masks.flatten(1).mean(1).double().numpy()
+    values = activation if probs is None else probs[i]
+    order = np.argsort(-values, kind="stable")
+    return Ranked(masks, activation, None if probs is None else probs[i], order,
+                  choose(order, top_k, wanted, all_classes))
+
+
+def _export_once(index: dict[str, Any], model: nn.Module, x: torch.Tensor, export: str, target: Path) -> None:
+    diff = export_model(model, x, export, target)
+    if diff > EXPORT_TOLERANCE:
+        raise RuntimeError(f"exported {export} model at {target} differs from the eager explainer by "
+                           f"{diff:.2e} (> {EXPORT_TOLERANCE}) on the first batch")
+    index["export"] = {"format": export, "path": str(target), "max_abs_mask_diff": diff}
+
+
 def explain(checkpoint: str, inputs: Sequence[str], out: str, *, batch_size: int = 8, device: str = "auto",
-            top_k: int = 5, workers: int = 0, export: str | None = None, export_path: str | None = None,
-            progress: bool = True) -> dict[str, Any]:
+            top_k: int = 5, classes: Sequence[str] | None = None, all_classes: bool = False, rank_by: str = "auto",
+            config: str | None = None, resize: str | None = None, workers: int = 0, export: str | None = None,
+            export_path: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Run the explainer over the inputs and write everything; returns the index (written, skipped, export)."""
     from explainer.models import load_explainer
 
     dev = pick_device(device)
     model, meta = load_explainer(checkpoint, map_location=dev)
-    classes, size = list(meta["classes"]), int(meta["image_size"])
-    extra = meta.get("extra", {})  # the classifier's input normalisation the Explainer was trained with
-    norm = {k: tuple(extra[k]) for k in ("mean", "std") if k in extra}
+    names, (fit, norm) = list(meta["classes"]), _fit(meta, resize)
+    wanted = class_indices(classes, names)
     files = expand_inputs(inputs)
     if not files:
         raise FileNotFoundError(f"no image files found in {list(inputs)}")
+    ranker = load_ranker(rank_by, config, Path(checkpoint), names, fit.size, dev)
     out_dir = Path(out)
-    names = unique_dirs(files)
-    index: dict[str, Any] = {"checkpoint": str(checkpoint), "classes": classes, "image_size": size, "images": [],
-                             "skipped": []}
-    top_k = max(1, min(top_k, len(classes)))
+    dirs = unique_dirs(files)
+    index: dict[str, Any] = {"checkpoint": str(checkpoint), "classes": names, "image_size": fit.size,
+                             "resize": fit.resize, "ranked_by": "mask" if ranker.model is None else "probability",
+                             "classifier": ranker.source or None, "images": [], "skipped": []}
+    top_k = max(1, min(top_k, len(names)))
     bar = tqdm(total=len(files), desc="explain", unit="img", disable=not progress)
-    for batch in batches(files, size, batch_size, workers):
+    for batch in batches(files, fit, batch_size, workers):
         good = [d for d in batch if d.error is None]
         for d in batch:
             if d.error is not None:
                 print(f"[explainer] skipped {d.path}: {d.error}", file=sys.stderr)
                 index["skipped"].append({"file": str(d.path), "reason": d.error})
-        if good:
-            x = normalize_batch(np.stack([d.resized for d in good]), **norm).to(dev)
-            if export is not None and "export" not in index:
-                target = Path(export_path or out_dir / f"explainer.{'onnx' if export == 'onnx' else 'ts'}")
-                diff = export_model(model, x, export, target)
-                if diff > EXPORT_TOLERANCE:
-                    raise RuntimeError(f"exported {export} model at {target} differs from the eager explainer by "
-                                       f"{diff:.2e} (> {EXPORT_TOLERANCE}) on the first batch")
-                index["export"] = {"format": export, "path": str(target), "max_abs_mask_diff": diff}
-            with torch.no_grad():
-                masks = torch.sigmoid(model(x)).float().cpu().numpy()
-            for d, m in zip(good, masks):
-                folder = out_dir / names[d.path]
-                write_outputs(d, m, classes, folder, top_k)
-                index["images"].append({"file": str(d.path), "output": str(folder)})
-        bar.update(len(batch))
+                bar.update(1)
+        if not good:
+            continue
+        x = normalize_batch(np.stack([d.resized for d in good]), **norm).to(dev)
+        if export is not None and "export" not in index:
+            target = Path(export_path or out_dir / f"explainer.{'onnx' if export == 'onnx' else 'ts'}")
+            _export_once(index, model, x, export, target)
+        with torch.no_grad():
+            masks = torch.sigmoid(model(x)).float().cpu()
+        probs = ranker.probabilities(x)
+        for i, d in enumerate(good):  # the bar moves per image: writing is the slow part
+            folder = out_dir / dirs[d.path]
+            write_outputs(d, _rank(masks[i], probs, i, top_k, wanted, all_classes), names, folder, top_k, fit.resize)
+            index["images"].append({"file": str(d.path), "output": str(folder)})
+            bar.update(1)
     bar.close()
     save_json(index, out_dir / "index.json")
     return index
@@ -311,7 +453,19 @@ def build_parser(prog: str = "explainer explain") -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--top-k", type=int, default=5, help="classes shown in topk.png")
+    parser.add_argument("--top-k", type=int, default=5,
+                        help="masks written per image: the k classes ranked highest (and shown in topk.png)")
+    chosen = parser.add_mutually_exclusive_group()
+    chosen.add_argument("--classes", action="append", default=None, metavar="NAME",
+                        help="write this class's mask (a class name or an index; repeat the flag for more)")
+    chosen.add_argument("--all-classes", action="store_true", help="write every class's mask")
+    parser.add_argument("--rank-by", choices=RANK_BY, default="auto",
+                        help="probability: the classifier's (needs the run's config); mask: average mask "
+                             "activation; auto: probability when a config is found")
+    parser.add_argument("--config", default=None,
+                        help="the training run's config.yaml, for its classifier (default: next to --checkpoint)")
+    parser.add_argument("--resize", choices=RESIZE_MODES, default=None,
+                        help="how images are fitted to the explainer's input (default: as in its training)")
     parser.add_argument("--workers", type=int, default=0, help="decoding worker processes")
     parser.add_argument("--export", choices=["torchscript", "onnx"], default=None,
                         help="also export the explainer and check it gives the same masks")
@@ -323,11 +477,14 @@ def build_parser(prog: str = "explainer explain") -> argparse.ArgumentParser:
 def run_args(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise SystemExit("--batch-size must be >= 1")
+    if args.top_k < 1:
+        raise SystemExit("--top-k must be >= 1")
     index = explain(args.checkpoint, args.inputs, args.out, batch_size=args.batch_size, device=args.device,
-                    top_k=args.top_k, workers=args.workers, export=args.export, export_path=args.export_path,
-                    progress=not args.no_progress)
-    print(f"[explainer] wrote {len(index['images'])} image(s) to {args.out}"
-          + (f"; skipped {len(index['skipped'])}" if index["skipped"] else ""))
+                    top_k=args.top_k, classes=args.classes, all_classes=args.all_classes, rank_by=args.rank_by,
+                    config=args.config, resize=args.resize, workers=args.workers, export=args.export,
+                    export_path=args.export_path, progress=not args.no_progress)
+    print(f"[explainer] wrote {len(index['images'])} image(s) to {args.out} (classes ranked by "
+          f"{index['ranked_by']})" + (f"; skipped {len(index['skipped'])}" if index["skipped"] else ""))
     if "export" in index:
         e = index["export"]
         print(f"[explainer] exported {e['format']} to {e['path']} (max |mask diff| {e['max_abs_mask_diff']:.1e})")

@@ -77,7 +77,8 @@ class ExplainerTask:
                         num_classes=len(manifest.classes), classes=manifest.classes,
                         image_size=self.cfg.data.image_size,
                         extra={"loss": self.cfg.loss.kind, "mean": list(self.cfg.classifier.mean),
-                               "std": list(self.cfg.classifier.std)})
+                               "std": list(self.cfg.classifier.std), "resize": self.cfg.data.resize,
+                               "classification": self.cfg.loss.classification})
 
 
 def _soft_iou_sums(m: torch.Tensor, seg: torch.Tensor, has_seg: torch.Tensor) -> dict[str, float]:

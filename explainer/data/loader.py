@@ -56,8 +56,10 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from explainer.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    RESIZE_MODES,
     decode_rgb,
     decode_seg,
+    mean_fill,
     normalize_batch,
     seg_to_binary,
     stack_images,
@@ -341,10 +343,13 @@ class _ShardStream(IterableDataset):
     def __init__(self, info: SplitInfo, *, num_classes: int, image_size: int, batch_size: int, rank: int,
                  world_size: int, train: bool, seed: int, drop_unlabelled: bool, shuffle_buffer: int,
                  augment: bool, max_images: int | None, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD) -> None:
+                 std: Sequence[float] = IMAGENET_STD, resize: str = "squash") -> None:
         super().__init__()
         self.info = info
         self.mean, self.std = tuple(mean), tuple(std)  # the classifier's input normalisation
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"data.resize must be one of {RESIZE_MODES}, got {resize!r}")
+        self.resize, self.fill = resize, mean_fill(mean)  # letterbox pads with the mean colour (0 once normalised)
         self.num_classes = num_classes
         self.image_size = image_size
         self.batch_size = batch_size
@@ -423,10 +428,11 @@ class _ShardStream(IterableDataset):
         if labels.shape != (self.num_classes,):
             raise ValueError(f"labels have {labels.shape[0] if labels.ndim else 0} entries, "
                              f"the manifest has {self.num_classes} classes")
-        out = {"key": sample["__key__"], "labels": labels, "image": decode_rgb(_image_bytes(sample), self.image_size)}
+        image = decode_rgb(_image_bytes(sample), self.image_size, self.resize, self.fill)
+        out = {"key": sample["__key__"], "labels": labels, "image": image}
         if not self.train:
             if "seg.png" in sample:
-                out["seg_classes"] = decode_seg(sample["seg.png"], self.image_size)
+                out["seg_classes"] = decode_seg(sample["seg.png"], self.image_size, self.resize)
             size = meta.get("orig_size", [0, 0])
             out["orig_size"] = np.asarray(size, dtype=np.int64)
         return out
@@ -654,7 +660,7 @@ def make_train_loader(cfg: Any, manifest: Manifest | str | Path, split: str, *, 
     dataset = _ShardStream(info, num_classes=len(manifest.classes), image_size=cfg.image_size,
                            batch_size=cfg.batch_size, rank=rank, world_size=world_size, train=True, seed=seed,
                            drop_unlabelled=drop_unlabelled, shuffle_buffer=cfg.shuffle_buffer, augment=cfg.augment,
-                           max_images=None, mean=mean, std=std)
+                           max_images=None, mean=mean, std=std, resize=getattr(cfg, "resize", "squash"))
     if dataset.num_batches == 0:
         kept = sum(dataset.kept)
         raise ValueError(f"split {split!r} of {manifest.path} has {kept} usable samples: not enough for one batch "
@@ -674,7 +680,7 @@ def make_eval_loader(cfg: Any, manifest: Manifest | str | Path, split: str, *, r
     dataset = _ShardStream(info, num_classes=len(manifest.classes), image_size=cfg.image_size,
                            batch_size=cfg.batch_size, rank=rank, world_size=world_size, train=False, seed=0,
                            drop_unlabelled=False, shuffle_buffer=0, augment=False, max_images=max_images, mean=mean,
-                           std=std)
+                           std=std, resize=getattr(cfg, "resize", "squash"))
     return EvalStream(dataset, cfg.num_workers, image_format)
 
 

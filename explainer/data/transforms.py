@@ -23,8 +23,55 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 VOID = 255  # segmentation label for "don't care" pixels (VOC boundary band)
 
 
-def decode_rgb(data: bytes, size: int) -> np.ndarray:
-    """Encoded image bytes -> uint8 [size, size, 3] (any PIL mode converted to RGB; aspect ratio not kept).
+RESIZE_MODES = ("squash", "center_crop", "letterbox")  # data.resize: how an image becomes size x size
+Box = tuple[float, float, float, float]  # (left, top, right, bottom)
+
+
+def resize_boxes(width: int, height: int, size: int, mode: str) -> tuple[Box, tuple[int, int, int, int]]:
+    """(the part of a width x height image that is shown, where it lands in the size x size model input).
+
+    squash: the whole image on the whole input (aspect ratio lost; the paper presets). center_crop: the centred
+    square of side min(width, height) on the whole input (the borders are not seen). letterbox: the whole image,
+    aspect ratio kept, centred on the input; the rest is padding.
+    """
+    if mode == "squash":
+        return (0.0, 0.0, float(width), float(height)), (0, 0, size, size)
+    if mode == "center_crop":
+        side = float(min(width, height))
+        left, top = (width - side) / 2, (height - side) / 2
+        return (left, top, left + side, top + side), (0, 0, size, size)
+    if mode == "letterbox":
+        scale = size / max(width, height)
+        w, h = max(1, round(width * scale)), max(1, round(height * scale))
+        left, top = (size - w) // 2, (size - h) // 2
+        return (0.0, 0.0, float(width), float(height)), (left, top, left + w, top + h)
+    raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+
+
+def fit_image(im: Image.Image, size: int, mode: str = "squash", fill: int | tuple[int, ...] = 0,
+              resample: int = Image.BILINEAR) -> Image.Image:
+    """A PIL image -> size x size by `mode` (resize_boxes); letterbox pads with `fill`."""
+    src, dst = resize_boxes(im.size[0], im.size[1], size, mode)
+    target = (dst[2] - dst[0], dst[3] - dst[1])
+    if target == im.size and src == (0.0, 0.0, float(im.size[0]), float(im.size[1])):
+        fitted = im
+    else:
+        fitted = im.resize(target, resample, box=src)
+    if fitted.size == (size, size):
+        return fitted
+    canvas = Image.new(im.mode, (size, size), fill)
+    canvas.paste(fitted, dst[:2])
+    return canvas
+
+
+def mean_fill(mean: Sequence[float] = IMAGENET_MEAN) -> tuple[int, int, int]:
+    """The uint8 colour of the classifier's mean: letterbox padding that normalises to about 0 (a removed pixel)."""
+    return tuple(int(round(255 * float(m))) for m in mean)  # type: ignore[return-value]
+
+
+def decode_rgb(data: bytes, size: int, resize: str = "squash", fill: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
+    """Encoded image bytes -> uint8 [size, size, 3] (any PIL mode converted to RGB), by `resize` (resize_boxes;
+    letterbox pads with `fill`).
 
     JPEGs at least twice the target size on both sides are decoded at a reduced DCT scale (PIL's draft mode: still at
     least `size` on both sides), which is several times faster than decoding every pixel and then shrinking.
@@ -34,20 +81,38 @@ def decode_rgb(data: bytes, size: int) -> np.ndarray:
             im.draft("RGB", (size, size))
         if im.mode != "RGB":
             im = im.convert("RGB")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
+        return np.asarray(fit_image(im, size, resize, fill), dtype=np.uint8)
 
 
-def decode_seg(data: bytes, size: int) -> np.ndarray:
-    """Class-index PNG bytes -> uint8 [size, size] with the stored indices (nearest resize, palette NOT applied)."""
+def decode_seg(data: bytes, size: int, resize: str = "squash") -> np.ndarray:
+    """Class-index PNG bytes -> uint8 [size, size] with the stored indices (nearest resize, palette NOT applied);
+    the geometry of decode_rgb, letterbox padding void."""
     with Image.open(io.BytesIO(data)) as im:
         if im.mode not in ("P", "L"):
             raise ValueError(f"segmentation PNG must be single-channel (P or L), got mode {im.mode}")
         # mode P: the raw palette indices ARE the class indices; never convert through the palette
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.NEAREST)
-        return np.asarray(im, dtype=np.uint8)
+        if im.mode == "P":  # the indices as a plain 'L' image, so padding and pasting keep them
+            im = Image.frombytes("L", im.size, im.tobytes())
+        return np.asarray(fit_image(im, size, resize, VOID, Image.NEAREST), dtype=np.uint8)
+
+
+def mask_to_original(mask: np.ndarray, size: tuple[int, int], mode: str = "squash") -> Image.Image:
+    """A [S, S] mask in [0, 1] of the model input -> 8-bit 'L' image on the original (W, H) image: the inverse of
+    resize_boxes (bilinear); parts of the image the model did not see (center_crop borders) are 0."""
+    s = mask.shape[-1]
+    im = Image.fromarray(np.round(np.clip(mask, 0.0, 1.0) * 255).astype(np.uint8), mode="L")
+    src, dst = resize_boxes(size[0], size[1], s, mode)
+    if dst != (0, 0, s, s):
+        im = im.crop(dst)
+    left, top = round(src[0]), round(src[1])
+    shown = (round(src[2]) - left, round(src[3]) - top)
+    if im.size != shown:
+        im = im.resize(shown, Image.BILINEAR)
+    if shown == size:
+        return im
+    canvas = Image.new("L", size, 0)
+    canvas.paste(im, (left, top))
+    return canvas
 
 
 def seg_to_binary(classes: np.ndarray) -> np.ndarray:
