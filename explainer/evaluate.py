@@ -107,7 +107,8 @@ class Evaluator:
     """
 
     def __init__(self, classifier: nn.Module, methods: dict[str, AttributionMethod], classes: Sequence[str],
-                 cfg: EvalConfig, device: torch.device, figure_images: int = 0) -> None:
+                 cfg: EvalConfig, device: torch.device, figure_images: int = 0,
+                 norm: dict[str, Sequence[float]] | None = None) -> None:
         self.classifier, self.methods, self.classes, self.cfg, self.device = classifier, methods, list(classes), cfg, \
             device
         names = cfg.class_specific_classes or self.classes
@@ -127,6 +128,7 @@ class Evaluator:
         self.totals = M.Totals()
         self.figure_images = figure_images
         self.figure: dict[str, Any] = {"images": [], "labels": [], "maps": {m: [] for m in methods}}
+        self.norm = dict(norm or {})  # the classifier's mean/std, undone for the figures
         self.warm = False
         self.image_size: int | None = None
 
@@ -236,7 +238,7 @@ class Evaluator:
             return
         from explainer.data.transforms import denormalize
 
-        self.figure["images"].append(denormalize(x[:take]).cpu())
+        self.figure["images"].append(denormalize(x[:take], **self.norm).cpu())
         self.figure["labels"].append(labels[:take].cpu())
         for name, m in maps.items():
             self.figure["maps"][name].append(m[:take].cpu())
@@ -657,7 +659,7 @@ def evaluate(cfg: ExplainerRunConfig, checkpoint: str | None, *, classifier: str
         batches = make_eval_loader(cfg.data, manifest, cfg.data.test_split, rank=state.process_index,
                                    world_size=state.num_processes, max_images=limit, **input_normalization(cfg))
     evaluator = Evaluator(clf, built, classes, cfg.eval, device,
-                          figure_images=figure_images if state.is_main_process else 0)
+                          figure_images=figure_images if state.is_main_process else 0, norm=input_normalization(cfg))
     for batch in tqdm(batches, desc=f"evaluate[{state.process_index}]", unit="batch",
                       disable=not (progress and state.is_main_process)):
         evaluator.update(batch)

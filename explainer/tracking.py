@@ -13,6 +13,7 @@ import json
 import netrc
 import os
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,13 +152,15 @@ class RunTracker:
             self.accelerator.log({f"{kind}/{k}": _to_float(v) for k, v in metrics.items()}, step=step)
 
     def log_masks(self, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, class_names: list[str],
-                  step: int) -> Path | None:
-        """A small grid of images with per-class mask overlays: a PNG in the run folder, and wandb.Image masks."""
+                  step: int, *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Path | None:
+        """A small grid of images with per-class mask overlays: a PNG in the run folder, and wandb.Image masks.
+        `mean`/`std`: the classifier's input normalisation, undone for display (ImageNet's when not given)."""
         if not self.enabled:
             return None
-        from explainer.data.transforms import denormalize
+        from explainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
 
-        rgb = (denormalize(images.float().cpu()).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        shown = denormalize(images.float().cpu(), mean or IMAGENET_MEAN, std or IMAGENET_STD)
+        rgb = (shown.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
         masks = masks.float().cpu().numpy()
         labels = labels.cpu().numpy()
         out_dir = self.run_dir / "images"

@@ -525,7 +525,7 @@ def fit(task: Task, settings: RunSettings, full_config: Any) -> dict[str, Any]:
                 progress.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['images_per_s']:.1f}")
             if outcome.images is not None:
                 run.tracker.log_masks(outcome.images["image"], outcome.images["masks"], outcome.images["labels"],
-                                      run.manifest.classes, state.step)
+                                      run.manifest.classes, state.step, **run.norm)
             if state.step % plan.val_every == 0 or state.step == plan.total_steps:
                 after_validation(run, validate(run))
                 last_validated = state.step

@@ -5,9 +5,11 @@ import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from PIL import Image
 
 from explainer.config import TrackingConfig
 from explainer.tracking import RunTracker, persistent_run_id, resolve_wandb_mode, wandb_log_with
@@ -182,3 +184,19 @@ def test_mask_grid_captions_and_padding_cannot_pass_for_a_mask():
     assert (pad_cell[..., 2] - pad_cell[..., 0] > 20).all()  # bluish everywhere: never grey like a mask
     captions = grid[:CAPTION_H]
     assert (captions < 128).any()  # dark caption text on the white strip
+
+
+def test_mask_grid_shows_the_image_with_the_classifiers_normalisation_undone(tmp_path):
+    """Images normalised with the classifier's mean = std = 0.5 come back as their own colours in the grid (with
+    ImageNet's statistics they came back at about half the contrast)."""
+    from explainer.data.transforms import normalize_batch
+
+    colour = np.array([200, 40, 120], np.uint8)
+    pixels = np.broadcast_to(colour, (1, 16, 16, 3)).copy()
+    images = normalize_batch(pixels, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    tracker = RunTracker(Accelerator(cpu=True), tmp_path, TrackingConfig(wandb_mode="disabled"), {}, resume_step=None)
+    png = tracker.log_masks(images, torch.rand(1, 2, 16, 16), torch.tensor([[1.0, 0.0]]), ["a", "b"], step=1,
+                            mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    grid = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    panel = grid[20:60, 20:60]  # inside the image panel (16 px enlarged to 96)
+    assert np.abs(panel - colour).max() <= 1
