@@ -111,11 +111,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     command = ["launch/make_shards.py", *(argv if argv is not None else sys.argv[1:])]
     try:
         if args.dataset == "voc":
+            from explainer.data.folder import read_classes_file
             from explainer.data.voc import VOC_CLASSES, build_voc_shards
 
             classes = VOC_CLASSES
             if args.classes_file is not None:
-                classes = tuple(n.strip() for n in args.classes_file.read_text().splitlines() if n.strip())
+                classes = tuple(read_classes_file(args.classes_file))
             splits = args.splits.split(",") if args.splits else None
             manifest = build_voc_shards(args.root, options, splits=splits, classes=classes,
                                         exclude_difficult=args.exclude_difficult, verify=args.verify_decode,
@@ -126,11 +127,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             manifest = build_coco_shards(args.root, options, seed=args.seed, val_fraction=args.val_fraction,
                                          seg_subset=args.seg_subset, verify=args.verify_decode, command=command)
         elif args.dataset == "folder":
-            from explainer.data.folder import build_folder_shards
+            from explainer.data.folder import build_folder_shards, read_classes_file
 
             classes = None
             if args.classes_file is not None:
-                classes = [n.strip() for n in args.classes_file.read_text().splitlines() if n.strip()]
+                classes = read_classes_file(args.classes_file)
             manifest = build_folder_shards(args.root, options, labels=args.labels, classes=classes,
                                            fractions=args.split_fractions, seed=args.seed, verify=args.verify_decode,
                                            dataset=args.name, command=command)

@@ -209,6 +209,22 @@ def test_bad_sources_exit_2(tmp_path):
                        "--out", str(tmp_path / "o")) == 2
 
 
+def test_classes_file_with_a_duplicate_name_is_refused_naming_both_lines(tmp_path, capsys):
+    """A name given twice used to map to its last index; now nothing is written and the error names both lines."""
+    root = tmp_path / "mine"
+    make_csv_tree(root)
+    (root / "classes.txt").write_text("cat\ndog\n\nbird\n dog \n")
+    out = tmp_path / "o"
+    assert make_shards("folder", "--root", str(root), "--labels", str(root / "labels.csv"), "--classes-file",
+                       str(root / "classes.txt"), "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert "classes.txt" in err and "'dog' on line 5 is already on line 2" in err
+    assert not (out / "manifest.json").exists()
+    assert make_shards("voc", "--root", str(root), "--classes-file", str(root / "classes.txt"), "--out",
+                       str(tmp_path / "v")) == 2
+    assert "'dog' on line 5 is already on line 2" in capsys.readouterr().err
+
+
 def test_loader_gives_segmentation_only_where_masks_exist(csv_shards):
     _, good, out = csv_shards
     manifest = read_manifest(out / "manifest.json")

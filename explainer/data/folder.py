@@ -199,6 +199,37 @@ def read_labels_file(path: Path) -> tuple[list[Row], list[tuple[int, str]]]:
     return rows, bad
 
 
+def read_classes_file(path: str | os.PathLike) -> list[str]:
+    """One class name a line (blank lines skipped, surrounding spaces stripped), in index order. A name given twice
+    would silently map to one index: refused, naming both lines."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"classes file {path} does not exist")
+    seen: dict[str, int] = {}
+    names: list[str] = []
+    for line, text in enumerate(path.read_text().splitlines(), start=1):
+        name = text.strip()
+        if not name:
+            continue
+        if name in seen:
+            raise ValueError(f"classes file {path}: class {name!r} on line {line} is already on line {seen[name]} "
+                             "(each class must be named once)")
+        seen[name] = line
+        names.append(name)
+    if not names:
+        raise ValueError(f"classes file {path}: no class names")
+    return names
+
+
+def check_unique_classes(classes: Sequence[str], where: str) -> None:
+    """A class list with a name twice is refused, naming both positions (1-based)."""
+    first: dict[str, int] = {}
+    for i, name in enumerate(classes, start=1):
+        if name in first:
+            raise ValueError(f"{where}: class {name!r} is given twice (names {first[name]} and {i})")
+        first[name] = i
+
+
 def _relative(root: Path, rel: str) -> tuple[str, Path]:
     """A row's path made safe: relative, inside the root, forward slashes. -> (source id, absolute path)"""
     posix = PurePosixPath(rel.replace("\\", "/"))
@@ -282,6 +313,7 @@ def labels_file_tasks(root: Path, labels_file: Path, classes: Sequence[str] | No
         if not classes:
             raise ValueError(f"labels file {labels_file}: no class names in any row (and no --classes-file)")
     classes = tuple(classes)
+    check_unique_classes(classes, "--classes-file")
     index = {c: i for i, c in enumerate(classes)}
     good: list[tuple[Row, str, Path, Path | None]] = []
     bad: list[tuple[int, str, str | None]] = [(line, reason, None) for line, reason in malformed]
