@@ -495,3 +495,54 @@ def test_evaluate_refuses_a_hostile_manifest_before_running_it(syn, tmp_path):
     assert proc.returncode != 0 and f"manifest {manifest}" in proc.stderr and "is a shell command" in proc.stderr, \
         proc.stderr[-3000:]
     assert not touched.exists() and not (tmp_path / "eval").exists()
+
+
+def test_resize_modes_fit_wide_images_the_same_way_in_both_loaders(tmp_path):
+    """A wide image (48 x 24) in real shards: squash stretches it, center_crop keeps the centred square, letterbox
+    pads top and bottom with the classifier's mean colour (0 once normalised); train and eval loaders agree."""
+    from explainer.data.transforms import decode_rgb
+
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    wide = np.zeros((24, 48, 3), np.uint8)
+    wide[:, :12] = (255, 0, 0)  # a red left quarter: outside the centred square
+    wide[:, 12:] = (0, 0, 255)
+    for i in range(4):
+        Image.fromarray(wide).save(root / "a" / f"{i}.png")
+    out = tmp_path / "shards"
+    assert make_shards("folder", "--root", str(root), "--out", str(out), "--split-fractions", "train=0.5,test=0.5") == 0
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)
+    got = {}
+    for mode in ("squash", "center_crop", "letterbox"):
+        cfg = DataConfig(image_size=16, batch_size=2, num_workers=0, resize=mode)
+        ev = next(iter(make_eval_loader(cfg, out / "manifest.json", "test", rank=0, world_size=1, mean=mean, std=std)))
+        tr = next(iter(make_train_loader(cfg, out / "manifest.json", "train", rank=0, world_size=1, seed=0,
+                                         drop_unlabelled=False, mean=mean, std=std)))
+        assert torch.equal(ev["image"][0], tr["image"][0])
+        got[mode] = denormalize(ev["image"][0], mean, std)
+        expected = decode_rgb(_png_of(wide), 16, mode, tuple(round(255 * m) for m in mean))
+        assert torch.allclose(got[mode] * 255, torch.from_numpy(expected.copy()).permute(2, 0, 1).float(), atol=0.01)
+    red = lambda x: (x[0] > 0.9) & (x[2] < 0.1)  # noqa: E731
+    assert red(got["squash"])[:, :3].all() and not red(got["center_crop"]).any()
+    assert torch.allclose(got["letterbox"][:, :4], torch.tensor(mean).view(3, 1, 1).expand(3, 4, 16), atol=0.005)
+    assert red(got["letterbox"])[4:12, :3].all()  # the image sits in rows 4..11, aspect ratio kept
+
+
+def _png_of(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_segmentation_follows_the_image_geometry_and_letterbox_padding_is_void():
+    from explainer.data.transforms import VOID, decode_seg
+
+    seg = np.zeros((20, 40), np.uint8)
+    seg[:, :10] = 3
+    png = _png_of(seg)
+    assert (decode_seg(png, 10, "squash")[:, :2] == 3).all()
+    assert not (decode_seg(png, 10, "center_crop") == 3).any()  # class 3 lies outside the centred square
+    boxed = decode_seg(png, 10, "letterbox")
+    assert (boxed[:2] == VOID).all() and (boxed[-3:] == VOID).all() and (boxed[2:7, :2] == 3).all()
+    with pytest.raises(ValueError, match="resize mode must be one of"):
+        decode_seg(png, 10, "stretch")

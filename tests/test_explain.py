@@ -154,3 +154,110 @@ def test_cli_usage_and_unknown_command(capsys):
     with pytest.raises(SystemExit):
         cli.main(["explain", "--help"])
     assert "explainer explain" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Which classes are written (a classifier ranks them), file names, the input geometry of training
+# ----------------------------------------------------------------------------------------------------------------------
+
+MANY = [f"class{k}" for k in range(12)]
+
+
+@pytest.fixture(scope="module")
+def ranked_run(tmp_path_factory) -> Path:
+    """A run folder as training leaves it: explainer.pt and config.yaml naming a factory softmax classifier (a state
+    dict of _byo_factory's net, mean = std = 0.5)."""
+    from _byo_factory import build as build_user_net
+
+    from explainer.config import ExplainerRunConfig, load_config, save_config
+
+    run = tmp_path_factory.mktemp("run")
+    torch.manual_seed(1)
+    torch.save(build_user_net(num_classes=len(MANY), width=4).state_dict(), run / "user_weights.pt")
+    save_checkpoint(run / "explainer.pt", build_explainer("tiny_unet", len(MANY)), kind="explainer", arch="tiny_unet",
+                    num_classes=len(MANY), classes=MANY, image_size=S,
+                    extra={"mean": [0.5] * 3, "std": [0.5] * 3, "resize": "squash"})
+    cfg = load_config(ExplainerRunConfig, None, [
+        "classifier.factory=_byo_factory:build", f"classifier.factory_kwargs={{num_classes: {len(MANY)}, width: 4}}",
+        f"classifier.checkpoint={run / 'user_weights.pt'}", "classifier.mean=[0.5,0.5,0.5]",
+        "classifier.std=[0.5,0.5,0.5]", "loss.classification=ce"])
+    save_config(cfg, run / "config.yaml")
+    return run
+
+
+def _user_probabilities(run: Path, path: Path) -> np.ndarray:
+    from _byo_factory import build as build_user_net
+
+    net = build_user_net(num_classes=len(MANY), width=4)
+    net.load_state_dict(torch.load(run / "user_weights.pt", weights_only=True))
+    x = normalize_batch(np.stack([decode_rgb(path.read_bytes(), S)]), mean=(0.5,) * 3, std=(0.5,) * 3)
+    with torch.no_grad():
+        return net.eval()(x).softmax(1)[0].double().numpy()
+
+
+def test_default_writes_the_top_k_classes_by_the_classifiers_probability(ranked_run, images, tmp_path):
+    src = images / "a" / "x.png"
+    index = explain(str(ranked_run / "explainer.pt"), [str(src)], str(tmp_path / "o"), top_k=3, progress=False)
+    assert index["ranked_by"] == "probability" and "_byo_factory" in index["classifier"]
+    probs = _user_probabilities(ranked_run, src)
+    expected = [int(k) for k in np.argsort(-probs, kind="stable")[:3]]
+    record = json.loads((tmp_path / "o" / "x" / "scores.json").read_text())
+    assert record["written"] == [MANY[k] for k in expected]
+    assert sorted(p.name for p in (tmp_path / "o" / "x" / "masks").iterdir()) == sorted(
+        f"{k:02d}_{MANY[k]}.png" for k in expected)
+    assert [record["probabilities"][MANY[k]] for k in range(len(MANY))] == pytest.approx(probs, abs=1e-5)
+    assert sum(record["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)  # softmax: loss.classification=ce
+    assert len(record["scores"]) == len(MANY)  # every class's activation is still reported
+
+
+def test_classes_by_name_or_index_all_classes_and_errors(ranked_run, images, tmp_path):
+    ckpt, src = str(ranked_run / "explainer.pt"), str(images / "b" / "y.jpg")
+    assert main([src, "--checkpoint", ckpt, "--out", str(tmp_path / "c"), "--classes", "class7", "--classes", "2",
+                 "--no-progress"]) == 0
+    names = sorted(p.name for p in (tmp_path / "c" / "y" / "masks").iterdir())
+    assert names == ["02_class2.png", "07_class7.png"]
+    assert main([src, "--checkpoint", ckpt, "--out", str(tmp_path / "a"), "--all-classes", "--no-progress"]) == 0
+    assert len(list((tmp_path / "a" / "y" / "masks").iterdir())) == len(MANY)
+    with pytest.raises(ValueError, match="'nope' is neither a class"):
+        explain(ckpt, [src], str(tmp_path / "e"), classes=["nope"], progress=False)
+
+
+def test_rank_by_mask_without_a_config_and_probability_needs_one(checkpoint, images, tmp_path, capsys):
+    src = str(images / "b" / "y.jpg")
+    index = explain(str(checkpoint), [src], str(tmp_path / "m"), top_k=2, progress=False)
+    assert index["ranked_by"] == "mask" and "ranking classes by average mask activation" in capsys.readouterr().err
+    record = json.loads((tmp_path / "m" / "y" / "scores.json").read_text())
+    by_activation = sorted(CLASSES, key=lambda c: -record["scores"][c])
+    assert record["written"] == by_activation[:2]
+    with pytest.raises(FileNotFoundError, match="needs the run's config"):
+        explain(str(checkpoint), [src], str(tmp_path / "p"), rank_by="probability", progress=False)
+
+
+def test_mask_file_names_sort_by_class_index():
+    from explainer.explain import mask_file_name
+
+    assert mask_file_name(7, "a b", 20) == "07_a_b.png"
+    assert mask_file_name(17, "jay", 1000) == "017_jay.png"
+    names = [mask_file_name(k, "c", 1000) for k in (179, 17, 5)]
+    assert sorted(names) == [mask_file_name(k, "c", 1000) for k in (5, 17, 179)]
+
+
+@pytest.mark.numerics
+def test_center_crop_recorded_in_the_checkpoint_is_what_explain_does(images, tmp_path):
+    """The explainer sees the centred square, as in its training; the written mask lies on the original image, 0
+    where the model saw nothing."""
+    torch.manual_seed(0)
+    model = build_explainer("tiny_unet", len(CLASSES)).eval()
+    ckpt = tmp_path / "explainer.pt"
+    save_checkpoint(ckpt, model, kind="explainer", arch="tiny_unet", num_classes=len(CLASSES), classes=CLASSES,
+                    image_size=S, extra={"resize": "center_crop"})
+    src = images / "a" / "x.png"  # 50 x 40: the centred 40 x 40 square, 5 columns cut on each side
+    explain(str(ckpt), [str(src)], str(tmp_path / "o"), rank_by="mask", progress=False)
+    with torch.no_grad():
+        expected = torch.sigmoid(model(normalize_batch(np.stack([decode_rgb(src.read_bytes(), S, "center_crop")]))))
+    record = json.loads((tmp_path / "o" / "x" / "scores.json").read_text())
+    assert record["resize"] == "center_crop"
+    assert record["scores"]["circle"] == pytest.approx(float(expected[0, 0].mean()), abs=1e-5)
+    mask = np.asarray(Image.open(tmp_path / "o" / "x" / "masks" / "00_circle.png"))
+    assert mask.shape == (40, 50)
+    assert mask[:, :5].max() == 0 and mask[:, 45:].max() == 0 and mask[:, 5:45].min() > 0
