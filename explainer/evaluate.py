@@ -25,6 +25,7 @@ call of the cheap methods (Explainer, RTIS, Grad-CAM) on the first image.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -108,7 +109,12 @@ class Evaluator:
 
     def __init__(self, classifier: nn.Module, methods: dict[str, AttributionMethod], classes: Sequence[str],
                  cfg: EvalConfig, device: torch.device, figure_images: int = 0,
-                 norm: dict[str, Sequence[float]] | None = None) -> None:
+                 norm: dict[str, Sequence[float]] | None = None, softmax: bool = False) -> None:
+        """`softmax`: a softmax classifier (loss.classification=ce): Table 4 predicts its top-1 class, and
+        eval.faithfulness_prob=auto means softmax."""
+        if cfg.faithfulness_prob == "auto":
+            cfg = dataclasses.replace(cfg, faithfulness_prob="softmax" if softmax else "sigmoid")
+        self.softmax = softmax
         self.classifier, self.methods, self.classes, self.cfg, self.device = classifier, methods, list(classes), cfg, \
             device
         names = cfg.class_specific_classes or self.classes
@@ -149,7 +155,7 @@ class Evaluator:
         t.add("n/seg_images", float(len(rows)))
         with torch.no_grad():
             clean = self.classifier(x)
-        t.add("cls/clean", M.classification_counts(clean, labels, M.CLEAN_THRESHOLD))
+        t.add("cls/clean", self._counts(clean, labels, M.CLEAN_THRESHOLD))
         if seg is not None:
             for name, mask in M.sanity_masks(seg).items():
                 self._segmentation(f"sanity/{name}", x[rows], mask, seg, labels[rows])
@@ -195,10 +201,20 @@ class Evaluator:
             self.totals.add_values(f"{key}/{metric}", values)
         self.totals.add_values(f"{key}/sal", M.saliency_scores(self.classifier, x, mask, labels))
 
+    def _counts(self, logits: Tensor, labels: Tensor, threshold: float) -> Tensor:
+        """Table 4's [3, C] counts: a softmax classifier predicts its top-1 class; a multi-label one logit >= t."""
+        if self.softmax:
+            top1 = torch.zeros_like(logits).scatter_(1, logits.argmax(1, keepdim=True), 1.0)
+            return M.classification_counts(top1, labels, 0.5)
+        return M.classification_counts(logits, labels, threshold)
+
+    def _rule(self, threshold: float) -> str:
+        return "top-1 (softmax)" if self.softmax else f"logit >= {threshold:g}"
+
     def _masked_classification(self, name: str, x: Tensor, m: Tensor, labels: Tensor) -> None:
         with torch.no_grad():
             masked = self.classifier(x * m[:, None])
-        self.totals.add(f"cls/masked/{name}", M.classification_counts(masked, labels, M.MASKED_THRESHOLD))
+        self.totals.add(f"cls/masked/{name}", self._counts(masked, labels, M.MASKED_THRESHOLD))
 
     def _class_specific(self, name: str, x: Tensor, maps: Tensor, labels: Tensor) -> None:
         sums, counts = M.class_specific_sums(self.classifier, x, maps, labels, self.targets, self.targets,
@@ -305,9 +321,9 @@ class Evaluator:
 
     def _classification_table(self) -> dict[str, Any]:
         t = self.totals
-        cls: dict[str, Any] = {"clean": {"threshold": M.CLEAN_THRESHOLD,
+        cls: dict[str, Any] = {"clean": {"threshold": M.CLEAN_THRESHOLD, "rule": self._rule(M.CLEAN_THRESHOLD),
                                          **M.precision_recall_f1(t.get("cls/clean", torch.zeros(3, 1)))}}
-        cls["masked"] = {name: {"threshold": M.MASKED_THRESHOLD,
+        cls["masked"] = {name: {"threshold": M.MASKED_THRESHOLD, "rule": self._rule(M.MASKED_THRESHOLD),
                                 **M.precision_recall_f1(t.get(f"cls/masked/{name}", torch.zeros(3, 1)))}
                          for name in self.methods if name in MASK_METHODS}
         return cls
@@ -449,11 +465,13 @@ def _classification_lines(res: dict[str, Any]) -> list[str]:
     cls = res["classification"]
     lines = ["## Table 4: classification before and after masking", "",
              "Micro-averaged over (image, class) pairs; macro F1 = mean over classes. Clean images: logit >= 0; "
-             "images multiplied by the method's aggregated mask: logit >= -1 (the paper's convention).", "",
-             "| images | threshold | P | R | F1 | macro F1 |", "|---|---|---|---|---|---|"]
+             "images multiplied by the method's aggregated mask: logit >= -1 (the paper's convention). A softmax "
+             "classifier (loss.classification=ce) predicts its top-1 class instead.", "",
+             "| images | rule | P | R | F1 | macro F1 |", "|---|---|---|---|---|---|"]
     rows = [("clean", cls["clean"])] + [(f"masked ({_title(n)})", v) for n, v in cls["masked"].items()]
     for name, v in rows:
-        lines.append(f"| {name} | logit >= {v['threshold']:g} | {_fmt(v['precision'] * 100, 1)} | "
+        rule = v.get("rule", f"logit >= {v['threshold']:g}")
+        lines.append(f"| {name} | {rule} | {_fmt(v['precision'] * 100, 1)} | "
                      f"{_fmt(v['recall'] * 100, 1)} | {_fmt(v['f1'] * 100, 1)} | {_fmt(v['macro_f1'] * 100, 1)} |")
     return [*lines, ""]
 
@@ -605,6 +623,49 @@ def _state(timeout_min: float) -> Any:
     return make_state(timeout_min)
 
 
+CLASS_SPECIFIC_ALL_UP_TO = 100  # Table 1 over every class up to this many (VOC 20, COCO 80): C x (C+1) passes
+CLASS_SPECIFIC_SUBSET = 20  # above it, this many of the classes present in the evaluated images ...
+CLASS_SPECIFIC_SEED = 0  # ... drawn with this seed
+
+
+def default_class_specific(manifest: Any, split: str, limit: int | None) -> list[str] | None:
+    """Table 1's default classes: None (all) up to CLASS_SPECIFIC_ALL_UP_TO classes; above, CLASS_SPECIFIC_SUBSET
+    of the classes present in the first `limit` images of the split (the images evaluated), drawn with a fixed seed
+    and kept in class order. At 1000 classes all of them cost ~9000 classifier passes per image."""
+    import numpy as np
+
+    from explainer.data.loader import iter_samples
+
+    classes = list(manifest.classes)
+    if len(classes) <= CLASS_SPECIFIC_ALL_UP_TO:
+        return None
+    present = np.zeros(len(classes), bool)
+    for i, sample in enumerate(iter_samples(manifest, split)):  # labels only: nothing is decoded
+        if limit is not None and i >= limit:
+            break
+        present |= np.asarray(json.loads(sample["json"])["labels"]) > 0
+    candidates = np.flatnonzero(present)
+    rng = np.random.default_rng(CLASS_SPECIFIC_SEED)
+    chosen = rng.choice(candidates, size=min(CLASS_SPECIFIC_SUBSET, len(candidates)), replace=False)
+    return [classes[k] for k in sorted(int(k) for k in chosen)]
+
+
+def eval_settings(cfg: ExplainerRunConfig, manifest: Any, limit: int | None) -> EvalConfig:
+    """cfg.eval with the defaults that depend on the data and the classifier filled in, and said: Table 1's classes
+    above CLASS_SPECIFIC_ALL_UP_TO classes, faithfulness_prob=auto (softmax for loss.classification=ce)."""
+    ev = cfg.eval
+    if ev.faithfulness_prob == "auto":
+        ev = dataclasses.replace(ev, faithfulness_prob="softmax" if cfg.loss.classification == "ce" else "sigmoid")
+    if not ev.class_specific_classes:
+        chosen = default_class_specific(manifest, cfg.data.test_split, limit)
+        if chosen is not None:
+            log.info("evaluate: Table 1 (class-specific masking) on %d of %d classes, drawn with seed %d from those in "
+                     "the evaluated '%s' images (set eval.class_specific_classes to choose): %s", len(chosen),
+                     len(manifest.classes), CLASS_SPECIFIC_SEED, cfg.data.test_split, ", ".join(chosen))
+            ev = dataclasses.replace(ev, class_specific_classes=chosen)
+    return ev
+
+
 def load_eval_classifier(cfg: ExplainerRunConfig, classes: Sequence[str], device: torch.device,
                          checkpoint: str | None = None, where: str = "the data") -> tuple[nn.Module, str]:
     """The frozen Explanandum from any source (explainer.models.explanandum) and how reports name it;
@@ -650,6 +711,9 @@ def evaluate(cfg: ExplainerRunConfig, checkpoint: str | None, *, classifier: str
             if int(meta["image_size"]) != cfg.data.image_size:
                 log.warning("note: %s was trained at %s px, evaluating at %d px (data.image_size)", path,
                             meta["image_size"], cfg.data.image_size)
+            if meta.get("extra", {}).get("resize", "squash") != cfg.data.resize:
+                log.warning("note: %s was trained with data.resize=%s, evaluating with %s", path,
+                            meta["extra"].get("resize", "squash"), cfg.data.resize)
             built[name] = MaskNetwork(name, net)
         else:
             built[name] = build_baseline(name, clf, cfg.eval)
@@ -658,8 +722,9 @@ def evaluate(cfg: ExplainerRunConfig, checkpoint: str | None, *, classifier: str
     if batches is None:
         batches = make_eval_loader(cfg.data, manifest, cfg.data.test_split, rank=state.process_index,
                                    world_size=state.num_processes, max_images=limit, **input_normalization(cfg))
-    evaluator = Evaluator(clf, built, classes, cfg.eval, device,
-                          figure_images=figure_images if state.is_main_process else 0, norm=input_normalization(cfg))
+    ev = eval_settings(cfg, manifest, limit)
+    evaluator = Evaluator(clf, built, classes, ev, device, figure_images=figure_images if state.is_main_process else 0,
+                          norm=input_normalization(cfg), softmax=cfg.loss.classification == "ce")
     for batch in tqdm(batches, desc=f"evaluate[{state.process_index}]", unit="batch",
                       disable=not (progress and state.is_main_process)):
         evaluator.update(batch)
@@ -670,7 +735,7 @@ def evaluate(cfg: ExplainerRunConfig, checkpoint: str | None, *, classifier: str
         "methods": names, "world_size": state.num_processes, "device": str(device),
         "batch_size": cfg.data.batch_size, "image_size": cfg.data.image_size,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": sys.argv, "eval": to_dict(cfg.eval),
+        "command": sys.argv, "eval": to_dict(ev), "classification": cfg.loss.classification,
     }
     out_dir = Path(out or cfg.eval.output_dir or (Path(checkpoint).parent / "eval" if checkpoint else "eval"))
     if state.is_main_process:

@@ -369,15 +369,23 @@ def log_window(run: Run) -> dict[str, float]:
 def validate(run: Run) -> dict[str, float]:
     """Validation metrics over the whole split and all ranks (collective; the stream is built once per run)."""
     tcfg, model = run.settings.train, run.model
+    total = len(run.val_stream) if tcfg.val_max_batches is None else min(len(run.val_stream), tcfg.val_max_batches)
+    if run.world.is_main:
+        log.info("step %d: validating on split '%s' (%d batches per process)", run.state.step, run.data.val_split,
+                 total)
     model.eval()
     sums: dict[str, float] = {}
+    bar = tqdm(total=total, desc="validate", unit="batch", leave=False, disable=not run.world.is_main,
+               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
     with torch.no_grad():
         for i, batch in enumerate(run.val_stream):
             if tcfg.val_max_batches is not None and i >= tcfg.val_max_batches:
                 break
+            bar.update(1)
             batch = _to_device(batch, run.accelerator.device, tcfg.channels_last, run.precision.dtype, run.norm)
             for key, value in run.task.val_sums(model, batch, run.precision).items():
                 sums[key] = sums.get(key, 0.0) + value
+    bar.close()
     model.train()
     sums = all_reduce_sums(run.accelerator, sums, run.task.val_keys(run.manifest))
     if not sums["count"]:
@@ -393,10 +401,15 @@ def after_validation(run: Run, metrics: dict[str, float]) -> None:
     if improved:
         state.best_metric, state.best_step, state.bad_validations = loss, state.step, 0
         if run.world.is_main:
-            run.task.export(run.accelerator.unwrap_model(run.model), run.manifest, run.run_dir / f"{run.task.kind}.pt")
+            path = run.run_dir / f"{run.task.kind}.pt"
+            run.task.export(run.accelerator.unwrap_model(run.model), run.manifest, path)
+            log.info("step %d: validation loss %.4f, the best so far: wrote %s", state.step, loss, path)
     else:
         state.bad_validations += 1
         state.stopped_early = state.bad_validations >= tcfg.early_stop_patience
+        if run.world.is_main:
+            log.info("step %d: validation loss %.4f, not better than %.4f (step %d): %s kept", state.step, loss,
+                     state.best_metric, state.best_step, run.run_dir / f"{run.task.kind}.pt")
     state.history.append({"step": state.step, "epoch": state.epoch, **metrics, "improved": improved})
     run.tracker.log({**metrics, "best_loss": state.best_metric}, state.step, kind="val")
 
