@@ -283,3 +283,22 @@ def test_evaluate_max_images_across_two_processes_and_errors(synthetic_manifest,
     proc = run_cmd(_evaluate_cmd(synthetic_manifest, tiny_classifier, explainer_pt, tmp_path / "r", "explainer,rtis"),
                    check=False)
     assert proc.returncode != 0 and "--rtis-checkpoint" in proc.stderr
+
+
+def test_softmax_classifier_rules_and_figures_in_the_classifiers_colours():
+    """softmax=True (loss.classification=ce): Table 4 predicts the top-1 class (one per image, so an image with two
+    classes misses one) and faithfulness_prob=auto means softmax; the figure images undo the classifier's mean/std."""
+    clf = colour_classifier(gain=40)
+    ev = Evaluator(clf, {"explainer": MaskNetwork("explainer", OracleExplainer())}, CLASSES,
+                   EvalConfig(faithfulness_steps=4), torch.device("cpu"), figure_images=2,
+                   norm={"mean": (0.5,) * 3, "std": (0.5,) * 3}, softmax=True)
+    batch = toy_batch(0)
+    assert batch["labels"].sum() > len(batch["labels"])  # some image has both classes
+    ev.update(batch)
+    res = ev.finish()
+    clean = res["classification"]["clean"]
+    assert clean["rule"] == "top-1 (softmax)" and clean["precision"] == pytest.approx(1.0)
+    assert clean["recall"] == pytest.approx(len(batch["labels"]) / float(batch["labels"].sum()))
+    assert res["faithfulness"]["settings"]["probability"] == "softmax"
+    images, _, _ = ev.figure_data()
+    assert torch.allclose(images, batch["image"][:2] * 0.5 + 0.5)
