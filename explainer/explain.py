@@ -338,7 +338,12 @@ def load_ranker(rank_by: str, config: str | None, checkpoint: Path, classes: lis
     from explainer.evaluate import load_eval_classifier
 
     cfg = load_config(ExplainerRunConfig, path)
-    model, source = load_eval_classifier(cfg, classes, device, where=str(checkpoint))
+    try:
+        model, source = load_eval_classifier(cfg, classes, device, where=str(checkpoint))
+    except (ValueError, FileNotFoundError) as exc:
+        kind = FileNotFoundError if isinstance(exc, FileNotFoundError) else ValueError
+        raise kind(f"{exc} (the classifier of {path}, which ranks the classes; --rank-by mask ranks by mask "
+                        "activation without it)") from exc
     return Ranker(model, cfg.loss.classification == "ce", source)
 
 

@@ -220,6 +220,10 @@ def test_classes_by_name_or_index_all_classes_and_errors(ranked_run, images, tmp
     assert len(list((tmp_path / "a" / "y" / "masks").iterdir())) == len(MANY)
     with pytest.raises(ValueError, match="'nope' is neither a class"):
         explain(ckpt, [src], str(tmp_path / "e"), classes=["nope"], progress=False)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text((ranked_run / "config.yaml").read_text().replace("_byo_factory:build", "_no_such_module:build"))
+    with pytest.raises(ValueError, match=r"cannot import module '_no_such_module'.*--rank-by mask"):
+        explain(ckpt, [src], str(tmp_path / "e"), config=str(broken), progress=False)
 
 
 def test_rank_by_mask_without_a_config_and_probability_needs_one(checkpoint, images, tmp_path, capsys):
