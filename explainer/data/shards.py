@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from explainer.atomic import write_text_atomic
 from explainer.logs import get_logger
+from explainer.signals import worker_defaults
 
 _json_string = json.encoder.encode_basestring_ascii  # what json.dumps uses for str (ensure_ascii)
 
@@ -411,6 +412,7 @@ _COUNTER: Any = None  # shared progress counter, set in each worker process
 def _init_worker(counter: Any) -> None:
     global _COUNTER
     _COUNTER = counter
+    worker_defaults()  # Ctrl-C is the main process's to handle; its SIGTERM (`_stop_workers`) ends a worker
 
 
 def _tick() -> None:
@@ -506,17 +508,37 @@ def _execute(jobs: list[ShardJob], out: str | None, build: Callable, workers: in
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
             ctx = mp.get_context(method)
             counter = ctx.Value("q", 0)
-            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
-                                     initargs=(counter,)) as pool:
+            pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
+                                       initargs=(counter,))
+            try:
                 pending = {pool.submit(run_job, job, out, build): i for i, job in enumerate(jobs)}
                 while pending:
                     done, _ = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
                     for fut in done:
                         results[pending.pop(fut)] = fut.result()
                     bar.update(counter.value - bar.n)
+            except BaseException:  # a signal (explainer.signals.Interrupted), Ctrl-C or a failed shard
+                _stop_workers(pool)
+                raise
+            pool.shutdown()
     finally:
         bar.close()
     return [r for r in results if r is not None]
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """End the pool's workers now: leaving the pool normally would first write every queued shard, and a main process
+    that dies without this leaves them blocked on their pipe forever. A shard being written stays a temp file, which
+    the next run removes; complete shards and their records are kept, so `--resume` continues."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # private, stable since 3.8
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
