@@ -202,6 +202,49 @@ def test_imagefolder_layouts(tmp_path):
     assert list(samples_of(tmp_path / "s2", "val")) == ["val_a_0_png", "val_a_1_png", "val_b_0_png", "val_b_1_png"]
 
 
+def test_symbolic_links_out_of_the_root_are_bad_rows(tmp_path):
+    """Real symbolic links: to a file outside the root, through a linked folder, as a mask; a link that stays inside
+    the root is kept. The outside file's bytes never reach a shard, in both layouts."""
+    rng = np.random.default_rng(5)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = jpeg_bytes(rng, 20, 20)
+    (outside / "secret.jpg").write_bytes(secret)
+    root = tmp_path / "root"
+    (root / "img").mkdir(parents=True)
+    (root / "img" / "ok.jpg").write_bytes(jpeg_bytes(rng))
+    (root / "img" / "m.jpg").write_bytes(jpeg_bytes(rng))
+    (root / "img" / "inside.jpg").symlink_to(root / "img" / "ok.jpg")
+    (root / "img" / "link.jpg").symlink_to(outside / "secret.jpg")
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "mask.png").symlink_to(outside / "secret.jpg")
+    (root / "labels.csv").write_text("path,labels,mask\nimg/ok.jpg,cat,\nimg/inside.jpg,cat,\nimg/link.jpg,cat,\n"
+                                     "linked/secret.jpg,cat,\nimg/m.jpg,dog,mask.png\n")
+    out = tmp_path / "s"
+    assert make_shards("folder", "--root", str(root), "--labels", str(root / "labels.csv"), "--out", str(out),
+                       "--workers", "1", "--split-fractions", "train=1") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    reasons = {p["reason"].split(":")[0]: p["reason"] for p in manifest["skipped"]}
+    assert set(reasons) == {"line 4", "line 5", "line 6"}, manifest["skipped"]
+    for line in ("line 4", "line 5", "line 6"):
+        assert "leads outside the root, to " + str(outside.resolve()) in reasons[line]
+    assert manifest["splits"]["train"]["total"] == 2  # ok.jpg, and inside.jpg (a link within the root)
+    assert all(secret not in data for data in tree_bytes(out).values())
+
+    folder = tmp_path / "imagefolder"
+    (folder / "cat").mkdir(parents=True)
+    (folder / "cat" / "a.jpg").write_bytes(jpeg_bytes(rng))
+    (folder / "cat" / "b.jpg").symlink_to(outside / "secret.jpg")
+    out = tmp_path / "s2"
+    assert make_shards("folder", "--root", str(folder), "--out", str(out), "--workers", "1",
+                       "--split-fractions", "train=1") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [p["file"] for p in manifest["skipped"]] == [str(folder / "cat" / "b.jpg")]
+    assert "leads outside the root" in manifest["skipped"][0]["reason"]
+    assert manifest["splits"]["train"]["total"] == 1
+    assert all(secret not in data for data in tree_bytes(out).values())
+
+
 def test_bad_sources_exit_2(tmp_path):
     assert make_shards("folder", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")) == 2
     (tmp_path / "labels.csv").write_text("file,classes\nx.jpg,a\n")
