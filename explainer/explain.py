@@ -33,9 +33,9 @@ from PIL import Image, ImageDraw
 from torch import nn
 from tqdm import tqdm
 
-from explainer.arguments import HelpFormatter
+from explainer.arguments import HelpFormatter, max_pixels_arg
 from explainer.atomic import write_atomic
-from explainer.data.transforms import decode_rgb, normalize_batch
+from explainer.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, decode_rgb, normalize_batch, open_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 EXPORT_TOLERANCE = 1e-4  # max |mask difference| accepted between the exported and the eager model
@@ -80,12 +80,13 @@ class Decoded:
     error: str | None = None
 
 
-def decode(path: Path, size: int) -> Decoded:
-    """Read one image the way the training loader does (decode_rgb); any failure is returned, not raised."""
+def decode(path: Path, size: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Decoded:
+    """Read one image the way the training loader does (decode_rgb); any failure is returned, not raised. An image
+    over the pixel cap is refused from its header (ImageTooLarge), before anything is decoded."""
     try:
         data = path.read_bytes()
-        resized = decode_rgb(data, size)
-        with Image.open(path) as im:
+        resized = decode_rgb(data, size, max_pixels)
+        with open_image(data, max_pixels) as im:
             original = im.convert("RGB")
         return Decoded(path, original, resized)
     except Exception as exc:  # noqa: BLE001 - whatever PIL raises for a broken file, the file is skipped
@@ -93,18 +94,19 @@ def decode(path: Path, size: int) -> Decoded:
 
 
 class _Files(torch.utils.data.Dataset):
-    def __init__(self, files: list[Path], size: int) -> None:
-        self.files, self.size = files, size
+    def __init__(self, files: list[Path], size: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+        self.files, self.size, self.max_pixels = files, size, max_pixels
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> Decoded:
-        return decode(self.files[i], self.size)
+        return decode(self.files[i], self.size, self.max_pixels)
 
 
-def batches(files: list[Path], size: int, batch_size: int, workers: int) -> Iterator[list[Decoded]]:
-    loader = torch.utils.data.DataLoader(_Files(files, size), batch_size=batch_size, num_workers=workers,
+def batches(files: list[Path], size: int, batch_size: int, workers: int,
+            max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[list[Decoded]]:
+    loader = torch.utils.data.DataLoader(_Files(files, size, max_pixels), batch_size=batch_size, num_workers=workers,
                                          collate_fn=list, shuffle=False)
     yield from loader
 
@@ -258,7 +260,7 @@ def pick_device(name: str) -> torch.device:
 
 def explain(checkpoint: str, inputs: Sequence[str], out: str, *, batch_size: int = 8, device: str = "auto",
             top_k: int = 5, workers: int = 0, export: str | None = None, export_path: str | None = None,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, Any]:
     """Run the explainer over the inputs and write everything; returns the index (written, skipped, export)."""
     from explainer.models import load_explainer
 
@@ -276,7 +278,7 @@ def explain(checkpoint: str, inputs: Sequence[str], out: str, *, batch_size: int
                              "skipped": []}
     top_k = max(1, min(top_k, len(classes)))
     bar = tqdm(total=len(files), desc="explain", unit="img", disable=not progress)
-    for batch in batches(files, size, batch_size, workers):
+    for batch in batches(files, size, batch_size, workers, max_pixels):
         good = [d for d in batch if d.error is None]
         for d in batch:
             if d.error is not None:
@@ -317,6 +319,9 @@ def build_parser(prog: str = "explainer explain") -> argparse.ArgumentParser:
                         help="also export the explainer and check it gives the same masks")
     parser.add_argument("--export-path", default=None, help="default: OUT/explainer.ts or OUT/explainer.onnx")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--max-image-pixels", type=max_pixels_arg, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="larger images (W x H) are skipped unread, with an error naming the file; 'none': no "
+                             f"cap (default {DEFAULT_MAX_IMAGE_PIXELS}, PIL's)")
     return parser
 
 
@@ -325,7 +330,7 @@ def run_args(args: argparse.Namespace) -> int:
         raise SystemExit("--batch-size must be >= 1")
     index = explain(args.checkpoint, args.inputs, args.out, batch_size=args.batch_size, device=args.device,
                     top_k=args.top_k, workers=args.workers, export=args.export, export_path=args.export_path,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, max_pixels=args.max_image_pixels)
     print(f"[explainer] wrote {len(index['images'])} image(s) to {args.out}"
           + (f"; skipped {len(index['skipped'])}" if index["skipped"] else ""))
     if "export" in index:

@@ -19,8 +19,9 @@ import os
 import sys
 from pathlib import Path
 
-from explainer.arguments import ArgumentParser
+from explainer.arguments import ArgumentParser, max_pixels_arg
 from explainer.data.shards import ShardOptions, StrictError, summary
+from explainer.data.transforms import DEFAULT_MAX_IMAGE_PIXELS
 from explainer.logs import configure_logging
 from explainer.signals import Interrupted, raise_on_signals
 
@@ -58,6 +59,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     common.add_argument("--verify-decode", action="store_true",
                         help="fully decode every image (default: header + end-marker check, much faster)")
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common.add_argument("--max-image-pixels", type=max_pixels_arg, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="images declaring more pixels (W x H) are skipped unread, as bad inputs; 'none': no cap "
+                             f"(default {DEFAULT_MAX_IMAGE_PIXELS}, PIL's)")
     sub = parser.add_subparsers(dest="dataset", required=True)
 
     voc = sub.add_parser("voc", parents=[common], help="PASCAL VOC layout (VOCdevkit/VOC2007)")
@@ -109,7 +113,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                    "folder": getattr(args, "name", "folder")}[args.dataset]
     out = args.out if args.out is not None else Path("shards") / default_out
     options = ShardOptions(out=out, maxcount=args.shard_maxcount, maxsize=args.shard_maxsize, workers=args.workers,
-                           resume=args.resume, strict=args.strict, progress=not args.no_progress)
+                           resume=args.resume, strict=args.strict, progress=not args.no_progress,
+                           max_image_pixels=args.max_image_pixels)
     command = ["launch/make_shards.py", *(argv if argv is not None else sys.argv[1:])]
     try:
         with raise_on_signals():

@@ -245,6 +245,34 @@ def test_symbolic_links_out_of_the_root_are_bad_rows(tmp_path):
     assert all(secret not in data for data in tree_bytes(out).values())
 
 
+def test_images_over_the_pixel_cap_are_bad_rows(tmp_path, huge_png):
+    """A real 12000 x 12000 PNG (small on disk) is skipped by name under the default cap, by the shard workers too;
+    --max-image-pixels lowers or raises the cap (a 3000 x 1000 PNG keeps the test small)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(6)
+    root = tmp_path / "root"
+    (root / "cat").mkdir(parents=True)
+    (root / "cat" / "a.jpg").write_bytes(jpeg_bytes(rng))
+    (root / "cat" / "huge.png").write_bytes(huge_png.read_bytes())
+    Image.new("1", (3000, 1000), 1).save(root / "cat" / "wide.png")
+    base = ["folder", "--root", str(root), "--split-fractions", "train=1", "--workers", "2", "--shard-maxcount", "1"]
+
+    def skipped(out, *extra):
+        assert make_shards(*base, "--out", str(tmp_path / out), *extra) == 0
+        manifest = json.loads((tmp_path / out / "manifest.json").read_text())
+        return {p["file"]: p["reason"] for p in manifest["skipped"]}, manifest["splits"]["train"]["total"]
+
+    huge, wide = str(root / "cat" / "huge.png"), str(root / "cat" / "wide.png")
+    reasons, total = skipped("default")
+    assert total == 2 and list(reasons) == [huge]
+    assert "12000 x 12000 = 144,000,000 pixels, more than the cap of 89,478,485" in reasons[huge]
+    reasons, total = skipped("lowered", "--max-image-pixels", "2999999")
+    assert total == 1 and set(reasons) == {huge, wide}
+    reasons, total = skipped("raised", "--max-image-pixels", "none")
+    assert total == 3 and not reasons
+
+
 def test_bad_sources_exit_2(tmp_path):
     assert make_shards("folder", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")) == 2
     (tmp_path / "labels.csv").write_text("file,classes\nx.jpg,a\n")
