@@ -61,3 +61,16 @@ def parse_run_config(cls: type[T], argv: list[str] | None, description: str, pro
         return load_config(cls, args.config, overrides)
     except ConfigError as exc:
         parser.exit(2, f"config error: {exc}\n")
+
+
+def max_pixels_arg(text: str) -> int | None:
+    """--max-image-pixels: a pixel count >= 1, or 'none' for no cap (PIL's Image.MAX_IMAGE_PIXELS semantics)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a pixel count >= 1 or 'none', got {text!r}")
+    return value

@@ -51,6 +51,9 @@ class DataConfig:
     # (a shell command) are never run; http/https shards are read with urllib when listed in allow_url_schemes.
     allow_external_shards: bool = False  # absolute shard paths, or paths leading out of the manifest's folder
     allow_url_schemes: list[str] = field(default_factory=list)  # e.g. [https]
+    # Images declaring more pixels (W x H) are skipped unread, like corrupt ones (PIL's Image.MAX_IMAGE_PIXELS default;
+    # null: no cap): a small PNG can declare 12000 x 12000 and take 10 GB to decode.
+    max_image_pixels: int | None = 89_478_485
 
 
 @dataclass
@@ -385,6 +388,8 @@ def validate(cfg: Any) -> None:
             (data.image_size >= 16, f"data.image_size must be >= 16, got {data.image_size}"),
             (data.batch_size >= 1, f"data.batch_size must be >= 1, got {data.batch_size}"),
             (data.num_workers >= 0, f"data.num_workers must be >= 0, got {data.num_workers}"),
+            (data.max_image_pixels is None or data.max_image_pixels >= 1,
+             f"data.max_image_pixels must be >= 1 or null (no cap), got {data.max_image_pixels}"),
         ]
     loss = getattr(cfg, "loss", None)
     if loss is not None:

@@ -195,6 +195,16 @@ def any_flag(accelerator: Accelerator, flags: torch.Tensor) -> bool:
     return bool(flags.item() > 0)
 
 
+def max_over_ranks(accelerator: Accelerator, values: torch.Tensor) -> list[float]:
+    """Element-wise maximum of a small device vector over all ranks, on every rank: several flags (> 0 = set) or
+    codes decided in ONE collective and one device-to-host copy (the trainer's once-per-step decision)."""
+    values = values.detach().float().reshape(-1)
+    if accelerator.num_processes > 1:
+        values = values.clone()
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return values.tolist()
+
+
 def all_reduce_sums(
     accelerator: Accelerator, sums: dict[str, float], keys: list[str] | tuple[str, ...]
 ) -> dict[str, float]:

@@ -31,7 +31,7 @@ import json
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +41,17 @@ from PIL import Image, ImageDraw
 from torch import nn
 from tqdm import tqdm
 
-from explainer.arguments import HelpFormatter
+from explainer.arguments import HelpFormatter, max_pixels_arg
 from explainer.atomic import write_atomic
 from explainer.data.transforms import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     IMAGENET_MEAN,
     RESIZE_MODES,
     decode_rgb,
     mask_to_original,
     mean_fill,
     normalize_batch,
+    open_image,
 )
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
@@ -98,19 +100,22 @@ class Decoded:
 
 @dataclass(frozen=True)
 class Fit:
-    """How an image becomes the model input (data.resize of the training run) and the letterbox fill colour."""
+    """How an image becomes the model input (data.resize of the training run), the letterbox fill colour, and the
+    pixel cap checked from the header before decoding."""
 
     size: int
     resize: str = "squash"
     fill: tuple[int, int, int] = (0, 0, 0)
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 
 
 def decode(path: Path, fit: Fit) -> Decoded:
-    """Read one image the way the training loader does (decode_rgb); any failure is returned, not raised."""
+    """Read one image the way the training loader does (decode_rgb); any failure is returned, not raised. An image
+    over the pixel cap is refused from its header (ImageTooLarge), before anything is decoded."""
     try:
         data = path.read_bytes()
-        resized = decode_rgb(data, fit.size, fit.resize, fit.fill)
-        with Image.open(path) as im:
+        resized = decode_rgb(data, fit.size, fit.resize, fit.fill, max_pixels=fit.max_pixels)
+        with open_image(data, fit.max_pixels) as im:
             original = im.convert("RGB")
         return Decoded(path, original, resized)
     except Exception as exc:  # noqa: BLE001 - whatever PIL raises for a broken file, the file is skipped
@@ -405,13 +410,15 @@ def _export_once(index: dict[str, Any], model: nn.Module, x: torch.Tensor, expor
 def explain(checkpoint: str, inputs: Sequence[str], out: str, *, batch_size: int = 8, device: str = "auto",
             top_k: int = 5, classes: Sequence[str] | None = None, all_classes: bool = False, rank_by: str = "auto",
             config: str | None = None, resize: str | None = None, workers: int = 0, export: str | None = None,
-            export_path: str | None = None, progress: bool = True) -> dict[str, Any]:
+            export_path: str | None = None, progress: bool = True,
+            max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, Any]:
     """Run the explainer over the inputs and write everything; returns the index (written, skipped, export)."""
     from explainer.models import load_explainer
 
     dev = pick_device(device)
     model, meta = load_explainer(checkpoint, map_location=dev)
     names, (fit, norm) = list(meta["classes"]), _fit(meta, resize)
+    fit = replace(fit, max_pixels=max_pixels)
     wanted = class_indices(classes, names)
     files = expand_inputs(inputs)
     if not files:
@@ -476,6 +483,9 @@ def build_parser(prog: str = "explainer explain") -> argparse.ArgumentParser:
                         help="also export the explainer and check it gives the same masks")
     parser.add_argument("--export-path", default=None, help="default: OUT/explainer.ts or OUT/explainer.onnx")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--max-image-pixels", type=max_pixels_arg, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="larger images (W x H) are skipped unread, with an error naming the file; 'none': no "
+                             f"cap (default {DEFAULT_MAX_IMAGE_PIXELS}, PIL's)")
     return parser
 
 
@@ -487,7 +497,7 @@ def run_args(args: argparse.Namespace) -> int:
     index = explain(args.checkpoint, args.inputs, args.out, batch_size=args.batch_size, device=args.device,
                     top_k=args.top_k, classes=args.classes, all_classes=args.all_classes, rank_by=args.rank_by,
                     config=args.config, resize=args.resize, workers=args.workers, export=args.export,
-                    export_path=args.export_path, progress=not args.no_progress)
+                    export_path=args.export_path, progress=not args.no_progress, max_pixels=args.max_image_pixels)
     print(f"[explainer] wrote {len(index['images'])} image(s) to {args.out} (classes ranked by "
           f"{index['ranked_by']})" + (f"; skipped {len(index['skipped'])}" if index["skipped"] else ""))
     if "export" in index:

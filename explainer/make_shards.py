@@ -8,7 +8,8 @@ plus a manifest.
     python launch/make_shards.py folder --root /data/imagefolder --out shards/mine   (one folder per class)
 
 Exit status: 0 done (skipped inputs are listed in the summary and the manifest), 1 `--strict` found problems (nothing
-written), 2 bad arguments or an unusable source folder.
+written), 2 bad arguments or an unusable source folder, 143 / 130 stopped by SIGTERM / SIGINT (the worker processes are
+stopped, complete shards are kept: rerun with --resume).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import os
 import sys
 from pathlib import Path
 
-from explainer.arguments import ArgumentParser
+from explainer.arguments import ArgumentParser, max_pixels_arg
 from explainer.data.shards import ShardOptions, StrictError, summary
+from explainer.data.transforms import DEFAULT_MAX_IMAGE_PIXELS
 from explainer.logs import configure_logging
+from explainer.signals import Interrupted, raise_on_signals
 
 
 def _size(text: str) -> int:
@@ -56,6 +59,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     common.add_argument("--verify-decode", action="store_true",
                         help="fully decode every image (default: header + end-marker check, much faster)")
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common.add_argument("--max-image-pixels", type=max_pixels_arg, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="images declaring more pixels (W x H) are skipped unread, as bad inputs; 'none': no cap "
+                             f"(default {DEFAULT_MAX_IMAGE_PIXELS}, PIL's)")
     sub = parser.add_subparsers(dest="dataset", required=True)
 
     voc = sub.add_parser("voc", parents=[common], help="PASCAL VOC layout (VOCdevkit/VOC2007)")
@@ -107,42 +113,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                    "folder": getattr(args, "name", "folder")}[args.dataset]
     out = args.out if args.out is not None else Path("shards") / default_out
     options = ShardOptions(out=out, maxcount=args.shard_maxcount, maxsize=args.shard_maxsize, workers=args.workers,
-                           resume=args.resume, strict=args.strict, progress=not args.no_progress)
+                           resume=args.resume, strict=args.strict, progress=not args.no_progress,
+                           max_image_pixels=args.max_image_pixels)
     command = ["launch/make_shards.py", *(argv if argv is not None else sys.argv[1:])]
     try:
-        if args.dataset == "voc":
-            from explainer.data.folder import read_classes_file
-            from explainer.data.voc import VOC_CLASSES, build_voc_shards
-
-            classes = VOC_CLASSES
-            if args.classes_file is not None:
-                classes = tuple(read_classes_file(args.classes_file))
-            splits = args.splits.split(",") if args.splits else None
-            manifest = build_voc_shards(args.root, options, splits=splits, classes=classes,
-                                        exclude_difficult=args.exclude_difficult, verify=args.verify_decode,
-                                        command=command)
-        elif args.dataset == "coco":
-            from explainer.data.coco import build_coco_shards
-
-            manifest = build_coco_shards(args.root, options, seed=args.seed, val_fraction=args.val_fraction,
-                                         seg_subset=args.seg_subset, verify=args.verify_decode, command=command)
-        elif args.dataset == "folder":
-            from explainer.data.folder import build_folder_shards, read_classes_file
-
-            classes = None
-            if args.classes_file is not None:
-                classes = read_classes_file(args.classes_file)
-            manifest = build_folder_shards(args.root, options, labels=args.labels, classes=classes,
-                                           fractions=args.split_fractions, seed=args.seed, verify=args.verify_decode,
-                                           dataset=args.name, command=command)
-        else:
-            from explainer.data.synthetic import SyntheticSpec, build_synthetic_shards
-
-            spec_kwargs = {"counts": args.counts} if args.counts else {}
-            spec = SyntheticSpec(num_classes=args.num_classes, image_size=args.image_size, seed=args.seed,
-                                 max_objects=min(args.max_objects, args.num_classes), void_width=args.void_width,
-                                 cue_class=args.cue_class, cue_prob=args.cue_prob, **spec_kwargs)
-            manifest = build_synthetic_shards(spec, options, source_dir=args.source_dir, command=command)
+        with raise_on_signals():
+            manifest = _build(args, options, command)
+    except Interrupted as exc:
+        print(f"make_shards: {exc}; the worker processes are stopped and the complete shards in {out} are kept: "
+              "rerun the same command with --resume to continue", file=sys.stderr)
+        return exc.status
     except StrictError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -151,6 +131,41 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 2
     print(summary(manifest, out))
     return 0
+
+
+def _build(args: argparse.Namespace, options: ShardOptions, command: list[str]) -> dict:
+    """The chosen builder, called with the parsed arguments; returns the manifest."""
+    if args.dataset == "voc":
+        from explainer.data.folder import read_classes_file
+        from explainer.data.voc import VOC_CLASSES, build_voc_shards
+
+        classes = VOC_CLASSES
+        if args.classes_file is not None:
+            classes = tuple(read_classes_file(args.classes_file))
+        splits = args.splits.split(",") if args.splits else None
+        return build_voc_shards(args.root, options, splits=splits, classes=classes,
+                                exclude_difficult=args.exclude_difficult, verify=args.verify_decode, command=command)
+    if args.dataset == "coco":
+        from explainer.data.coco import build_coco_shards
+
+        return build_coco_shards(args.root, options, seed=args.seed, val_fraction=args.val_fraction,
+                                 seg_subset=args.seg_subset, verify=args.verify_decode, command=command)
+    if args.dataset == "folder":
+        from explainer.data.folder import build_folder_shards, read_classes_file
+
+        classes = None
+        if args.classes_file is not None:
+            classes = read_classes_file(args.classes_file)
+        return build_folder_shards(args.root, options, labels=args.labels, classes=classes,
+                                   fractions=args.split_fractions, seed=args.seed, verify=args.verify_decode,
+                                   dataset=args.name, command=command)
+    from explainer.data.synthetic import SyntheticSpec, build_synthetic_shards
+
+    spec_kwargs = {"counts": args.counts} if args.counts else {}
+    spec = SyntheticSpec(num_classes=args.num_classes, image_size=args.image_size, seed=args.seed,
+                         max_objects=min(args.max_objects, args.num_classes), void_width=args.void_width,
+                         cue_class=args.cue_class, cue_prob=args.cue_prob, **spec_kwargs)
+    return build_synthetic_shards(spec, options, source_dir=args.source_dir, command=command)
 
 
 if __name__ == "__main__":

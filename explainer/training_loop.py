@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -52,10 +52,19 @@ from explainer.data.loader import (
     read_data_manifest,
 )
 from explainer.data.transforms import normalize_on_device
-from explainer.distributed import WorldInfo, all_reduce_sums, any_flag, make_accelerator, seed_everything, world_from
+from explainer.distributed import (
+    WorldInfo,
+    all_reduce_sums,
+    close_process_group,
+    make_accelerator,
+    max_over_ranks,
+    seed_everything,
+    world_from,
+)
 from explainer.logs import configure_logging, get_logger
 from explainer.precision import Precision
 from explainer.run_checkpoints import CheckpointManager, TrainerState
+from explainer.signals import StopRequest, exit_status, signal_name
 from explainer.tracking import RunTracker, wandb_log_with
 
 log = get_logger(__name__)
@@ -240,6 +249,7 @@ class Run:
     run_dir: Path
     norm: dict[str, Any] = field(default_factory=dict)  # the classifier's mean/std (uint8 batches normalised here)
     window: LogWindow = field(default_factory=LogWindow)
+    stop: StopRequest = field(default_factory=StopRequest)  # SIGTERM / SIGINT seen by this process
 
 
 def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool,
@@ -274,6 +284,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 class StepOutcome:
     applied: bool
     images: dict[str, torch.Tensor] | None = None  # image, labels, masks of the last micro-batch, when logging images
+    stop_signal: int = 0  # a SIGTERM / SIGINT reached some rank (the largest signal number): stop after this step
 
 
 def optimizer_step(run: Run, batches: Iterator[dict[str, Any]], keep_images: int = 0) -> StepOutcome:
@@ -309,26 +320,34 @@ def optimizer_step(run: Run, batches: Iterator[dict[str, Any]], keep_images: int
         # Gradients are already all-reduced (identical on every rank): their norm joins the loss flag in ONE
         # collective and ONE host sync for the step.
         norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None])
-        bad = any_flag(run.accelerator, torch.stack([nonfinite, (~torch.isfinite(norm)).float()]))
+        bad, stop = _decide_step(run, nonfinite, (~torch.isfinite(norm)).float())
         if not bad and clip is not None:
             torch.nn.utils.clip_grads_with_norm_(run.params, clip, norm)
     else:
         # fp16 with our scaler: inf/nan gradients are the scaler's business (skip + lower the scale); only a
         # non-finite LOSS counts against max_bad_steps.
-        bad = any_flag(run.accelerator, nonfinite)
+        bad, stop = _decide_step(run, nonfinite)
         if not bad:
             precision.unscale_(run.optimizer)
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(run.params, clip)
     if bad:
         run.optimizer.zero_grad(set_to_none=True)
-        return StepOutcome(applied=False)
+        return StepOutcome(applied=False, stop_signal=stop)
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(run.state.step, run.batch.lr, run.plan.warmup_steps)
     precision.step(run.optimizer)
     run.optimizer.zero_grad(set_to_none=True)
     run.window.add(torch.stack(rows), keys, images * run.world.world_size)
-    return StepOutcome(applied=True, images=kept)
+    return StepOutcome(applied=True, images=kept, stop_signal=stop)
+
+
+def _decide_step(run: Run, *flags: torch.Tensor) -> tuple[bool, int]:
+    """(skip this step: a flag is set on some rank, the signal number that asks every rank to stop or 0), in the one
+    collective of the step: a signal that reached only one rank stops all of them after the same step."""
+    signum = torch.full((), float(run.stop.signum or 0), device=flags[0].device)  # a fill, no host-to-device copy
+    *bad, stop = max_over_ranks(run.accelerator, torch.stack([*flags, signum]))
+    return any(b > 0 for b in bad), int(stop)
 
 
 def handle_skipped_step(run: Run) -> None:
@@ -417,6 +436,19 @@ def after_validation(run: Run, metrics: dict[str, float]) -> None:
 def save_checkpoint(run: Run) -> None:
     run.state.scaler = run.precision.state_dict()
     run.checkpoints.save(run.accelerator, run.state)
+
+
+def stop_on_signal(run: Run, signum: int, saved: bool) -> NoReturn:
+    """Every rank learnt in this step's decision that a SIGTERM / SIGINT arrived: write this step's checkpoint
+    (collective; `saved`: already written), say where once, leave the process group and exit 143 / 130."""
+    if not saved:
+        save_checkpoint(run)
+    if run.world.is_main:
+        print(f"{signal_name(signum)}: stopped after step {run.state.step}; checkpoint {run.checkpoints.latest()} "
+              f"(continue with train.resume=auto); exit {exit_status(signum)}", file=sys.stderr, flush=True)
+    run.tracker.finish()
+    close_process_group()
+    raise SystemExit(exit_status(signum))
 
 
 def batch_summary(run: Run) -> dict[str, Any]:
@@ -513,8 +545,19 @@ def start_run(task: Task, settings: RunSettings, full_config: Any) -> tuple[Run,
 
 
 def fit(task: Task, settings: RunSettings, full_config: Any) -> dict[str, Any]:
-    """Train until max_steps / epochs / early stopping; return the run summary (also written to summary.json)."""
+    """Train until max_steps / epochs / early stopping; return the run summary (also written to summary.json).
+
+    SIGTERM / SIGINT: the step in progress is finished, checkpointed on every rank, and the process exits 143 / 130
+    (explainer/signals.py); a signal after the last step lets the run finish normally.
+    """
+    stop = StopRequest()
+    with stop.installed():
+        return _fit(task, settings, full_config, stop)
+
+
+def _fit(task: Task, settings: RunSettings, full_config: Any, stop: StopRequest) -> dict[str, Any]:
     run, train_stream, resumed = start_run(task, settings, full_config)
+    run.stop = stop
     state, plan, tcfg = run.state, run.plan, settings.train
     run.model.train()
     progress = tqdm(total=plan.total_steps, initial=state.step, disable=not run.world.is_main, desc=task.kind,
@@ -530,6 +573,9 @@ def fit(task: Task, settings: RunSettings, full_config: Any) -> dict[str, Any]:
             outcome = optimizer_step(run, batches, keep_images=tcfg.image_log_count if log_images else 0)
             if not outcome.applied:
                 handle_skipped_step(run)
+                if outcome.stop_signal:
+                    progress.close()
+                    stop_on_signal(run, outcome.stop_signal, saved=last_saved == state.step)
                 continue
             state.step, state.bad_steps_in_a_row = upcoming, 0
             progress.update(1)
@@ -545,6 +591,9 @@ def fit(task: Task, settings: RunSettings, full_config: Any) -> dict[str, Any]:
             if state.step % plan.ckpt_every == 0 or state.step == plan.total_steps or state.stopped_early:
                 save_checkpoint(run)
                 last_saved = state.step
+            if outcome.stop_signal:
+                progress.close()
+                stop_on_signal(run, outcome.stop_signal, saved=last_saved == state.step)
             if state.stopped_early:
                 break
         if state.batches_in_epoch >= plan.batches_per_epoch:

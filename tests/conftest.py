@@ -27,6 +27,17 @@ def tiny_classifier(synthetic_manifest, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def huge_png(tmp_path_factory) -> Path:
+    """A real 12000 x 12000 PNG of one colour: ~40 KB on disk, 432 MB once decoded as RGB (issue 17: such a file made
+    `explain` take 10 GB). 1-bit, so making it takes ~1 s and 18 MB."""
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("huge") / "huge.png"
+    Image.new("1", (12000, 12000), 1).save(path, "PNG")
+    return path
+
+
 @pytest.fixture(autouse=True)
 def fresh_wandb_per_test():
     """An in-process wandb.init starts a wandb-core service and exports WANDB_SERVICE into os.environ, and wandb keeps

@@ -202,6 +202,77 @@ def test_imagefolder_layouts(tmp_path):
     assert list(samples_of(tmp_path / "s2", "val")) == ["val_a_0_png", "val_a_1_png", "val_b_0_png", "val_b_1_png"]
 
 
+def test_symbolic_links_out_of_the_root_are_bad_rows(tmp_path):
+    """Real symbolic links: to a file outside the root, through a linked folder, as a mask; a link that stays inside
+    the root is kept. The outside file's bytes never reach a shard, in both layouts."""
+    rng = np.random.default_rng(5)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = jpeg_bytes(rng, 20, 20)
+    (outside / "secret.jpg").write_bytes(secret)
+    root = tmp_path / "root"
+    (root / "img").mkdir(parents=True)
+    (root / "img" / "ok.jpg").write_bytes(jpeg_bytes(rng))
+    (root / "img" / "m.jpg").write_bytes(jpeg_bytes(rng))
+    (root / "img" / "inside.jpg").symlink_to(root / "img" / "ok.jpg")
+    (root / "img" / "link.jpg").symlink_to(outside / "secret.jpg")
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "mask.png").symlink_to(outside / "secret.jpg")
+    (root / "labels.csv").write_text("path,labels,mask\nimg/ok.jpg,cat,\nimg/inside.jpg,cat,\nimg/link.jpg,cat,\n"
+                                     "linked/secret.jpg,cat,\nimg/m.jpg,dog,mask.png\n")
+    out = tmp_path / "s"
+    assert make_shards("folder", "--root", str(root), "--labels", str(root / "labels.csv"), "--out", str(out),
+                       "--workers", "1", "--split-fractions", "train=1") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    reasons = {p["reason"].split(":")[0]: p["reason"] for p in manifest["skipped"]}
+    assert set(reasons) == {"line 4", "line 5", "line 6"}, manifest["skipped"]
+    for line in ("line 4", "line 5", "line 6"):
+        assert "leads outside the root, to " + str(outside.resolve()) in reasons[line]
+    assert manifest["splits"]["train"]["total"] == 2  # ok.jpg, and inside.jpg (a link within the root)
+    assert all(secret not in data for data in tree_bytes(out).values())
+
+    folder = tmp_path / "imagefolder"
+    (folder / "cat").mkdir(parents=True)
+    (folder / "cat" / "a.jpg").write_bytes(jpeg_bytes(rng))
+    (folder / "cat" / "b.jpg").symlink_to(outside / "secret.jpg")
+    out = tmp_path / "s2"
+    assert make_shards("folder", "--root", str(folder), "--out", str(out), "--workers", "1",
+                       "--split-fractions", "train=1") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [p["file"] for p in manifest["skipped"]] == [str(folder / "cat" / "b.jpg")]
+    assert "leads outside the root" in manifest["skipped"][0]["reason"]
+    assert manifest["splits"]["train"]["total"] == 1
+    assert all(secret not in data for data in tree_bytes(out).values())
+
+
+def test_images_over_the_pixel_cap_are_bad_rows(tmp_path, huge_png):
+    """A real 12000 x 12000 PNG (small on disk) is skipped by name under the default cap, by the shard workers too;
+    --max-image-pixels lowers or raises the cap (a 3000 x 1000 PNG keeps the test small)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(6)
+    root = tmp_path / "root"
+    (root / "cat").mkdir(parents=True)
+    (root / "cat" / "a.jpg").write_bytes(jpeg_bytes(rng))
+    (root / "cat" / "huge.png").write_bytes(huge_png.read_bytes())
+    Image.new("1", (3000, 1000), 1).save(root / "cat" / "wide.png")
+    base = ["folder", "--root", str(root), "--split-fractions", "train=1", "--workers", "2", "--shard-maxcount", "1"]
+
+    def skipped(out, *extra):
+        assert make_shards(*base, "--out", str(tmp_path / out), *extra) == 0
+        manifest = json.loads((tmp_path / out / "manifest.json").read_text())
+        return {p["file"]: p["reason"] for p in manifest["skipped"]}, manifest["splits"]["train"]["total"]
+
+    huge, wide = str(root / "cat" / "huge.png"), str(root / "cat" / "wide.png")
+    reasons, total = skipped("default")
+    assert total == 2 and list(reasons) == [huge]
+    assert "12000 x 12000 = 144,000,000 pixels, more than the cap of 89,478,485" in reasons[huge]
+    reasons, total = skipped("lowered", "--max-image-pixels", "2999999")
+    assert total == 1 and set(reasons) == {huge, wide}
+    reasons, total = skipped("raised", "--max-image-pixels", "none")
+    assert total == 3 and not reasons
+
+
 def test_bad_sources_exit_2(tmp_path):
     assert make_shards("folder", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")) == 2
     (tmp_path / "labels.csv").write_text("file,classes\nx.jpg,a\n")

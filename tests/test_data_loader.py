@@ -268,6 +268,31 @@ def test_corrupt_members_are_skipped_with_a_count(syn, tmp_path, caplog):
     assert "test_000001" not in keys and len(keys) == len(set(keys)) == N_TEST - 1 and stream.corrupt_samples == 1
 
 
+def test_images_over_the_pixel_cap_are_skipped_by_name(tmp_path, huge_png, capfd):
+    """data.max_image_pixels: a stored 12000 x 12000 PNG (written with --max-image-pixels none) is skipped unread by
+    the loader, in a DataLoader worker, like a corrupt sample; the others all arrive."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "root"
+    (root / "cat").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / "cat" / f"{i}.png")
+    (root / "cat" / "huge.png").write_bytes(huge_png.read_bytes())
+    out = tmp_path / "shards"
+    assert make_shards("folder", "--root", str(root), "--out", str(out), "--split-fractions", "test=1",
+                       "--max-image-pixels", "none", "--workers", "1") == 0
+    m = read_manifest(out / "manifest.json")
+    assert m.splits["test"].total == 4
+    capfd.readouterr()
+    for workers in (1, 0):
+        stream = make_eval_loader(cfg(num_workers=workers, batch_size=2), m, "test", rank=0, world_size=1)
+        keys = [k for b in stream for k in b["key"]]
+        assert keys == ["cat_0_png", "cat_1_png", "cat_2_png"] and stream.corrupt_samples == 1
+        logged = capfd.readouterr()  # the [explainer] log (stdout), from the worker process too
+        assert "skipping corrupt sample cat_huge_png" in logged.out + logged.err
+        assert "ImageTooLarge: image is 12000 x 12000" in logged.out + logged.err
+    assert DataConfig().max_image_pixels == 89_478_485
+
+
 def test_manifest_errors_name_the_file(tmp_path, syn):
     with pytest.raises(ManifestError, match="does not exist"):
         read_manifest(tmp_path / "nope.json")

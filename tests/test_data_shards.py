@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,6 +143,70 @@ def test_resume_after_a_really_killed_run(tmp_path):
     assert {k: v for k, v in tree_bytes(out).items() if k != "manifest.json"} == {
         k: v for k, v in tree_bytes(clean).items() if k != "manifest.json"}
     assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["total"] == 2000
+
+
+def _children(pid: int) -> set[int]:
+    """Live child processes of `pid` (from /proc: the workers of a make_shards run)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_sigterm_stops_the_workers_and_the_folder_stays_resumable(tmp_path):
+    """SIGTERM to the main make_shards process (what a scheduler sends): its 2 worker processes end with it (before,
+    they stayed blocked on their pipe forever), exit 143, and --resume completes the same shards as a clean run."""
+    voc = _many_sample_voc(tmp_path, 2000)
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    args = ["voc", "--root", str(voc), "--shard-maxcount", "20", "--workers", "2"]
+    log = tmp_path / "stderr.txt"
+    workers: set[int] = set()
+    with open(log, "w") as stderr:  # a file, not a pipe: surviving workers would hold a pipe open
+        proc = subprocess.Popen([sys.executable, str(MAKE_SHARDS), *args, "--out", str(out), "--no-progress"],
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.is_dir() and any(out.glob("train-*.tar")) and len(_children(proc.pid)) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "make_shards ended before writing a shard"
+            time.sleep(0.001)
+        workers = _children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        survivors = [pid for pid in workers if _alive(pid)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in workers:  # never leave orphans behind, also when the test fails
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    err = log.read_text()
+    assert not survivors, f"worker processes {survivors} survived the main process"
+    assert proc.returncode == 143, err[-3000:]
+    assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    assert not (out / "manifest.json").exists(), "the run finished before the signal"
+    assert 0 < len(list(out.glob("train-*.tar"))) < 100
+    assert make_shards(*args, "--out", str(out), "--resume") == 0
+    assert make_shards(*args, "--out", str(clean)) == 0
+    assert not list(out.glob(".*.tmp"))
+    assert {k: v for k, v in tree_bytes(out).items() if k != "manifest.json"} == {
+        k: v for k, v in tree_bytes(clean).items() if k != "manifest.json"}
 
 
 def test_tar_bytes_match_webdataset_tarwriter(tmp_path):

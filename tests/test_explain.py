@@ -144,6 +144,20 @@ def test_console_script_reports_broken_file_by_name(checkpoint, images, tmp_path
     assert (tmp_path / "cli" / "y" / "topk.png").is_file()
 
 
+def test_an_image_over_the_pixel_cap_is_refused_by_name(checkpoint, images, tmp_path, huge_png, capsys):
+    """Issue 17: a 12000 x 12000 PNG (small on disk) took 10 GB and 81 s; now it is refused from its header, with the
+    file named, and the other images are explained. --max-image-pixels lowers (or raises) the cap."""
+    (images / "a" / "huge.png").write_bytes(huge_png.read_bytes())
+    assert main([str(images / "a"), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"skipped {images / 'a' / 'huge.png'}: ImageTooLarge: image is 12000 x 12000 = 144,000,000 pixels" in err
+    assert (tmp_path / "o" / "x" / "topk.png").is_file()
+    assert main([str(images / "a" / "x.png"), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "p"),
+                 "--no-progress", "--max-image-pixels", "1999"]) == 1  # x.png is 50 x 40 = 2000 pixels
+    assert "more than the cap of 1,999" in capsys.readouterr().err
+
+
 def test_cli_usage_and_unknown_command(capsys):
     from explainer import cli
 

@@ -11,7 +11,9 @@ split name (train, val, test).
 
 The shard writer is shared with VOC/COCO (`shards.write_dataset`), so the same guarantees hold: original bytes,
 parallel, atomic, resumable, deterministic, `--strict`. Bad rows (malformed, unknown class, duplicate path, path
-outside the root, missing image) are skipped and reported in the manifest with the labels file's line number.
+outside the root, missing image) are skipped and reported in the manifest with the labels file's line number. "Inside
+the root" is decided on the resolved path: a symbolic link under the root that points outside it is a bad row too (in
+the ImageFolder layout as well), so no file from elsewhere ends up in the shards.
 """
 
 from __future__ import annotations
@@ -236,7 +238,17 @@ def _relative(root: Path, rel: str) -> tuple[str, Path]:
     if posix.is_absolute() or ".." in posix.parts or re.match(r"^[A-Za-z]:", rel):
         raise BadRow(f"path {rel!r} must be relative to the root and stay inside it")
     clean = str(posix)
-    return clean, root / clean
+    path = root / clean
+    target = _escapes(root, path)
+    if target is not None:
+        raise BadRow(f"path {rel!r} is a symbolic link (or under one) that leads outside the root, to {target}")
+    return clean, path
+
+
+def _escapes(root: Path, path: Path) -> Path | None:
+    """Where `path` really is (every symbolic link resolved) when that is outside the resolved root, else None."""
+    target = path.resolve()
+    return None if target.is_relative_to(root.resolve()) else target
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -285,6 +297,14 @@ def _task(root: Path, source_id: str, image: Path, mask: Path | None, classes: t
     return FolderTask(key=key, source_id=source_id, image_path=str(image), seg_path=str(mask) if mask else None,
                       classes=classes, present=tuple(sorted(present)), where=where, error=None, verify=verify,
                       est_bytes=est)
+
+
+def _escaped_task(source_id: str, image: Path, target: Path, classes: tuple[str, ...]) -> FolderTask:
+    """An ImageFolder file that is a symbolic link to outside the root: reported by its path and skipped."""
+    return FolderTask(key=f"bad.{source_id}", source_id=source_id, image_path=str(image), seg_path=None,
+                      classes=classes, present=(), where="ImageFolder",
+                      error=f"a symbolic link (or under one) that leads outside the root, to {target}", verify=False,
+                      est_bytes=0)
 
 
 def _bad_task(labels_file: Path, line: int, error: str, classes: tuple[str, ...]) -> FolderTask:
@@ -359,6 +379,14 @@ def _image_files(folder: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
+def _imagefolder_task(root: Path, source_id: str, image: Path, classes: tuple[str, ...], present: int, verify: bool,
+                      used: set[str]) -> FolderTask:
+    target = _escapes(root, image)
+    if target is not None:
+        return _escaped_task(source_id, image, target, classes)
+    return _task(root, source_id, image, None, classes, [present], "ImageFolder", verify, _unique_key(source_id, used))
+
+
 def imagefolder_tasks(root: Path, fractions: dict[str, float], seed: int,
                       verify: bool) -> tuple[list[str], dict[str, list[FolderTask]]]:
     """(class list, split -> tasks) for ROOT/<class>/... or ROOT/<split>/<class>/... (single-label)."""
@@ -383,15 +411,14 @@ def imagefolder_tasks(root: Path, fractions: dict[str, float], seed: int,
     splits: dict[str, list[FolderTask]] = {}
     if split_layout:
         for split, items in found.items():
-            splits[split] = [_task(root, sid, img, None, tuple(classes), [c], "ImageFolder", verify,
-                                   _unique_key(sid, used)) for sid, img, c in items]
+            splits[split] = [_imagefolder_task(root, sid, img, tuple(classes), c, verify, used)
+                             for sid, img, c in items]
     else:
         items = found[""]
         assigned = seeded_split(len(items), fractions, seed)
         splits = {s: [] for s in fractions}
         for (sid, img, c), split in zip(items, assigned):
-            splits[split].append(_task(root, sid, img, None, tuple(classes), [c], "ImageFolder", verify,
-                                       _unique_key(sid, used)))
+            splits[split].append(_imagefolder_task(root, sid, img, tuple(classes), c, verify, used))
     splits = {s: t for s, t in splits.items() if t}
     if not splits:
         raise ValueError(f"{root}: no image files in the class folders ({', '.join(sorted(IMAGE_SUFFIXES))})")

@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from explainer.data.transforms import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     RESIZE_MODES,
@@ -373,6 +374,7 @@ class _ShardStream(IterableDataset):
         self.num_batches = self.rank_count // batch_size if train else math.ceil(self.rank_count / batch_size)
         self.num_workers = 1  # set by the owner before iterating (must equal the DataLoader's)
         self.image_format = "float"  # or "uint8": set by the owner (see make_train_loader)
+        self.max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # data.max_image_pixels: larger images are skipped
         # (epoch, batches to skip): shared memory when DataLoader workers persist across epochs
         self.state: Any = [0, 0]
 
@@ -428,11 +430,12 @@ class _ShardStream(IterableDataset):
         if labels.shape != (self.num_classes,):
             raise ValueError(f"labels have {labels.shape[0] if labels.ndim else 0} entries, "
                              f"the manifest has {self.num_classes} classes")
-        image = decode_rgb(_image_bytes(sample), self.image_size, self.resize, self.fill)
+        image = decode_rgb(_image_bytes(sample), self.image_size, self.resize, self.fill, max_pixels=self.max_pixels)
         out = {"key": sample["__key__"], "labels": labels, "image": image}
         if not self.train:
             if "seg.png" in sample:
-                out["seg_classes"] = decode_seg(sample["seg.png"], self.image_size, self.resize)
+                out["seg_classes"] = decode_seg(sample["seg.png"], self.image_size, self.resize,
+                                                max_pixels=self.max_pixels)
             size = meta.get("orig_size", [0, 0])
             out["orig_size"] = np.asarray(size, dtype=np.int64)
         return out
@@ -665,6 +668,7 @@ def make_train_loader(cfg: Any, manifest: Manifest | str | Path, split: str, *, 
         kept = sum(dataset.kept)
         raise ValueError(f"split {split!r} of {manifest.path} has {kept} usable samples: not enough for one batch "
                          f"of {cfg.batch_size} on each of {world_size} rank(s)")
+    dataset.max_pixels = getattr(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
     return TrainStream(dataset, cfg.num_workers, image_format)
 
 
@@ -681,6 +685,7 @@ def make_eval_loader(cfg: Any, manifest: Manifest | str | Path, split: str, *, r
                            batch_size=cfg.batch_size, rank=rank, world_size=world_size, train=False, seed=0,
                            drop_unlabelled=False, shuffle_buffer=0, augment=False, max_images=max_images, mean=mean,
                            std=std, resize=getattr(cfg, "resize", "squash"))
+    dataset.max_pixels = getattr(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
     return EvalStream(dataset, cfg.num_workers, image_format)
 
 

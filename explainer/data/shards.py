@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import io
 import json
 import multiprocessing as mp
 import os
@@ -44,7 +43,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from explainer.atomic import write_text_atomic
+from explainer.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLarge, check_pixels, open_image, pixel_cap
 from explainer.logs import get_logger
+from explainer.signals import worker_defaults
 
 _json_string = json.encoder.encode_basestring_ascii  # what json.dumps uses for str (ensure_ascii)
 
@@ -211,14 +212,20 @@ def read_image(path: str | os.PathLike, *, verify: bool = False) -> ImageBytes:
     header = None if verify else _jpeg_header(data)
     if header is not None and b"\xff\xd9" in data[-64:]:  # the common case: a complete, plain JPEG, no PIL needed
         size, mode = header
+        try:
+            check_pixels(size)
+        except ImageTooLarge as exc:
+            raise BadInput(path, str(exc)) from None
         notes = [] if mode == "RGB" else [f"{mode} image (stored as is, converted to RGB when loaded)"]
         suffix = _suffix(path)
         if suffix != "jpg":
             notes.append(f"JPEG data under a .{suffix} name (stored as .jpg)")
         return ImageBytes(data=data, ext="jpg", size=size, notes=notes)
     try:
-        im = Image.open(io.BytesIO(data))
+        im = open_image(data)  # the pixel cap of this run (`pixel_cap`), before anything is decoded
         fmt, size, mode = im.format or "", im.size, im.mode
+    except ImageTooLarge as exc:
+        raise BadInput(path, str(exc)) from None
     except Exception as exc:  # PIL raises several types for garbage
         raise BadInput(path, f"not a readable image ({type(exc).__name__}: {exc})") from None
     ext = IMAGE_EXT.get(fmt)
@@ -411,6 +418,7 @@ _COUNTER: Any = None  # shared progress counter, set in each worker process
 def _init_worker(counter: Any) -> None:
     global _COUNTER
     _COUNTER = counter
+    worker_defaults()  # Ctrl-C is the main process's to handle; its SIGTERM (`_stop_workers`) ends a worker
 
 
 def _tick() -> None:
@@ -423,8 +431,15 @@ def _record_path(out: Path, name: str) -> Path:
     return out / PROGRESS_DIR / f"{name}.json"
 
 
-def run_job(job: ShardJob, out: str | None, build: Callable[[Any], Built]) -> ShardResult:
-    """Build every task of one shard; when `out` is given, write the shard atomically and its progress record."""
+def run_job(job: ShardJob, out: str | None, build: Callable[[Any], Built],
+            max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> ShardResult:
+    """Build every task of one shard (images over `max_pixels` are bad inputs); when `out` is given, write the shard
+    atomically and its progress record."""
+    with pixel_cap(max_pixels):
+        return _run_job(job, out, build)
+
+
+def _run_job(job: ShardJob, out: str | None, build: Callable[[Any], Built]) -> ShardResult:
     skipped: list[Problem] = []
     warns: list[Problem] = []
     unlabelled: list[int] = []
@@ -492,7 +507,7 @@ def _load_record(out: Path, job: ShardJob) -> ShardResult | None:
 
 
 def _execute(jobs: list[ShardJob], out: str | None, build: Callable, workers: int, desc: str,
-             progress: bool) -> list[ShardResult]:
+             progress: bool, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> list[ShardResult]:
     """Run jobs (in worker processes when workers > 1) with one progress bar over samples; results in job order."""
     total = sum(len(j.tasks) for j in jobs)
     bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
@@ -500,23 +515,43 @@ def _execute(jobs: list[ShardJob], out: str | None, build: Callable, workers: in
     try:
         if workers <= 1 or len(jobs) <= 1:
             for i, job in enumerate(jobs):
-                results[i] = run_job(job, out, build)
+                results[i] = run_job(job, out, build, max_pixels)
                 bar.update(len(job.tasks))
         else:
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
             ctx = mp.get_context(method)
             counter = ctx.Value("q", 0)
-            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
-                                     initargs=(counter,)) as pool:
-                pending = {pool.submit(run_job, job, out, build): i for i, job in enumerate(jobs)}
+            pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
+                                       initargs=(counter,))
+            try:
+                pending = {pool.submit(run_job, job, out, build, max_pixels): i for i, job in enumerate(jobs)}
                 while pending:
                     done, _ = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
                     for fut in done:
                         results[pending.pop(fut)] = fut.result()
                     bar.update(counter.value - bar.n)
+            except BaseException:  # a signal (explainer.signals.Interrupted), Ctrl-C or a failed shard
+                _stop_workers(pool)
+                raise
+            pool.shutdown()
     finally:
         bar.close()
     return [r for r in results if r is not None]
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """End the pool's workers now: leaving the pool normally would first write every queued shard, and a main process
+    that dies without this leaves them blocked on their pipe forever. A shard being written stays a temp file, which
+    the next run removes; complete shards and their records are kept, so `--resume` continues."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # private, stable since 3.8
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -533,6 +568,7 @@ class ShardOptions:
     resume: bool = False
     strict: bool = False
     progress: bool = True
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # larger images are skipped (None: no cap)
 
 
 def _versions() -> dict[str, str]:
@@ -566,14 +602,18 @@ def write_dataset(*, dataset: str, classes: Sequence[str], splits: dict[str, lis
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Plan, (strict-scan,) write shards and manifest for every split; return the manifest dict."""
     out = Path(options.out)
-    salt = json.dumps({"dataset": dataset, "classes": list(classes), "extra": extra or {}}, sort_keys=True,
+    # a non-default pixel cap changes which inputs are kept: part of every shard's fingerprint (the default is left
+    # out, so folders written before the cap existed still resume)
+    cap = {} if options.max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS else {"max_image_pixels": options.max_image_pixels}
+    salt = json.dumps({"dataset": dataset, "classes": list(classes), "extra": extra or {}, **cap}, sort_keys=True,
                       default=str)
     plans = {split: plan_shards(split, tasks, maxcount=options.maxcount, maxsize=options.maxsize, salt=salt)
              for split, tasks in splits.items()}
     jobs = [job for split_jobs in plans.values() for job in split_jobs]
 
     if options.strict:
-        scanned = _execute(jobs, None, build, options.workers, "checking", options.progress)
+        scanned = _execute(jobs, None, build, options.workers, "checking", options.progress,
+                           options.max_image_pixels)
         problems = [p for r in scanned for p in (*r.skipped, *r.warnings)]
         if problems:
             raise StrictError(problems)
@@ -590,7 +630,8 @@ def write_dataset(*, dataset: str, classes: Sequence[str], splits: dict[str, lis
     todo = [job for job in jobs if job.name not in done]
     if done:
         log.info("resume: %d of %d shard(s) already complete, writing %d", len(done), len(jobs), len(todo))
-    for result in _execute(todo, str(out), build, options.workers, f"writing {dataset}", options.progress):
+    for result in _execute(todo, str(out), build, options.workers, f"writing {dataset}", options.progress,
+                           options.max_image_pixels):
         done[result.name] = result
     results = [done[job.name] for job in jobs]
     for split, split_jobs in plans.items():

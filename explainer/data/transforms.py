@@ -7,10 +7,15 @@ here, in one place that training, evaluation and the benchmarks share.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import io
 import math
-from collections.abc import Sequence
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import IO
 
 import numpy as np
 import torch
@@ -21,6 +26,66 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 VOID = 255  # segmentation label for "don't care" pixels (VOC boundary band)
+
+# The most pixels (width x height) an image may declare before it is decoded: PIL's own default for
+# Image.MAX_IMAGE_PIXELS (~0.25 GiB as 24-bit RGB). A few hundred KB of PNG can declare 12000 x 12000 and take 10 GB to
+# decode. Raised with data.max_image_pixels / --max-image-pixels; None: no cap.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+_PIXEL_CAP: contextvars.ContextVar[int | None] = contextvars.ContextVar("pixel_cap", default=DEFAULT_MAX_IMAGE_PIXELS)
+_CURRENT = -1  # "the cap of the current context" (`pixel_cap`)
+
+
+class ImageTooLarge(ValueError):
+    """An image that declares more pixels than the cap; refused from its header, before anything is decoded."""
+
+
+@contextlib.contextmanager
+def pixel_cap(max_pixels: int | None) -> Iterator[None]:
+    """The cap that `open_image` and the decoders apply in this context when not given one (the shard writer)."""
+    token = _PIXEL_CAP.set(max_pixels)
+    try:
+        yield
+    finally:
+        _PIXEL_CAP.reset(token)
+
+
+def check_pixels(size: tuple[int, int], max_pixels: int | None = _CURRENT) -> None:
+    """Raise ImageTooLarge when an image of `size` (W, H) has more pixels than the cap."""
+    cap = _PIXEL_CAP.get() if max_pixels == _CURRENT else max_pixels
+    if cap is not None and size[0] * size[1] > cap:
+        raise ImageTooLarge(f"image is {size[0]} x {size[1]} = {size[0] * size[1]:,} pixels, more than the cap of "
+                            f"{cap:,} (data.max_image_pixels, --max-image-pixels)")
+
+
+def open_image(source: bytes | str | os.PathLike | IO[bytes], max_pixels: int | None = _CURRENT) -> Image.Image:
+    """`Image.open` (reads the header only), then the pixel cap, so nothing over the cap is ever decoded; use it as
+    `with open_image(...) as im:` like Image.open.
+
+    PIL's own check (Image.MAX_IMAGE_PIXELS: a warning above it, an error above twice it) is lifted to our cap for
+    this open when the cap is higher, so that raising the cap works; above the cap PIL's error is ours
+    (ImageTooLarge). Not thread-safe (PIL's limit is process-wide); our decoders run one per process.
+    """
+    cap = _PIXEL_CAP.get() if max_pixels == _CURRENT else max_pixels
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    lift = pil_limit is not None and (cap is None or cap > pil_limit)
+    try:
+        if lift:
+            Image.MAX_IMAGE_PIXELS = cap
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # over our cap: refused just below
+            im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"{exc} (more than the cap of {cap:,} pixels: data.max_image_pixels, "
+                            "--max-image-pixels)") from None
+    finally:
+        if lift:
+            Image.MAX_IMAGE_PIXELS = pil_limit
+    try:
+        check_pixels(im.size, cap)
+    except ImageTooLarge:
+        im.close()
+        raise
+    return im
 
 
 RESIZE_MODES = ("squash", "center_crop", "letterbox")  # data.resize: how an image becomes size x size
@@ -69,14 +134,16 @@ def mean_fill(mean: Sequence[float] = IMAGENET_MEAN) -> tuple[int, int, int]:
     return tuple(int(round(255 * float(m))) for m in mean)  # type: ignore[return-value]
 
 
-def decode_rgb(data: bytes, size: int, resize: str = "squash", fill: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
+def decode_rgb(data: bytes, size: int, resize: str = "squash", fill: tuple[int, int, int] = (0, 0, 0), *,
+               max_pixels: int | None = _CURRENT) -> np.ndarray:
     """Encoded image bytes -> uint8 [size, size, 3] (any PIL mode converted to RGB), by `resize` (resize_boxes;
     letterbox pads with `fill`).
 
     JPEGs at least twice the target size on both sides are decoded at a reduced DCT scale (PIL's draft mode: still at
-    least `size` on both sides), which is several times faster than decoding every pixel and then shrinking.
+    least `size` on both sides), which is several times faster than decoding every pixel and then shrinking. An image
+    over the pixel cap (`open_image`) raises ImageTooLarge before decoding.
     """
-    with Image.open(io.BytesIO(data)) as im:
+    with open_image(data, max_pixels) as im:
         if im.format == "JPEG" and min(im.size) >= 2 * size:
             im.draft("RGB", (size, size))
         if im.mode != "RGB":
@@ -84,10 +151,10 @@ def decode_rgb(data: bytes, size: int, resize: str = "squash", fill: tuple[int, 
         return np.asarray(fit_image(im, size, resize, fill), dtype=np.uint8)
 
 
-def decode_seg(data: bytes, size: int, resize: str = "squash") -> np.ndarray:
+def decode_seg(data: bytes, size: int, resize: str = "squash", *, max_pixels: int | None = _CURRENT) -> np.ndarray:
     """Class-index PNG bytes -> uint8 [size, size] with the stored indices (nearest resize, palette NOT applied);
     the geometry of decode_rgb, letterbox padding void."""
-    with Image.open(io.BytesIO(data)) as im:
+    with open_image(data, max_pixels) as im:
         if im.mode not in ("P", "L"):
             raise ValueError(f"segmentation PNG must be single-channel (P or L), got mode {im.mode}")
         # mode P: the raw palette indices ARE the class indices; never convert through the palette

@@ -7,7 +7,6 @@ exercises exactly what a VOC user runs.
 from __future__ import annotations
 
 import functools
-import io
 import os
 import stat
 import xml.etree.ElementTree as ET
@@ -15,8 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from PIL import Image
 
 from explainer.data.shards import (
     BadInput,
@@ -29,6 +26,7 @@ from explainer.data.shards import (
     sample_json,
     write_dataset,
 )
+from explainer.data.transforms import open_image
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
@@ -134,7 +132,7 @@ def check_seg(seg_path: str, image_size: tuple[int, int], num_classes: int,
     """
     try:
         data = Path(seg_path).read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(data) as im:  # the run's pixel cap (shards.run_job), before anything is decoded
             fmt, mode, size = im.format, im.mode, im.size
             colours = None
             if verify:
