@@ -311,6 +311,11 @@ def _build(cls: type[T], raw: dict[str, Any], prefix: str) -> T:
     return cls(**kwargs)
 
 
+def from_mapping(cls: type[T], raw: dict[str, Any], where: str) -> T:
+    """A typed dataclass from a mapping, with the config's checks; also for JSON state files (checkpoint meta.json)."""
+    return _build(cls, raw, where)
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
     parts = dotted.split(".")

@@ -1,6 +1,8 @@
 """Checkpoints: only complete folders count, rotation keeps the last k and the best, resume restores state."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,10 +88,23 @@ except RuntimeError as exc:
 """
 
 
+_TEMPLATE = {}
+
+
 def _fake_checkpoint(cwd, step):
+    """A complete, usable checkpoint of a tiny model (real accelerate files, RNG states for ranks 0 and 1)."""
+    if "dir" not in _TEMPLATE:
+        import tempfile
+
+        accelerator = Accelerator(cpu=True)
+        model, optimizer = accelerator.prepare(torch.nn.Linear(3, 2), torch.optim.Adam([torch.zeros(1)]))
+        _TEMPLATE["dir"] = Path(tempfile.mkdtemp()) / "template"
+        accelerator.save_state(str(_TEMPLATE["dir"]))
+        shutil.copy(_TEMPLATE["dir"] / "random_states_0.pkl", _TEMPLATE["dir"] / "random_states_1.pkl")
     path = cwd / "run" / "checkpoints" / f"step_{step:08d}"
-    path.mkdir(parents=True)
+    shutil.copytree(_TEMPLATE["dir"], path)
     (path / "meta.json").write_text(json.dumps({"step": step}))
+    return path
 
 
 def _resolve_on_two_ranks(cwds):
