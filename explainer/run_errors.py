@@ -74,5 +74,14 @@ def exit_on_run_error(main: Callable[[], T]) -> T:
     try:
         return main()
     except RunError as exc:
+        _close_progress_bars()
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(exc.exit_code) from None
+
+
+def _close_progress_bars() -> None:
+    """A bar left open by the exception would redraw at exit, after the message, and bury it."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

@@ -249,3 +249,25 @@ def test_user_errors_are_one_line_with_exit_2(synthetic_manifest, tiny_classifie
     assert info["arch"] == "tiny_unet"
     with pytest.raises(FileNotFoundError, match=f"explainer checkpoint {tmp_path} is a folder without explainer.pt"):
         load_explainer(tmp_path)
+
+
+def test_disk_full_stops_training_with_one_line_and_a_resumable_folder(synthetic_manifest, tiny_classifier,
+                                                                      small_tmpfs):
+    """The trainer on a real tmpfs that fills up at its second checkpoint: exit 1, one line naming the folder, the
+    reason and the last complete checkpoint, which a resume then uses."""
+    disk = small_tmpfs("16m")
+    out = disk / "run"
+    steps = ["train.checkpoint_every_steps=1", "train.val_every_steps=100"]
+    run_cmd(_args(synthetic_manifest, tiny_classifier, out, "train.max_steps=1", *steps))
+    used = int(subprocess.run(["df", "--output=used", "-B1", str(disk)], capture_output=True, text=True,
+                              check=True).stdout.split()[-1])
+    explainer_bytes = (out / "explainer.pt").stat().st_size
+    # room for the next explainer.pt (written beside the old one, then renamed) but not for a checkpoint (3x that)
+    subprocess.run(["mount", "-o", f"remount,size={used + explainer_bytes + (64 << 10)}", str(disk)], check=True)
+    proc = run_cmd(_args(synthetic_manifest, tiny_classifier, out, "train.max_steps=2", *steps, "--resume", "auto"),
+                   check=False)
+    last = out / "checkpoints" / "step_00000001"
+    _one_line_error(proc, 1, f"error: cannot write checkpoint {out / 'checkpoints'}/.tmp-step_00000002.")
+    assert "no space left on device" in proc.stderr and f"the last complete checkpoint is {last}, untouched" in \
+        proc.stderr, proc.stderr[-2000:]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"] and inspect(last) is None
