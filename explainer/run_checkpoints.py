@@ -106,6 +106,8 @@ def all_finite_on_device(accelerator: Accelerator, model: torch.nn.Module, optim
 def inspect(path: Path) -> str | None:
     """Why the checkpoint folder `path` cannot be resumed from (the file and what is wrong), or None if it can:
     meta.json typed, weights, optimizer state and every rank's RNG state loadable, every tensor finite."""
+    if not (path / META).is_file():
+        return f"incomplete: no {META} (written last, so the save did not finish)"
     try:
         TrainerState.from_json(json.loads((path / META).read_text()))
     except (OSError, ValueError) as exc:
@@ -168,9 +170,12 @@ class CheckpointManager:
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first. Incomplete (.tmp-*) folders and folders without meta.json are not."""
+        return [p for p in self._step_dirs() if (p / META).is_file()]
+
+    def _step_dirs(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        found = [p for p in self.root.iterdir() if _STEP_DIR.match(p.name) and (p / META).is_file()]
+        found = [p for p in self.root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()]
         return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
     def latest(self) -> Path | None:
@@ -269,7 +274,7 @@ class CheckpointManager:
 
     def _newest_usable(self) -> Path | None:
         skipped = []
-        for path in reversed(self.complete()):
+        for path in reversed(self._step_dirs()):  # also those without meta.json: the user hears why they are skipped
             reason = inspect(path)
             if reason is None:
                 if skipped:

@@ -467,6 +467,7 @@ def start_run(task: Task, settings: RunSettings, full_config: Any) -> tuple[Run,
     accelerator = make_accelerator(tcfg.mixed_precision, wandb_log_with(settings.tracking), str(run_dir), tcfg)
     world = world_from(accelerator)
     configure_logging(world.rank)
+    lock, checkpoints = claim_run_folder(accelerator, run_dir, tcfg.keep_last)  # a second run stops here
     precision = Precision(tcfg.mixed_precision, accelerator, tcfg.dtype)
     batch_plan = plan_batch(dcfg, ocfg, world.world_size)
     data = dataclasses.replace(dcfg, batch_size=batch_plan.per_process_batch)
@@ -495,7 +496,6 @@ def start_run(task: Task, settings: RunSettings, full_config: Any) -> tuple[Run,
     val_stream = make_eval_loader(data, manifest, dcfg.val_split, rank=world.rank, world_size=world.world_size,
                                   image_format=image_format, **norm)
 
-    lock, checkpoints = claim_run_folder(accelerator, run_dir, tcfg.keep_last)
     resume_from = checkpoints.resolve_shared(accelerator, tcfg.resume)
     state = CheckpointManager.load(accelerator, resume_from) if resume_from else TrainerState()
     precision.load_state_dict(state.scaler)

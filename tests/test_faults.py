@@ -271,3 +271,22 @@ def test_disk_full_stops_training_with_one_line_and_a_resumable_folder(synthetic
     assert "no space left on device" in proc.stderr and f"the last complete checkpoint is {last}, untouched" in \
         proc.stderr, proc.stderr[-2000:]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"] and inspect(last) is None
+
+
+def test_a_filesystem_without_locks_warns_and_goes_on(tmp_path, monkeypatch, capsys):
+    """NFS without lockd answers ENOLCK; no such mount here, so os.lockf is replaced (the one stand-in of this file).
+    The run must go on, unprotected and saying so, rather than become impossible on such a filesystem."""
+    import errno
+
+    import explainer.run_lock as run_lock
+    from explainer.logs import configure_logging
+
+    configure_logging(0)
+
+    def no_locks(fd, cmd, length):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(run_lock.os, "lockf", no_locks)
+    lock = run_lock.acquire(tmp_path / "run")
+    assert not lock.held and not lock.enforced
+    assert "this filesystem has no working file locks (No locks available)" in capsys.readouterr().out

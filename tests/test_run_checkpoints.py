@@ -210,7 +210,9 @@ def test_resume_auto_with_no_usable_checkpoint_stops_instead_of_starting_fresh(t
     manager = CheckpointManager(tmp_path, keep_last=3)
     path = manager.save(accelerator, TrainerState(step=1))
     _truncate(path / "model.safetensors")
-    with pytest.raises(UserError, match=r"no usable checkpoint in .*skipped step_00000001 \(.*model.safetensors"):
+    (manager.root / "step_00000005").mkdir()  # e.g. an interrupted copy: said, not silently passed over
+    with pytest.raises(UserError, match=r"no usable checkpoint in .*skipped step_00000005 \(incomplete: no meta.json.*"
+                                        r"step_00000001 \(.*model.safetensors"):
         manager.resolve_shared(accelerator, "auto")
 
 
