@@ -68,7 +68,8 @@ class _PoisonTask(ExplainerTask):
         return result
 
 
-def test_diverged_weights_are_not_saved_and_resume_auto_falls_back(synthetic_manifest, tiny_classifier, tmp_path):
+def test_diverged_weights_are_not_saved_and_resume_auto_falls_back(synthetic_manifest, tiny_classifier, tmp_path,
+                                                                  capsys):
     """Before: the NaN weights were saved as step 4 (called the 'last good checkpoint'), rotation deleted older
     good ones, and --resume auto picked the poisoned one."""
     out = tmp_path / "run"
@@ -92,10 +93,14 @@ def test_diverged_weights_are_not_saved_and_resume_auto_falls_back(synthetic_man
     optimizer["state"][0]["exp_avg"].fill_(float("nan"))
     torch.save(optimizer, poisoned / "optimizer.bin")
     (poisoned / "meta.json").write_text(json.dumps({**json.loads((good / "meta.json").read_text()), "step": 4}))
-    proc = run_cmd(_args(synthetic_manifest, tiny_classifier, out, "train.max_steps=4", "train.keep_last=1",
-                         "train.checkpoint_every_steps=2", "train.val_every_steps=2", "--resume", "auto"))
-    assert f"skipping checkpoint {poisoned}: {poisoned / 'optimizer.bin'}: " in proc.stdout, proc.stdout[-3000:]
-    assert "non-finite values" in proc.stdout and f"resumed from {good} (step 2," in proc.stdout
+    from explainer.train import main
+
+    capsys.readouterr()
+    assert main(_args(synthetic_manifest, tiny_classifier, out, "train.max_steps=4", "train.keep_last=1",
+                      "train.checkpoint_every_steps=2", "train.val_every_steps=2", "--resume", "auto")[2:]) == 0
+    said = capsys.readouterr().out
+    assert f"skipping checkpoint {poisoned}: {poisoned / 'optimizer.bin'}: " in said, said[-3000:]
+    assert "non-finite values" in said and f"resumed from {good} (step 2," in said
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
     assert inspect(poisoned) is None  # step 4 written again by the resumed run, replacing the poisoned one
 
@@ -262,24 +267,28 @@ def test_user_errors_are_one_line_with_exit_2(synthetic_manifest, tiny_classifie
 
 
 def test_disk_full_stops_training_with_one_line_and_a_resumable_folder(synthetic_manifest, tiny_classifier,
-                                                                      small_tmpfs):
+                                                                      small_tmpfs, capsys):
     """The trainer on a real tmpfs that fills up at its second checkpoint: exit 1, one line naming the folder, the
     reason and the last complete checkpoint, which a resume then uses."""
+    from explainer.train import main
+
     disk = small_tmpfs("16m")
     out = disk / "run"
     steps = ["train.checkpoint_every_steps=1", "train.val_every_steps=100"]
-    run_cmd(_args(synthetic_manifest, tiny_classifier, out, "train.max_steps=1", *steps))
+    assert main(_args(synthetic_manifest, tiny_classifier, out, "train.max_steps=1", *steps)[2:]) == 0
     used = int(subprocess.run(["df", "--output=used", "-B1", str(disk)], capture_output=True, text=True,
                               check=True).stdout.split()[-1])
     explainer_bytes = (out / "explainer.pt").stat().st_size
     # room for the next explainer.pt (written beside the old one, then renamed) but not for a checkpoint (3x that)
     subprocess.run(["mount", "-o", f"remount,size={used + explainer_bytes + (64 << 10)}", str(disk)], check=True)
-    proc = run_cmd(_args(synthetic_manifest, tiny_classifier, out, "train.max_steps=2", *steps, "--resume", "auto"),
-                   check=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(_args(synthetic_manifest, tiny_classifier, out, "train.max_steps=2", *steps, "--resume", "auto")[2:])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
     last = out / "checkpoints" / "step_00000001"
-    _one_line_error(proc, 1, f"error: cannot write checkpoint {out / 'checkpoints'}/.tmp-step_00000002.")
-    assert "no space left on device" in proc.stderr and f"the last complete checkpoint is {last}, untouched" in \
-        proc.stderr, proc.stderr[-2000:]
+    assert stop.value.code == 1 and line.startswith(f"error: cannot write checkpoint {out / 'checkpoints'}/"
+                                                    ".tmp-step_00000002."), line
+    assert "no space left on device" in line and line.endswith(f"the last complete checkpoint is {last}, untouched")
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"] and inspect(last) is None
 
 
