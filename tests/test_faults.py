@@ -309,3 +309,38 @@ def test_a_filesystem_without_locks_warns_and_goes_on(tmp_path, monkeypatch, cap
     lock = run_lock.acquire(tmp_path / "run")
     assert not lock.held and not lock.enforced
     assert "this filesystem has no working file locks (No locks available)" in capsys.readouterr().out
+
+
+_SAVE_ON_A_FULL_DISK = """
+import json, sys, torch
+from accelerate import Accelerator
+from explainer.run_checkpoints import CheckpointError, CheckpointManager, TrainerState
+accelerator = Accelerator(cpu=True)
+torch.manual_seed(0)
+model = torch.nn.Linear(300, 300)
+model, optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters()))
+manager = CheckpointManager(sys.argv[1], keep_last=3, writer="two-ranks")
+manager.save(accelerator, TrainerState(step=1))
+model(torch.ones(2, 300)).sum().backward()
+optimizer.step()
+try:
+    manager.save(accelerator, TrainerState(step=2))
+    print(json.dumps({"saved": True}))
+except CheckpointError as exc:
+    print(json.dumps({"error": str(exc)}))
+"""
+
+
+def test_a_save_failing_on_rank0_stops_every_rank(small_tmpfs):
+    """2 gloo ranks, rank 0's weights do not fit: both ranks raise (rank 1 pointing to rank 0) instead of rank 1
+    waiting in the next collective until the process-group timeout (30 min)."""
+    disk = small_tmpfs("1200k")
+    procs = run_ranks(_SAVE_ON_A_FULL_DISK, args=[str(disk / "run")], timeout=180)
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(p.stdout.strip().splitlines()[-1]) for p in procs]
+    assert "rank 0: no space left on device" in results[0]["error"], results
+    assert "on another rank (its message says why)" in results[1]["error"], results
+    last = disk / "run" / "checkpoints" / "step_00000001"
+    assert all(r["error"].endswith(f"the last complete checkpoint is {last}, untouched") for r in results), results
+    assert [p.name for p in last.parent.iterdir()] == ["step_00000001"] and inspect(last) is None
