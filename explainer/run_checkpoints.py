@@ -234,7 +234,8 @@ class CheckpointManager:
             return
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        where = f"rank {accelerator.process_index}: {error}" if error else "on another rank (its message says why)"
+        where = "on another rank (its message says why)" if not error else \
+            error if accelerator.num_processes == 1 else f"rank {accelerator.process_index}: {error}"
         raise CheckpointError(f"cannot write checkpoint {tmp}: {where}; the last complete checkpoint is "
                               f"{self.last_good or self.latest() or 'none'}, untouched")
 
