@@ -6,8 +6,10 @@ spent, with a message that names the offending key and what would have been acce
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -260,7 +262,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"{where}: {value!r} is not valid; expected {_describe(tp)}")
+        finite = [e for e in errors if "must be a finite number" in e]  # the precise reason, e.g. float | None
+        raise ConfigError(finite[0] if finite else f"{where}: {value!r} is not valid; expected {_describe(tp)}")
     if origin is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise ConfigError(f"{where}: expected a mapping with string keys, got {type(value).__name__} {value!r}")
@@ -285,13 +288,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None:
+            if not math.isfinite(number):  # an lr or loss weight of inf/nan poisons the weights at the first step
+                raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -314,6 +320,11 @@ def _build(cls: type[T], raw: dict[str, Any], prefix: str) -> T:
     return cls(**kwargs)
 
 
+def from_mapping(cls: type[T], raw: dict[str, Any], where: str) -> T:
+    """A typed dataclass from a mapping, with the config's checks; also for JSON state files (checkpoint meta.json)."""
+    return _build(cls, raw, where)
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
     parts = dotted.split(".")
@@ -334,7 +345,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, text = item.split("=", 1)
         if not key:
             raise ConfigError(f"override '{item}' has an empty key")
-        _set_dotted(tree, key.strip(), yaml.safe_load(text) if text != "" else None)
+        try:
+            value = yaml.safe_load(text) if text != "" else None
+        except yaml.YAMLError as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({reason})") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -438,6 +454,7 @@ def validate(cfg: Any) -> None:
     if train is not None:
         checks += [
             (train.keep_last >= 1, f"train.keep_last must be >= 1, got {train.keep_last}"),
+            *_step_count_checks(train),
             (train.process_group_timeout_min > 0,
              f"train.process_group_timeout_min must be > 0, got {train.process_group_timeout_min}"),
             (train.ddp_bucket_cap_mb >= 1, f"train.ddp_bucket_cap_mb must be >= 1, got {train.ddp_bucket_cap_mb}"),
@@ -453,6 +470,29 @@ def validate(cfg: Any) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def _step_count_checks(train: TrainConfig) -> list[tuple[bool, str]]:
+    """Counts whose 0 or negative value used to mean something silently (an untrained export, the default)."""
+    def at_least(name: str, low: int, hint: str = "") -> tuple[bool, str]:
+        value = getattr(train, name)
+        return (value is None or value >= low, f"train.{name} must be >= {low}{hint}, got {value}")
+
+    return [
+        at_least("epochs", 1),
+        at_least("max_steps", 0, " (0 exports the untrained start weights; null: train for train.epochs)"),
+        at_least("steps_per_epoch", 1, " (null: the train split's size)"),
+        at_least("val_every_steps", 1, " (null: once per epoch)"),
+        at_least("val_max_batches", 1, " (null: the whole split)"),
+        at_least("checkpoint_every_steps", 1, " (null: at each validation)"),
+        at_least("log_every_steps", 1),
+        at_least("image_log_every_steps", 0, " (0: off)"),
+        at_least("image_log_count", 0),
+        at_least("max_bad_steps", 1),
+        at_least("early_stop_patience", 1),
+        (not Path(train.output_dir).exists() or Path(train.output_dir).is_dir(),
+         f"train.output_dir={train.output_dir!r} exists and is not a folder"),
+    ]
 
 
 def input_normalization(cfg: Any) -> dict[str, tuple[float, ...]]:

@@ -771,6 +771,10 @@ def build_parser(prog: str = "python -m explainer.evaluate") -> argparse.Argumen
 def run_args(args: argparse.Namespace) -> int:
     cfg = load_config(ExplainerRunConfig, args.config, args.overrides)
     configure_logging()
+    if args.checkpoint:  # a run folder means its explainer.pt (and <run>/eval is the default output)
+        from explainer.models.model_files import model_file
+
+        args.checkpoint = str(model_file(args.checkpoint, "explainer"))
     evaluate(cfg, args.checkpoint, classifier=args.classifier, methods=args.methods,
              rtis_checkpoint=args.rtis_checkpoint, max_images=args.max_images, out=args.out,
              figure_images=args.figure_images, progress=not args.no_progress)

@@ -6,11 +6,18 @@ It is written under a temporary name and renamed only once complete, and `meta.j
 killed at any moment (kill -9 included) leaves either a complete checkpoint or a `.tmp-` folder that is ignored and
 later removed. Trainer state lives in JSON rather than register_for_checkpointing because accelerate unpickles those
 objects with weights_only=False.
+
+A checkpoint is usable only if every file loads and every tensor is finite (`inspect`): a save refuses non-finite
+weights or optimizer state (checked on the device, one reduction), `--resume auto` falls back past a checkpoint that
+is incomplete, unreadable or non-finite (saying which and why), and rotation keeps the newest checkpoint this run
+knows to be good. Temporary folders carry the writer's id (`.tmp-step_<step>.<host>-<pid>`): rotation removes only
+its own; those of dead writers are removed at the start, under the run folder's lock (explainer/run_lock.py).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -20,11 +27,25 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import load as accelerate_load
 
 from explainer.atomic import write_json_atomic
+from explainer.config import ConfigError, from_mapping
+from explainer.distributed import any_flag
+from explainer.logs import get_logger
+from explainer.run_errors import RunError, UserError, first_line, write_failure
+
+log = get_logger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
+MODEL_FILES = ("model.safetensors", "pytorch_model.bin")
+OPTIMIZER_FILE = "optimizer.bin"
+RNG_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")
+
+
+class CheckpointError(RunError):
+    """A checkpoint that cannot be written or read; the message names the file and the last complete checkpoint."""
 
 
 @dataclass
@@ -47,73 +68,229 @@ class TrainerState:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> TrainerState:
+    def from_json(cls, raw: Any) -> TrainerState:
+        """Typed like the config: a wrong type raises ValueError naming the key (unknown keys are ignored)."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
         known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        try:
+            return from_mapping(cls, known, "meta.json")
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+
+def _floating(tensors: Any) -> list[torch.Tensor]:
+    return [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+
+
+def _optimizer_tensors(state: dict[str, Any]) -> list[torch.Tensor]:
+    return _floating(v for per_param in state.get("state", {}).values() for v in per_param.values())
+
+
+def all_finite_on_device(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any) -> bool:
+    """Every floating tensor of the model (weights and buffers) and of the optimizer state is finite, on every rank.
+
+    Per-tensor max |x| (never overflows; inf and nan propagate) stays on the device; one collective and one
+    device-to-host copy decide, instead of a host sync per tensor.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps torch's
+    tensors = _floating(accelerator.unwrap_model(model).state_dict().values())
+    tensors += _floating(v for per_param in inner.state.values() for v in per_param.values())
+    if not tensors:
+        return True
+    maxima = torch._foreach_norm(tensors, ord=math.inf)
+    bad = (~torch.stack([torch.isfinite(m) for m in maxima])).any()
+    return not any_flag(accelerator, bad.reshape(1).to(accelerator.device))
+
+
+def inspect(path: Path) -> str | None:
+    """Why the checkpoint folder `path` cannot be resumed from (the file and what is wrong), or None if it can:
+    meta.json typed, weights, optimizer state and every rank's RNG state loadable, every tensor finite."""
+    if not (path / META).is_file():
+        return f"incomplete: no {META} (written last, so the save did not finish)"
+    try:
+        TrainerState.from_json(json.loads((path / META).read_text()))
+    except (OSError, ValueError) as exc:
+        return f"{path / META}: {first_line(exc)}"
+    model_file = next((path / name for name in MODEL_FILES if (path / name).is_file()), None)
+    if model_file is None:
+        return f"incomplete: no {' or '.join(MODEL_FILES)}"
+    checks = [(model_file, _load_model_tensors), (path / OPTIMIZER_FILE, _load_optimizer_tensors)]
+    rng_files = sorted(path.glob("random_states_*.pkl"))
+    if not rng_files:
+        return "incomplete: no random_states_*.pkl (a resume would not be exact)"
+    checks += [(f, _check_rng) for f in rng_files]
+    for file, check in checks:
+        try:
+            tensors = check(file)
+        except Exception as exc:  # noqa: BLE001 - any failure to load means "not usable", said with its reason
+            return f"{file}: cannot be read ({type(exc).__name__}: {first_line(exc)})"
+        bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors)
+        if bad:
+            return f"{file}: {bad} non-finite values (the run had diverged when it was saved)"
+    return None
+
+
+def _load_model_tensors(file: Path) -> list[torch.Tensor]:
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return _floating(load_file(str(file)).values())
+    return _floating(accelerate_load(file, map_location="cpu").values())
+
+
+def _load_optimizer_tensors(file: Path) -> list[torch.Tensor]:
+    state = accelerate_load(file, map_location="cpu")
+    if not isinstance(state, dict) or "param_groups" not in state:
+        raise ValueError("not an optimizer state dict")
+    return _optimizer_tensors(state)
+
+
+def _check_rng(file: Path) -> list[torch.Tensor]:
+    """accelerate loads RNG states inside `except Exception: pass`: a garbage file would silently make the resume
+    inexact, so it is read here the way accelerate reads it."""
+    states = accelerate_load(file)
+    missing = [k for k in RNG_KEYS if not isinstance(states, dict) or k not in states]
+    if missing:
+        raise ValueError(f"not an RNG state (missing {', '.join(missing)})")
+    return []
 
 
 class CheckpointManager:
-    """Names, writes, lists, rotates and restores checkpoints of one run folder."""
+    """Names, writes, lists, rotates and restores checkpoints of one run folder.
 
-    def __init__(self, run_dir: str | os.PathLike, keep_last: int):
+    `writer` names this run's temporary folders (rank 0's lock holder id, the same on every rank).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, keep_last: int, writer: str | None = None):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
+        self.writer = re.sub(r"[^A-Za-z0-9_.-]+", "-", writer or f"pid-{os.getpid()}").strip("-")
+        self.last_good: Path | None = None  # written or resumed by this run: rotation never deletes it
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first. Incomplete (.tmp-*) folders and folders without meta.json are not."""
+        return [p for p in self._step_dirs() if (p / META).is_file()]
+
+    def _step_dirs(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        found = [p for p in self.root.iterdir() if _STEP_DIR.match(p.name) and (p / META).is_file()]
+        found = [p for p in self.root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()]
         return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
     def latest(self) -> Path | None:
         done = self.complete()
         return done[-1] if done else None
 
+    def latest_usable(self) -> Path | None:
+        """The newest checkpoint that `inspect` accepts (loads every file; for messages and resume, not per step)."""
+        if self.last_good is not None and self.last_good == self.latest():
+            return self.last_good
+        return next((p for p in reversed(self.complete()) if inspect(p) is None), None)
+
+    def remove_stale_temporaries(self) -> None:
+        """Temporary folders of writers that are gone. Call only while holding the run folder's lock."""
+        for stale in self.root.glob(".tmp-step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
     def save(self, accelerator: Accelerator, state: TrainerState) -> Path:
-        """Collective: every rank must call it (each writes its own RNG state)."""
+        """Collective: every rank must call it (each writes its own RNG state). A failure on any rank raises the same
+        CheckpointError on every rank (no rank is left waiting), with the temporary folder removed."""
         final = self.root / f"step_{state.step:08d}"
-        tmp = self.root / f".tmp-step_{state.step:08d}"
+        tmp = self.root / f".tmp-step_{state.step:08d}.{self.writer}"
+        error = None
         if accelerator.is_main_process:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
+            error = self._attempt(tmp, lambda: (self.root.mkdir(parents=True, exist_ok=True),
+                                                shutil.rmtree(tmp) if tmp.exists() else None))
+        self._agree(accelerator, error, tmp)
+        self._agree(accelerator, self._attempt(tmp, lambda: accelerator.save_state(str(tmp))), tmp)
+        error = None
         if accelerator.is_main_process:
-            write_json_atomic(tmp / META, state.to_json())
-            if final.exists():  # a re-save of the same step after a resume: replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            error = self._attempt(tmp, lambda: self._finish(tmp, final, state))
+        self._agree(accelerator, error, tmp)
+        if accelerator.is_main_process:
+            self.last_good = final
             self._rotate(state.best_step)
         accelerator.wait_for_everyone()
         return final
+
+    @staticmethod
+    def _attempt(tmp: Path, write: Any) -> str | None:
+        try:
+            write()
+        except Exception as exc:  # noqa: BLE001 - reported by _agree with the path and the reason
+            return write_failure(exc, tmp.parent)
+        return None
+
+    def _finish(self, tmp: Path, final: Path, state: TrainerState) -> None:
+        write_json_atomic(tmp / META, state.to_json())
+        if final.exists():  # a re-save of the same step after a resume: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+    def _agree(self, accelerator: Accelerator, error: str | None, tmp: Path) -> None:
+        failed = any_flag(accelerator, torch.tensor([1.0 if error else 0.0], device=accelerator.device))
+        if not failed:
+            return
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        where = "on another rank (its message says why)" if not error else \
+            error if accelerator.num_processes == 1 else f"rank {accelerator.process_index}: {error}"
+        raise CheckpointError(f"cannot write checkpoint {tmp}: {where}; the last complete checkpoint is "
+                              f"{self.last_good or self.latest() or 'none'}, untouched")
 
     def _rotate(self, best_step: int | None) -> None:
         done = self.complete()
         keep = set(done[-self.keep_last :])
         if best_step is not None:
             keep.add(self.root / f"step_{best_step:08d}")
+        if self.last_good is not None:
+            keep.add(self.last_good)
         for path in done:
             if path not in keep:
                 shutil.rmtree(path, ignore_errors=True)
-        for stale in self.root.glob(".tmp-step_*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        for mine in self.root.glob(f".tmp-step_*.{self.writer}"):
+            shutil.rmtree(mine, ignore_errors=True)
 
     def resolve(self, resume: str | None) -> Path | None:
-        """Map the `train.resume` setting to a checkpoint folder (None: start fresh)."""
+        """Map the `train.resume` setting to a usable checkpoint folder (None: start fresh).
+
+        `auto` takes the newest checkpoint that `inspect` accepts, logging each newer one it skips and why; a named
+        folder must itself be usable.
+        """
         if resume is None:
             return None
         if resume == "auto":
-            return self.latest()
+            return self._newest_usable()
         path = Path(resume)
+        if path.is_dir() and not (path / META).is_file() and (path / "checkpoints").is_dir():
+            raise CheckpointError(f"train.resume={resume!r} is a run folder; name one of its checkpoints/step_* "
+                                  "folders, or use --resume auto with train.output_dir set to it")
         if not (path / META).is_file():
             raise FileNotFoundError(f"train.resume={resume!r}: {path / META} not found; not a complete checkpoint")
+        reason = inspect(path)
+        if reason is not None:
+            raise CheckpointError(f"train.resume={resume!r} cannot be resumed from: {reason}")
         return path
 
+    def _newest_usable(self) -> Path | None:
+        skipped = []
+        for path in reversed(self._step_dirs()):  # also those without meta.json: the user hears why they are skipped
+            reason = inspect(path)
+            if reason is None:
+                if skipped:
+                    log.warning("--resume auto: resuming from %s, the newest usable checkpoint", path)
+                return path
+            log.warning("--resume auto: skipping checkpoint %s: %s", path, reason)
+            skipped.append(f"{path.name} ({reason})")
+        if skipped:
+            raise CheckpointError(f"--resume auto: no usable checkpoint in {self.root}; skipped {'; '.join(skipped)}. "
+                                  "Move the folders away to start fresh")
+        return None
+
     def resolve_shared(self, accelerator: Accelerator, resume: str | None) -> Path | None:
-        """`resolve` done by rank 0 only and broadcast, then checked readable on every rank (collective).
+        """`resolve` done by rank 0 only and broadcast, then checked readable on every rank (collective). A resume
+        setting that names nothing usable raises UserError (exit status 2) on every rank.
 
         Ranks resolving `auto` on their own could pick different checkpoints (or none) when run folders are
         node-local, and then diverge or hang in the first collective. Instead every rank gets rank 0's choice, and
@@ -125,17 +302,18 @@ class CheckpointManager:
             try:
                 found = self.resolve(resume)
                 choice[0] = None if found is None else str(found)
-            except FileNotFoundError as exc:
+            except (FileNotFoundError, CheckpointError) as exc:
                 error[0] = str(exc)
         if accelerator.num_processes > 1:
             torch.distributed.broadcast_object_list(choice, src=0)
             torch.distributed.broadcast_object_list(error, src=0)
         if error[0] is not None:
-            raise FileNotFoundError(error[0])
+            raise UserError(error[0])  # the resume setting names nothing usable: the user decides what to do
         if choice[0] is None:
             return None
         path = Path(choice[0])
-        readable = (path / META).is_file()
+        self.last_good = path
+        readable = (path / META).is_file() and _own_rng_readable(path, accelerator.process_index)
         if accelerator.num_processes > 1:
             flags = torch.zeros(accelerator.num_processes, dtype=torch.float64, device=accelerator.device)
             flags[accelerator.process_index] = 0.0 if readable else 1.0
@@ -146,16 +324,30 @@ class CheckpointManager:
         if unreadable:
             raise RuntimeError(
                 f"train.resume={resume!r}: rank 0 chose checkpoint {path} but rank(s) {unreadable} cannot read "
-                f"{path / META}. Every process must see the same run folder (train.output_dir on a shared "
-                "filesystem, not a node-local disk); copy it there or resume from a folder all nodes can read."
+                f"{path / META} or their random_states_<rank>.pkl (a resume needs each rank's RNG state, so as many "
+                "processes as the run that saved it). Every process must see the same run folder (train.output_dir on "
+                "a shared filesystem, not a node-local disk); copy it there or resume from a folder all nodes can read."
             )
         return path
 
     @staticmethod
     def load(accelerator: Accelerator, path: Path) -> TrainerState:
-        accelerator.load_state(str(path))
+        try:
+            accelerator.load_state(str(path))
+        except Exception as exc:  # noqa: BLE001 - e.g. a config whose model no longer fits the checkpoint
+            raise CheckpointError(f"checkpoint {path}: cannot be loaded into this run ({type(exc).__name__}: "
+                                  f"{first_line(exc)})") from exc
         try:
             raw = json.loads((path / META).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise RuntimeError(f"checkpoint {path}: cannot read {META}: {exc}") from exc
-        return TrainerState.from_json(raw)
+            return TrainerState.from_json(raw)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {path}: cannot read {META}: {first_line(exc)}") from exc
+
+
+def _own_rng_readable(path: Path, rank: int) -> bool:
+    """This rank's RNG state loads (accelerate would silently skip it); a checkpoint without any is not exact."""
+    try:
+        _check_rng(path / f"random_states_{rank}.pkl")
+    except Exception:  # noqa: BLE001 - unreadable for any reason
+        return False
+    return True

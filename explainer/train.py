@@ -18,6 +18,7 @@ from typing import Any
 from explainer.arguments import parse_run_config
 from explainer.config import ExplainerRunConfig
 from explainer.distributed import close_process_group
+from explainer.run_errors import exit_on_run_error
 from explainer.tasks import ExplainerTask
 from explainer.training_loop import RunSettings, fit
 
@@ -29,7 +30,8 @@ def run(cfg: ExplainerRunConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    run(parse_run_config(ExplainerRunConfig, argv, "Train an Explainer for a frozen classifier.", prog))
+    cfg = parse_run_config(ExplainerRunConfig, argv, "Train an Explainer for a frozen classifier.", prog)
+    exit_on_run_error(lambda: run(cfg))  # a full disk, a busy run folder, a corrupt checkpoint: one line, no traceback
     close_process_group()
     return 0
 

@@ -14,6 +14,7 @@ from typing import Any
 from explainer.arguments import parse_run_config
 from explainer.config import ClassifierRunConfig
 from explainer.distributed import close_process_group
+from explainer.run_errors import exit_on_run_error
 from explainer.tasks import ClassifierTask
 from explainer.training_loop import RunSettings, fit
 
@@ -24,8 +25,8 @@ def run_classifier(cfg: ClassifierRunConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    run_classifier(parse_run_config(ClassifierRunConfig, argv, "Fine-tune a multi-label classifier (Explanandum).",
-                                    prog))
+    cfg = parse_run_config(ClassifierRunConfig, argv, "Fine-tune a multi-label classifier (Explanandum).", prog)
+    exit_on_run_error(lambda: run_classifier(cfg))
     close_process_group()
     return 0
 

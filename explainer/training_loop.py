@@ -63,14 +63,16 @@ from explainer.distributed import (
 )
 from explainer.logs import configure_logging, get_logger
 from explainer.precision import Precision
-from explainer.run_checkpoints import CheckpointManager, TrainerState
+from explainer.run_checkpoints import CheckpointManager, TrainerState, all_finite_on_device
+from explainer.run_errors import RunError
+from explainer.run_lock import RunLock, acquire_shared
 from explainer.signals import StopRequest, exit_status, signal_name
 from explainer.tracking import RunTracker, wandb_log_with
 
 log = get_logger(__name__)
 
-class TrainingDiverged(RuntimeError):
-    """Too many non-finite losses in a row; the last good checkpoint is left untouched."""
+class TrainingDiverged(RunError):
+    """Non-finite losses too often, or non-finite weights at a save; the last finite checkpoint is left untouched."""
 
 
 @dataclass
@@ -250,6 +252,7 @@ class Run:
     norm: dict[str, Any] = field(default_factory=dict)  # the classifier's mean/std (uint8 batches normalised here)
     window: LogWindow = field(default_factory=LogWindow)
     stop: StopRequest = field(default_factory=StopRequest)  # SIGTERM / SIGINT seen by this process
+    lock: RunLock | None = None  # the run folder's lock, held by rank 0 for the whole run (explainer/run_lock.py)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool,
@@ -361,8 +364,15 @@ def handle_skipped_step(run: Run) -> None:
         run.tracker.finish()
         raise TrainingDiverged(
             f"{state.bad_steps_in_a_row} non-finite losses in a row at step {state.step}; stopping. "
-            f"Last good checkpoint: {run.checkpoints.latest()}"
+            f"Last finite checkpoint: {last_finite_checkpoint(run)}"
         )
+
+
+def last_finite_checkpoint(run: Run) -> str:
+    """For stop messages: rank 0 checks the files (every tensor finite), the other ranks point to it."""
+    if not run.world.is_main:
+        return "see rank 0's message"
+    return str(run.checkpoints.latest_usable() or "none")
 
 
 def log_window(run: Run) -> dict[str, float]:
@@ -434,6 +444,13 @@ def after_validation(run: Run, metrics: dict[str, float]) -> None:
 
 
 def save_checkpoint(run: Run) -> None:
+    """Never a non-finite checkpoint: a diverged run stops here instead of overwriting good ones (issue 17)."""
+    if not all_finite_on_device(run.accelerator, run.model, run.optimizer):
+        run.tracker.finish()
+        raise TrainingDiverged(
+            f"non-finite weights or optimizer state at step {run.state.step} (the last update diverged; check "
+            f"optim.lr and the loss weights); not saved. Last finite checkpoint: {last_finite_checkpoint(run)}"
+        )
     run.state.scaler = run.precision.state_dict()
     run.checkpoints.save(run.accelerator, run.state)
 
@@ -495,6 +512,7 @@ def start_run(task: Task, settings: RunSettings, full_config: Any) -> tuple[Run,
     accelerator = make_accelerator(tcfg.mixed_precision, wandb_log_with(settings.tracking), str(run_dir), tcfg)
     world = world_from(accelerator)
     configure_logging(world.rank)
+    lock, checkpoints = claim_run_folder(accelerator, run_dir, tcfg.keep_last)  # a second run stops here
     precision = Precision(tcfg.mixed_precision, accelerator, tcfg.dtype)
     batch_plan = plan_batch(dcfg, ocfg, world.world_size)
     data = dataclasses.replace(dcfg, batch_size=batch_plan.per_process_batch)
@@ -523,7 +541,6 @@ def start_run(task: Task, settings: RunSettings, full_config: Any) -> tuple[Run,
     val_stream = make_eval_loader(data, manifest, dcfg.val_split, rank=world.rank, world_size=world.world_size,
                                   image_format=image_format, **norm)
 
-    checkpoints = CheckpointManager(run_dir, tcfg.keep_last)
     resume_from = checkpoints.resolve_shared(accelerator, tcfg.resume)
     state = CheckpointManager.load(accelerator, resume_from) if resume_from else TrainerState()
     precision.load_state_dict(state.scaler)
@@ -540,8 +557,18 @@ def start_run(task: Task, settings: RunSettings, full_config: Any) -> tuple[Run,
     run = Run(task=task, settings=settings, accelerator=accelerator, world=world, precision=precision, model=model,
               optimizer=optimizer, params=params, manifest=manifest, data=data, batch=batch_plan, plan=plan,
               state=state, checkpoints=checkpoints, tracker=tracker, val_stream=val_stream, run_dir=run_dir,
-              norm=norm)
+              norm=norm, lock=lock)
     return run, train_stream, resume_from is not None
+
+
+def claim_run_folder(accelerator: Accelerator, run_dir: Path, keep_last: int) -> tuple[RunLock, CheckpointManager]:
+    """Collective: rank 0 locks the run folder (a second run into it stops here, naming the holder), then clears
+    the temporary folders of dead writers; checkpoints written by this run carry the lock holder's id."""
+    lock = acquire_shared(accelerator, run_dir)
+    checkpoints = CheckpointManager(run_dir, keep_last, writer=lock.holder)
+    if lock.held:
+        checkpoints.remove_stale_temporaries()
+    return lock, checkpoints
 
 
 def fit(task: Task, settings: RunSettings, full_config: Any) -> dict[str, Any]:
@@ -558,6 +585,15 @@ def fit(task: Task, settings: RunSettings, full_config: Any) -> dict[str, Any]:
 def _fit(task: Task, settings: RunSettings, full_config: Any, stop: StopRequest) -> dict[str, Any]:
     run, train_stream, resumed = start_run(task, settings, full_config)
     run.stop = stop
+    try:
+        return train_until_done(run, train_stream, resumed)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def train_until_done(run: Run, train_stream: Any, resumed: bool) -> dict[str, Any]:
+    task, settings = run.task, run.settings
     state, plan, tcfg = run.state, run.plan, settings.train
     run.model.train()
     progress = tqdm(total=plan.total_steps, initial=state.step, disable=not run.world.is_main, desc=task.kind,

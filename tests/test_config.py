@@ -74,6 +74,20 @@ def test_overrides_are_typed_and_nested():
         ("loss.w_class_specific=-1", "loss.w_class_specific must be >= 0"),
         ("train.resume=/nonexistent/ckpt", "train.resume must be 'auto'"),
         ("nodots", "not of the form key.sub=value"),
+        # issue 17: inf passed `lr > 0` and nan passed every loss-weight check; both poison the weights at step 1
+        ("optim.lr=inf", "optim.lr: must be a finite number, got 'inf'"),
+        ("optim.lr=.inf", "optim.lr: must be a finite number, got inf"),
+        ("loss.lambda_e=nan", "loss.lambda_e: must be a finite number, got 'nan'"),
+        ("loss.area_max=.nan", "loss.area_max: must be a finite number"),
+        ("classifier.std=[0.2,inf,0.2]", "classifier.std[1]: must be a finite number"),
+        ("optim.grad_clip_norm=-inf", "optim.grad_clip_norm: must be a finite number, got '-inf'"),
+        # issue 17: these meant "export an untrained model" or "the default" without saying so
+        ("train.max_steps=-1", "train.max_steps must be >= 0 (0 exports the untrained start weights"),
+        ("train.epochs=0", "train.epochs must be >= 1, got 0"),
+        ("train.checkpoint_every_steps=0", "train.checkpoint_every_steps must be >= 1 (null: at each validation)"),
+        ("train.val_every_steps=0", "train.val_every_steps must be >= 1"),
+        ("train.log_every_steps=0", "train.log_every_steps must be >= 1"),
+        ("optim.lr=[unclosed", "override 'optim.lr=[unclosed': the value is not valid YAML"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):
@@ -123,3 +137,9 @@ def test_exponent_without_dot_is_a_float():
     assert cfg.optim.lr == 0.003
     with pytest.raises(ConfigError, match="optim.lr: expected float"):
         load_config(ExplainerRunConfig, None, ["optim.lr=fast"])
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ConfigError, match="train.output_dir=.*file' exists and is not a folder"):
+        load_config(ExplainerRunConfig, None, [f"train.output_dir={tmp_path / 'file'}"])

@@ -1,6 +1,8 @@
 """Checkpoints: only complete folders count, rotation keeps the last k and the best, resume restores state."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,10 +88,23 @@ except RuntimeError as exc:
 """
 
 
+_TEMPLATE = {}
+
+
 def _fake_checkpoint(cwd, step):
+    """A complete, usable checkpoint of a tiny model (real accelerate files, RNG states for ranks 0 and 1)."""
+    if "dir" not in _TEMPLATE:
+        import tempfile
+
+        accelerator = Accelerator(cpu=True)
+        model, optimizer = accelerator.prepare(torch.nn.Linear(3, 2), torch.optim.Adam([torch.zeros(1)]))
+        _TEMPLATE["dir"] = Path(tempfile.mkdtemp()) / "template"
+        accelerator.save_state(str(_TEMPLATE["dir"]))
+        shutil.copy(_TEMPLATE["dir"] / "random_states_0.pkl", _TEMPLATE["dir"] / "random_states_1.pkl")
     path = cwd / "run" / "checkpoints" / f"step_{step:08d}"
-    path.mkdir(parents=True)
+    shutil.copytree(_TEMPLATE["dir"], path)
     (path / "meta.json").write_text(json.dumps({"step": step}))
+    return path
 
 
 def _resolve_on_two_ranks(cwds):
@@ -123,3 +138,126 @@ def test_resume_auto_fails_clearly_on_every_rank_when_one_cannot_read(tmp_path):
         assert "error" in result, results
         assert "rank(s) [1] cannot read run/checkpoints/step_00000006/meta.json" in result["error"]
         assert "shared filesystem" in result["error"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Issue 17: unusable checkpoints are skipped by --resume auto, named when chosen explicitly, never written
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _nan_in_optimizer(path):
+    state = torch.load(path, weights_only=True)
+    state["state"][0]["exp_avg"][0, 0] = float("inf")
+    torch.save(state, path)
+
+
+def _nan_in_model(path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    tensors["bias"][0] = float("nan")
+    save_file(tensors, str(path))
+
+
+CORRUPTIONS = {
+    "truncated weights": ("model.safetensors", _truncate, "model.safetensors: cannot be read"),
+    "garbage optimizer": ("optimizer.bin", lambda p: p.write_bytes(b"garbage" * 10), "optimizer.bin: cannot be read"),
+    "non-finite optimizer": ("optimizer.bin", _nan_in_optimizer, "optimizer.bin: 1 non-finite values"),
+    "non-finite weights": ("model.safetensors", _nan_in_model, "model.safetensors: 1 non-finite values"),
+    "meta.json wrong type": ("meta.json", lambda p: p.write_text('{"step": "seven"}'),
+                             "meta.json: meta.json.step: expected int, got str 'seven'"),
+    "garbage RNG state": ("random_states_0.pkl", lambda p: p.write_bytes(b"\x80garbage"),
+                          "random_states_0.pkl: cannot be read"),
+    "missing weights": ("model.safetensors", lambda p: p.unlink(), "incomplete: no model.safetensors"),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_resume_auto_skips_an_unusable_checkpoint_and_an_explicit_one_is_named(tmp_path, prepared, capsys,
+                                                                            corruption):
+    """Before: `auto` took the newest complete folder whatever it held (a safetensors error naming no file, or a
+    diverged run resumed; a garbage RNG file was silently ignored by accelerate, so the resume was not exact)."""
+    from explainer.logs import configure_logging
+    from explainer.run_checkpoints import inspect
+    from explainer.run_errors import UserError
+
+    configure_logging(0)
+    accelerator, model, optimizer = prepared
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    for step in (1, 2):
+        _train_one_step(model, optimizer)
+        manager.save(accelerator, TrainerState(step=step))
+    name, corrupt, reason = CORRUPTIONS[corruption]
+    bad = manager.root / "step_00000002"
+    corrupt(bad / name)
+    assert reason in inspect(bad)
+    assert manager.resolve_shared(accelerator, "auto") == manager.root / "step_00000001"
+    out = capsys.readouterr().out
+    assert f"skipping checkpoint {bad}: " in out and reason in out, out
+    with pytest.raises(UserError, match=f"train.resume='{bad}' cannot be resumed from: .*{reason[:20]}"):
+        manager.resolve_shared(accelerator, str(bad))
+
+
+def test_resume_auto_with_no_usable_checkpoint_stops_instead_of_starting_fresh(tmp_path, prepared):
+    from explainer.run_errors import UserError
+
+    accelerator, model, optimizer = prepared
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    path = manager.save(accelerator, TrainerState(step=1))
+    _truncate(path / "model.safetensors")
+    (manager.root / "step_00000005").mkdir()  # e.g. an interrupted copy: said, not silently passed over
+    with pytest.raises(UserError, match=r"no usable checkpoint in .*skipped step_00000005 \(incomplete: no meta.json.*"
+                                        r"step_00000001 \(.*model.safetensors"):
+        manager.resolve_shared(accelerator, "auto")
+
+
+def test_rotation_keeps_the_checkpoint_this_run_resumed_from_and_wrote(tmp_path, prepared):
+    """Newer unusable checkpoints (skipped by the resume) must not push this run's good ones out of keep_last.
+    Before: keep_last=1 kept the corrupt step 9 and deleted the step 2 just written."""
+    accelerator, model, optimizer = prepared
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    manager.save(accelerator, TrainerState(step=1))
+    corrupt = shutil.copytree(manager.root / "step_00000001", manager.root / "step_00000009")
+    (corrupt / "model.safetensors").write_bytes(b"not safetensors")
+    resumed = CheckpointManager(tmp_path, keep_last=1)
+    assert resumed.resolve_shared(accelerator, "auto").name == "step_00000001"
+    _train_one_step(model, optimizer)
+    resumed.save(accelerator, TrainerState(step=2))
+    assert [p.name for p in resumed.complete()] == ["step_00000002", "step_00000009"]
+    assert resumed.latest_usable().name == "step_00000002"
+
+
+def test_rotation_removes_only_its_own_temporary_folders(tmp_path, prepared):
+    """Before: every save removed every .tmp-step_* folder, including the one another writer was filling."""
+    accelerator, _, _ = prepared
+    mine = CheckpointManager(tmp_path, keep_last=2, writer="host a, pid 1")
+    other = mine.root / ".tmp-step_00000003.host-b-pid-2"
+    other.mkdir(parents=True)
+    leftover = mine.root / ".tmp-step_00000001.host-a-pid-1"  # an earlier failed save of this run
+    leftover.mkdir()
+    mine.save(accelerator, TrainerState(step=2))
+    assert other.is_dir() and not leftover.exists()
+    mine.remove_stale_temporaries()  # at the start of a run, under the lock: writers of leftovers are gone
+    assert not other.exists()
+
+
+def test_non_finite_state_is_detected_on_the_device(prepared):
+    from explainer.run_checkpoints import all_finite_on_device
+
+    accelerator, model, optimizer = prepared
+    _train_one_step(model, optimizer)
+    assert all_finite_on_device(accelerator, model, optimizer)
+    inner = optimizer.optimizer
+    moments = next(iter(inner.state.values()))["exp_avg_sq"]
+    moments[0, 0] = float("inf")
+    assert not all_finite_on_device(accelerator, model, optimizer)
+    moments[0, 0] = 3e38  # huge but finite: max |x| does not overflow where a norm would
+    assert all_finite_on_device(accelerator, model, optimizer)
+    with torch.no_grad():
+        model.bias[1] = float("nan")
+    assert not all_finite_on_device(accelerator, model, optimizer)

@@ -80,12 +80,31 @@ def save_checkpoint(
         "state_dict": state,
         "extra": extra,
     }
-    return write_atomic(path, lambda handle: torch.save(payload, handle))
+    try:
+        return write_atomic(path, lambda handle: torch.save(payload, handle))
+    except Exception as exc:  # noqa: BLE001 - torch reports a full disk as "unexpected pos ..." without a file name
+        from explainer.run_checkpoints import CheckpointError
+        from explainer.run_errors import write_failure
+
+        raise CheckpointError(f"cannot write {kind} checkpoint {path}: {write_failure(exc, Path(path).parent)}; "
+                              "a previous version of it, if any, is untouched") from exc
+
+
+def model_file(path: str | os.PathLike, kind: str) -> Path:
+    """`path` itself, or `<path>/<kind>.pt` when `path` is a run folder (`--checkpoint runs/x` means its best model)."""
+    path = Path(path)
+    if path.is_dir():
+        inside = path / f"{kind}.pt"
+        if not inside.is_file():
+            raise FileNotFoundError(f"{kind} checkpoint {path} is a folder without {inside.name} (a run folder has "
+                                    f"one once its first validation improved)")
+        return inside
+    return path
 
 
 def read_checkpoint(path: str | os.PathLike, kind: str, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load and validate one of our checkpoint files; the error names the file and what is wrong."""
-    path = Path(path)
+    """Load and validate one of our checkpoint files (or a run folder's); the error names the file and what is wrong."""
+    path = model_file(path, kind)
     if not path.is_file():
         raise FileNotFoundError(f"{kind} checkpoint {path} does not exist")
     try:
@@ -130,7 +149,7 @@ def _place(model: nn.Module, map_location: Any) -> nn.Module:
 
 def _load_model(path: str | os.PathLike, kind: str, builder: Any, map_location: Any, arch: str | None,
                 num_classes: int | None) -> tuple[nn.Module, dict[str, Any]]:
-    path = Path(path)
+    path = model_file(path, kind)
     payload = read_checkpoint(path, kind, map_location)
     _check_expected(path, payload, arch, num_classes)
     try:

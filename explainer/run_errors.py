@@ -1,0 +1,87 @@
+"""Errors that stop a run for a reason outside the code (user input, a full disk, a corrupt file), and how the entry
+points report them: one line naming the file and what is wrong, no traceback. Tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class RunError(RuntimeError):
+    """A fault the user can act on; the message says what and where. Exit status 1."""
+
+    exit_code = 1
+
+
+class UserError(RunError):
+    """Bad input on the command line or in the run folder (exit status 2, like a config error)."""
+
+    exit_code = 2
+
+
+_REASONS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+
+
+def os_reason(exc: BaseException) -> str | None:
+    """The OS-level reason behind `exc` or anything it was raised from ("no space left on device"), or None."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return _REASONS.get(exc.errno, exc.strerror or os.strerror(exc.errno))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def write_failure(exc: BaseException, where: str | os.PathLike) -> str:
+    """Why a write under `where` failed, in words. torch's zip writer reports a full disk as "unexpected pos 121536
+    vs 121424" with no errno, so a filesystem with (almost) no free space is called full too."""
+    reason = os_reason(exc)
+    if reason is not None:
+        return reason
+    free = free_bytes(where)
+    if free is not None and free < 1 << 20:
+        return f"no space left on device ({free} bytes free)"
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def free_bytes(where: str | os.PathLike) -> int | None:
+    path = Path(where)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def exit_on_run_error(main: Callable[[], T]) -> T:
+    """Run an entry point's body; a RunError becomes `error: <message>` on stderr and its exit status."""
+    try:
+        return main()
+    except RunError as exc:
+        _close_progress_bars()
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(exc.exit_code) from None
+
+
+def _close_progress_bars() -> None:
+    """A bar left open by the exception would redraw at exit, after the message, and bury it."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
