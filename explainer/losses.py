@@ -89,60 +89,61 @@ class ClassSplit:
 
 
 class _GatherAndAbsentMax(torch.autograd.Function):
-    """(maps of the listed classes [B,K,H,W], max over the absent classes of f(maps) [B,1,H,W]) with one dense
-    gradient in backward. f = sigmoid(float(.)) when `squash` (maps are logits), else identity (maps are masks).
+    """(maps of the listed classes [B,K,H,W], max over the absent classes [B,1,H,W]) with ONE dense gradient.
 
-    Nothing of shape [B,C,H,W] is created in forward, and backward builds only the gradient itself: the max runs over
+    Nothing of shape [B,C,H,W] is made in forward, and backward makes only the gradient itself: the max runs over
     slices of CLASS_CHUNK classes, and its gradient goes, as torch.amax's does, in equal shares to every absent class
     that attains the max (the tie rule the zero-head start relies on, docs/method.md#class-sparse).
     """
 
     @staticmethod
-    def forward(ctx, maps: Tensor, index: Tensor, absent: Tensor, squash: bool) -> tuple[Tensor, Tensor]:
-        batch, classes, h, w = maps.shape
+    def forward(ctx, maps: Tensor, index: Tensor, valid: Tensor, absent: Tensor) -> tuple[Tensor, Tensor]:
+        h, w = maps.shape[-2:]
         gathered = maps.gather(1, index[:, :, None, None].expand(-1, -1, h, w))
-        out = None
-        for start in range(0, classes, CLASS_CHUNK):
-            part = _squash(maps[:, start:start + CLASS_CHUNK], squash)
-            part = part.masked_fill(~absent[:, start:start + CLASS_CHUNK, None, None], -math.inf)
-            part = part.amax(dim=1, keepdim=True)
+        out, buffer = None, None
+        lowest = torch.full((), -math.inf, dtype=maps.dtype, device=maps.device)
+        for start in range(0, maps.shape[1], CLASS_CHUNK):
+            part = maps[:, start:start + CLASS_CHUNK]
+            # one reused buffer: a fresh tensor per slice costs more in page faults than the max itself
+            buffer = torch.empty_like(part) if buffer is None else buffer[:, :part.shape[1]]
+            torch.where(absent[:, start:start + CLASS_CHUNK, None, None], part, lowest, out=buffer)
+            part = buffer.amax(dim=1, keepdim=True)
             out = part if out is None else torch.maximum(out, part)
-        ctx.save_for_backward(maps, index, absent, out)
-        ctx.squash = squash
+        ctx.save_for_backward(maps, index, valid, out)
         return gathered, out
 
     @staticmethod
     def backward(ctx, grad_gathered: Tensor, grad_out: Tensor):
-        maps, index, absent, out = ctx.saved_tensors
-        chunks = range(0, maps.shape[1], CLASS_CHUNK)
-
-        def winners(start: int) -> Tensor:
-            part = _squash(maps[:, start:start + CLASS_CHUNK], ctx.squash)
-            return (part == out) & absent[:, start:start + CLASS_CHUNK, None, None]
-
-        count = sum(winners(start).sum(dim=1, keepdim=True) for start in chunks)
-        share = grad_out / count.clamp(min=1)
-        if ctx.squash:  # d sigmoid(x) / dx at a winner = n (1 - n), n = the max itself
-            share = share * out * (1 - out)
-        grad = torch.empty_like(maps)
-        for start in chunks:
-            grad[:, start:start + CLASS_CHUNK] = torch.where(winners(start), share, 0.0)
+        maps, index, valid, out = ctx.saved_tensors
         h, w = maps.shape[-2:]
-        grad.scatter_add_(1, index[:, :, None, None].expand(-1, -1, h, w), grad_gathered.to(grad.dtype))
+        chunks = [slice(start, start + CLASS_CHUNK) for start in range(0, maps.shape[1], CLASS_CHUNK)]
+        idx = index[:, :, None, None].expand(-1, -1, h, w)
+        # 1 where a class attains the max, written straight into the gradient's storage; counted over all classes
+        # (no [B,C,H,W] mask of the absent ones), less the present classes that tie with it
+        grad = torch.empty_like(maps)
+        count = -((maps.gather(1, idx) == out) & valid[:, :, None, None]).sum(dim=1, keepdim=True, dtype=torch.float32)
+        for part in chunks:
+            torch.eq(maps[:, part], out, out=grad[:, part])
+            count += grad[:, part].sum(dim=1, keepdim=True, dtype=torch.float32)
+        grad.mul_(grad_out / count.clamp(min=1))
+        # a present class gets none of n's gradient, only its own: overwrite it (padding slots keep what they hold)
+        own = torch.where(valid[:, :, None, None], grad_gathered.to(grad.dtype), grad.gather(1, idx))
+        grad.scatter_(1, idx, own)
         return grad, None, None, None
-
-
-def _squash(part: Tensor, squash: bool) -> Tensor:
-    return torch.sigmoid(full_precision(part)) if squash else part
 
 
 def split_classes(maps: Tensor, labels: Tensor, max_classes: int | None = None, *, logits: bool = False) -> ClassSplit:
     """m, n and the gathered ground-truth masks from masks S [B,C,H,W], or from the explainer's logits E(x) when
-    `logits` (then S is never materialised: only the K gathered masks and n are, in fp32 for bf16/fp16 logits)."""
+    `logits` (then S is never materialised: only the K gathered masks and n are, in fp32 for bf16/fp16 logits).
+
+    From logits, n = sigmoid(max over the absent logits): the same value as the max of their masks (sigmoid is
+    monotonic); ties are those of the logits (two different logits whose fp32 sigmoids round to the same value, in
+    the saturated tails, would share the dense form's gradient, itself below 1e-7 there)."""
     target = _as_bool(labels).to(maps.device)
     index, valid = present_classes(target, max_classes)
-    gathered, n = _GatherAndAbsentMax.apply(maps, index, ~target, logits)
+    gathered, n = _GatherAndAbsentMax.apply(maps, index, valid, ~target)
     present = torch.sigmoid(full_precision(gathered)) if logits else gathered
+    n = torch.sigmoid(full_precision(n)) if logits else n
     batch, _, h, w = maps.shape
     if present.shape[1]:
         # -1 is below any sigmoid value, so a padding slot never wins (Python scalars: no host->device copy)
