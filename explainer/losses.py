@@ -124,11 +124,15 @@ class _GatherAndAbsentMax(torch.autograd.Function):
         count = -((maps.gather(1, idx) == out) & valid[:, :, None, None]).sum(dim=1, keepdim=True, dtype=torch.float32)
         for part in chunks:
             torch.eq(maps[:, part], out, out=grad[:, part])
-            count += grad[:, part].sum(dim=1, keepdim=True, dtype=torch.float32)
-        grad.mul_(grad_out / count.clamp(min=1))
+            count += grad[:, part].sum(dim=1, keepdim=True)  # <= CLASS_CHUNK: exact in bf16/fp16 too
+        # the indicator is 0 or 1: rounding the share to the gradient's dtype first rounds each product the same way
+        grad.mul_((grad_out / count.clamp(min=1)).to(grad.dtype))
         # a present class gets none of n's gradient, only its own: overwrite it (padding slots keep what they hold)
         own = torch.where(valid[:, :, None, None], grad_gathered.to(grad.dtype), grad.gather(1, idx))
-        grad.scatter_(1, idx, own)
+        if grad.element_size() == 2:  # CPU scatter_ converts a whole bf16/fp16 tensor: move the same bits as int16
+            grad.view(torch.int16).scatter_(1, idx, own.view(torch.int16))
+        else:
+            grad.scatter_(1, idx, own)
         return grad, None, None, None
 
 

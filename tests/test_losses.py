@@ -510,3 +510,31 @@ def test_present_classes_fixed_shape_and_the_cap():
     logits = torch.zeros(3, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="max_classes_per_image"):
         wysiwyc_loss(masks, labels, logits, logits, cfg)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_split_from_half_precision_logits_matches_the_dense_form(dtype):
+    """Under autocast the explainer's logits are bf16/fp16 (the gradient is written in that dtype, its present-class
+    part through an int16 view): the same m, n and gathered masks as the dense form on sigmoid(float(logits)), and
+    gradients equal to within one rounding of that dtype."""
+    g = torch.Generator().manual_seed(6)
+    for name, masks, labels in _sparse_cases(seed=7):
+        logits = (torch.randn(masks.shape, generator=g) if name == "random" else torch.logit(masks.float())).to(dtype)
+        weights = [torch.randn(6, 1, 5, 6, generator=g) for _ in range(2)] + [torch.randn(6, generator=g)]
+
+        def sparse_fn(x, y=labels):
+            split = split_classes(x, y, logits=True)
+            return [split.m, split.n, area_bound(None, y, split=split)]
+
+        def dense_fn(x, y=labels):
+            s = torch.sigmoid(x.float())
+            return [*_dense_aggregate_masks(s, y), _dense_area_bound(s, y, 0.05, 0.3, "sum")]
+
+        sparse, grad_sparse = _grads(sparse_fn, logits, weights)
+        dense, grad_dense = _grads(dense_fn, logits, weights)
+        assert grad_sparse.dtype == dtype
+        for a, b in zip(sparse, dense):
+            assert torch.allclose(a, b, rtol=1e-6, atol=0), name
+        eps = torch.finfo(dtype).eps
+        assert torch.allclose(grad_sparse.float(), grad_dense.float(), rtol=eps, atol=1e-30), name
