@@ -129,6 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--e2e-dir", default=".bench/e2e", help="synthetic shards and trainer runs go here")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads on CPU (default 1: steady numbers on a shared machine)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, one more step per row under torch.profiler: its N costliest ops")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=".bench/train_step.json")
     args = parser.parse_args(argv)
@@ -312,6 +314,24 @@ def bench(runners: dict[str, Runner], warmup: int, iters: int, rounds: int, devi
     return out
 
 
+def profile_step(runner: Runner, top: int, device: torch.device) -> list[dict]:
+    """The `top` ops of one step by self time (CPU time; CUDA time on a GPU), printed and returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    runner.prepare()
+    with profile(activities=activities) as prof:
+        runner.step()
+        sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)[:top]
+    rows = [{"op": e.key, "calls": e.count, "self_ms": getattr(e, attr) / 1000} for e in events]
+    print(f"  profile of one {runner.mode} step ({attr}):")
+    for r in rows:
+        print(f"    {r['self_ms']:>9.1f} ms  {r['calls']:>4}x  {r['op']}")
+    return rows
+
+
 def compile_fresh(module: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
     """A new static-shape compilation: reusing one compiled module across batch sizes makes dynamo recompile with
     dynamic shapes (slower kernels) after the second size, so each batch size starts from a reset."""
@@ -343,6 +363,10 @@ def measure_step_rows(args: argparse.Namespace, device: torch.device, classifier
             runner.run_classifier = compile_fresh(classifier, backend) if compile_classifier else classifier
         runners[mode] = runner
     measured = bench(runners, args.warmup, args.iters, args.rounds, device)
+    if args.profile:
+        for mode, runner in runners.items():
+            if "error" not in measured[mode]:
+                measured[mode]["profile"] = profile_step(runner, args.profile, device)
     rows = []
     for mode in modes:
         precision = mode_precision(mode, args)

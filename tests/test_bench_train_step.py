@@ -98,9 +98,10 @@ def test_class_count_sweep_reports_ratios_against_the_first_count(bench, tmp_pat
     and (Linux) the process's peak RSS of one step, and ratios against the 3-class row of the same mode."""
     out = tmp_path / "classes.json"
     bench.main([*TINY[:-8], "--warmup", "1", "--iters", "1", "--rounds", "1", "--num-classes", "3,12",
-                "--batch-sizes", "2", "--modes", "ours_fp32", "--out", str(out)])
+                "--batch-sizes", "2", "--modes", "ours_fp32", "--profile", "3", "--out", str(out)])
     report = json.loads(out.read_text())
     assert [(r["num_classes"], r["mode"]) for r in report["results"]] == [(3, "ours_fp32"), (12, "ours_fp32")]
+    assert all(len(r["profile"]) == 3 and r["profile"][0]["self_ms"] > 0 for r in report["results"])
     ratios = {r["num_classes"]: r for r in report["class_ratios"]}
     assert set(ratios) == {3, 12} and ratios[3]["time_ratio"] == 1.0 and ratios[12]["base_classes"] == 3
     row = report["results"][1]
