@@ -17,11 +17,17 @@ windows after the first (start-up, cuDNN autotuning, compilation).
   python benchmarks/bench_train_step.py --device cpu                       # small models, < 2 min on a CPU
   python benchmarks/bench_train_step.py --device cuda --channels-last      # paper models, 224 px, bs 16/32/64
   python benchmarks/bench_train_step.py --device cuda --channels-last --e2e --batch-sizes 32 --modes ours
+
+--num-classes 20,100,1000 sweeps the class count (models rebuilt per count, in the order given) and reports each row's
+step time and peak memory as ratios against the first count's row of the same mode and batch size (README, "Many
+classes: cost per step"). Peak memory: the CUDA allocator's peak, or on CPU the process's peak resident set size
+(VmHWM, reset before each mode's measured step, after returning freed heap memory to the OS).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -97,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classifiers", help="comma-separated classifier archs (default: per device)")
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--batch-sizes", help="comma-separated, e.g. 16,32,64")
-    parser.add_argument("--num-classes", type=int, default=20)
+    parser.add_argument("--num-classes", default="20",
+                        help="comma-separated class counts, e.g. 20,100,1000 (ratios against the first)")
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--iters", type=int, help="timed steps per round")
     parser.add_argument("--rounds", type=int, help="interleaved rounds; the median is reported")
@@ -122,6 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--e2e-dir", default=".bench/e2e", help="synthetic shards and trainer runs go here")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads on CPU (default 1: steady numbers on a shared machine)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, one more step per row under torch.profiler: its N costliest ops")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=".bench/train_step.json")
     args = parser.parse_args(argv)
@@ -132,6 +141,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     args.classifiers = [c for c in args.classifiers.split(",") if c]
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b]
+    try:
+        args.num_classes = [int(c) for c in str(args.num_classes).split(",") if c]
+    except ValueError:
+        parser.error(f"--num-classes: comma-separated integers, got {args.num_classes!r}")
+    if not args.num_classes or min(args.num_classes) < 1:
+        parser.error(f"--num-classes: at least one class count, each >= 1, got {args.num_classes}")
     args.modes = [m for m in args.modes.split(",") if m]
     unknown = set(args.modes) - set(MODES + EXTRA_MODES)
     if unknown:
@@ -230,9 +245,33 @@ def time_steps(runner: Runner, iters: int, device: torch.device) -> tuple[float,
     return time.perf_counter() - start, loss
 
 
+def reset_cpu_peak() -> bool:
+    """Start a new CPU peak-memory window: free heap memory goes back to the OS (glibc malloc_trim), then the
+    process's peak RSS is reset to its current RSS (Linux clear_refs 5). False where either is unavailable."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def cpu_peak_gib() -> float | None:
+    """Peak resident set size of this process since the last reset_cpu_peak() (VmHWM), in GiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return None
+
+
 def bench(runners: dict[str, Runner], warmup: int, iters: int, rounds: int, device: torch.device) -> dict:
-    """Warm every mode up and (CUDA) measure its peak memory alone, other modes' Adam states released; then time
-    the modes interleaved round by round and keep the median round, so background load hits every mode alike."""
+    """Warm every mode up and measure its peak memory alone (CUDA: other modes' Adam states released; CPU: the
+    process's peak RSS during one step); then time the modes interleaved round by round and keep the median round,
+    so background load hits every mode alike."""
     out: dict[str, dict] = {}
     for mode, runner in runners.items():
         out[mode] = {}
@@ -246,6 +285,11 @@ def bench(runners: dict[str, Runner], warmup: int, iters: int, rounds: int, devi
                 runner.step()
                 sync(device)
                 out[mode]["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            elif reset_cpu_peak():
+                runner.step()
+                peak = cpu_peak_gib()
+                if peak is not None:
+                    out[mode]["peak_mem_gib"] = peak
         except torch.OutOfMemoryError:
             out[mode] = {"error": "out of memory"}
         if device.type == "cuda":
@@ -268,6 +312,24 @@ def bench(runners: dict[str, Runner], warmup: int, iters: int, rounds: int, devi
         out[mode].update(step_ms=1000 * elapsed / iters, images_per_s=batch * iters / elapsed,
                          round_images_per_s=[round(batch * iters / t, 2) for t in times[mode]])
     return out
+
+
+def profile_step(runner: Runner, top: int, device: torch.device) -> list[dict]:
+    """The `top` ops of one step by self time (CPU time; CUDA time on a GPU), printed and returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    runner.prepare()
+    with profile(activities=activities) as prof:
+        runner.step()
+        sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)[:top]
+    rows = [{"op": e.key, "calls": e.count, "self_ms": getattr(e, attr) / 1000} for e in events]
+    print(f"  profile of one {runner.mode} step ({attr}):")
+    for r in rows:
+        print(f"    {r['self_ms']:>9.1f} ms  {r['calls']:>4}x  {r['op']}")
+    return rows
 
 
 def compile_fresh(module: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
@@ -301,6 +363,10 @@ def measure_step_rows(args: argparse.Namespace, device: torch.device, classifier
             runner.run_classifier = compile_fresh(classifier, backend) if compile_classifier else classifier
         runners[mode] = runner
     measured = bench(runners, args.warmup, args.iters, args.rounds, device)
+    if args.profile:
+        for mode, runner in runners.items():
+            if "error" not in measured[mode]:
+                measured[mode]["profile"] = profile_step(runner, args.profile, device)
     rows = []
     for mode in modes:
         precision = mode_precision(mode, args)
@@ -368,22 +434,44 @@ def run(args: argparse.Namespace) -> dict:
         if args.out:
             write_json(report, args.out)
 
+    if device.type == "cpu":
+        report["peak_memory"] = "process peak RSS (VmHWM) during one step, GiB"
     for classifier_arch in args.classifiers:
-        explainer = build_explainer(args.explainer, args.num_classes).to(device).train()
-        classifier = freeze(build_classifier(classifier_arch, args.num_classes).to(device))
-        for batch_size in args.batch_sizes:
-            for row in measure_step_rows(args, device, classifier_arch, batch_size, args.modes, args.num_classes,
-                                         explainer, classifier, peaks):
-                results.append(row)
-                print(format_row(row), flush=True)
-            save_progress()
-        del explainer, classifier
+        for num_classes in args.num_classes:
+            explainer = build_explainer(args.explainer, num_classes).to(device).train()
+            classifier = freeze(build_classifier(classifier_arch, num_classes).to(device))
+            for batch_size in args.batch_sizes:
+                for row in measure_step_rows(args, device, classifier_arch, batch_size, args.modes, num_classes,
+                                             explainer, classifier, peaks):
+                    results.append(row)
+                    print(format_row(row), flush=True)
+                save_progress()
+            del explainer, classifier
     if args.e2e:
         report["e2e"] = []
         run_e2e(args, device, peaks, report["e2e"], save_progress)
     report["speedups"] = speedups(results)
+    report["class_ratios"] = class_ratios(results, args.num_classes[0])
     report["partial"] = False
     return report
+
+
+def class_ratios(results: list[dict], base: int) -> list[dict]:
+    """Each row's step time and peak memory over those of the `base`-class row with the same classifier, batch size
+    and mode (same run): how the cost grows with the class count."""
+    out = []
+    for row in results:
+        ref = next((r for r in results if r["num_classes"] == base and "step_ms" in r and
+                    all(r[k] == row[k] for k in ("classifier", "batch_size", "mode", "compiled"))), None)
+        if ref is None or "step_ms" not in row:
+            continue
+        ratio = {"classifier": row["classifier"], "batch_size": row["batch_size"], "mode": row["mode"],
+                 "num_classes": row["num_classes"], "base_classes": base, "step_ms": row["step_ms"],
+                 "time_ratio": row["step_ms"] / ref["step_ms"]}
+        if "peak_mem_gib" in row and "peak_mem_gib" in ref:
+            ratio.update(peak_mem_gib=row["peak_mem_gib"], mem_ratio=row["peak_mem_gib"] / ref["peak_mem_gib"])
+        out.append(ratio)
+    return out
 
 
 def speedups(results: list[dict]) -> list[dict]:
@@ -392,10 +480,11 @@ def speedups(results: list[dict]) -> list[dict]:
         if row["mode"] == "reference" or "images_per_s" not in row:
             continue
         ref = next((r for r in results if r["mode"] == "reference" and r["classifier"] == row["classifier"]
-                    and r["batch_size"] == row["batch_size"] and "images_per_s" in r), None)
+                    and r["batch_size"] == row["batch_size"] and r["num_classes"] == row["num_classes"]
+                    and "images_per_s" in r), None)
         if ref:
             out.append({"classifier": row["classifier"], "batch_size": row["batch_size"], "mode": row["mode"],
-                        "compiled": row.get("compiled", "no"),
+                        "num_classes": row["num_classes"], "compiled": row.get("compiled", "no"),
                         "speedup_vs_reference": row["images_per_s"] / ref["images_per_s"]})
     return out
 
@@ -501,18 +590,19 @@ def run_e2e(args: argparse.Namespace, device: torch.device, peaks: dict[str, flo
             save_progress()
 
 
-HEADER = (f"{'classifier':<12} {'bs':>4} {'mode':<10} {'img/s':>9} {'step ms':>9} {'TFLOP/s':>8} {'MFU':>6} "
+HEADER = (f"{'classifier':<12} {'C':>5} {'bs':>4} {'mode':<10} {'img/s':>9} {'step ms':>9} {'TFLOP/s':>8} {'MFU':>6} "
           f"{'mem GiB':>8}")
 
 
 def format_row(row: dict) -> str:
+    classes = row.get("num_classes", "-")
     if "error" in row:
-        return f"{row['classifier']:<12} {row['batch_size']:>4} {row['mode']:<10} {row['error']}"
+        return f"{row['classifier']:<12} {classes:>5} {row['batch_size']:>4} {row['mode']:<10} {row['error']}"
     tflops = f"{row['achieved_tflops']:.3f}" if "achieved_tflops" in row else "-"  # FLOP count can be missing
     mfu = f"{100 * row['mfu']:.1f}%" if "mfu" in row else "-"
     mem = f"{row['peak_mem_gib']:.2f}" if "peak_mem_gib" in row else "-"
-    return (f"{row['classifier']:<12} {row['batch_size']:>4} {row['mode']:<10} {row['images_per_s']:>9.1f} "
-            f"{row['step_ms']:>9.1f} {tflops:>8} {mfu:>6} {mem:>8}")
+    return (f"{row['classifier']:<12} {classes:>5} {row['batch_size']:>4} {row['mode']:<10} "
+            f"{row['images_per_s']:>9.1f} {row['step_ms']:>9.1f} {tflops:>8} {mfu:>6} {mem:>8}")
 
 
 def format_e2e_row(row: dict) -> str:
@@ -537,7 +627,14 @@ def main(argv: list[str] | None = None) -> None:
     report = run(args)
     print("\nspeed-up vs reference:")
     for s in report["speedups"]:
-        print(f"  {s['classifier']:<12} bs {s['batch_size']:>3} {s['mode']:<10} x{s['speedup_vs_reference']:.2f}")
+        print(f"  {s['classifier']:<12} C {s['num_classes']:>5} bs {s['batch_size']:>3} {s['mode']:<10} "
+              f"x{s['speedup_vs_reference']:.2f}")
+    if len(args.num_classes) > 1:
+        print(f"\nagainst {args.num_classes[0]} classes (same mode and batch size): step time, peak memory")
+        for r in report["class_ratios"]:
+            mem = f"x{r['mem_ratio']:.2f} ({r['peak_mem_gib']:.2f} GiB)" if "mem_ratio" in r else "-"
+            print(f"  {r['classifier']:<12} C {r['num_classes']:>5} bs {r['batch_size']:>3} {r['mode']:<10} "
+                  f"x{r['time_ratio']:.2f} ({r['step_ms'] / 1000:.2f} s)  {mem}")
     write_json(report, args.out)
     print(f"wrote {args.out}")
 

@@ -10,7 +10,8 @@
 #
 # Stages (CUDA): 1. bare step, eager: DeepLabV3-R50 explainer + ResNet-50 / VGG-16 classifiers, 224 px, batch
 # 16/32/64, modes reference (fp32, the paper code's structure) / ours_fp32 / ours (bf16 autocast, channels_last),
-# FLOPs, MFU and peak memory per row; 2. explainer/train.py end to end on synthetic 224 px shards made on the fly,
+# FLOPs, MFU and peak memory per row; 1b. the ours step at 20 and 1000 classes (ResNet-50, batch 32): step time and
+# peak memory against the 20-class row (issue 16, README "Many classes: cost per step"); 2. explainer/train.py end to end on synthetic 224 px shards made on the fly,
 # against the bare step with the same settings (batch 32); 3. Explainer vs Grad-CAM ms per image, all 20 classes;
 # 4. the ours step compiled (torch.compile, static shapes) at batch 32; 5. summary.json.
 #
@@ -109,7 +110,8 @@ if ((SMOKE)); then
     E2E=(--batch-sizes 4 --e2e-steps 8 --e2e-log-every 2 --e2e-workers 1)
     EVAL=(--explainer tiny_unet --classifiers tiny_cnn --image-size 32 --num-classes 4 --batch-size 2 --rounds 1)
     COMPILE=(--batch-sizes 4 --compile-backend eager)  # dynamo's tracing without code generation: the plumbing only
-    MIN_STEP=5 MIN_E2E=5 MIN_EVAL=5 MIN_COMPILE=5
+    CLASSES=(--classifiers tiny_cnn --num-classes 4,40 --batch-sizes 4)
+    MIN_STEP=5 MIN_E2E=5 MIN_EVAL=5 MIN_COMPILE=5 MIN_CLASSES=5
 else
     MODELS=(--explainer deeplabv3_resnet50 --classifiers resnet50,vgg16 --image-size 224 --num-classes 20)
     STEP=(--batch-sizes 16,32,64 --warmup 5 --iters 10 --rounds 3)
@@ -117,11 +119,13 @@ else
     EVAL=(--explainer deeplabv3_resnet50 --classifiers vgg16,resnet50 --image-size 224 --num-classes 20 --batch-size 16
           --rounds 3)
     COMPILE=(--batch-sizes 32 --warmup 3 --iters 10 --rounds 3)
-    MIN_STEP=60 MIN_E2E=60 MIN_EVAL=20 MIN_COMPILE=120
+    CLASSES=(--classifiers resnet50 --num-classes 20,1000 --batch-sizes 32 --warmup 3 --iters 5 --rounds 3)
+    MIN_STEP=60 MIN_E2E=60 MIN_EVAL=20 MIN_COMPILE=120 MIN_CLASSES=40
 fi
 BENCH=("$PY" benchmarks/bench_train_step.py --device "$DEVICE" --channels-last "${MODELS[@]}")
 
 stage step_eager "$MIN_STEP" "${BENCH[@]}" "${STEP[@]}" --out "$OUT/step_eager.json"
+stage step_classes "$MIN_CLASSES" "${BENCH[@]}" "${STEP[@]}" "${CLASSES[@]}" --modes ours --out "$OUT/step_classes.json"
 E2E_WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_e2e.XXXXXX")"  # shards, checkpoints: large, not results
 trap 'rm -rf "$E2E_WORK"' EXIT
 stage e2e "$MIN_E2E" "${BENCH[@]}" "${STEP[@]}" "${E2E[@]}" --modes ours --e2e --e2e-dir "$E2E_WORK" \

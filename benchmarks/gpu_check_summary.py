@@ -69,6 +69,8 @@ def summarise(folder: Path) -> dict[str, Any]:
         "trainer_peak_mem_gib": {f"{r['classifier']}/bs{r['batch_size']}": r.get("trainer_peak_mem_gib")
                                  for r in (e2e or {}).get("e2e", [])},
         "eval_timing": (timing or {}).get("results"),
+        # issue 16: the ours step at many classes against 20 (time and peak memory ratios, same run)
+        "class_ratios": (_load(folder / "step_classes.json") or {}).get("class_ratios"),
     }
 
 

@@ -106,6 +106,10 @@ class LossConfig:
     area_max: float = 0.30  # b
     bound_reduction: Literal["sum", "mean"] = "sum"  # reference sums over GT classes; the paper's eq. 6 averages
     classification: Literal["bce", "ce"] = "bce"  # bce: reference (multi-label); ce: softmax cross entropy (ours)
+    # Ground-truth classes per image the class-sparse loss gathers (docs/method.md#class-sparse): null = the batch's
+    # largest count (read from the labels each step); an int fixes the shape, and a batch with an image above it stops
+    # with an error naming the image.
+    max_classes_per_image: int | None = None
     # RTIS (Dabkowski and Gal 2017) weights, used when kind == "rtis"
     rtis_tv: float = 10.0
     rtis_area: float = 1.0
@@ -417,6 +421,8 @@ def validate(cfg: Any) -> None:
             (loss.w_class_specific >= 0, f"loss.w_class_specific must be >= 0, got {loss.w_class_specific}"),
             (loss.kind == "wysiwyc" or loss.w_class_specific == 0,
              f"loss.w_class_specific is a term of the wysiwyc objective; set it to 0 with loss.kind={loss.kind}"),
+            (loss.max_classes_per_image is None or loss.max_classes_per_image >= 1,
+             f"loss.max_classes_per_image must be >= 1 or null, got {loss.max_classes_per_image}"),
         ]
     classifier = getattr(cfg, "classifier", None)
     if classifier is not None:

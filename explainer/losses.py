@@ -2,13 +2,15 @@
 (docs/method.md#rtis-objective), vectorised.
 
 Every term is a pure function returning one value per image ([B]) so tests can pin it by hand; the combined losses
-average over the batch. No Python loops over images or classes, and no data-dependent shapes: the per-class area
-bound sorts every class mask of the batch at once and lets the labels pick the ground-truth ones.
+average over the batch. No Python loops over images, and shapes that depend on the batch's labels only through K,
+the largest number of ground-truth classes of an image: the class-wise work (the area bound's sort, m) runs on the K
+gathered ground-truth masks per image, not on all C classes (docs/method.md#class-sparse).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -29,18 +31,132 @@ def _as_bool(labels: Tensor) -> Tensor:
     return labels > 0.5 if labels.dtype != torch.bool else labels
 
 
-def aggregate_masks(masks: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+def aggregate_masks(masks: Tensor, labels: Tensor, max_classes: int | None = None) -> tuple[Tensor, Tensor]:
     """m = pixel-wise max of s_c over the image's classes, n = max over the others; 0 where the set is empty.
 
     masks: S = sigmoid(E(x)) [B,C,H,W]; labels: multi-hot [B,C]. Returns m, n of shape [B,1,H,W].
     """
-    target = _as_bool(labels)[:, :, None, None]
-    # -1 is below any sigmoid value, so it never wins where a class is present (Python scalars: no host->device copy)
-    m = torch.where(target, masks, -1.0).amax(dim=1, keepdim=True)
-    n = torch.where(target, -1.0, masks).amax(dim=1, keepdim=True)
-    has_t = target.any(dim=1, keepdim=True)
-    has_n = (~target).any(dim=1, keepdim=True)
-    return torch.where(has_t, m, 0.0), torch.where(has_n, n, 0.0)
+    split = split_classes(masks, labels, max_classes)
+    return split.m, split.n
+
+
+CLASS_CHUNK = 64  # classes per slice in the absent-class max: bounds its temporaries to B x 64 x H x W
+
+
+def present_classes(labels: Tensor, max_classes: int | None = None) -> tuple[Tensor, Tensor]:
+    """Each image's ground-truth classes as fixed-shape [B,K] indices (ascending) and a [B,K] validity mask.
+
+    K = `max_classes` (loss.max_classes_per_image) or, when None, the batch's largest class count: reading it is
+    the one host read of the class-sparse loss (free for CPU labels; a small device-to-host copy otherwise).
+    Padding slots (an image with fewer than K classes) point at absent classes and are invalid.
+    """
+    present = _as_bool(labels)
+    batch, classes = present.shape
+    count = present.sum(dim=1)
+    if max_classes is None:
+        k = int(count.max()) if batch else 0
+    else:
+        if max_classes < 1:
+            raise ValueError(f"loss.max_classes_per_image must be >= 1 or null, got {max_classes}")
+        over = (count > max_classes).nonzero().flatten().tolist()
+        if over:
+            raise ValueError(
+                f"loss.max_classes_per_image is {max_classes}, but image(s) {over} of this batch have "
+                f"{count[over].tolist()} ground-truth classes: raise the cap or set it to null (the batch's maximum)"
+            )
+        k = max_classes
+    k = min(k, classes)
+    # distinct positive keys for present classes, decreasing with the index; 0 for absent ones
+    key = present.to(torch.int64) * torch.arange(classes, 0, -1, device=present.device)
+    values, index = key.topk(k, dim=1)
+    return index, values > 0
+
+
+@dataclass
+class ClassSplit:
+    """The ground-truth classes' masks of each image, gathered with a fixed shape, and the aggregates m and n."""
+
+    present: Tensor  # [B,K,H,W] masks s_c of the image's classes (padding slots hold an absent class: see valid)
+    valid: Tensor  # [B,K] bool
+    index: Tensor  # [B,K] class indices
+    m: Tensor  # [B,1,H,W]
+    n: Tensor  # [B,1,H,W]
+
+    def select(self, one_hot: Tensor) -> Tensor:
+        """sum_c one_hot[:, c] s_c over the image's classes ([B,1,H,W]): s_k of a drawn class k."""
+        weights = torch.where(self.valid, one_hot.gather(1, self.index).to(self.present.dtype), 0.0)
+        return (self.present * weights[:, :, None, None]).sum(dim=1, keepdim=True)
+
+
+class _GatherAndAbsentMax(torch.autograd.Function):
+    """(maps of the listed classes [B,K,H,W], max over the absent classes [B,1,H,W]) with ONE dense gradient.
+
+    Nothing of shape [B,C,H,W] is made in forward, and backward makes only the gradient itself: the max runs over
+    slices of CLASS_CHUNK classes, and its gradient goes, as torch.amax's does, in equal shares to every absent class
+    that attains the max (the tie rule the zero-head start relies on, docs/method.md#class-sparse).
+    """
+
+    @staticmethod
+    def forward(ctx, maps: Tensor, index: Tensor, valid: Tensor, absent: Tensor) -> tuple[Tensor, Tensor]:
+        h, w = maps.shape[-2:]
+        gathered = maps.gather(1, index[:, :, None, None].expand(-1, -1, h, w))
+        out, buffer = None, None
+        lowest = torch.full((), -math.inf, dtype=maps.dtype, device=maps.device)
+        for start in range(0, maps.shape[1], CLASS_CHUNK):
+            part = maps[:, start:start + CLASS_CHUNK]
+            # one reused buffer: a fresh tensor per slice costs more in page faults than the max itself
+            buffer = torch.empty_like(part) if buffer is None else buffer[:, :part.shape[1]]
+            torch.where(absent[:, start:start + CLASS_CHUNK, None, None], part, lowest, out=buffer)
+            part = buffer.amax(dim=1, keepdim=True)
+            out = part if out is None else torch.maximum(out, part)
+        ctx.save_for_backward(maps, index, valid, out)
+        return gathered, out
+
+    @staticmethod
+    def backward(ctx, grad_gathered: Tensor, grad_out: Tensor):
+        maps, index, valid, out = ctx.saved_tensors
+        h, w = maps.shape[-2:]
+        chunks = [slice(start, start + CLASS_CHUNK) for start in range(0, maps.shape[1], CLASS_CHUNK)]
+        idx = index[:, :, None, None].expand(-1, -1, h, w)
+        # 1 where a class attains the max, written straight into the gradient's storage; counted over all classes
+        # (no [B,C,H,W] mask of the absent ones), less the present classes that tie with it
+        grad = torch.empty_like(maps)
+        count = -((maps.gather(1, idx) == out) & valid[:, :, None, None]).sum(dim=1, keepdim=True, dtype=torch.float32)
+        for part in chunks:
+            torch.eq(maps[:, part], out, out=grad[:, part])
+            count += grad[:, part].sum(dim=1, keepdim=True)  # <= CLASS_CHUNK: exact in bf16/fp16 too
+        # the indicator is 0 or 1: rounding the share to the gradient's dtype first rounds each product the same way
+        grad.mul_((grad_out / count.clamp(min=1)).to(grad.dtype))
+        # a present class gets none of n's gradient, only its own: overwrite it (padding slots keep what they hold)
+        own = torch.where(valid[:, :, None, None], grad_gathered.to(grad.dtype), grad.gather(1, idx))
+        if grad.element_size() == 2:  # CPU scatter_ converts a whole bf16/fp16 tensor: move the same bits as int16
+            grad.view(torch.int16).scatter_(1, idx, own.view(torch.int16))
+        else:
+            grad.scatter_(1, idx, own)
+        return grad, None, None, None
+
+
+def split_classes(maps: Tensor, labels: Tensor, max_classes: int | None = None, *, logits: bool = False) -> ClassSplit:
+    """m, n and the gathered ground-truth masks from masks S [B,C,H,W], or from the explainer's logits E(x) when
+    `logits` (then S is never materialised: only the K gathered masks and n are, in fp32 for bf16/fp16 logits).
+
+    From logits, n = sigmoid(max over the absent logits): the same value as the max of their masks (sigmoid is
+    monotonic); ties are those of the logits (two different logits whose fp32 sigmoids round to the same value, in
+    the saturated tails, would share the dense form's gradient, itself below 1e-7 there)."""
+    target = _as_bool(labels).to(maps.device)
+    index, valid = present_classes(target, max_classes)
+    gathered, n = _GatherAndAbsentMax.apply(maps, index, valid, ~target)
+    present = torch.sigmoid(full_precision(gathered)) if logits else gathered
+    n = torch.sigmoid(full_precision(n)) if logits else n
+    batch, _, h, w = maps.shape
+    if present.shape[1]:
+        # -1 is below any sigmoid value, so a padding slot never wins (Python scalars: no host->device copy)
+        m = torch.where(valid[:, :, None, None], present, -1.0).amax(dim=1, keepdim=True)
+        m = torch.where(valid.any(dim=1)[:, None, None, None], m, 0.0)
+    else:  # no image of the batch has a class
+        m = present.new_zeros(batch, 1, h, w)
+    n = torch.where((~target).any(dim=1)[:, None, None, None], n, 0.0).to(present.dtype)
+    return ClassSplit(present=present, valid=valid, index=index, m=m, n=n)
 
 
 def draw_class(labels: Tensor, draws: Tensor) -> Tensor:
@@ -137,35 +253,41 @@ def area_counts(z: int, a: float, b: float) -> tuple[int, int]:
 
 
 def area_bound(
-    masks: Tensor, labels: Tensor, a: float = 0.05, b: float = 0.30, reduction: Literal["sum", "mean"] = "sum"
+    masks: Tensor, labels: Tensor, a: float = 0.05, b: float = 0.30, reduction: Literal["sum", "mean"] = "sum",
+    *, split: ClassSplit | None = None,
 ) -> Tensor:
     """B_img per image: the bound B(s_c) combined over the image's ground-truth classes (sum or mean). -> [B]
 
     B(s_c) = (1/Z) sum_i relu(q_min[i] - q[i]) + relu(q[i] - q_max[i]) with q = s_c sorted descending, q_min / q_max
-    = 1 on the first floor(Z*a) / floor(Z*b) entries. Images with no class give 0.
+    = 1 on the first floor(Z*a) / floor(Z*b) entries. Images with no class give 0. Only the K gathered ground-truth
+    masks per image are sorted (`split`, else gathered here from `masks`), never the absent classes'.
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"bound reduction must be 'sum' or 'mean', got {reduction!r}")
-    batch, classes, h, w = masks.shape
+    if split is None:
+        target = _as_bool(labels).to(masks.device)
+        index, valid = present_classes(target)
+        h, w = masks.shape[-2:]
+        present = masks.gather(1, index[:, :, None, None].expand(-1, -1, h, w))
+    else:
+        present, valid = split.present, split.valid
+    batch, k, h, w = present.shape
     z = h * w
     k_min, k_max = area_counts(z, a, b)
-    target = _as_bool(labels).to(masks.device)
-    # Fixed shapes (no nonzero / boolean indexing, so no host sync and compile-friendly): every B x C mask is
-    # sorted and bounded, and the labels select which ones count. torch.where, not a product, so an absent
-    # class contributes an exact 0 (also to the gradient) whatever its mask holds.
-    q = masks.reshape(batch, classes, z).sort(dim=2, descending=True).values
-    position = torch.arange(z, device=masks.device)
+    q = present.reshape(batch, k, z).sort(dim=2, descending=True).values
+    position = torch.arange(z, device=q.device)
     q_min = (position < k_min).to(q.dtype)
     q_max = (position < k_max).to(q.dtype)
-    per_class = (F.relu(q_min - q) + F.relu(q - q_max)).sum(dim=2) / z  # [B, C]
-    per_image = torch.where(target, per_class, 0.0).sum(dim=1)
+    per_class = (F.relu(q_min - q) + F.relu(q - q_max)).sum(dim=2) / z  # [B, K]
+    # torch.where, not a product: a padding slot contributes an exact 0 (also to the gradient) whatever it holds
+    per_image = torch.where(valid, per_class, 0.0).sum(dim=1)
     if reduction == "mean":
-        per_image = per_image / target.sum(dim=1).clamp(min=1).to(per_image.dtype)
+        per_image = per_image / valid.sum(dim=1).clamp(min=1).to(per_image.dtype)
     return per_image
 
 
 def wysiwyc_loss(
-    masks: Tensor,
+    masks: Tensor | None,
     labels: Tensor,
     logits_masked: Tensor,
     logits_inv: Tensor,
@@ -175,20 +297,25 @@ def wysiwyc_loss(
     n: Tensor | None = None,
     logits_single: Tensor | None = None,
     drawn: Tensor | None = None,
+    split: ClassSplit | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """L = L_c + l_e L_e + l_tv (TV(m)+TV(n)) + w_B B + w_m A(m) + w_n A(n) [+ w_s L_s], each averaged over the batch.
 
-    `m`, `n` may be passed when the caller already aggregated them. L_s (cfg.w_class_specific > 0) needs
-    `logits_single` = F(x * s_k) and `drawn` = the one-hot drawn class k per image (explainer/step.py). Returns the
-    total and the unweighted terms (detached) for logging.
+    `split` (split_classes) may be passed when the caller already aggregated; then `masks` may be None. L_s
+    (cfg.w_class_specific > 0) needs `logits_single` = F(x * s_k) and `drawn` = the one-hot drawn class k per image
+    (explainer/step.py). Returns the total and the unweighted terms (detached) for logging.
     """
+    if split is None:
+        if masks is None:
+            raise ValueError("wysiwyc_loss needs the masks or their split_classes()")
+        split = split_classes(masks, labels, cfg.max_classes_per_image)
     if m is None or n is None:
-        m, n = aggregate_masks(masks, labels)
+        m, n = split.m, split.n
     l_c = classification_loss(logits_masked, labels, cfg.classification).mean()
     l_e = negative_entropy(logits_inv).mean()
     tv_m = total_variation(m).mean()
     tv_n = total_variation(n).mean()
-    bound = area_bound(masks, labels, cfg.area_min, cfg.area_max, cfg.bound_reduction).mean()
+    bound = area_bound(masks, labels, cfg.area_min, cfg.area_max, cfg.bound_reduction, split=split).mean()
     area_m = area(m).mean()
     area_n = area(n).mean()
     optional: dict[str, Tensor] = {}
@@ -198,6 +325,33 @@ def wysiwyc_loss(
         optional["class_specific"] = class_specific_loss(logits_single, drawn).mean()
     return combine_terms(cfg, classification=l_c, entropy=l_e, tv_m=tv_m, tv_n=tv_n, bound=bound, area_m=area_m,
                          area_n=area_n, **optional)
+
+
+# Dense forms (every class of every image; before docs/method.md#class-sparse): the oracle the tests pin the
+# class-sparse ones against, in float64.
+
+
+def _dense_aggregate_masks(masks: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """aggregate_masks over all C classes: two [B,C,H,W] torch.where copies and torch.amax's tie rule."""
+    target = _as_bool(labels)[:, :, None, None]
+    m = torch.where(target, masks, -1.0).amax(dim=1, keepdim=True)
+    n = torch.where(target, -1.0, masks).amax(dim=1, keepdim=True)
+    return torch.where(target.any(dim=1, keepdim=True), m, 0.0), torch.where((~target).any(dim=1, keepdim=True), n, 0.0)
+
+
+def _dense_area_bound(masks: Tensor, labels: Tensor, a: float, b: float, reduction: str) -> Tensor:
+    """area_bound sorting all B x C masks and letting the labels pick the ground-truth ones."""
+    batch, classes, h, w = masks.shape
+    z = h * w
+    k_min, k_max = area_counts(z, a, b)
+    target = _as_bool(labels)
+    q = masks.reshape(batch, classes, z).sort(dim=2, descending=True).values
+    position = torch.arange(z, device=masks.device)
+    per_class = (F.relu((position < k_min).to(q.dtype) - q) + F.relu(q - (position < k_max).to(q.dtype))).sum(2) / z
+    per_image = torch.where(target, per_class, 0.0).sum(dim=1)
+    if reduction == "mean":
+        per_image = per_image / target.sum(dim=1).clamp(min=1).to(per_image.dtype)
+    return per_image
 
 
 WYSIWYC_TERMS = ("classification", "entropy", "tv_m", "tv_n", "bound", "area_m", "area_n")
@@ -263,7 +417,7 @@ def alternative_image(
 
 
 def rtis_loss(
-    masks: Tensor,
+    masks: Tensor | None,
     labels: Tensor,
     logits_masked: Tensor,
     logits_inv: Tensor,
@@ -280,7 +434,9 @@ def rtis_loss(
     """
     del n
     if m is None:
-        m, _ = aggregate_masks(masks, labels)
+        if masks is None:
+            raise ValueError("rtis_loss needs the masks or m")
+        m, _ = aggregate_masks(masks, labels, cfg.max_classes_per_image)
     target = _as_bool(labels)
     count = target.sum().clamp(min=1)
     tv = total_variation(m, power=2).mean()

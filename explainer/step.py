@@ -18,14 +18,13 @@ from torch import Tensor, nn
 
 from explainer.config import LossConfig
 from explainer.losses import (
-    aggregate_masks,
     alternative_image,
     area_counts,
     combine_terms,
     draw_class,
-    drawn_class_mask,
     full_precision,
     rtis_loss,
+    split_classes,
     wysiwyc_loss,
 )
 from explainer.models.model_files import unwrap
@@ -35,10 +34,19 @@ from explainer.models.model_files import unwrap
 class StepOutput:
     loss: Tensor  # scalar with graph (fp32)
     terms: dict[str, Tensor]  # detached scalars, "loss" included
-    masks: Tensor  # S = sigmoid(E(x)) [B,C,H,W], fp32, with graph
+    mask_logits: Tensor  # E(x) [B,C,H,W], detached (its own dtype: bf16 under autocast)
     m: Tensor  # target mask [B,1,H,W], with graph
     # F(x_m) [B,C], detached fp32 (masked-image metrics, docs/method.md#classification-thresholds)
     logits_masked: Tensor
+
+    @property
+    def masks(self) -> Tensor:
+        """S = sigmoid(E(x)) [B,C,H,W], fp32, detached: made on demand, since the loss never needs all C masks."""
+        return self.first_masks(self.mask_logits.shape[0])
+
+    def first_masks(self, count: int) -> Tensor:
+        """S of the first `count` images only (image logging: no [B,C,H,W] copy for a few images)."""
+        return torch.sigmoid(full_precision(self.mask_logits[:count]))
 
 
 def _check_frozen(classifier: nn.Module) -> None:
@@ -68,8 +76,10 @@ def explainer_forward_loss(
     labels = labels.to(device=images.device)
     batch = images.shape[0]
     with autocast_ctx if autocast_ctx is not None else contextlib.nullcontext():
-        masks = torch.sigmoid(full_precision(explainer(images)))
-        m, n = aggregate_masks(masks, labels)
+        mask_logits = explainer(images)
+        # class-sparse (docs/method.md#class-sparse): the K ground-truth masks per image and n, never all C masks
+        split = split_classes(mask_logits, labels, loss_cfg.max_classes_per_image, logits=True)
+        m, n = split.m, split.n
         if loss_cfg.kind == "rtis":
             alt = alternative_image(images, loss_cfg.rtis_alternative)
             x_m = images * m + alt * (1 - m)
@@ -82,19 +92,20 @@ def explainer_forward_loss(
             if draws is None:
                 draws = torch.rand(batch, device=images.device)
             drawn = draw_class(labels, draws.to(images.device))
-            passes.append(images * drawn_class_mask(masks, drawn).to(images.dtype))
+            passes.append(images * split.select(drawn).to(images.dtype))
         both = torch.cat(passes)
         if channels_last:
             both = both.contiguous(memory_format=torch.channels_last)
         logits = full_precision(classifier(both))  # one batched pass; gradients reach the masks, not F's weights
         logits_masked, logits_inv = logits[:batch], logits[batch:2 * batch]
         if loss_cfg.kind == "rtis":
-            loss, terms = rtis_loss(masks, labels, logits_masked, logits_inv, loss_cfg, m=m, n=n)
+            loss, terms = rtis_loss(None, labels, logits_masked, logits_inv, loss_cfg, m=m, n=n)
         else:
             logits_single = logits[2 * batch:] if drawn is not None else None
-            loss, terms = wysiwyc_loss(masks, labels, logits_masked, logits_inv, loss_cfg, m=m, n=n,
+            loss, terms = wysiwyc_loss(None, labels, logits_masked, logits_inv, loss_cfg, split=split,
                                        logits_single=logits_single, drawn=drawn)
-    return StepOutput(loss=loss, terms=terms, masks=masks, m=m, logits_masked=logits_masked.detach())
+    return StepOutput(loss=loss, terms=terms, mask_logits=mask_logits.detach(), m=m,
+                      logits_masked=logits_masked.detach())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -182,7 +193,7 @@ def reference_forward_loss(
     return StepOutput(
         loss=loss,
         terms=terms,
-        masks=segmentations.sigmoid(),
+        mask_logits=segmentations.detach(),
         m=target_mask.unsqueeze(1),
         logits_masked=logits_mask.detach(),
     )

@@ -48,7 +48,8 @@ class ExplainerTask:
     def train_step(self, model: torch.nn.Module, batch: dict[str, Any], precision: Precision) -> StepResult:
         out = explainer_forward_loss(model, self.classifier, batch["image"], batch["labels"], self.cfg.loss,
                                      precision.autocast(), batch.get("draw"))
-        return StepResult(loss=out.loss, terms=out.terms, masks=out.masks)
+        # only the images the trainer may log: all C masks of the batch would stay alive through backward
+        return StepResult(loss=out.loss, terms=out.terms, masks=out.first_masks(self.cfg.train.image_log_count))
 
     def val_keys(self, manifest: Manifest) -> tuple[str, ...]:
         return ("count", "loss", *loss_terms(self.cfg.loss), "iou_sum", "iou_count")

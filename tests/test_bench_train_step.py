@@ -93,6 +93,27 @@ def test_every_row_has_its_own_flops_and_the_peak_of_its_precision(bench, tmp_pa
     assert {s["mode"] for s in report["speedups"]} == {"ours_fp32", "ours"}
 
 
+def test_class_count_sweep_reports_ratios_against_the_first_count(bench, tmp_path):
+    """--num-classes 3,12: one row per class count (models rebuilt with that many classes), each with its step time
+    and (Linux) the process's peak RSS of one step, and ratios against the 3-class row of the same mode."""
+    out = tmp_path / "classes.json"
+    bench.main([*TINY[:-8], "--warmup", "1", "--iters", "1", "--rounds", "1", "--num-classes", "3,12",
+                "--batch-sizes", "2", "--modes", "ours_fp32", "--profile", "3", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert [(r["num_classes"], r["mode"]) for r in report["results"]] == [(3, "ours_fp32"), (12, "ours_fp32")]
+    assert all(len(r["profile"]) == 3 and r["profile"][0]["self_ms"] > 0 for r in report["results"])
+    ratios = {r["num_classes"]: r for r in report["class_ratios"]}
+    assert set(ratios) == {3, 12} and ratios[3]["time_ratio"] == 1.0 and ratios[12]["base_classes"] == 3
+    row = report["results"][1]
+    assert ratios[12]["time_ratio"] == pytest.approx(row["step_ms"] / report["results"][0]["step_ms"])
+    if sys.platform == "linux":  # VmHWM: the step's peak, above the resident size of the loaded modules
+        assert 0.1 < row["peak_mem_gib"] < 8 and ratios[12]["mem_ratio"] == pytest.approx(
+            row["peak_mem_gib"] / report["results"][0]["peak_mem_gib"])
+    for bad in ("0", "3,x", ""):
+        with pytest.raises(SystemExit):
+            bench.parse_args([*TINY[:-8], "--num-classes", bad])
+
+
 def test_a_row_without_a_flop_count_still_prints(bench):
     row = {"classifier": "vgg16", "batch_size": 64, "mode": "ours", "images_per_s": 10.0, "step_ms": 6400.0}
     assert "vgg16" in bench.format_row(row) and " - " in bench.format_row(row)
@@ -133,7 +154,7 @@ def test_gpu_check_smoke_runs_every_stage_and_summarises(tmp_path):
     log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").exists() else ""
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{log[-5000:]}"
     stages = (out / "stages.txt").read_text().splitlines()
-    assert [s.split(":")[0] for s in stages] == ["step_eager", "e2e", "eval_timing", "step_compiled"]
+    assert [s.split(":")[0] for s in stages] == ["step_eager", "step_classes", "e2e", "eval_timing", "step_compiled"]
     assert all(": exit 0," in s for s in stages), stages
     summary = json.loads((out / "summary.json").read_text())
     assert summary["missing"] == summary["partial"] == [] and summary["env"]["device_type"] == "cpu"
@@ -146,5 +167,6 @@ def test_gpu_check_smoke_runs_every_stage_and_summarises(tmp_path):
     timing = json.loads((out / "eval_timing.json").read_text())["results"][0]
     assert timing["explainer_ms_per_image"] > 0 and timing["gradcam_ms_per_image"] > 0
     assert sorted(p.name for p in out.iterdir()) == sorted([  # what comes back from a GPU machine: results only
-        "env.json", "step_eager.json", "e2e.json", "eval_timing.json", "step_compiled.json", "summary.json",
-        "stages.txt", "gpu_check.log"])
+        "env.json", "step_eager.json", "step_classes.json", "e2e.json", "eval_timing.json", "step_compiled.json",
+        "summary.json", "stages.txt", "gpu_check.log"])
+    assert [(r["num_classes"], r["mode"]) for r in summary["class_ratios"]] == [(4, "ours"), (40, "ours")]

@@ -72,6 +72,7 @@ def test_overrides_are_typed_and_nested():
         ("loss.area_min=0.5", "loss.area_min/area_max"),
         ("optim.lr=-1", "optim.lr must be > 0"),
         ("loss.w_class_specific=-1", "loss.w_class_specific must be >= 0"),
+        ("loss.max_classes_per_image=0", "loss.max_classes_per_image must be >= 1 or null"),
         ("train.resume=/nonexistent/ckpt", "train.resume must be 'auto'"),
         ("nodots", "not of the form key.sub=value"),
         # issue 17: inf passed `lr > 0` and nan passed every loss-weight check; both poison the weights at step 1

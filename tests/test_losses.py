@@ -7,8 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from explainer import losses
 from explainer.config import LossConfig
 from explainer.losses import (
+    _dense_aggregate_masks,
+    _dense_area_bound,
     aggregate_masks,
     alternative_image,
     area,
@@ -20,7 +23,9 @@ from explainer.losses import (
     gaussian_blur,
     loss_terms,
     negative_entropy,
+    present_classes,
     rtis_loss,
+    split_classes,
     total_variation,
     wysiwyc_loss,
 )
@@ -387,3 +392,149 @@ def test_alternative_images():
     assert const[0, 0, 40, 40].item() == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError, match="rtis_alternative"):
         alternative_image(images, "checkerboard")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Class-sparse aggregation and bound (docs/method.md#class-sparse) against the dense forms, in float64
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _sparse_cases(classes: int = 7, seed: int = 0):
+    """(name, masks [6,C,5,6] float64, labels): random masks; masks on a 3-value grid (many ties in both maxima);
+    the zero-head start (every mask 0.5). Labels: image 0 no class, image 1 every class, the rest random."""
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.rand(6, classes, generator=g) < 0.35).double()
+    labels[0], labels[1] = 0.0, 1.0
+    labels[2, :] = 0.0
+    labels[2, classes - 1] = 1.0  # the last class alone: the gather's padding and the top-k order
+    random = torch.rand(6, classes, 5, 6, generator=g, dtype=torch.float64)
+    grid = torch.randint(1, 4, (6, classes, 5, 6), generator=g).double() / 4
+    zero_head = torch.full((6, classes, 5, 6), 0.5, dtype=torch.float64)
+    return [("random", random, labels), ("ties", grid, labels), ("zero_head", zero_head, labels)]
+
+
+def _grads(fn, masks, weights):
+    """fn's outputs, and the gradient w.r.t. masks of sum_i <weights_i, output_i>."""
+    masks = masks.clone().requires_grad_(True)
+    outs = fn(masks)
+    total = sum((o * w).sum() for o, w in zip(outs, weights))
+    return [o.detach() for o in outs], torch.autograd.grad(total, masks)[0]
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("chunk", [3, 64])
+def test_class_sparse_m_n_equal_the_dense_ones_values_and_gradients(monkeypatch, chunk):
+    """m and n from the K gathered ground-truth masks and a sliced absent-class max equal the dense [B,C,H,W]
+    torch.where + amax forms exactly, gradients included (amax's tie rule: equal shares to every class attaining the
+    max), for images with no class and with every class, on random masks, on tied masks and at the zero-head start.
+    chunk 3: the absent-class max runs over several slices of classes."""
+    monkeypatch.setattr(losses, "CLASS_CHUNK", chunk)
+    g = torch.Generator().manual_seed(1)
+    for name, masks, labels in _sparse_cases():
+        weights = [torch.randn(6, 1, 5, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+        sparse, grad_sparse = _grads(lambda x, y=labels: aggregate_masks(x, y), masks, weights)
+        dense, grad_dense = _grads(lambda x, y=labels: _dense_aggregate_masks(x, y), masks, weights)
+        assert torch.equal(sparse[0], dense[0]) and torch.equal(sparse[1], dense[1]), name
+        assert torch.allclose(grad_sparse, grad_dense, rtol=1e-15, atol=0), (name, (grad_sparse - grad_dense).abs())
+        assert sparse[0][0].abs().sum() == 0 and sparse[1][1].abs().sum() == 0  # no class: m = 0; every class: n = 0
+
+
+@pytest.mark.numerics
+def test_zero_head_start_splits_n_evenly_over_the_absent_classes():
+    """At the zero-head start every mask is 0.5, so every absent class attains n's max: each gets an equal share of
+    n's gradient (no absent channel starts as the one pushed down alone), and m's is shared by the present ones."""
+    masks = torch.full((1, 5, 2, 2), 0.5, dtype=torch.float64, requires_grad=True)
+    labels = t([[0.0, 1.0, 0.0, 1.0, 0.0]])
+    m, n = aggregate_masks(masks, labels)
+    grad_m, = torch.autograd.grad(m.sum(), masks, retain_graph=True)
+    grad_n, = torch.autograd.grad(n.sum(), masks)
+    assert grad_n[0, [0, 2, 4]].eq(1 / 3).all() and grad_n[0, [1, 3]].eq(0).all()
+    assert grad_m[0, [1, 3]].eq(1 / 2).all() and grad_m[0, [0, 2, 4]].eq(0).all()
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_class_sparse_area_bound_equals_the_dense_one(reduction):
+    """The bound sorting only the K gathered ground-truth masks equals the dense one that sorts all B x C masks."""
+    for name, masks, labels in _sparse_cases(seed=2):
+        weights = [torch.randn(6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)]
+        sparse, grad_sparse = _grads(lambda x, y=labels: [area_bound(x, y, 0.05, 0.3, reduction)], masks, weights)
+        dense, grad_dense = _grads(lambda x, y=labels: [_dense_area_bound(x, y, 0.05, 0.3, reduction)], masks, weights)
+        # one sort per mask either way; only the order of adding the per-class values may differ
+        assert torch.allclose(sparse[0], dense[0], rtol=1e-14, atol=0), (name, (sparse[0] - dense[0]).abs().max())
+        assert torch.allclose(grad_sparse, grad_dense, rtol=1e-14, atol=0), name
+        assert sparse[0][0] == 0.0
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("chunk", [3, 64])
+def test_split_from_logits_equals_the_dense_forms_on_the_sigmoid(monkeypatch, chunk):
+    """What the step uses: split_classes on the explainer's logits (S never materialised) gives the gathered masks,
+    m, n and the bound of the dense forms on S = sigmoid(logits), with equal gradients w.r.t. the logits; logits 0
+    is the zero-head start."""
+    monkeypatch.setattr(losses, "CLASS_CHUNK", chunk)
+    g = torch.Generator().manual_seed(4)
+    for name, masks, labels in _sparse_cases(seed=5):
+        logits = torch.logit(masks.clamp(0.05, 0.95)) if name != "random" else torch.randn(masks.shape, generator=g,
+                                                                                             dtype=torch.float64)
+        weights = [torch.randn(6, 1, 5, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+        weights.append(torch.randn(6, generator=g, dtype=torch.float64))
+
+        def sparse_fn(x, y=labels):
+            split = split_classes(x, y, logits=True)
+            return [split.m, split.n, area_bound(None, y, split=split)]
+
+        def dense_fn(x, y=labels):
+            s = torch.sigmoid(x)
+            return [*_dense_aggregate_masks(s, y), _dense_area_bound(s, y, 0.05, 0.3, "sum")]
+
+        sparse, grad_sparse = _grads(sparse_fn, logits, weights)
+        dense, grad_dense = _grads(dense_fn, logits, weights)
+        for a, b in zip(sparse, dense):
+            assert torch.allclose(a, b, rtol=1e-15, atol=0), name
+        assert torch.allclose(grad_sparse, grad_dense, rtol=1e-13, atol=1e-17), (name, (grad_sparse - grad_dense).abs())
+
+
+def test_present_classes_fixed_shape_and_the_cap():
+    labels = t([[0, 1, 0, 1], [0, 0, 0, 0], [1, 1, 1, 0]])
+    index, valid = present_classes(labels)
+    assert index.shape == (3, 3)
+    assert [index[i][valid[i]].tolist() for i in range(3)] == [[1, 3], [], [0, 1, 2]]  # ascending class order
+    capped, valid_capped = present_classes(labels, max_classes=4)
+    assert capped.shape == (3, 4) and valid_capped.sum().item() == 5
+    with pytest.raises(ValueError, match=r"max_classes_per_image is 2, but image\(s\) \[2\] of this batch have \[3\]"):
+        present_classes(labels, max_classes=2)
+    masks = torch.rand(3, 4, 3, 3, dtype=torch.float64)
+    assert all(torch.equal(a, b) for a, b in zip(aggregate_masks(masks, labels, 4), aggregate_masks(masks, labels)))
+    cfg = LossConfig(max_classes_per_image=2)
+    logits = torch.zeros(3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="max_classes_per_image"):
+        wysiwyc_loss(masks, labels, logits, logits, cfg)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_split_from_half_precision_logits_matches_the_dense_form(dtype):
+    """Under autocast the explainer's logits are bf16/fp16 (the gradient is written in that dtype, its present-class
+    part through an int16 view): the same m, n and gathered masks as the dense form on sigmoid(float(logits)), and
+    gradients equal to within one rounding of that dtype."""
+    g = torch.Generator().manual_seed(6)
+    for name, masks, labels in _sparse_cases(seed=7):
+        logits = (torch.randn(masks.shape, generator=g) if name == "random" else torch.logit(masks.float())).to(dtype)
+        weights = [torch.randn(6, 1, 5, 6, generator=g) for _ in range(2)] + [torch.randn(6, generator=g)]
+
+        def sparse_fn(x, y=labels):
+            split = split_classes(x, y, logits=True)
+            return [split.m, split.n, area_bound(None, y, split=split)]
+
+        def dense_fn(x, y=labels):
+            s = torch.sigmoid(x.float())
+            return [*_dense_aggregate_masks(s, y), _dense_area_bound(s, y, 0.05, 0.3, "sum")]
+
+        sparse, grad_sparse = _grads(sparse_fn, logits, weights)
+        dense, grad_dense = _grads(dense_fn, logits, weights)
+        assert grad_sparse.dtype == dtype
+        for a, b in zip(sparse, dense):
+            assert torch.allclose(a, b, rtol=1e-6, atol=0), name
+        eps = torch.finfo(dtype).eps
+        assert torch.allclose(grad_sparse.float(), grad_dense.float(), rtol=eps, atol=1e-30), name

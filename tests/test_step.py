@@ -191,3 +191,85 @@ def test_autocast_runs_both_networks_in_low_precision_and_the_loss_in_fp32(mode,
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in explainer.parameters())
     if mode == "fp16":  # the gradients carry the loss scale until unscale_
         assert precision.scaler.get_scale() == 65536.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Class-sparse step (docs/method.md#class-sparse) against the dense one it replaced
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _dense_step_loss(explainer, classifier, images, labels, cfg):
+    """The step as it was before the class-sparse loss: all C masks, the dense m / n and the bound over B x C."""
+    from explainer.losses import (
+        _dense_aggregate_masks,
+        _dense_area_bound,
+        area,
+        classification_loss,
+        combine_terms,
+        negative_entropy,
+        total_variation,
+    )
+
+    masks = torch.sigmoid(explainer(images))
+    m, n = _dense_aggregate_masks(masks, labels)
+    logits = classifier(torch.cat([images * m, images * (1 - m)]))
+    batch = len(images)
+    bound = _dense_area_bound(masks, labels, cfg.area_min, cfg.area_max, cfg.bound_reduction)
+    return combine_terms(cfg, classification=classification_loss(logits[:batch], labels).mean(),
+                         entropy=negative_entropy(logits[batch:]).mean(), tv_m=total_variation(m).mean(),
+                         tv_n=total_variation(n).mean(), bound=bound.mean(), area_m=area(m).mean(),
+                         area_n=area(n).mean())
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize(("head_init", "cfg"), [
+    ("random", LossConfig()),
+    ("zero", LossConfig(bound_reduction="mean", lambda_e=3.0, w_bound=0.8, w_m=0.01)),
+])
+def test_class_sparse_step_equals_the_dense_step_in_float64(monkeypatch, head_init, cfg):
+    """Same loss, terms and explainer gradients as the dense step, for images with one, several, no and every class;
+    at the zero-head start every mask is 0.5 and both maxima are all ties (the even split the zero head relies on).
+    CLASS_CHUNK 3: the absent-class max spans two slices of the 4 classes."""
+    from explainer import losses
+
+    monkeypatch.setattr(losses, "CLASS_CHUNK", 3)
+    torch.manual_seed(0)
+    explainer = build_explainer("tiny_unet", NUM_CLASSES, head_init=head_init).double().eval()
+    classifier = freeze(build_classifier("tiny_cnn", NUM_CLASSES).double())
+    images = _images(torch.float64, size=16)
+    sparse = explainer_forward_loss(explainer, classifier, images, LABELS, cfg)
+    sparse_grads = torch.autograd.grad(sparse.loss, list(explainer.parameters()))
+    dense_loss, dense_terms = _dense_step_loss(explainer, classifier, images, LABELS, cfg)
+    dense_grads = torch.autograd.grad(dense_loss, list(explainer.parameters()))
+    for key in dense_terms:
+        assert sparse.terms[key].item() == pytest.approx(dense_terms[key].item(), rel=1e-13, abs=1e-15), key
+    for a, b in zip(sparse_grads, dense_grads):
+        assert torch.allclose(a, b, rtol=1e-11, atol=1e-15), (a - b).abs().max()
+    if head_init == "zero":
+        assert torch.equal(sparse.masks, torch.full_like(sparse.masks, 0.5))
+
+
+def test_the_step_keeps_no_tensor_of_all_class_masks_for_backward():
+    """What backward holds of size B x C x H x W: only the explainer's logits (the absent-class max's gradient is
+    recomputed from them). The dense step kept the sigmoid masks, two torch.where copies, the sort's values and
+    indices and two relu outputs of that size."""
+    classes, size = 40, 16  # 40 channels: no layer of tiny_unet has as many
+    torch.manual_seed(0)
+    explainer = build_explainer("tiny_unet", classes)
+    classifier = freeze(build_classifier("tiny_cnn", classes))
+    labels = torch.zeros(4, classes)
+    labels[0, 3] = labels[1, [5, 7]] = labels[3, :3] = 1.0  # K = 3 of 40
+    images = torch.randn(4, 3, size, size)
+    full = 4 * classes * size * size
+    saved = []
+
+    def pack(t):
+        saved.append((t.numel(), t.untyped_storage().data_ptr()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = explainer_forward_loss(explainer, classifier, images, labels, LossConfig(w_class_specific=1.0))
+    storages = {ptr for numel, ptr in saved if numel == full}
+    assert len(storages) == 1, len(storages)
+    assert storages == {out.mask_logits.untyped_storage().data_ptr()}
+    out.loss.backward()
