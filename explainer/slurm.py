@@ -18,6 +18,7 @@ import dataclasses
 import os
 import shlex
 import shutil
+import socket
 import sys
 import time
 import uuid
@@ -195,7 +196,8 @@ class TrainJob(submitit.helpers.Checkpointable):
             summary = run(cfg)
             launcher = {"rank": dist_env.rank, "world_size": dist_env.world_size, "local_rank": dist_env.local_rank,
                         "master_addr": dist_env.master_addr, "master_port": dist_env.master_port,
-                        "job_id": submitit.JobEnvironment().job_id}
+                        "job_id": submitit.JobEnvironment().job_id, "host": socket.gethostname(),
+                        "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)}
         return {**summary, "launcher": launcher}
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
