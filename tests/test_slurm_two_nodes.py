@@ -370,7 +370,6 @@ def test_dead_node_fails_the_job_on_the_surviving_rank_and_a_resubmission_resume
     with open(job_dir / f"{job_id}_0_result.pkl", "rb") as handle:
         status, trace = pickle.load(handle)
     assert status == "error", status
-    print(trace[-1500:])
     assert re.search(r"(Connection closed by peer|Connection reset|timed out|Timed out)", trace), trace[-3000:]
     resubmit = Submission("resubmit", [*sub.args, "train.resume=auto"], sub.out)
     resubmit.start()
