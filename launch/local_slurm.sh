@@ -274,6 +274,7 @@ net_down() {
 # on_node I CMD...: CMD in node I's network namespace, with host name node<I> (its own UTS namespace) and the
 # cluster's /etc/hosts (a private mount namespace). Not `ip netns exec`: it remounts /sys, hiding /sys/fs/cgroup,
 # without which slurmd refuses to start.
+# (nsenter, unshare and sh each exec the next: CMD keeps the pid, so a signal to it reaches CMD.)
 on_node() {
     local i=$1
     shift
@@ -405,7 +406,7 @@ cmd_exec() {
     [[ ${1:-} == -- ]] && shift
     (($# > 0)) || die "usage: $0 exec $node -- CMD..."
     ip netns list | grep -q "^$NS_PREFIX$i\b" || die "$node does not exist: start the cluster with '$0 start --nodes 2'"
-    on_node "$i" "$@"
+    on_node "$i" "$@"  # CMD stays in this script's process group: `kill -- -PGID` stops both
 }
 
 cmd=${1:-}

@@ -71,16 +71,23 @@ class Proc:
         self.out.mkdir(parents=True, exist_ok=True)
         for i, cmd in enumerate(self.cmds):
             log = open(self.out.parent / f"{self.out.name}.{i}.log", "w")  # noqa: SIM115 (closed by the child)
-            self.procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+            self.procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                               start_new_session=True))  # kill(): its whole process group
             log.close()
+
+    def kill(self) -> None:
+        """Each command with its children (local_slurm.sh exec runs torchrun as a child in the node's namespace)."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
     def wait(self) -> None:
         for proc in self.procs:
             try:
                 proc.wait(timeout=JOB_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                for p in self.procs:
-                    p.kill()
+                self.kill()
         logs = "\n".join(f"--- {p} ---\n{p.read_text()[-3000:]}" for p in sorted(self.out.parent.glob(
             f"{self.out.name}.*.log")))
         assert all(p.returncode == 0 for p in self.procs), f"{self.name}: {[p.returncode for p in self.procs]}\n{logs}"
@@ -265,9 +272,7 @@ def two_node_jobs(request, slurm_cluster, synthetic_manifest, tiny_classifier, t
         if isinstance(job, Submission) and job.job_id and _squeue_states(job.job_id):
             subprocess.run(["scancel", job.job_id])
         if isinstance(job, Proc):
-            for proc in job.procs:
-                if proc.poll() is None:
-                    proc.kill()
+            job.kill()
 
 
 def _finished(sub: Submission) -> list[dict]:
