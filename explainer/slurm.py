@@ -116,7 +116,9 @@ class JobSpec:
         if self.array_parallelism < 1:
             problems.append(f"--array-parallelism must be >= 1, got {self.array_parallelism}")
         if self.cluster in ("local", "debug") and self.nodes != 1:
-            problems.append(f"--cluster {self.cluster} runs on this machine only: --nodes must be 1, got {self.nodes}")
+            problems.append(f"--cluster {self.cluster} runs on this machine only: --nodes must be 1, got {self.nodes} "
+                            "(several nodes on one machine: `launch/local_slurm.sh start --nodes 2`, then "
+                            "--cluster slurm with SLURM_CONF from `launch/local_slurm.sh env`)")
         if self.cluster == "debug" and self.ntasks_per_node != 1:
             problems.append("--cluster debug runs one task in this process; use --cluster local for several tasks")
         if problems:

@@ -243,6 +243,7 @@ net_up() {
         ip -n "$ns" link set "exsl${i}n" up
         ip -n "$ns" link set lo up
         # on_node bind-mounts it over /etc/hosts (as `ip netns exec` would): the node names resolve on every node
+        [[ -d /etc/netns ]] || touch "$RUN/etc_netns_created"
         mkdir -p "/etc/netns/$ns"
         {
             echo "127.0.0.1 localhost"
@@ -267,6 +268,7 @@ net_down() {
         rm -rf "/etc/netns/$ns"
     done
     ip link del "$BRIDGE" 2>/dev/null || true
+    if [[ -e $RUN/etc_netns_created ]]; then rmdir /etc/netns 2>/dev/null || true; rm -f "$RUN/etc_netns_created"; fi
     rm -f "$RUN/netns"
     log "removed $n network namespace(s) and bridge $BRIDGE"
 }

@@ -60,7 +60,9 @@ def one_thread():
 
 LOCAL_SLURM = ROOT / "launch" / "local_slurm.sh"
 SLURM_DIR = Path(os.environ.get("EXPLAINER_SLURM_DIR", "/tmp/explainer-slurm"))
-SLURM_NODES = 2  # the cluster of the test session: two nodes, each in its own network namespace
+# The cluster of the test session: two nodes, each in its own network namespace. EXPLAINER_TEST_SLURM_NODES=1 runs
+# tests/test_slurm.py on the one-node mode instead (tests/test_slurm_two_nodes.py then fails: it needs two).
+SLURM_NODES = int(os.environ.get("EXPLAINER_TEST_SLURM_NODES", "2"))
 REQUIRE_SLURM = "EXPLAINER_REQUIRE_SLURM"  # .ci/run sets it: a SLURM that cannot start is then a failure
 _SLURM_SKIPPED = pytest.StashKey[int]()
 _SLURM_REASON = pytest.StashKey[str]()
