@@ -16,7 +16,6 @@ import pickle
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -133,7 +132,7 @@ def _suspend_at_first_checkpoint(sub: Submission) -> str:
         assert time.monotonic() < deadline, f"no checkpoint appeared\n{_logs(sub.out / 'submitit')}"
         time.sleep(0.05)
     subprocess.run(["scontrol", "suspend", job_id], check=True)
-    sub.events["checkpoints_at_suspend"] = sorted(p.name for p in meta.parent.parent.glob("step_*"))
+    sub.events["checkpoints_at_event"] = sorted(p.name for p in meta.parent.parent.glob("step_*"))
     return job_id
 
 
@@ -167,7 +166,7 @@ def _preempt_with_usr2(sub: Submission) -> None:
         assert time.monotonic() < deadline, f"no checkpoint appeared\n{_logs(sub.out / 'submitit')}"
         time.sleep(0.05)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    sub.events["checkpoints_at_suspend"] = sorted(p.name for p in meta.parent.parent.glob("step_*"))
+    sub.events["checkpoints_at_event"] = sorted(p.name for p in meta.parent.parent.glob("step_*"))
     _start_when_pending(job_id)
 
 
@@ -339,7 +338,7 @@ def test_requeue_restarts_both_nodes_and_the_run_equals_the_uninterrupted_one(tw
     for key in ("requeue", "usr2"):
         sub = two_node_jobs[key]
         _wait_events(sub)
-        assert FIRST_CKPT in sub.events["checkpoints_at_suspend"]
+        assert FIRST_CKPT in sub.events["checkpoints_at_event"]
         results = _finished(sub)
         assert [(r["launcher"]["host"], r["launcher"]["restart_count"]) for r in results] == \
             [("node1", 1), ("node2", 1)], key  # both nodes ran again, as the requeued job
@@ -409,7 +408,3 @@ def test_sweep_array_over_both_nodes_is_collected_by_the_report(two_node_jobs):
     assert proc.returncode == 0, proc.stderr
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "status" not in line]
     assert len(table) == 2 and all(row.split("|")[3].strip() == "finished" for row in table), proc.stdout
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(pytest.main([__file__, "-q"]))
