@@ -68,6 +68,7 @@ install_packages() {
     command -v slurmd >/dev/null || missing+=(slurmd)
     command -v sbatch >/dev/null || missing+=(slurm-client)
     command -v munged >/dev/null || missing+=(munge)
+    ((NODES == 1)) || command -v ip >/dev/null || missing+=(iproute2)  # the nodes' network namespaces
     ((${#missing[@]} == 0)) && return 0
     command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them (Debian/Ubuntu only)"
     local t0=$SECONDS added_policy=0
@@ -78,7 +79,7 @@ install_packages() {
     fi
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >"$DIR/log/apt.log" 2>&1 ||
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >"$DIR/log/apt.log" 2>&1 ||
         { tail -20 "$DIR/log/apt.log" >&2; die "apt-get install failed (full log: $DIR/log/apt.log)"; }
     ((added_policy)) && rm -f /usr/sbin/policy-rc.d
     log "installed in $((SECONDS - t0)) s"
@@ -226,7 +227,8 @@ net_up() {
     local i j ns
     check_subnet
     if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
-        ip link add "$BRIDGE" type bridge
+        ip link add "$BRIDGE" type bridge || die "cannot create the bridge $BRIDGE: the two-node mode needs" \
+            "CAP_NET_ADMIN and CAP_SYS_ADMIN (a container: --privileged, or --cap-add NET_ADMIN --cap-add SYS_ADMIN)"
         ip addr add "$SUBNET.1/24" dev "$BRIDGE"
         ip link set "$BRIDGE" up
     fi
@@ -234,7 +236,7 @@ net_up() {
     for ((i = 1; i <= NODES; i++)); do
         ns=$NS_PREFIX$i
         ip netns list | grep -q "^$ns\b" && continue
-        ip netns add "$ns"
+        ip netns add "$ns" || die "cannot create network namespace $ns (needs CAP_SYS_ADMIN)"
         ip link add "exsl$i" type veth peer name "exsl${i}n"
         ip link set "exsl${i}n" netns "$ns"
         ip link set "exsl$i" master "$BRIDGE"
@@ -402,6 +404,7 @@ cmd_status() {
 
 cmd_exec() {
     local node=${1:-} i
+    ((EUID == 0)) || die "exec needs root (it enters the node's network namespace)"
     [[ $node =~ ^node([1-8])$ ]] || die "usage: $0 exec node<i> -- CMD..."
     i=${BASH_REMATCH[1]}
     shift
