@@ -11,8 +11,11 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import socket
+import uuid
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +23,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+from explainer.atomic import write_text_atomic
 from explainer.config import TrainConfig
 
 
@@ -139,7 +143,8 @@ def make_accelerator(mixed_precision: str, log_with: str | None, project_dir: st
 
     On CUDA: this process's GPU is chosen from what it can see (bind_local_device), cuDNN autotuning is on
     (train.cudnn_benchmark), and DDP gets the train.ddp_* options; every process group gets
-    train.process_group_timeout_min.
+    train.process_group_timeout_min. With several processes, every rank must see `project_dir` (the run folder) as
+    rank 0 does (check_shared_run_folder).
     """
     train = train if train is not None else TrainConfig()
     use_cpu = not torch.cuda.is_available()
@@ -152,7 +157,7 @@ def make_accelerator(mixed_precision: str, log_with: str | None, project_dir: st
         bind_local_device()
         torch.backends.cudnn.benchmark = train.cudnn_benchmark
     world_size = _env_int(os.environ, "WORLD_SIZE") or 1
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=1,  # the trainer accumulates by hand (exact resume on a step boundary)
@@ -161,6 +166,8 @@ def make_accelerator(mixed_precision: str, log_with: str | None, project_dir: st
         kwargs_handlers=[ddp_kwargs(train, cuda=not use_cpu, world_size=world_size),
                          process_group_kwargs(train.process_group_timeout_min)],
     )
+    check_shared_run_folder(accelerator, project_dir)  # before anything is written to or resumed from it
+    return accelerator
 
 
 def make_state(timeout_min: float) -> Any:
@@ -229,3 +236,41 @@ def close_process_group() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+class RunFolderNotShared(RuntimeError):
+    """Some ranks do not see rank 0's run folder: checkpoints, resume and the summary would silently split."""
+
+
+SHARED_TOKEN = ".rank0-token"
+
+
+def check_shared_run_folder(accelerator: Accelerator, run_dir: str | os.PathLike) -> None:
+    """Every rank must see the run folder rank 0 writes (checkpoints are written by all ranks and resumed from rank
+    0's choice). Rank 0 writes a fresh token file there and broadcasts its path and content (a barrier); every rank
+    reads it, and if any rank cannot, all ranks raise the same RunFolderNotShared naming those ranks and hosts.
+    One process: nothing to check."""
+    if accelerator.num_processes <= 1:
+        return
+    path = Path(run_dir).absolute() / SHARED_TOKEN  # this rank's view of the run folder
+    sent: list[Any] = [None]
+    if accelerator.is_main_process:
+        sent[0] = f"{socket.gethostname()} {os.getpid()} {uuid.uuid4().hex}"
+        write_text_atomic(path, sent[0])
+    torch.distributed.broadcast_object_list(sent, src=0)
+    try:
+        seen = path.read_text() == sent[0]
+    except OSError:
+        seen = False
+    views: list[Any] = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(views, (socket.gethostname(), str(path.parent), seen))
+    if accelerator.is_main_process:
+        path.unlink(missing_ok=True)  # every rank has read it (all_gather is collective)
+    main_host, main_dir, _ = views[0]
+    blind = [f"rank {rank} on {host}" + ("" if folder == main_dir else f" (its folder: {folder})")
+             for rank, (host, folder, ok) in enumerate(views) if not ok]
+    if blind:
+        raise RunFolderNotShared(
+            f"train.output_dir {main_dir} is not shared: {', '.join(blind)} cannot read the token file rank 0 "
+            f"(on {main_host}) wrote there. The run folder, the shards (data.manifest) and the classifier must be "
+            "on a filesystem every node mounts at the same path (README, SLURM section)")

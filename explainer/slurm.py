@@ -18,6 +18,7 @@ import dataclasses
 import os
 import shlex
 import shutil
+import socket
 import sys
 import time
 import uuid
@@ -115,7 +116,9 @@ class JobSpec:
         if self.array_parallelism < 1:
             problems.append(f"--array-parallelism must be >= 1, got {self.array_parallelism}")
         if self.cluster in ("local", "debug") and self.nodes != 1:
-            problems.append(f"--cluster {self.cluster} runs on this machine only: --nodes must be 1, got {self.nodes}")
+            problems.append(f"--cluster {self.cluster} runs on this machine only: --nodes must be 1, got {self.nodes} "
+                            "(several nodes on one machine: `launch/local_slurm.sh start --nodes 2`, then "
+                            "--cluster slurm with SLURM_CONF from `launch/local_slurm.sh env`)")
         if self.cluster == "debug" and self.ntasks_per_node != 1:
             problems.append("--cluster debug runs one task in this process; use --cluster local for several tasks")
         if problems:
@@ -195,7 +198,8 @@ class TrainJob(submitit.helpers.Checkpointable):
             summary = run(cfg)
             launcher = {"rank": dist_env.rank, "world_size": dist_env.world_size, "local_rank": dist_env.local_rank,
                         "master_addr": dist_env.master_addr, "master_port": dist_env.master_port,
-                        "job_id": submitit.JobEnvironment().job_id}
+                        "job_id": submitit.JobEnvironment().job_id, "host": socket.gethostname(),
+                        "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)}
         return {**summary, "launcher": launcher}
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from _helpers import make_synthetic_shards, train_tiny_classifier
+from _helpers import ROOT, make_synthetic_shards, run_cmd, train_tiny_classifier
 
 
 @pytest.fixture(scope="session")
@@ -66,6 +69,11 @@ def one_thread():
 # SLURM tests (marker `slurm`): mandatory where they can run, one clear skip line elsewhere
 # ----------------------------------------------------------------------------------------------------------------------
 
+LOCAL_SLURM = ROOT / "launch" / "local_slurm.sh"
+SLURM_DIR = Path(os.environ.get("EXPLAINER_SLURM_DIR", "/tmp/explainer-slurm"))
+# The cluster of the test session: two nodes, each in its own network namespace. EXPLAINER_TEST_SLURM_NODES=1 runs
+# tests/test_slurm.py on the one-node mode instead (tests/test_slurm_two_nodes.py then fails: it needs two).
+SLURM_NODES = int(os.environ.get("EXPLAINER_TEST_SLURM_NODES", "2"))
 REQUIRE_SLURM = "EXPLAINER_REQUIRE_SLURM"  # .ci/run sets it: a SLURM that cannot start is then a failure
 _SLURM_SKIPPED = pytest.StashKey[int]()
 _SLURM_REASON = pytest.StashKey[str]()
@@ -113,3 +121,53 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if n:
         terminalreporter.write_line(f"{n} SLURM tests skipped: {config.stash[_SLURM_REASON]}; {HOW_TO_RUN_SLURM}",
                                     yellow=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The cluster: started once per session, stopped by the last session using it if a test session started it
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A running two-node SLURM (launch/local_slurm.sh start --nodes 2); SLURM_CONF exported for submit.py, squeue,
+    scontrol and submitit. One-node jobs (tests/test_slurm.py) run on one of its nodes. If this session started it,
+    the last session using it stops it, which also removes its network namespaces, even after failures."""
+    users = SLURM_DIR / "test-sessions"
+    marker = SLURM_DIR / "started-by-tests"
+    was_up = subprocess.run(["bash", str(LOCAL_SLURM), "status"], capture_output=True).returncode == 0
+    t0 = time.perf_counter()
+    run_cmd(["bash", str(LOCAL_SLURM), "start", "--nodes", str(SLURM_NODES)], timeout=600)
+    print(f"\n[slurm] local {SLURM_NODES}-node cluster ready in {time.perf_counter() - t0:.1f} s (was up: {was_up})")
+    users.mkdir(parents=True, exist_ok=True)
+    me = users / str(os.getpid())
+    with _lock():
+        me.touch()
+        if not was_up:
+            marker.touch()
+    saved = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(SLURM_DIR / "etc" / "slurm.conf")
+    yield os.environ["SLURM_CONF"]
+    if saved is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = saved
+    with _lock():
+        me.unlink(missing_ok=True)
+        others = [p for p in users.iterdir() if Path(f"/proc/{p.name}").exists()]
+        if marker.exists() and not others:
+            run_cmd(["bash", str(LOCAL_SLURM), "stop"], timeout=120)
+            marker.unlink(missing_ok=True)
+
+
+class _lock:
+    """Serialises the session bookkeeping of concurrent pytest sessions sharing the cluster."""
+
+    def __enter__(self):
+        SLURM_DIR.mkdir(parents=True, exist_ok=True)
+        self.handle = open(SLURM_DIR / "test-sessions.lock", "w")  # noqa: SIM115
+        fcntl.flock(self.handle, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()

@@ -11,7 +11,7 @@ import json
 import sys
 
 import pytest
-from _helpers import ROOT, free_port, run_cmd
+from _helpers import ROOT, free_port, run_cmd, run_ranks
 
 from explainer.config import TrainConfig
 from explainer.distributed import (
@@ -112,3 +112,33 @@ def test_ddp_options_and_timeout_reach_torch_in_a_gloo_world(tmp_path):
 def test_evaluation_state_gets_its_own_timeout(tmp_path):
     ranks = _probe(tmp_path, "state", "0.05")
     assert "completed" not in ranks[0]["collective"] and 2.0 < ranks[0]["waited_s"] < 7.5, ranks[0]
+
+
+_MAKE_ACCELERATOR_IN_RUN = """
+from explainer.config import TrainConfig
+from explainer.distributed import make_accelerator
+make_accelerator("no", None, "run", TrainConfig())
+print("accelerator ready")
+"""
+
+
+def test_every_rank_fails_with_one_message_when_the_run_folder_is_not_shared(tmp_path):
+    """Two real gloo ranks whose relative run folder `run` lands in different places (each rank's working directory,
+    as on nodes without a shared filesystem): both stop before training with the same message naming rank 1's host
+    and folder. (In a shared folder every multi-process test passes the check; tests/test_slurm_two_nodes.py checks
+    that the token file is gone afterwards.)"""
+    own = [tmp_path / "node0", tmp_path / "node1"]
+    for folder in own:
+        folder.mkdir()
+    ranks = run_ranks(_MAKE_ACCELERATOR_IN_RUN, cwds=own)
+    messages = []
+    for proc in ranks:
+        assert proc.returncode != 0 and "accelerator ready" not in proc.stdout, proc.stdout + proc.stderr
+        lines = [line.split("RunFolderNotShared: ", 1)[1] for line in proc.stderr.splitlines()
+                 if "explainer.distributed.RunFolderNotShared: " in line]
+        assert len(lines) == 1, proc.stderr
+        messages.append(lines[0])
+    assert messages[0] == messages[1]
+    assert messages[0].startswith(f"train.output_dir {own[0] / 'run'} is not shared: rank 1 on ")  # rank 0's folder
+    assert "data.manifest" in messages[0]
+    assert f"(its folder: {own[1] / 'run'})" in messages[0] and "rank 0 on" not in messages[0]

@@ -8,7 +8,6 @@ its slowest job instead of the sum of all of them.
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import json
 import os
@@ -27,60 +26,10 @@ from _helpers import PYTHON, ROOT, run_cmd, tiny_overrides
 from explainer.config import ConfigError, parse_overrides
 from explainer.sweep import build_runs, expand, load_sweep, read_index, report_rows, write_report, yaml_scalar
 
-LOCAL_SLURM = ROOT / "launch" / "local_slurm.sh"
 SUBMIT = ROOT / "launch" / "submit.py"
 REPORT = ROOT / "launch" / "sweep_report.py"
-SLURM_DIR = Path(os.environ.get("EXPLAINER_SLURM_DIR", "/tmp/explainer-slurm"))
 JOB_TIMEOUT_S = 300
 REQUEUE_STEPS, REQUEUE_CKPT_EVERY = 48, 4
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The cluster: started once per session, stopped by the last session using it if a test session started it
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """A running one-node SLURM; SLURM_CONF exported for submit.py, squeue, scontrol and submitit."""
-    users = SLURM_DIR / "test-sessions"
-    marker = SLURM_DIR / "started-by-tests"
-    was_up = subprocess.run(["bash", str(LOCAL_SLURM), "status"], capture_output=True).returncode == 0
-    t0 = time.perf_counter()
-    run_cmd(["bash", str(LOCAL_SLURM), "start"], timeout=600)
-    print(f"\n[slurm] local cluster ready in {time.perf_counter() - t0:.1f} s (was up: {was_up})")
-    users.mkdir(parents=True, exist_ok=True)
-    me = users / str(os.getpid())
-    with _lock():
-        me.touch()
-        if not was_up:
-            marker.touch()
-    saved = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(SLURM_DIR / "etc" / "slurm.conf")
-    yield os.environ["SLURM_CONF"]
-    if saved is None:
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = saved
-    with _lock():
-        me.unlink(missing_ok=True)
-        others = [p for p in users.iterdir() if Path(f"/proc/{p.name}").exists()]
-        if marker.exists() and not others:
-            run_cmd(["bash", str(LOCAL_SLURM), "stop"], timeout=120)
-            marker.unlink(missing_ok=True)
-
-
-class _lock:
-    """Serialises the session bookkeeping of concurrent pytest sessions sharing the cluster."""
-
-    def __enter__(self):
-        SLURM_DIR.mkdir(parents=True, exist_ok=True)
-        self.handle = open(SLURM_DIR / "test-sessions.lock", "w")  # noqa: SIM115
-        fcntl.flock(self.handle, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
 
 
 def _squeue_states(job_id: str) -> list[str]:
