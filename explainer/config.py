@@ -195,7 +195,9 @@ class EvalConfig:
     faithfulness_steps: int = 32  # deletion / insertion curve steps K (Petsiuk et al. 2018); 0 = off
     # class probability on the curves; auto: softmax when loss.classification is ce, else sigmoid
     faithfulness_prob: Literal["auto", "sigmoid", "softmax"] = "auto"
-    pointing_tolerance: float = 15.0  # pointing game tolerance in px at 224 px, scaled with the image size
+    deletion_substrate: Literal["zero", "blur"] = "zero"  # deleted pixels: 0 (RISE's) or the insertion blur
+    faithfulness_rise: bool = True  # also the RISE code's protocol (top-1 class, softmax, its step sizes)
+    pointing_tolerance: float = 15.0  # pointing game tolerance in px of the ORIGINAL image (TorchRay's 15)
     output_dir: str | None = None  # default: <run>/eval
     process_group_timeout_min: float = 180.0  # ranks may finish their share minutes apart (EP, RISE)
 

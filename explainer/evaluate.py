@@ -129,6 +129,9 @@ class Evaluator:
         if cfg.faithfulness_prob not in M.FAITHFULNESS_PROBS:
             raise ValueError(f"eval.faithfulness_prob must be one of {M.FAITHFULNESS_PROBS}, got "
                              f"{cfg.faithfulness_prob!r}")
+        if cfg.deletion_substrate not in M.DELETION_SUBSTRATES:
+            raise ValueError(f"eval.deletion_substrate must be one of {M.DELETION_SUBSTRATES}, got "
+                             f"{cfg.deletion_substrate!r}")
         if cfg.pointing_tolerance < 0:
             raise ValueError(f"eval.pointing_tolerance must be >= 0 px, got {cfg.pointing_tolerance}")
         self.totals = M.Totals()
@@ -147,7 +150,6 @@ class Evaluator:
         has_seg = torch.as_tensor(batch.get("has_seg", torch.zeros(b, dtype=torch.bool))).to(self.device).bool()
         rows = (has_seg & (labels.sum(1) > 0)).nonzero().flatten()
         seg = batch["seg"].to(self.device)[rows] if len(rows) else None
-        seg_classes = batch["seg_classes"].to(self.device)[rows] if len(rows) and "seg_classes" in batch else None
         t = self.totals
         t.add("n/images", float(b))
         # order-free fingerprint of the keys seen: equal for 1 and N processes iff every sample is counted once
@@ -160,9 +162,7 @@ class Evaluator:
             for name, mask in M.sanity_masks(seg).items():
                 self._segmentation(f"sanity/{name}", x[rows], mask, seg, labels[rows])
         self._warm_up(x, labels > 0)
-        start = None
-        if self.cfg.faithfulness_steps and bool((labels > 0).any()):
-            start = M.insertion_start(x, M.scaled(M.INSERTION_BLUR_SIGMA, self.image_size))
+        start = M.insertion_start(x, *M.blur_taps(self.image_size)) if self.cfg.faithfulness_steps else None
         kept: dict[str, Tensor] = {}
         for name, method in self.methods.items():
             maps = self._timed_maps(name, method, x, labels > 0)
@@ -175,8 +175,7 @@ class Evaluator:
                 self._class_specific(name, x, maps, labels)
             if start is not None:
                 self._deletion_insertion(name, x, maps, labels, start)
-            if seg_classes is not None:
-                self._pointing(name, maps[rows], seg_classes, labels[rows])
+            self._pointing(name, maps, labels, batch, has_seg)
             self._method_extras(name, method)
         self._collect_figure(x, labels, kept)
 
@@ -223,22 +222,36 @@ class Evaluator:
         self.totals.add(f"cs/{name}/counts", counts)
 
     def _deletion_insertion(self, name: str, x: Tensor, maps: Tensor, labels: Tensor, start: Tensor) -> None:
-        """Per-class sums of the deletion / insertion AUC of every (image, ground-truth class) pair."""
+        """Per-class sums of the deletion / insertion AUC: every (image, ground-truth class) pair (ours) and, with
+        eval.faithfulness_rise, every image's top-1 class (the RISE code's protocol)."""
         deletion, insertion, cls = M.deletion_insertion_auc(self.classifier, x, maps, labels,
                                                             self.cfg.faithfulness_steps, self.cfg.faithfulness_prob,
-                                                            start)
-        c = len(self.classes)
-        zeros = torch.zeros(c, dtype=torch.float64)
-        self.totals.add(f"faith/{name}/deletion", zeros.index_add(0, cls, deletion))
-        self.totals.add(f"faith/{name}/insertion", zeros.index_add(0, cls, insertion))
-        self.totals.add(f"faith/{name}/pairs", zeros.index_add(0, cls, torch.ones_like(deletion)))
+                                                            start, deletion_substrate=self.cfg.deletion_substrate)
+        self._add_per_class(f"faith/{name}", cls, deletion=deletion, insertion=insertion,
+                            pairs=torch.ones_like(deletion))
+        if self.cfg.faithfulness_rise:
+            deletion, insertion, cls = M.rise_deletion_insertion_auc(self.classifier, x, maps)
+            self._add_per_class(f"rise/{name}", cls, deletion=deletion, insertion=insertion,
+                                pairs=torch.ones_like(deletion))
 
-    def _pointing(self, name: str, maps: Tensor, seg_classes: Tensor, labels: Tensor) -> None:
-        tolerance = M.scaled(self.cfg.pointing_tolerance, self.image_size or M.REFERENCE_SIZE)
-        hits, cls = M.pointing_hits(maps, seg_classes, labels, tolerance)
+    def _add_per_class(self, prefix: str, cls: Tensor, **values: Tensor) -> None:
         zeros = torch.zeros(len(self.classes), dtype=torch.float64)
-        self.totals.add(f"point/{name}/hits", zeros.index_add(0, cls, hits.double()))
-        self.totals.add(f"point/{name}/pairs", zeros.index_add(0, cls, torch.ones_like(hits, dtype=torch.float64)))
+        for key, v in values.items():
+            self.totals.add(f"{prefix}/{key}", zeros.index_add(0, cls, v.double()))
+
+    def _pointing(self, name: str, maps: Tensor, labels: Tensor, batch: dict[str, Any], has_seg: Tensor) -> None:
+        """Pointing game (TorchRay's benchmark): per class, hits and pairs against the boxes and against the
+        segmentation (each where the image has them), and the pairs skipped as all-difficult."""
+        b, _, h, w = maps.shape
+        sizes = batch.get("orig_size")
+        sizes = torch.as_tensor(sizes) if sizes is not None else torch.tensor([[w, h]] * b)  # no original: as is
+        seg = [batch["seg_classes"][i] if bool(has_seg[i]) else None for i in range(b)] \
+            if "seg_classes" in batch else None
+        res = M.pointing_game(maps, labels, sizes, self.cfg.pointing_tolerance, seg, batch.get("objects"))
+        cls = res["cls"]
+        self._add_per_class(f"point/{name}", cls, skipped=res["skipped"],
+                            box_hits=res["box"] == 1, box_pairs=res["box"] >= 0,
+                            mask_hits=res["mask"] == 1, mask_pairs=res["mask"] >= 0)
 
     def _method_extras(self, name: str, method: AttributionMethod) -> None:
         hook = getattr(method, "batch_totals", None)
@@ -339,37 +352,73 @@ class Evaluator:
         return timing
 
     def _faithfulness_table(self) -> dict[str, Any]:
-        """Deletion / insertion AUC (mean over (image, class) pairs) and pointing game accuracy per method."""
-        size = self.image_size or M.REFERENCE_SIZE
-        out: dict[str, Any] = {"settings": {
-            "steps": self.cfg.faithfulness_steps,
-            "probability": self.cfg.faithfulness_prob,
-            "deletion_value": "0 in normalised space (the dataset-mean colour)",
-            "insertion_start": f"Gaussian blur, sigma {M.scaled(M.INSERTION_BLUR_SIGMA, size):.3g} px "
-                               f"({M.INSERTION_BLUR_SIGMA:g} px at {M.REFERENCE_SIZE})",
-            "pixel_order": "descending map value, ties in row-major order",
-            "pointing_tolerance_px": M.scaled(self.cfg.pointing_tolerance, size),
-            "pointing_tolerance_at_224": self.cfg.pointing_tolerance,
-            "pointing_object": "pixels of the class, void (255) counted as the object's",
-            "image_size": size,
-        }, "methods": {}}
-        c = len(self.classes)
-        zeros = torch.zeros(c, dtype=torch.float64)
+        """Deletion / insertion AUC (ours and the RISE code's protocol) and the pointing game per method, with every
+        protocol setting that produced them."""
+        out: dict[str, Any] = {"settings": self._faithfulness_settings(), "methods": {}}
+        zeros = torch.zeros(len(self.classes), dtype=torch.float64)
         for name in self.methods:
-            pairs = self.totals.get(f"faith/{name}/pairs", zeros)
-            hits = self.totals.get(f"point/{name}/hits", zeros)
-            tries = self.totals.get(f"point/{name}/pairs", zeros)
-            row: dict[str, Any] = {"pairs": int(pairs.sum()), "pointing_pairs": int(tries.sum())}
-            for kind in ("deletion", "insertion"):
-                sums = self.totals.get(f"faith/{name}/{kind}", zeros)
-                row[f"{kind}_auc"] = float(sums.sum() / pairs.sum()) if pairs.sum() > 0 else math.nan
-                row[f"{kind}_auc_per_class"] = _per_class(sums, pairs, self.classes)
-            row["pointing_accuracy"] = float(hits.sum() / tries.sum()) if tries.sum() > 0 else math.nan
-            per_class = torch.where(tries > 0, hits / tries.clamp_min(1), torch.nan)
-            row["pointing_accuracy_class_mean"] = _nanmean(per_class)  # TorchRay's figure: mean over classes
-            row["pointing_accuracy_per_class"] = _per_class(hits, tries, self.classes)
+            row: dict[str, Any] = {}
+            for prefix, key in (("faith", ""), ("rise", "rise_")):
+                pairs = self.totals.get(f"{prefix}/{name}/pairs", zeros)
+                row[f"{key}pairs"] = int(pairs.sum())
+                for kind in ("deletion", "insertion"):
+                    sums = self.totals.get(f"{prefix}/{name}/{kind}", zeros)
+                    row[f"{key}{kind}_auc"] = float(sums.sum() / pairs.sum()) if pairs.sum() > 0 else math.nan
+                    row[f"{key}{kind}_auc_per_class"] = _per_class(sums, pairs, self.classes)
+            row.update(self._pointing_row(name))
             out["methods"][name] = row
         return out
+
+    def _pointing_row(self, name: str) -> dict[str, Any]:
+        """Headline: TorchRay's accuracy (mean over all classes, 0 for a class without pairs) against the boxes when
+        the data carries them (VOC), else against the segmentation; both tests and the pooled numbers beside it."""
+        zeros = torch.zeros(len(self.classes), dtype=torch.float64)
+        row: dict[str, Any] = {"pointing_skipped_difficult": int(self.totals.get(f"point/{name}/skipped",
+                                                                               zeros).sum())}
+        for ann in ("box", "mask"):
+            hits = self.totals.get(f"point/{name}/{ann}_hits", zeros)
+            tries = self.totals.get(f"point/{name}/{ann}_pairs", zeros)
+            per_class = torch.where(tries > 0, hits / tries.clamp_min(1), torch.nan)
+            row[f"pointing_{ann}"] = {
+                "accuracy_torchray": M.torchray_accuracy(hits, tries) if tries.sum() > 0 else math.nan,
+                "accuracy_class_mean": _nanmean(per_class),  # over the classes with pairs only
+                "accuracy_pooled": float(hits.sum() / tries.sum()) if tries.sum() > 0 else math.nan,
+                "pairs": int(tries.sum()), "per_class": _per_class(hits, tries, self.classes)}
+        head = "box" if row["pointing_box"]["pairs"] else "mask"
+        row.update(pointing_annotation=head, pointing_accuracy=row[f"pointing_{head}"]["accuracy_torchray"],
+                   pointing_accuracy_pooled=row[f"pointing_{head}"]["accuracy_pooled"],
+                   pointing_pairs=row[f"pointing_{head}"]["pairs"])
+        return row
+
+    def _faithfulness_settings(self) -> dict[str, Any]:
+        size = self.image_size or M.REFERENCE_SIZE
+        taps, sigma = M.blur_taps(size)
+        blur = (f"RISE's gkern({taps}, {sigma:.3g}) (gkern(11, 5) at 224 px, scaled): scipy gaussian_filter of a "
+                "delta, reflect mode; conv2d with zero padding on the normalised image")
+        return {
+            "steps": self.cfg.faithfulness_steps,
+            "classes": "every ground-truth class of the image",
+            "probability": self.cfg.faithfulness_prob,
+            "deletion_value": ("0 in normalised space (the dataset-mean colour)" if self.cfg.deletion_substrate
+                               == "zero" else "the insertion start (blurred copy)"),
+            "deletion_substrate": self.cfg.deletion_substrate,
+            "insertion_start": blur,
+            "pixel_order": M.TIE_ORDER,
+            "low_resolution_maps": "upsampled bilinearly (align_corners=False) to the image",
+            "rise_protocol": self.cfg.faithfulness_rise,
+            "rise": {"classes": "the classifier's top-1 class on the clean image", "probability": "softmax",
+                     "deletion": f"to 0, {M.RISE_DELETION_STEP * size} px per step",
+                     "insertion": f"from the blur, {M.RISE_INSERTION_STEP * size} px per step"},
+            "pointing_tolerance_px": self.cfg.pointing_tolerance,
+            "pointing_frame": "original image pixels (map resized bilinearly to the original W x H; orig_size)",
+            "pointing_point": "first maximum in row-major order (torch argmax)",
+            "pointing_annotations": "boxes from the VOC XML where the shards carry them (TorchRay's VOC test), "
+                                    "segmentation masks mapped to the original size beside them",
+            "pointing_void": "counted for no class",
+            "pointing_difficult": "pairs whose objects of the class are all difficult are skipped",
+            "pointing_headline": "TorchRay's accuracy: mean over all classes, a class without pairs scores 0",
+            "image_size": size,
+        }
 
     def figure_data(self) -> tuple[Tensor, Tensor, dict[str, Tensor]] | None:
         if not self.figure["images"]:
@@ -495,19 +544,41 @@ def _faithfulness_lines(res: dict[str, Any]) -> list[str]:
         return []
     st = faith["settings"]
     lines = ["## Faithfulness (beyond the paper)", "",
-             f"Deletion / insertion AUC (Petsiuk et al. 2018): pixels in decreasing order of the class's map, "
-             f"{st['steps']} equal steps; deletion sets them to {st['deletion_value']}, insertion copies them into "
-             f"a blurred start ({st['insertion_start']}); the {st['probability']} probability of the class, "
-             "integrated by the trapezoid rule, mean over (image, ground-truth class) pairs. Lower deletion and "
-             "higher insertion are better. Pointing game (TorchRay's protocol): a hit when the map's maximum lies "
-             f"within {st['pointing_tolerance_px']:.3g} px ({st['pointing_tolerance_at_224']:g} px at 224) of the "
-             "class's object mask (void counted as object); accuracy over pairs, and TorchRay's mean over classes.",
-             "", "| method | deletion AUC | insertion AUC | pairs | pointing acc. | pointing (class mean) | pairs |",
-             "|---|---|---|---|---|---|---|"]
+             f"Deletion / insertion AUC (Petsiuk et al. 2018), ours: every (image, ground-truth class) pair, pixels "
+             f"in decreasing order of the class's map ({st['pixel_order']}), {st['steps']} equal steps; deletion "
+             f"sets them to {st['deletion_value']}, insertion copies them into the blurred start "
+             f"({st['insertion_start']}); the {st['probability']} probability, trapezoid rule. RISE protocol: "
+             f"{st['rise']['classes']}, softmax, deletion {st['rise']['deletion']}, insertion "
+             f"{st['rise']['insertion']}. Lower deletion and higher insertion are better.", "",
+             f"Pointing game as TorchRay's benchmark: the map resized to the original image, a hit when its maximum "
+             f"lies within {st['pointing_tolerance_px']:g} original px of the class's boxes (VOC XML; pairs whose "
+             "boxes are all difficult skipped) or, beside it, of the class's segmentation pixels (void counted for "
+             "no class). Headline: TorchRay's accuracy, the mean over all classes (a class without pairs scores 0); "
+             "pooled = hits / pairs.", "",
+             "| method | deletion AUC | insertion AUC | pairs | RISE deletion | RISE insertion | images | "
+             "pointing (TorchRay) | against | pooled | pairs | skipped difficult | mask-based | mask pairs |",
+             "|---" * 14 + "|"]
     for name, v in faith["methods"].items():
+        mask = v["pointing_mask"]
         lines.append(f"| {_title(name)} | {_fmt(v['deletion_auc'])} | {_fmt(v['insertion_auc'])} | {v['pairs']} | "
-                     f"{_fmt(v['pointing_accuracy'] * 100, 1)} | {_fmt(v['pointing_accuracy_class_mean'] * 100, 1)}"
-                     f" | {v['pointing_pairs']} |")
+                     f"{_fmt(v['rise_deletion_auc'])} | {_fmt(v['rise_insertion_auc'])} | {v['rise_pairs']} | "
+                     f"{_fmt(v['pointing_accuracy'] * 100, 1)} | {v['pointing_annotation']} | "
+                     f"{_fmt(v['pointing_accuracy_pooled'] * 100, 1)} | {v['pointing_pairs']} | "
+                     f"{v['pointing_skipped_difficult']} | {_fmt(mask['accuracy_torchray'] * 100, 1)} | "
+                     f"{mask['pairs']} |")
+    return [*lines, ""]
+
+
+def _scored_lines(res: dict[str, Any]) -> list[str]:
+    """How many images each method scored and what the loader skipped (nothing silent)."""
+    scored = res.get("scored")
+    if not scored:
+        return []
+    lines = ["## Images scored", "", f"{scored['images']} images scored by every method; "
+             f"{scored['skipped']} skipped by the loader.", ""]
+    lines += [f"- {note}" for note in scored["problems"][:50]]
+    if len(scored["problems"]) > 50:
+        lines.append(f"- ... {len(scored['problems']) - 50} more in results.json")
     return [*lines, ""]
 
 
@@ -516,7 +587,7 @@ def markdown_report(res: dict[str, Any]) -> str:
     lines = _header_lines(res) + _segmentation_lines(res)
     for name, cs in res["class_specific"].items():
         lines += _class_specific_lines(name, cs)
-    lines += _classification_lines(res) + _timing_lines(res) + _faithfulness_lines(res)
+    lines += _classification_lines(res) + _timing_lines(res) + _faithfulness_lines(res) + _scored_lines(res)
     if res.get("figures"):
         lines += ["## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in res["figures"]] + [""]
     return "\n".join(lines)
@@ -569,8 +640,8 @@ def wandb_tables(res: dict[str, Any]) -> dict[str, tuple[list[str], list[list[An
     tables["timing"] = (["method", "ms_per_image", "images", "autograd", "device"], [
         [n, v["seconds_per_image"] * 1000, v["images"], v["autograd"], v["device"]] for n, v in res["timing"].items()])
     if res.get("faithfulness"):
-        keys = ["deletion_auc", "insertion_auc", "pairs", "pointing_accuracy", "pointing_accuracy_class_mean",
-                "pointing_pairs"]
+        keys = ["deletion_auc", "insertion_auc", "pairs", "rise_deletion_auc", "rise_insertion_auc", "rise_pairs",
+                "pointing_accuracy", "pointing_annotation", "pointing_accuracy_pooled", "pointing_pairs"]
         tables["faithfulness"] = (["method", *keys], [[n, *(v[k] for k in keys)]
                                                       for n, v in res["faithfulness"]["methods"].items()])
     return tables
@@ -666,6 +737,40 @@ def eval_settings(cfg: ExplainerRunConfig, manifest: Any, limit: int | None) -> 
     return ev
 
 
+def check_test_split(manifest: Any, split: str, limit: int | None) -> None:
+    """An evaluation over no image is an error, not a report of dashes."""
+    info = manifest.splits.get(split)
+    total = info.total if info is not None else 0
+    if info is not None and total > 0 and (limit is None or limit > 0):
+        return
+    why = (f"has no split {split!r}" if info is None else f"lists 0 samples in split {split!r}" if total == 0
+           else f"split {split!r}: max_images={limit}")
+    raise ValueError(f"evaluate: nothing to evaluate: manifest {manifest.path} {why} (data.test_split)")
+
+
+def scored_summary(res: dict[str, Any], batches: Any) -> dict[str, Any]:
+    """Images scored (per method) and what the loader skipped or found wrong, gathered over all ranks; an
+    evaluation where no image could be scored fails (every rank alike: the counts are all-reduced)."""
+    import torch.distributed as dist
+
+    problems = list(getattr(batches, "problems", []))
+    skipped = torch.tensor(float(getattr(batches, "corrupt_samples", 0)), dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, problems)
+        problems = [p for part in gathered for p in part]
+        totals = M.Totals()
+        totals.add("skipped", skipped)
+        totals.all_reduce()
+        skipped = totals.get("skipped")
+    out = {"images": res["n_images"], "skipped": int(skipped), "problems": problems,
+           "per_method": {name: v["images"] for name, v in res["timing"].items()}}
+    if res["n_images"] == 0:
+        raise ValueError(f"evaluate: no test image could be scored ({out['skipped']} skipped: "
+                         f"{'; '.join(problems[:5]) or 'none listed'})")
+    return out
+
+
 def load_eval_classifier(cfg: ExplainerRunConfig, classes: Sequence[str], device: torch.device,
                          checkpoint: str | None = None, where: str = "the data") -> tuple[nn.Module, str]:
     """The frozen Explanandum from any source (explainer.models.explanandum) and how reports name it;
@@ -720,6 +825,7 @@ def evaluate(cfg: ExplainerRunConfig, checkpoint: str | None, *, classifier: str
 
     limit = max_images if max_images is not None else cfg.eval.max_images
     if batches is None:
+        check_test_split(manifest, cfg.data.test_split, limit)
         batches = make_eval_loader(cfg.data, manifest, cfg.data.test_split, rank=state.process_index,
                                    world_size=state.num_processes, max_images=limit, **input_normalization(cfg))
     ev = eval_settings(cfg, manifest, limit)
@@ -729,6 +835,7 @@ def evaluate(cfg: ExplainerRunConfig, checkpoint: str | None, *, classifier: str
                       disable=not (progress and state.is_main_process)):
         evaluator.update(batch)
     res = evaluator.finish()
+    res["scored"] = scored_summary(res, batches)
     res["settings"] = {
         "checkpoint": checkpoint, "rtis_checkpoint": rtis_checkpoint, "classifier": clf_path,
         "manifest": str(manifest.path), "split": cfg.data.test_split, "max_images": limit,

@@ -156,9 +156,14 @@ def class_specific_sums(
 # ----------------------------------------------------------------------------------------------------------------------
 
 FAITHFULNESS_PROBS = ("sigmoid", "softmax")
-INSERTION_BLUR_SIGMA = 5.0  # px at 224 (the RISE code's insertion start: Gaussian sigma 5, 11x11 taps), scaled
-POINTING_TOLERANCE = 15.0  # px at 224 (TorchRay's pointing game), scaled
+DELETION_SUBSTRATES = ("zero", "blur")
+INSERTION_BLUR_SIGMA = 5.0  # px at 224: the RISE code's insertion start, gkern(11, 5)
+INSERTION_BLUR_TAPS = 11
+RISE_DELETION_STEP = 1  # RISE deletes one image row's worth of pixels per step (224 at 224 px) ...
+RISE_INSERTION_STEP = 8  # ... and inserts eight rows' worth (224 * 8)
+POINTING_TOLERANCE = 15  # px in the ORIGINAL image (TorchRay's PointingGame default)
 REFERENCE_SIZE = 224
+TIE_ORDER = "descending map value; ties in row-major order (stable sort: the earlier pixel first)"
 
 
 def scaled(px_at_224: float, size: int) -> float:
@@ -166,16 +171,41 @@ def scaled(px_at_224: float, size: int) -> float:
     return px_at_224 * size / REFERENCE_SIZE
 
 
-def insertion_start(images: Tensor, sigma: float) -> Tensor:
-    """The blurred copy insertion starts from, as in the RISE code: a Gaussian of `sigma` truncated to a kernel of
-    2 round(sigma) + 1 taps (11 taps, sigma 5 at 224 px), torchvision's blur with reflect padding."""
-    from torchvision.transforms.functional import gaussian_blur
+def reflect_gaussian_kernel(taps: int, sigma: float, truncate: float = 4.0) -> Tensor:
+    """RISE's gkern(taps, sigma): a taps x taps delta smoothed by scipy.ndimage.gaussian_filter (mode "reflect",
+    truncate 4), float64 [taps, taps].
 
+    scipy's filter is longer than the delta image (41 taps for sigma 5), so its tails fold back in at the borders
+    (half-sample symmetric reflection): the kernel is flatter than a truncated Gaussian (centre 0.0088, corner 0.0077
+    for gkern(11, 5)) and still sums to 1. Computed here without scipy; separable, so one 1-D profile suffices.
+    """
+    radius = int(truncate * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    weights = torch.exp(-0.5 * offsets**2 / sigma**2)
+    weights /= weights.sum()
+    centre = taps // 2
+    profile = torch.zeros(taps, dtype=torch.float64)
+    for i in range(taps):
+        m = (i + offsets.long()) % (2 * taps)  # position in the periodic, mirrored extension
+        m = torch.where(m >= taps, 2 * taps - 1 - m, m)
+        profile[i] = weights[m == centre].sum()
+    return torch.outer(profile, profile)
+
+
+def blur_taps(size: int) -> tuple[int, float]:
+    """(taps, sigma) of the insertion blur at `size` px: gkern(11, 5) at 224, both scaled with the image."""
+    sigma = scaled(INSERTION_BLUR_SIGMA, size)
+    return 2 * max(1, round(scaled(INSERTION_BLUR_TAPS // 2, size))) + 1, sigma
+
+
+def insertion_start(images: Tensor, taps: int = INSERTION_BLUR_TAPS, sigma: float = INSERTION_BLUR_SIGMA) -> Tensor:
+    """The blurred copy insertion starts from, as the RISE code makes it: conv2d of every channel with
+    gkern(taps, sigma), ZERO padding (so the border darkens towards 0, the normalised mean colour)."""
     if sigma <= 0:
         return images.clone()
-    kernel = 2 * max(1, round(sigma)) + 1
-    kernel = min(kernel, 2 * ((min(images.shape[-2:]) - 1) // 2) + 1)  # reflect padding needs kernel // 2 < size
-    return gaussian_blur(images, [kernel, kernel], [sigma, sigma])
+    kernel = reflect_gaussian_kernel(taps, sigma).to(images.dtype).to(images.device)
+    c = images.shape[1]
+    return F.conv2d(images, kernel.expand(c, 1, taps, taps), padding=taps // 2, groups=c)
 
 
 def class_probabilities(logits: Tensor, prob: str) -> Tensor:
@@ -185,6 +215,69 @@ def class_probabilities(logits: Tensor, prob: str) -> Tensor:
     if prob == "softmax":
         return F.softmax(logits.double(), dim=-1)
     raise ValueError(f"eval.faithfulness_prob must be one of {FAITHFULNESS_PROBS}, got {prob!r}")
+
+
+def maps_at_image_size(maps: Tensor, images: Tensor) -> Tensor:
+    """Maps at the images' resolution: a coarser map (Grad-CAM cells, a low-resolution Explainer) is upsampled
+    bilinearly (align_corners=False, as TorchRay resizes saliency); a finer one is an error."""
+    h, w = images.shape[-2:]
+    if maps.shape[-2:] == (h, w):
+        return maps
+    if maps.dim() != 4 or maps.shape[-2] > h or maps.shape[-1] > w:
+        raise ValueError(f"faithfulness: maps {tuple(maps.shape)} do not fit images {tuple(images.shape)} (a map "
+                         "may be coarser than the image, then it is upsampled, never finer)")
+    return F.interpolate(maps.to(torch.promote_types(maps.dtype, torch.float32)), size=(h, w), mode="bilinear",
+                         align_corners=False)
+
+
+def top1_pairs(classifier: nn.Module, images: Tensor) -> Tensor:
+    """(image, class) pairs of the classifier's top-1 class on the clean image (RISE's protocol) -> [B, 2]."""
+    with torch.no_grad():
+        top = classifier(images).argmax(dim=1)
+    return torch.stack([torch.arange(len(images), device=top.device), top], dim=1)
+
+
+def step_counts(z: int, steps: int | None = None, step_pixels: int | None = None) -> Tensor:
+    """Pixels switched after each step: `steps` equal steps, round(k Z / K) (ours), or `step_pixels` per step,
+    min(k n, Z) for k = 0 .. ceil(Z / n) (the RISE code; its last step may be shorter)."""
+    if step_pixels is not None:
+        if step_pixels < 1:
+            raise ValueError(f"faithfulness: step_pixels must be >= 1, got {step_pixels}")
+        n = -(-z // step_pixels)
+        return (torch.arange(n + 1, dtype=torch.long) * step_pixels).clamp_max(z)
+    if steps is None or steps < 1:
+        raise ValueError(f"eval.faithfulness_steps must be >= 1, got {steps}")
+    return torch.round(torch.arange(steps + 1, dtype=torch.float64) * z / steps).long()
+
+
+@torch.no_grad()
+def causal_auc(classifier: nn.Module, images: Tensor, maps: Tensor, pairs: Tensor, counts: Tensor,
+               substrate: Tensor, mode: str, prob: str, chunk: int = 256) -> Tensor:
+    """AUC of one causal curve (Petsiuk et al. 2018) for every (image, class) pair [P, 2] -> [P] float64.
+
+    Pixels are ranked by the pair's map (TIE_ORDER). After step k the first counts[k] of them are taken from
+    `substrate` (mode "deletion": image -> substrate) or from the image (mode "insertion": substrate -> image). The
+    class probability at the len(counts) points is integrated by the trapezoid rule on [0, 1].
+    """
+    if mode not in ("deletion", "insertion"):
+        raise ValueError(f"causal_auc: mode must be 'deletion' or 'insertion', got {mode!r}")
+    maps = maps_at_image_size(maps, images)
+    b, c, h, w = maps.shape
+    z, n = h * w, len(counts) - 1
+    ranked = maps[pairs[:, 0], pairs[:, 1]].reshape(len(pairs), z)  # at least float32, never rounded down: no new ties
+    order = ranked.to(torch.promote_types(ranked.dtype, torch.float32)).argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(z, device=order.device).expand_as(order))
+    counts = counts.to(rank.device)
+    first, last = (images, substrate) if mode == "deletion" else (substrate, images)
+    curves = torch.empty(len(pairs), n + 1, dtype=torch.float64)
+    jobs = torch.cartesian_prod(torch.arange(len(pairs)), torch.arange(n + 1)).to(rank.device)
+    for at in range(0, len(jobs), chunk):
+        p, k = jobs[at : at + chunk, 0], jobs[at : at + chunk, 1]
+        switched = (rank[p] < counts[k][:, None]).reshape(-1, 1, h, w).to(images.dtype)
+        i, cls = pairs[p, 0], pairs[p, 1]
+        probs = class_probabilities(classifier(first[i] * (1 - switched) + last[i] * switched), prob)
+        curves[p.cpu(), k.cpu()] = probs[torch.arange(len(p), device=probs.device), cls.to(probs.device)].cpu()
+    return (curves.sum(1) - (curves[:, 0] + curves[:, -1]) / 2) / n  # trapezoid rule on [0, 1]
 
 
 @torch.no_grad()
@@ -197,69 +290,140 @@ def deletion_insertion_auc(
     prob: str = "sigmoid",
     start: Tensor | None = None,
     chunk: int = 256,
+    deletion_substrate: str = "zero",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Deletion and insertion AUC of every (image, ground-truth class) pair. -> (deletion [P], insertion [P], class [P])
+    """Our protocol: deletion and insertion AUC of every (image, ground-truth class) pair in `steps` equal steps.
+    -> (deletion [P], insertion [P], class [P]), pairs in (image, class) row-major order.
 
-    Pixels are ranked by the class's map, highest first (ties: row-major order, a stable sort). At step k of K the
-    first round(k Z / K) of them are deleted (set to 0 = the dataset-mean colour of the normalised image) or inserted
-    (copied from the image into `start`, default: a blurred copy). The class probability (`prob`) at the K+1 points
-    is integrated by the trapezoid rule on [0, 1]. Lower deletion and higher insertion are better. Pairs come in
-    (image, class) row-major order.
+    Deletion sets pixels to 0 (the dataset-mean colour of the normalised image; `deletion_substrate="blur"`: to the
+    blurred copy), insertion copies them into `start` (default: the RISE blur at this size). Maps coarser than the
+    images are upsampled. Lower deletion and higher insertion are better.
     """
-    if steps < 1:
-        raise ValueError(f"eval.faithfulness_steps must be >= 1, got {steps}")
-    b, c, h, w = maps.shape
-    z = h * w
+    if deletion_substrate not in DELETION_SUBSTRATES:
+        raise ValueError(f"eval.deletion_substrate must be one of {DELETION_SUBSTRATES}, got {deletion_substrate!r}")
+    counts = step_counts(images.shape[-2] * images.shape[-1], steps=steps)
+    class_probabilities(torch.zeros(1, 1), prob)  # a bad name fails before any work
     pairs = (labels > 0).nonzero()  # [P, 2]
     if len(pairs) == 0:
         empty = torch.zeros(0, dtype=torch.float64)
         return empty, empty, torch.zeros(0, dtype=torch.long)
     if start is None:
-        start = insertion_start(images, scaled(INSERTION_BLUR_SIGMA, min(h, w)))
-    order = maps[pairs[:, 0], pairs[:, 1]].reshape(len(pairs), z).float().argsort(dim=1, descending=True,
-                                                                                    stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(z, device=order.device).expand_as(order))
-    counts = torch.round(torch.arange(steps + 1, dtype=torch.float64) * z / steps).long().to(rank.device)
-    # every (pair, step) of both curves: a pixel is "switched" when its rank < counts[step]
-    jobs = [(p, k) for p in range(len(pairs)) for k in range(steps + 1)]
-    curves = torch.empty(2, len(pairs), steps + 1, dtype=torch.float64)
-    for first in range(0, len(jobs), chunk):
-        part = torch.as_tensor(jobs[first : first + chunk], device=rank.device)
-        p, k = part[:, 0], part[:, 1]
-        switched = (rank[p] < counts[k][:, None]).reshape(-1, 1, h, w).to(images.dtype)
-        i, cls = pairs[p, 0], pairs[p, 1]
-        deleted = images[i] * (1 - switched)
-        inserted = start[i] * (1 - switched) + images[i] * switched
-        logits = classifier(torch.cat([deleted, inserted]))
-        probs = class_probabilities(logits, prob)
-        rows = torch.arange(len(p), device=probs.device)
-        curves[0, p.cpu(), k.cpu()] = probs[: len(p)][rows, cls.to(probs.device)].cpu()
-        curves[1, p.cpu(), k.cpu()] = probs[len(p) :][rows, cls.to(probs.device)].cpu()
-    auc = (curves.sum(2) - (curves[..., 0] + curves[..., -1]) / 2) / steps  # trapezoid rule on [0, 1]
-    return auc[0], auc[1], pairs[:, 1].cpu()
+        start = insertion_start(images, *blur_taps(min(images.shape[-2:])))
+    gone = start if deletion_substrate == "blur" else torch.zeros_like(images)
+    deletion = causal_auc(classifier, images, maps, pairs, counts, gone, "deletion", prob, chunk)
+    insertion = causal_auc(classifier, images, maps, pairs, counts, start, "insertion", prob, chunk)
+    return deletion, insertion, pairs[:, 1].cpu()
 
 
-def pointing_hits(maps: Tensor, seg_classes: Tensor, labels: Tensor, tolerance: float) -> tuple[Tensor, Tensor]:
-    """Pointing game (TorchRay's protocol) on every (image, ground-truth class) pair. -> (hit [P] bool, class [P])
+@torch.no_grad()
+def rise_deletion_insertion_auc(classifier: nn.Module, images: Tensor, maps: Tensor,
+                                chunk: int = 256) -> tuple[Tensor, Tensor, Tensor]:
+    """The RISE code's protocol: the classifier's top-1 class per image, softmax probability; deletion to 0 with one
+    image row's worth of pixels per step, insertion from the RISE blur with eight rows' worth (224 and 1792 px at
+    224 x 224). -> (deletion [B], insertion [B], class [B])."""
+    h, w = images.shape[-2:]
+    pairs = top1_pairs(classifier, images)
+    z = h * w
+    start = insertion_start(images, *blur_taps(min(h, w)))
+    deletion = causal_auc(classifier, images, maps, pairs, step_counts(z, step_pixels=RISE_DELETION_STEP * w),
+                          torch.zeros_like(images), "deletion", "softmax", chunk)
+    insertion = causal_auc(classifier, images, maps, pairs, step_counts(z, step_pixels=RISE_INSERTION_STEP * w),
+                           start, "insertion", "softmax", chunk)
+    return deletion, insertion, pairs[:, 1].cpu()
 
-    The point is the map's first maximum in row-major order (numpy/torch argmax); a hit when some pixel of the class's
-    object (seg_classes == class + 1, void pixels 255 counted as the object's) lies at distance < `tolerance` (strict,
-    as TorchRay's `PointingGame`). Images need a segmentation; pairs come in (image, class) row-major order.
+
+def points_in_original(maps: Tensor, sizes: Tensor) -> Tensor:
+    """The pointing game's point of each map [P, h, w] in its image's ORIGINAL pixels, sizes [P, 2] as (W, H):
+    the map resized bilinearly to W x H (align_corners=False, as TorchRay's benchmark), its first maximum in row-major
+    order (torch argmax) -> [P, 2] long (u = column, v = row)."""
+    points = torch.zeros(len(maps), 2, dtype=torch.long)
+    for p, (m, (w, h)) in enumerate(zip(maps, sizes.tolist())):
+        if w < 1 or h < 1:
+            raise ValueError(f"pointing game: original size {(w, h)} is not a size (the sample lacks orig_size)")
+        big = m if tuple(m.shape) == (h, w) else F.interpolate(m[None, None].float(), size=(h, w),
+                                                               mode="bilinear", align_corners=False)[0, 0]
+        flat = int(big.reshape(-1).argmax())
+        points[p, 0], points[p, 1] = flat % w, flat // w
+    return points
+
+
+def box_hit(point: Tensor, boxes: Tensor, size: tuple[int, int], tolerance: float) -> bool:
+    """TorchRay's VOC test: some pixel of the union of the boxes [n, 4] (VOC XML xmin, ymin, xmax, ymax: 1-based,
+    inclusive; clipped to the W x H image) lies at distance < tolerance of the point. The nearest pixel of a box is
+    the point clamped into it, so no mask is drawn."""
+    w, h = size
+    u, v = int(point[0]), int(point[1])
+    for xmin, ymin, xmax, ymax in boxes.tolist():
+        x0, y0, x1, y1 = max(int(xmin) - 1, 0), max(int(ymin) - 1, 0), min(int(xmax) - 1, w - 1), min(int(ymax) - 1,
+                                                                                                       h - 1)
+        if x0 > x1 or y0 > y1:
+            continue
+        dx, dy = max(x0 - u, 0, u - x1), max(y0 - v, 0, v - y1)
+        if dx * dx + dy * dy < tolerance**2:
+            return True
+    return False
+
+
+def mask_hit(point: Tensor, seg_classes: Tensor, cls: int, size: tuple[int, int], tolerance: float) -> bool:
+    """The mask-based test in original pixels: the class's pixels (seg_classes == cls + 1 at the model's S x S frame,
+    mapped back to W x H by nearest neighbour) within distance < tolerance of the point. Void (255) counts for no
+    class: VOC's void band is ~5 px wide, inside the 15 px tolerance of the object it outlines, while counting it
+    would let a point on another object's outline score."""
+    w, h = size
+    s_h, s_w = seg_classes.shape
+    u, v = int(point[0]), int(point[1])
+    r = int(math.ceil(tolerance))
+    ys = torch.arange(max(v - r, 0), min(v + r, h - 1) + 1)
+    xs = torch.arange(max(u - r, 0), min(u + r, w - 1) + 1)
+    near = (ys[:, None] - v) ** 2 + (xs[None, :] - u) ** 2 < tolerance**2
+    rows = (ys * s_h // h).clamp_max(s_h - 1)
+    cols = (xs * s_w // w).clamp_max(s_w - 1)
+    obj = seg_classes.cpu()[rows[:, None], cols[None, :]] == cls + 1
+    return bool((obj & near).any())
+
+
+def all_difficult(objects: Tensor, cls: int) -> bool:
+    """TorchRay skips a (VOC image, class) pair whose objects of that class are all marked difficult. objects:
+    [n, 6] rows (class, xmin, ymin, xmax, ymax, difficult)."""
+    mine = objects[objects[:, 0] == cls]
+    return bool((mine[:, 5] > 0).all())
+
+
+def pointing_game(maps: Tensor, labels: Tensor, sizes: Tensor, tolerance: float,
+                  seg_classes: Sequence[Tensor | None] | None = None,
+                  objects: Sequence[Tensor | None] | None = None) -> dict[str, Tensor]:
+    """Pointing game on every (image, ground-truth class) pair, as TorchRay's benchmark runs it.
+
+    maps [B, C, h, w]; sizes [B, 2] original (W, H); per image optionally its segmentation [S, S] and its annotated
+    objects [n, 6] (None where the sample carries none). Tolerance in original pixels, strict "<". Returns per pair
+    (image, class row-major): "cls", "skipped" (all its objects difficult: scored by neither test), "box" / "mask"
+    (1 hit, 0 miss, -1 not scored: no boxes / no segmentation for that image).
     """
-    b, c, h, w = maps.shape
-    if seg_classes.shape != (b, h, w):
-        raise ValueError(f"pointing game: seg {tuple(seg_classes.shape)} does not match maps {tuple(maps.shape)}")
-    pairs = (labels > 0).nonzero()
-    if len(pairs) == 0:
-        return torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long)
-    i, cls = pairs[:, 0], pairs[:, 1]
-    flat = maps[i, cls].reshape(len(pairs), -1).argmax(dim=1)
-    py, px = (flat // w).double(), (flat % w).double()
-    obj = (seg_classes[i] == (cls + 1)[:, None, None].to(seg_classes.dtype)) | (seg_classes[i] == VOID)
-    ys = torch.arange(h, device=maps.device, dtype=torch.float64)[None, :, None]
-    xs = torch.arange(w, device=maps.device, dtype=torch.float64)[None, None, :]
-    near = (ys - py[:, None, None]) ** 2 + (xs - px[:, None, None]) ** 2 < tolerance**2
-    return (obj & near).flatten(1).any(1).cpu(), cls.cpu()
+    pairs = (labels > 0).nonzero().cpu()
+    n = len(pairs)
+    out = {"cls": pairs[:, 1], "skipped": torch.zeros(n, dtype=torch.bool),
+           "box": torch.full((n,), -1, dtype=torch.long), "mask": torch.full((n,), -1, dtype=torch.long)}
+    if n == 0:
+        return out
+    points = points_in_original(maps[pairs[:, 0], pairs[:, 1]].detach().cpu(), sizes.cpu()[pairs[:, 0]])
+    for p, (i, k) in enumerate(pairs.tolist()):
+        size = tuple(int(v) for v in sizes[i].tolist())
+        objs = objects[i] if objects is not None else None
+        if objs is not None:
+            if all_difficult(objs, k):
+                out["skipped"][p] = True
+                continue
+            out["box"][p] = int(box_hit(points[p], objs[objs[:, 0] == k][:, 1:5], size, tolerance))
+        seg = seg_classes[i] if seg_classes is not None else None
+        if seg is not None:
+            out["mask"][p] = int(mask_hit(points[p], seg, k, size, tolerance))
+    return out
+
+
+def torchray_accuracy(hits: Tensor, pairs: Tensor) -> float:
+    """TorchRay's `PointingGame.accuracy`: the mean over ALL classes of hits / max(pairs, 1), so a class without
+    pairs scores 0."""
+    return float((hits / pairs.clamp_min(1)).mean()) if len(pairs) else math.nan
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -266,6 +266,28 @@ def test_corrupt_members_are_skipped_with_a_count(syn, tmp_path, caplog):
     stream = make_eval_loader(cfg(num_workers=2), m, "test", rank=0, world_size=1)
     keys = [k for b in stream for k in b["key"]]
     assert "test_000001" not in keys and len(keys) == len(set(keys)) == N_TEST - 1 and stream.corrupt_samples == 1
+    assert len(stream.problems) == 1 and "corrupt sample test_000001" in stream.problems[0]  # for results.json
+
+
+def test_a_shard_holding_more_than_the_manifest_lists_is_noted(syn, tmp_path, caplog):
+    out = tmp_path / "copy"
+    shutil.copytree(syn.path.parent, out, ignore=shutil.ignore_patterns("source"))
+    raw = json.loads((out / "manifest.json").read_text())
+    first = raw["splits"]["test"]["shards"][0]
+    first["count"] -= 1
+    raw["splits"]["test"]["total"] -= 1
+    (out / "manifest.json").write_text(json.dumps(raw))
+    caplog.set_level(logging.WARNING)
+    for workers in (0, 2):
+        stream = make_eval_loader(cfg(num_workers=workers), read_manifest(out / "manifest.json"), "test", rank=0,
+                                  world_size=1)
+        keys = [k for b in stream for k in b["key"]]
+        assert len(keys) == N_TEST - 1 and stream.corrupt_samples == 0
+        assert len(stream.problems) == 1 and "holds more samples than the manifest's" in stream.problems[0]
+    assert "holds more samples" in caplog.text
+    # the full manifest: nothing noted
+    clean = make_eval_loader(cfg(), syn, "test", rank=0, world_size=1)
+    assert len([k for b in clean for k in b["key"]]) == N_TEST and clean.problems == []
 
 
 def test_images_over_the_pixel_cap_are_skipped_by_name(tmp_path, huge_png, capfd):

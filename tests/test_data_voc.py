@@ -52,6 +52,9 @@ def test_labels_class_order_and_splits(voc_shards):
             assert meta["classes"] == [c for c in VOC_CLASSES if c in names]
             assert meta["labels"] == [int(c in names) for c in VOC_CLASSES]
             assert meta["source_id"] == image_id and meta["orig_size"] == [48, 40]
+            # every object's box and difficult flag, for the pointing game as TorchRay scores it
+            assert meta["objects"] == [[VOC_CLASSES.index(name), 1, 1, 10, 10, d]
+                                       for name, d in GOOD_VOC[image_id][0]]
     # shards of at most 3 samples; every shard listed with its count
     train = manifest["splits"]["train"]["shards"]
     assert [s["count"] for s in train] == [3, 1] and [s["path"] for s in train] == ["train-000000.tar",

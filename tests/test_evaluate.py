@@ -18,6 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 S = 24
+ORIG = 224
 CLASSES = ["red", "green"]
 
 
@@ -45,7 +46,8 @@ def toy_batch(seed: int, n: int = 4) -> dict:
     edge = (seg_classes > 0) & ~torch.nn.functional.pad(seg_classes[:, :-1] > 0, (0, 0, 1, 0), value=False)
     seg[edge] = 255
     return {"image": x, "labels": labels, "seg": seg, "seg_classes": seg_classes,
-            "has_seg": torch.ones(n, dtype=torch.bool), "key": [f"{seed}-{i}" for i in range(n)]}
+            "has_seg": torch.ones(n, dtype=torch.bool), "key": [f"{seed}-{i}" for i in range(n)],
+            "orig_size": torch.tensor([[ORIG, ORIG]] * n)}  # as if resized from 224 x 224 originals
 
 
 def run_toy(methods: list[str], figure_images: int = 0) -> tuple[Evaluator, dict]:
@@ -123,16 +125,57 @@ def test_faithfulness_on_the_toy_oracle_beats_a_reversed_map():
     assert ours["deletion_auc"] < 0.25 < 0.6 < rev["deletion_auc"]
     assert ours["insertion_auc"] > rev["insertion_auc"]
     assert ours["pointing_accuracy"] == 1.0 and rev["pointing_accuracy"] < 0.5
-    assert set(ours["pointing_accuracy_per_class"]) == set(CLASSES)
+    assert ours["pointing_annotation"] == "mask" and set(ours["pointing_mask"]["per_class"]) == set(CLASSES)
     st = faith["settings"]
     assert st["steps"] == 8 and st["probability"] == "sigmoid" and st["image_size"] == S
-    assert st["pointing_tolerance_px"] == pytest.approx(15 * S / 224)
+    assert st["pointing_tolerance_px"] == 15 and st["deletion_substrate"] == "zero" and st["rise_protocol"]
+    assert ours["rise_pairs"] == rev["rise_pairs"] == 12  # RISE: the top-1 class of each image
+    assert ours["rise_deletion_auc"] < rev["rise_deletion_auc"]
     report = markdown_report({**res, "settings": {}})
     assert "## Faithfulness (beyond the paper)" in report and "sigmoid probability" in report
     off = Evaluator(clf, methods, CLASSES, EvalConfig(faithfulness_steps=0), torch.device("cpu"))
     off.update(toy_batch(0))
     off_res = off.finish()["faithfulness"]["methods"]["explainer"]
     assert off_res["pairs"] == 0 and off_res["pointing_pairs"] > 0  # the pointing game is cheap: always on
+
+
+def _with_boxes(batch: dict, difficult_class: int | None = None) -> dict:
+    """The toy's objects as VOC boxes in original (224 px) coordinates, 1-based inclusive like the XML."""
+    scale = ORIG // S
+    objects = []
+    for seg in batch["seg_classes"]:
+        rows = []
+        for k in range(2):
+            ys, xs = (seg == k + 1).nonzero(as_tuple=True)
+            if len(ys):
+                rows.append([k, int(xs.min()) * scale + 1, int(ys.min()) * scale + 1, (int(xs.max()) + 1) * scale,
+                             (int(ys.max()) + 1) * scale, int(k == difficult_class)])
+        objects.append(torch.tensor(rows, dtype=torch.long).reshape(-1, 6))
+    return {**batch, "objects": objects}
+
+
+def test_pointing_game_headline_is_torchrays_box_test():
+    """With boxes the headline is TorchRay's: box test, all-difficult pairs skipped, mean over ALL classes (a class
+    left without pairs scores 0); the mask-based and pooled numbers stand beside it."""
+    clf = colour_classifier(gain=40)
+    methods = {"explainer": MaskNetwork("explainer", OracleExplainer())}
+    ev = Evaluator(clf, methods, CLASSES, EvalConfig(faithfulness_steps=0), torch.device("cpu"))
+    batches = [toy_batch(seed) for seed in range(2)]
+    for b in batches:
+        ev.update(_with_boxes(b))
+    row = ev.finish()["faithfulness"]["methods"]["explainer"]
+    pairs = int(sum(b["labels"].sum() for b in batches))
+    assert row["pointing_annotation"] == "box" and row["pointing_pairs"] == pairs == row["pointing_mask"]["pairs"]
+    assert row["pointing_accuracy"] == 1.0 and row["pointing_skipped_difficult"] == 0
+    # every green object difficult: green's pairs are skipped, TorchRay's mean counts green as 0
+    ev = Evaluator(clf, methods, CLASSES, EvalConfig(faithfulness_steps=0), torch.device("cpu"))
+    for b in batches:
+        ev.update(_with_boxes(b, difficult_class=1))
+    row = ev.finish()["faithfulness"]["methods"]["explainer"]
+    green = int(sum(b["labels"][:, 1].sum() for b in batches))
+    assert row["pointing_skipped_difficult"] == green > 0 and row["pointing_pairs"] == pairs - green
+    assert row["pointing_accuracy"] == 0.5 and row["pointing_box"]["accuracy_class_mean"] == 1.0
+    assert row["pointing_accuracy_pooled"] == 1.0 and row["pointing_box"]["per_class"] == {"red": 1.0}
 
 
 def test_class_specific_rows_without_test_images_are_hidden():
@@ -258,8 +301,15 @@ def test_evaluate_end_to_end_one_and_two_processes(synthetic_manifest, tiny_clas
     for row in ("explainer", "gradcam", "rise"):  # faithfulness sums: N processes = 1 process
         fa, fb = a["faithfulness"]["methods"][row], b["faithfulness"]["methods"][row]
         assert fa["pairs"] == fb["pairs"] > 0 and fa["pointing_pairs"] == fb["pointing_pairs"] > 0
-        for key in ("deletion_auc", "insertion_auc", "pointing_accuracy", "pointing_accuracy_class_mean"):
+        for key in ("deletion_auc", "insertion_auc", "rise_deletion_auc", "rise_insertion_auc", "pointing_accuracy",
+                    "pointing_accuracy_pooled"):
             assert fb[key] == pytest.approx(fa[key], abs=1e-6), (row, key)
+        # the synthetic shards carry VOC boxes: the headline is TorchRay's box test, the mask test beside it
+        assert fa["pointing_annotation"] == "box" and fa["pointing_pairs"] == fa["pairs"]
+        assert fa["pointing_mask"]["pairs"] > 0 and fa["rise_pairs"] == total
+    assert a["scored"] == {"images": total, "skipped": 0, "problems": [],
+                           "per_method": {m: total for m in ("explainer", "gradcam", "rise", "ep", "rtis")}}
+    assert b["scored"]["images"] == total and b["scored"]["skipped"] == 0
     assert set(a["faithfulness"]["methods"]) == {"explainer", "gradcam", "rise", "ep", "rtis"}
     # configs/synthetic.yaml: 8 steps; data.image_size=32 here
     assert a["faithfulness"]["settings"]["steps"] == 8 and a["faithfulness"]["settings"]["image_size"] == 32
@@ -269,6 +319,7 @@ def test_evaluate_end_to_end_one_and_two_processes(synthetic_manifest, tiny_clas
     assert set(a["ep_chosen_areas"]) == {"0.1", "0.3"}
     assert sum(a["ep_chosen_areas"].values()) >= a["segmentation"]["ep"]["n"]
     report = (one / "report.md").read_text()
+    assert "pointing (TorchRay)" in report and "RISE deletion" in report and "## Images scored" in report
     assert "| RTIS |" in report and "| Extremal P. |" in report and "masked (Explainer)" in report
     assert (one / "figures" / "fig1.png").is_file() and (two / "figures" / "fig1.png").is_file()
 
@@ -302,3 +353,51 @@ def test_softmax_classifier_rules_and_figures_in_the_classifiers_colours():
     assert res["faithfulness"]["settings"]["probability"] == "softmax"
     images, _, _ = ev.figure_data()
     assert torch.allclose(images, batch["image"][:2] * 0.5 + 0.5)
+
+
+def _manifest_copy(manifest: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the shards whose manifest `edit` changed."""
+    import shutil
+
+    folder = tmp_path / "shards"
+    shutil.copytree(manifest.parent, folder, ignore=shutil.ignore_patterns("source"))
+    raw = json.loads(manifest.read_text())
+    edit(raw)
+    (folder / manifest.name).write_text(json.dumps(raw))
+    return folder / manifest.name
+
+
+def _evaluate_in_process(manifest: Path, classifier: Path, checkpoint: Path, out: Path) -> dict:
+    from explainer.config import ExplainerRunConfig, load_config
+    from explainer.evaluate import evaluate
+
+    cfg = load_config(ExplainerRunConfig, "configs/synthetic.yaml", [
+        f"data.manifest={manifest}", "data.image_size=32", "data.batch_size=8", "data.num_workers=0",
+        "eval.faithfulness_steps=0"])
+    return evaluate(cfg, str(checkpoint), classifier=str(classifier), methods=["explainer"], out=str(out),
+                    progress=False, figure_images=0)
+
+
+def test_evaluate_refuses_an_empty_test_split(synthetic_manifest, tiny_classifier, explainer_checkpoints, tmp_path):
+    def empty(raw):
+        raw["splits"]["test"] = {"shards": [], "total": 0}
+
+    manifest = _manifest_copy(synthetic_manifest, tmp_path, empty)
+    with pytest.raises(ValueError, match=r"nothing to evaluate: manifest .* lists 0 samples in split 'test'"):
+        _evaluate_in_process(manifest, tiny_classifier, explainer_checkpoints[0], tmp_path / "out")
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_evaluate_records_what_it_scored_and_skipped(synthetic_manifest, tiny_classifier, explainer_checkpoints,
+                                                     tmp_path):
+    def shorter(raw):  # the manifest lists one sample fewer than the first test shard holds
+        raw["splits"]["test"]["shards"][0]["count"] -= 1
+        raw["splits"]["test"]["total"] -= 1
+
+    manifest = _manifest_copy(synthetic_manifest, tmp_path, shorter)
+    total = json.loads(manifest.read_text())["splits"]["test"]["total"]
+    _evaluate_in_process(manifest, tiny_classifier, explainer_checkpoints[0], tmp_path / "out")
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["scored"]["images"] == total and res["scored"]["per_method"] == {"explainer": total}
+    assert len(res["scored"]["problems"]) == 1 and "holds more samples" in res["scored"]["problems"][0]
+    assert "holds more samples" in (tmp_path / "out" / "report.md").read_text()

@@ -197,57 +197,119 @@ def test_deletion_insertion_probability_and_errors():
     assert all(len(v) == 0 for v in empty)
 
 
-def test_insertion_start_is_a_blur():
-    flat = torch.full((1, 3, 16, 16), 0.7)
-    assert torch.allclose(M.insertion_start(flat, 2.0), flat)  # reflect padding: a flat image stays flat
-    dot = torch.zeros(1, 3, 16, 16)
-    dot[..., 8, 8] = 1.0
-    blurred = M.insertion_start(dot, 2.0)
-    assert blurred[..., 8, 8].max() < 0.2 and blurred[..., 8, 10].min() > 0 and blurred.sum() == pytest.approx(3.0)
-    assert blurred[..., 8, 11].max() == 0  # truncated like the RISE code: 2 round(sigma) + 1 taps
-    assert M.scaled(15, 224) == 15 and M.scaled(15, 64) == pytest.approx(15 * 64 / 224)
+@pytest.mark.numerics
+def test_reflect_gaussian_kernel_is_rises_gkern_hand_worked():
+    # gkern(11, 5): scipy's 41-tap Gaussian (truncate 4 -> radius 20) on an 11-tap delta, reflect mode. Folding the
+    # taps back by hand: the centre collects offsets 0 and +-11, the first tap offsets 5, 6, 16 and 17.
+    w = [math.exp(-0.5 * t * t / 25) for t in range(-20, 21)]
+    w = [v / sum(w) for v in w]
+    tap = {t: w[t + 20] for t in range(-20, 21)}
+    centre, first = tap[0] + 2 * tap[11], tap[5] + tap[6] + tap[16] + tap[17]
+    k = M.reflect_gaussian_kernel(11, 5.0)
+    assert k.dtype == torch.float64 and k.shape == (11, 11)
+    assert float(k[5, 5]) == pytest.approx(centre**2, rel=1e-12) and float(k[0, 0]) == pytest.approx(first**2,
+                                                                                                     rel=1e-12)
+    assert float(k[5, 5]) == pytest.approx(0.0088, abs=5e-5) and float(k[0, 0]) == pytest.approx(0.0077, abs=5e-5)
+    assert float(k.sum()) == pytest.approx(1.0, abs=1e-12)  # reflection keeps every tap inside
+    assert M.blur_taps(224) == (11, 5.0) and M.blur_taps(64)[0] == 3
 
 
-def test_pointing_game_hand_computed():
-    seg = torch.zeros(1, 8, 8, dtype=torch.uint8)
-    seg[0, 2:4, 2:4] = 1  # class 0 object; nearest pixel to (5,5) is (3,3): distance sqrt(8) = 2.83
-    seg[0, 0, 7] = 2  # class 1 object in the top-right corner
-    maps = torch.zeros(1, 2, 8, 8)
-    maps[0, 0, 5, 5] = 1.0
-    maps[0, 1, 0, 7] = 1.0
+@pytest.mark.numerics
+def test_insertion_start_is_rises_zero_padded_blur():
+    flat = torch.ones(1, 3, 32, 32, dtype=torch.float64)
+    blurred = M.insertion_start(flat)  # gkern(11, 5), zero padding: the border darkens as in the RISE code
+    k = M.reflect_gaussian_kernel(11, 5.0)
+    assert float(blurred[0, 0, 0, 0]) == pytest.approx(float(k[5:, 5:].sum()), rel=1e-12)
+    assert float(blurred[0, 0, 0, 0]) == pytest.approx(0.30, abs=0.01)
+    assert float(blurred[0, 1, 16, 16]) == pytest.approx(1.0, abs=1e-12)  # far from the border: flat stays flat
+    dot = torch.zeros(1, 3, 16, 16, dtype=torch.float64)
+    dot[0, 1, 8, 8] = 1.0
+    spread = M.insertion_start(dot)
+    assert torch.allclose(spread[0, 1, 3:14, 3:14], k) and spread[0, 0].abs().max() == 0  # channels stay apart
+
+
+def test_step_counts_ours_and_rises():
+    assert M.step_counts(16, steps=4).tolist() == [0, 4, 8, 12, 16]
+    assert M.step_counts(10, steps=4).tolist() == [0, 2, 5, 8, 10]  # round(k Z / K)
+    assert M.step_counts(16, step_pixels=5).tolist() == [0, 5, 10, 15, 16]  # RISE: fixed steps, a short last one
+    with pytest.raises(ValueError, match="step_pixels"):
+        M.step_counts(16, step_pixels=0)
+
+
+@pytest.mark.numerics
+def test_coarse_maps_are_upsampled_and_finer_ones_refused():
+    image, clf = _top_row_toy()
+    image = image.double()
+    coarse = torch.tensor([[[[2.0, 2.0], [1.0, 1.0]], [[1.0, 1.0], [2.0, 2.0]]]], dtype=torch.float64)  # [1,2,2,2]
     labels = torch.tensor([[1.0, 1.0]])
-    hits, cls = M.pointing_hits(maps, seg, labels, tolerance=2.9)
-    assert hits.tolist() == [True, True] and cls.tolist() == [0, 1]
-    assert M.pointing_hits(maps, seg, labels, tolerance=2.8)[0].tolist() == [False, True]
-    exact = torch.zeros(1, 8, 8, dtype=torch.uint8)
-    exact[0, 5, 3] = 1  # at distance exactly 2 from the point (5,5)
-    assert M.pointing_hits(maps[:, :1], exact, labels[:, :1], tolerance=2.0)[0].tolist() == [False]  # strict "<"
-    assert M.pointing_hits(maps[:, :1], exact, labels[:, :1], tolerance=2.01)[0].tolist() == [True]
-    seg[0, 4, 4] = 255  # void next to the point counts as the object's (distance sqrt(2))
-    assert M.pointing_hits(maps, seg, labels, tolerance=1.5)[0].tolist() == [True, True]
-    flat = torch.zeros(1, 2, 8, 8)  # a constant map points at its first pixel (0,0): far from class 0's object
-    assert M.pointing_hits(flat, seg, labels, tolerance=2.0)[0].tolist() == [False, False]
-    with pytest.raises(ValueError, match="pointing game"):
-        M.pointing_hits(maps, seg[:, :4], labels, 2.0)
+    got = M.deletion_insertion_auc(clf, image, coarse, labels, steps=4, start=torch.zeros_like(image))
+    up = torch.nn.functional.interpolate(coarse, size=(4, 4), mode="bilinear", align_corners=False)
+    want = M.deletion_insertion_auc(clf, image, up, labels, steps=4, start=torch.zeros_like(image))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert got[0].tolist() == pytest.approx([0.125, 0.125], abs=1e-8)  # each class's own row first
+    with pytest.raises(ValueError, match="never finer"):
+        M.deletion_insertion_auc(clf, image, torch.rand(1, 2, 8, 8), labels, steps=4)
 
 
-def test_pointing_game_matches_torchray():
-    from torchray.benchmark.pointing_game import PointingGame
+@pytest.mark.numerics
+def test_deletion_into_the_blur_and_rises_top1_protocol():
+    image, clf = _top_row_toy()
+    image = image.double()
+    rank = torch.arange(16.0, dtype=torch.float64).flip(0).reshape(4, 4)
+    maps = torch.stack([rank, rank])[None]
+    labels = torch.tensor([[1.0, 1.0]])
+    # deleting into a "blur" equal to the image changes nothing: the curve stays at p = 1 - 1e-9 (clamped)
+    d, _, _ = M.deletion_insertion_auc(clf, image, maps, labels, steps=4, start=image.clone(),
+                                       deletion_substrate="blur")
+    assert d.tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    with pytest.raises(ValueError, match="deletion_substrate"):
+        M.deletion_insertion_auc(clf, image, maps, labels, deletion_substrate="noise")
+    # RISE: the top-1 class only (softmax); two classes at equal logit -> argmax picks class 0, one AUC per image
+    d, i, cls = M.rise_deletion_insertion_auc(clf, image, maps)
+    assert cls.tolist() == [0] and len(d) == len(i) == 1
+    # its deletion removes one row (4 px) per step: class 0's row goes first, softmax(-20.7, 20.7) drops from 0.5
+    # to ~0; with every pixel gone both classes are equal again -> curve 0.5, 0, 0, 0, 0.5 -> AUC 0.125
+    assert float(d[0]) == pytest.approx(0.125, abs=1e-6)
 
-    g = torch.Generator().manual_seed(0)
-    seg = torch.randint(0, 3, (6, 20, 20), generator=g, dtype=torch.uint8) * (torch.rand(6, 20, 20, generator=g)
-                                                                              < 0.05)
-    maps = torch.rand(6, 2, 20, 20, generator=g)
-    labels = torch.ones(6, 2)
-    for tolerance in (1, 3, 6):
-        ours, _ = M.pointing_hits(maps, seg, labels, float(tolerance))
-        game = PointingGame(2, tolerance=tolerance)
-        theirs = []
-        for i in range(6):
-            for c in range(2):
-                flat = int(maps[i, c].argmax())
-                theirs.append(game.evaluate(seg[i] == c + 1, (flat % 20, flat // 20)) == 1)
-        assert ours.tolist() == theirs
+
+def test_pointing_game_in_original_pixels_hand_computed():
+    maps = torch.zeros(1, 1, 8, 8)
+    maps[0, 0, 0, 0] = 1.0  # the top-left cell; resized bilinearly to 80 x 40 its maximum is pixel (0, 0)
+    labels = torch.ones(1, 1)
+    sizes = torch.tensor([[80, 40]])  # W, H
+    seg = torch.zeros(8, 8, dtype=torch.uint8)
+    seg[0, 2] = 1  # cell (row 0, col 2) = original columns 20..29, rows 0..4: nearest pixel at distance 20
+    hit = M.pointing_game(maps, labels, sizes, 15.0, [seg], None)
+    assert hit["mask"].tolist() == [0] and hit["box"].tolist() == [-1]  # 20 px away: a miss at 15 px
+    assert M.pointing_game(maps, labels, sizes, 20.5, [seg], None)["mask"].tolist() == [1]
+    # the old rule (15 px scaled to the 8 px frame = 0.54 px) missed too; in the 8 px frame the object is 2 cells
+    # away, so 15 * 8 / 224 was the wrong unit; per axis: 10 px per column, 5 px per row
+    seg[0, 2], seg[2, 0] = 0, 1  # now rows 10..14 at column 0..9: distance 10 < 15 -> a hit
+    assert M.pointing_game(maps, labels, sizes, 15.0, [seg], None)["mask"].tolist() == [1]
+
+
+def test_pointing_game_void_difficult_and_boxes():
+    maps = torch.zeros(1, 2, 10, 10)
+    maps[0, :, 5, 5] = 1.0
+    labels = torch.ones(1, 2)
+    sizes = torch.tensor([[10, 10]])
+    seg = torch.zeros(10, 10, dtype=torch.uint8)
+    seg[5, 5] = 255  # void right under the point (the outline of class 1's object, far away)
+    seg[0, 0] = 2
+    res = M.pointing_game(maps, labels, sizes, 2.0, [seg], None)
+    assert res["mask"].tolist() == [0, 0]  # void counts for no class
+    # boxes: class 0 at x 8..9 (VOC 1-based 9..10), one difficult box of class 1 over the point
+    objects = torch.tensor([[0, 9, 1, 10, 10, 0], [1, 5, 5, 7, 7, 1]])
+    res = M.pointing_game(maps, labels, sizes, 3.0, [seg], [objects])
+    assert res["box"].tolist() == [0, -1] and res["skipped"].tolist() == [False, True]  # box 3 px away: strict <
+    assert res["mask"].tolist() == [0, -1]  # a skipped pair is scored by neither test
+    assert M.pointing_game(maps, labels, sizes, 3.01, [seg], [objects])["box"].tolist() == [1, -1]
+
+
+def test_torchray_accuracy_counts_classes_without_pairs_as_zero():
+    hits = torch.tensor([1.0, 3.0, 0.0])
+    pairs = torch.tensor([2.0, 4.0, 0.0])
+    assert M.torchray_accuracy(hits, pairs) == pytest.approx((0.5 + 0.75 + 0.0) / 3)
 
 
 @pytest.mark.numerics

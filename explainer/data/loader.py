@@ -21,7 +21,8 @@ Design (train mode, one epoch):
   samples before decoding them, so the remaining batches equal those of an uninterrupted epoch.
 * DataLoader workers persist across epochs (a spawned worker costs seconds); `set_epoch`/`skip` are handed to them
   through shared memory when `iter()` is called.
-* A corrupt member (undecodable image, bad JSON) is skipped with a logged warning and counted in `corrupt_samples`;
+* A corrupt member (undecodable image, bad JSON) is skipped with a logged warning and counted in `corrupt_samples`
+  (what was skipped, and shards holding more samples than the manifest lists, in `problems`);
   a worker that runs short (corrupt or truncated data) pads its last batches with repeats of samples it already
   produced, so the batch count stays exact.
 
@@ -29,7 +30,8 @@ Eval mode: the line is the manifest order (optionally cut to `max_images`); rank
 sample exactly once over all ranks and workers; workers and batches as above without shuffling, so the order is fixed
 for a given world size, worker count and batch size (with 0 or 1 worker: manifest order). A rank's last batch may be
 short; corrupt samples are left out. Batches add the segmentation ground truth at model resolution (nearest resize):
-`seg` in {0, 1, 255}, `seg_classes` (0 bg, k+1 class k, 255 void), `has_seg`, and `orig_size` [B, 2] (W, H).
+`seg` in {0, 1, 255}, `seg_classes` (0 bg, k+1 class k, 255 void), `has_seg`, and `orig_size` [B, 2] (W, H);
+`objects`: per image its annotated boxes [n, 6] (class, xmin, ymin, xmax, ymax, difficult) or None.
 """
 
 from __future__ import annotations
@@ -245,9 +247,11 @@ class _Counter:
 
     def __init__(self) -> None:
         self.n = 0
+        self.notes: list[str] = []  # what was skipped or looked wrong, for the evaluation's results
 
     def handler(self, exc: Exception) -> bool:
         self.n += 1
+        self.notes.append(f"unreadable shard data skipped: {exc!r}")
         log.warning("skipping unreadable shard data: %r", exc)
         return True
 
@@ -409,19 +413,35 @@ class _ShardStream(IterableDataset):
     def _piece_samples(self, piece: _Piece, counter: _Counter) -> Iterator[dict[str, Any]]:
         zero = set(self.info.unlabelled[piece.shard]) if self.drop_unlabelled and self.info.unlabelled else set()
         kept = 0
-        for raw, sample in enumerate(_iter_shard(self.info.shards[piece.shard], counter)):
+        samples = enumerate(_iter_shard(self.info.shards[piece.shard], counter))
+        for raw, sample in samples:
             if raw in zero:
                 continue
             if kept >= piece.stop:
                 return
             if kept >= piece.start:
+                if kept + 1 == piece.stop == self.kept[piece.shard]:  # before handing out the shard's last sample
+                    self._check_shard_end(samples, zero, piece, counter)
                 yield sample
             kept += 1
         missing = piece.stop - max(kept, piece.start)
         if missing > 0:  # truncated or damaged tar: fewer samples than the manifest says
             counter.n += missing
+            counter.notes.append(f"shard {self.info.shards[piece.shard]} ended early: {missing} sample(s) missing")
             log.warning("shard %s ended early: %d sample(s) missing from the part this worker reads",
                         self.info.shards[piece.shard], missing)
+
+    def _check_shard_end(self, samples: Iterator[tuple[int, dict[str, Any]]], zero: set[int], piece: _Piece,
+                         counter: _Counter) -> None:
+        """Warn (and note) when a shard holds more samples than the manifest lists: they would be left out
+        silently. Reads one sample past the listed ones, only for the piece that reaches the shard's end."""
+        for raw, _ in samples:
+            if raw not in zero:
+                note = (f"shard {self.info.shards[piece.shard]} holds more samples than the manifest's "
+                        f"{self.info.counts[piece.shard]}; only the listed ones are read")
+                counter.notes.append(note)
+                log.warning("%s", note)
+                return
 
     # -- decoding ------------------------------------------------------------------------------------------------
     def _decode(self, sample: dict[str, Any]) -> dict[str, Any]:
@@ -438,6 +458,8 @@ class _ShardStream(IterableDataset):
                                                 max_pixels=self.max_pixels)
             size = meta.get("orig_size", [0, 0])
             out["orig_size"] = np.asarray(size, dtype=np.int64)
+            if "objects" in meta:
+                out["objects"] = np.asarray(meta["objects"], dtype=np.int64).reshape(-1, 6)
         return out
 
     def _draw(self, key: str) -> float:
@@ -475,6 +497,7 @@ class _ShardStream(IterableDataset):
             batch["seg"] = torch.from_numpy(seg_to_binary(seg_classes))
             batch["has_seg"] = torch.from_numpy(has_seg)
             batch["orig_size"] = torch.from_numpy(np.stack([it["orig_size"] for it in items]))
+            batch["objects"] = [torch.from_numpy(it["objects"]) if "objects" in it else None for it in items]
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -513,6 +536,8 @@ class _ShardStream(IterableDataset):
                     items.append(self._decode(sample))
                 except Exception as exc:
                     counter.n += 1
+                    counter.notes.append(f"corrupt sample {sample.get('__key__')} in {sample.get('__url__')} "
+                                         f"skipped: {type(exc).__name__}: {exc}")
                     log.warning("skipping corrupt sample %s in %s: %s: %s", sample.get("__key__"),
                                 sample.get("__url__"), type(exc).__name__, exc)
                     continue
@@ -527,10 +552,11 @@ class _ShardStream(IterableDataset):
                 items += [pool[k % len(pool)] for k in range(want - len(items))]
             index = worker + i * self.num_workers
             corrupt, corrupt_before = counter.n - corrupt_before, counter.n
+            notes, counter.notes = counter.notes, []
             if not items:
-                yield {"_index": index, "_corrupt": corrupt, "_empty": True}
+                yield {"_index": index, "_corrupt": corrupt, "_notes": notes, "_empty": True}
                 continue
-            yield self._collate(items, index, corrupt, aug_rng)
+            yield {**self._collate(items, index, corrupt, aug_rng), "_notes": notes}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -557,6 +583,7 @@ class _Stream:
         if num_workers > 0:
             self.dataset.state = torch.multiprocessing.get_context().Array("q", 2)
         self.corrupt_samples = 0
+        self.problems: list[str] = []  # notes of the batches handed out so far (see the module docstring)
         self._loader: DataLoader | None = None
 
     def __len__(self) -> int:
@@ -587,6 +614,7 @@ class _Stream:
                 _, _, ready = heapq.heappop(heap)
                 expected += 1
                 self.corrupt_samples += ready.pop("_corrupt")
+                self.problems += ready.pop("_notes", [])
                 ready.pop("_index")
                 if not ready.pop("_empty", False):
                     yield self._finish(ready)

@@ -255,18 +255,22 @@ def _json_strings(names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(_json_string(name) for name in names)
 
 
-def sample_json(labels: Sequence[int], classes: Sequence[str], source_id: str, orig_size: tuple[int, int]) -> bytes:
-    """The `json` member: multi-hot labels, names of present classes, source id, original [W, H].
+def sample_json(labels: Sequence[int], classes: Sequence[str], source_id: str, orig_size: tuple[int, int],
+                objects: Sequence[Sequence[int]] | None = None) -> bytes:
+    """The `json` member: multi-hot labels, names of present classes, source id, original [W, H], and optionally the
+    annotated objects as [class, xmin, ymin, xmax, ymax, difficult] rows (VOC boxes: the pointing game scores them).
 
-    Exactly `json.dumps({"labels", "classes", "source_id", "orig_size"}, separators=(",", ":"))` (a test checks),
-    assembled from cached pieces (~3 us instead of ~10 us per sample).
+    Exactly `json.dumps({"labels", "classes", "source_id", "orig_size"[, "objects"]}, separators=(",", ":"))` (a test
+    checks), assembled from cached pieces (~3 us instead of ~10 us per sample).
     """
     names = _json_strings(tuple(classes))
     ints = [int(v) for v in labels]
     present = ",".join(name for name, on in zip(names, labels) if on)
     text = (f'{{"labels":[{",".join(map(str, ints))}],"classes":[{present}],"source_id":{_json_string(source_id)},'
-            f'"orig_size":[{int(orig_size[0])},{int(orig_size[1])}]}}')
-    return text.encode()
+            f'"orig_size":[{int(orig_size[0])},{int(orig_size[1])}]')
+    if objects is not None:
+        text += ',"objects":[' + ",".join("[" + ",".join(str(int(v)) for v in row) + "]" for row in objects) + "]"
+    return (text + "}").encode()
 
 
 def member_bytes(*sizes: int) -> int:

@@ -93,8 +93,11 @@ def _class_index(classes: tuple[str, ...]) -> dict[str, int]:
     return {name: i for i, name in enumerate(classes)}
 
 
-def parse_labels(xml_path: str, classes: Sequence[str], exclude_difficult: bool) -> tuple[list[int], int]:
-    """(multi-hot labels, number of objects) from a VOC annotation file.
+def parse_labels(xml_path: str, classes: Sequence[str],
+                 exclude_difficult: bool) -> tuple[list[int], int, list[list[int]] | None]:
+    """(multi-hot labels, number of objects, objects) from a VOC annotation file; objects are [class, xmin, ymin,
+    xmax, ymax, difficult] rows, difficult ones included (TorchRay's pointing game draws every box of a class and
+    skips a class whose boxes are all difficult), None when some object has no readable box.
 
     BadInput on missing/malformed XML or unknown class names (a label we cannot map makes the whole label unreliable).
     """
@@ -110,6 +113,7 @@ def parse_labels(xml_path: str, classes: Sequence[str], exclude_difficult: bool)
     index = _class_index(tuple(classes))
     labels = [0] * len(classes)
     objects = 0
+    boxes: list[list[int]] | None = []
     for obj in root.iter("object"):
         objects += 1
         name = (obj.findtext("name") or "").strip()
@@ -117,10 +121,23 @@ def parse_labels(xml_path: str, classes: Sequence[str], exclude_difficult: bool)
             shown = ", ".join(classes[:6]) + (", ..." if len(classes) > 6 else "")
             raise BadInput(xml_path, f"unknown class name {name!r} (expected one of {shown})")
         difficult = (obj.findtext("difficult") or "0").strip()
+        box = _box(obj)
+        if boxes is not None and box is not None:
+            boxes.append([index[name], *box, int(difficult not in ("", "0"))])
+        else:
+            boxes = None
         if exclude_difficult and difficult not in ("", "0"):
             continue
         labels[index[name]] = 1
-    return labels, objects
+    return labels, objects, boxes
+
+
+def _box(obj: ET.Element) -> list[int] | None:
+    """xmin, ymin, xmax, ymax of an object's bndbox as integers (TorchRay reads them with int()), None if absent."""
+    try:
+        return [int(float(obj.findtext(f"bndbox/{tag}") or "")) for tag in ("xmin", "ymin", "xmax", "ymax")]
+    except ValueError:
+        return None
 
 
 def check_seg(seg_path: str, image_size: tuple[int, int], num_classes: int,
@@ -153,10 +170,13 @@ def check_seg(seg_path: str, image_size: tuple[int, int], num_classes: int,
 
 
 def build_voc_sample(task: VocTask) -> Built:
-    labels, objects = parse_labels(task.xml_path, task.classes, task.exclude_difficult)
+    labels, objects, boxes = parse_labels(task.xml_path, task.classes, task.exclude_difficult)
     img = read_image(task.image_path, verify=task.verify)
     warnings = [(task.image_path, note) for note in img.notes]
-    members = {img.ext: img.data, "json": sample_json(labels, task.classes, task.source_id, img.size)}
+    if boxes is None:
+        warnings.append((task.xml_path, "an object without a readable bndbox: no boxes stored (the pointing game "
+                                        "scores this image against its segmentation only)"))
+    members = {img.ext: img.data, "json": sample_json(labels, task.classes, task.source_id, img.size, boxes)}
     if task.seg_path is not None:
         seg, reason = check_seg(task.seg_path, img.size, len(task.classes), verify=task.verify)
         if seg is not None:
