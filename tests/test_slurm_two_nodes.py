@@ -124,15 +124,21 @@ def _one_process_manifest(manifest: Path, out: Path) -> Path:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _suspend_at_first_checkpoint(sub: Submission) -> str:
+def _wait_for_first_checkpoint(sub: Submission) -> tuple[str, Path]:
+    """The job id and its checkpoints folder, once the first checkpoint is complete."""
     job_id = sub.submitted()
     meta = sub.out / "checkpoints" / FIRST_CKPT / "meta.json"
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not meta.is_file():
         assert time.monotonic() < deadline, f"no checkpoint appeared\n{_logs(sub.out / 'submitit')}"
         time.sleep(0.05)
+    return job_id, meta.parent.parent
+
+
+def _suspend_at_first_checkpoint(sub: Submission) -> str:
+    job_id, checkpoints = _wait_for_first_checkpoint(sub)
     subprocess.run(["scontrol", "suspend", job_id], check=True)
-    sub.events["checkpoints_at_event"] = sorted(p.name for p in meta.parent.parent.glob("step_*"))
+    sub.events["checkpoints_at_event"] = sorted(p.name for p in checkpoints.glob("step_*"))
     return job_id
 
 
@@ -159,14 +165,9 @@ def _preempt_with_usr2(sub: Submission) -> None:
     """USR2 to every task (as the scheduler's --signal) at the first checkpoint: submitit's handler on rank 0 calls
     TrainJob.checkpoint and requeues the job itself. Not pinned by a suspension (a step that was just resumed drops
     signals); rank 0 leaves at once on USR2, with 10 of 12 steps to go, and the test checks it was mid-run."""
-    job_id = sub.submitted()
-    meta = sub.out / "checkpoints" / FIRST_CKPT / "meta.json"
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not meta.is_file():
-        assert time.monotonic() < deadline, f"no checkpoint appeared\n{_logs(sub.out / 'submitit')}"
-        time.sleep(0.05)
+    job_id, checkpoints = _wait_for_first_checkpoint(sub)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    sub.events["checkpoints_at_event"] = sorted(p.name for p in meta.parent.parent.glob("step_*"))
+    sub.events["checkpoints_at_event"] = sorted(p.name for p in checkpoints.glob("step_*"))
     _start_when_pending(job_id)
 
 
