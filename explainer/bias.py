@@ -410,9 +410,9 @@ def run_bias(out: str | os.PathLike, settings: BiasSettings | None = None) -> di
                "seconds": round(time.time() - start, 1)}
     figure(scenes, maps, s.cue_class, out / "figures" / "bias.png")
     from explainer.atomic import write_text_atomic
-    from explainer.evaluate import _json_safe
+    from explainer.eval_report import json_safe
 
-    write_text_atomic(out / "bias.json", json.dumps(_json_safe(results), indent=2))
+    write_text_atomic(out / "bias.json", json.dumps(json_safe(results), indent=2))
     write_text_atomic(out / "bias.md", markdown(results))
     return results
 
