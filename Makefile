@@ -29,8 +29,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_train_step.py --device cpu
 
-# Wheels benchmarks/gpu_check.sh installs (--no-index) on a GPU machine without internet: what the lent H200 image
-# (Python 3.12, torch 2.11, torchvision, Pillow, matplotlib) lacks. Run where pip reaches the index; carry .gpu-wheels.
+# Wheels for a GPU machine without internet access (benchmarks/gpu_check.sh installs them with --no-index): what a
+# Python 3.12 image that already has torch, torchvision, accelerate, Pillow, matplotlib, PyYAML and tqdm lacks. Run
+# where pip reaches the index and copy .gpu-wheels to the GPU machine with the checkout; for another Python, change
+# --python-version (header of benchmarks/gpu_check.sh).
 GPU_WHEELS := webdataset==1.0.2 braceexpand==0.1.7 captum==0.9.0
 gpu-wheels:
 	python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

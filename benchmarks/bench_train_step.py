@@ -535,7 +535,7 @@ def trainer_throughput(metrics: Path, batch_size: int, skip_windows: int = 1) ->
 def run_e2e(args: argparse.Namespace, device: torch.device, peaks: dict[str, float | None], rows: list[dict],
             save_progress: Callable[[], None]) -> None:
     """Appends one row per classifier and batch size to `rows`."""
-    from explainer.models import save_checkpoint
+    from explainer.models import save_model_file
 
     for classifier_arch in args.classifiers:
         for batch_size in args.batch_sizes:
@@ -543,7 +543,7 @@ def run_e2e(args: argparse.Namespace, device: torch.device, peaks: dict[str, flo
             work = Path(args.e2e_dir) / f"{classifier_arch}_bs{batch_size}{'_compiled' if args.compile else ''}"
             classifier = freeze(build_classifier(classifier_arch, E2E_CLASSES))
             classes = json.loads(manifest.read_text())["classes"]
-            ckpt = save_checkpoint(work / "classifier.pt", classifier, kind="classifier", arch=classifier_arch,
+            ckpt = save_model_file(work / "classifier.pt", classifier, kind="classifier", arch=classifier_arch,
                                    num_classes=E2E_CLASSES, classes=classes, image_size=args.image_size)
             # the bare step with the same models, classes and settings, in this process
             explainer = build_explainer(args.explainer, E2E_CLASSES).to(device).train()

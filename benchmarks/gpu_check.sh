@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # ONE command for a GPU machine (torch + accelerate installed, no internet): the training step, the trainer end to
-# end, peak memory and an evaluation timing, written as JSON under benchmarks/results/, with the aims of issue 12
-# checked in summary.json. Meant to finish in under 8 minutes on one H100/H200; stages run in order of importance,
-# each within what is left of the budget (GPU_CHECK_BUDGET_S, default 450 s), so a slow stage costs only itself.
+# end, peak memory and an evaluation timing, written as JSON under benchmarks/results/, with the speed aims (step
+# speed-up, MFU, trainer overhead: benchmarks/gpu_check_summary.py) checked in summary.json. Meant to finish in under
+# 8 minutes on one H100/H200-class CUDA GPU; stages run in order of importance, each within what is left of the
+# budget (GPU_CHECK_BUDGET_S, default 450 s), so a slow stage costs only itself.
 #
 #   bash benchmarks/gpu_check.sh                      # CUDA, paper models at 224 px -> benchmarks/results/gpu_check_<date>/
 #   bash benchmarks/gpu_check.sh --device cpu --smoke # tiny models, a minute on a CPU (tests/test_bench_train_step.py)
@@ -11,14 +12,17 @@
 # Stages (CUDA): 1. bare step, eager: DeepLabV3-R50 explainer + ResNet-50 / VGG-16 classifiers, 224 px, batch
 # 16/32/64, modes reference (fp32, the paper code's structure) / ours_fp32 / ours (bf16 autocast, channels_last),
 # FLOPs, MFU and peak memory per row; 1b. the ours step at 20 and 1000 classes (ResNet-50, batch 32): step time and
-# peak memory against the 20-class row (issue 16, README "Many classes: cost per step"); 2. explainer/train.py end to end on synthetic 224 px shards made on the fly,
-# against the bare step with the same settings (batch 32); 3. Explainer vs Grad-CAM ms per image, all 20 classes;
-# 4. the ours step compiled (torch.compile, static shapes) at batch 32; 5. summary.json.
+# peak memory against the 20-class row (README "Many classes: cost per step"); 2. explainer/train.py end to end on
+# synthetic 224 px shards made on the fly, against the bare step with the same settings (batch 32); 3. Explainer vs
+# Grad-CAM ms per image, all 20 classes; 4. the ours step compiled (torch.compile, static shapes) at batch 32;
+# 5. summary.json.
 #
-# Dependencies: what the image lacks travels as wheels in .gpu-wheels/ (git-ignored) and is installed from there with
-# --no-index into .gpu-site/ (only when an import fails). For the lent H200 image (Python 3.12, torch 2.11,
-# torchvision, Pillow, matplotlib, tqdm, PyYAML present) that is webdataset, braceexpand and captum, under 1 MiB;
-# build the folder where pip can reach the index (`make gpu-wheels` runs exactly this):
+# Dependencies: the GPU machine needs Python >= 3.11 with a CUDA build of torch, torchvision, accelerate, numpy,
+# Pillow, matplotlib, PyYAML, tqdm, webdataset, braceexpand and captum. Without internet access, what it lacks travels
+# as wheels in .gpu-wheels/ (git-ignored) and is installed from there with --no-index into .gpu-site/ (only when an
+# import fails). On an image with Python 3.12, torch, torchvision, accelerate, Pillow, matplotlib, tqdm and PyYAML that
+# is webdataset, braceexpand and captum, under 1 MiB; build the folder where pip can reach the index (`make
+# gpu-wheels` runs exactly this):
 #
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

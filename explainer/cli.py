@@ -18,8 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-shards": ("explainer.make_shards", "shards from voc (VOC-2007), coco (COCO-2014), folder (yours), synthetic"),
     "submit": ("explainer.submit", "submit training to SLURM (or locally), one run or a sweep as a job array"),
     "sweep-report": ("explainer.sweep_report", "rank the runs of a sweep by their best validation metrics"),
-    "bias": ("explainer.bias", "the synthetic background-cue experiment (does the Explainer reveal a bias?)"),
-    "demo": ("explainer.demo", "shards, classifier, Explainer and evaluation on synthetic scenes, end to end"),
+    "bias": ("explainer.experiments.bias",
+             "the synthetic background-cue experiment (does the Explainer reveal a bias?)"),
+    "demo": ("explainer.experiments.demo",
+             "shards, classifier, Explainer and evaluation on synthetic scenes, end to end"),
 }
 
 

@@ -397,11 +397,11 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     except ConfigError as exc:
         where = f" (in {path}{' or the command-line overrides' if overrides else ''})" if path is not None else ""
         raise ConfigError(f"{exc}{where}") from None
-    validate(cfg)
+    check_config(cfg)
     return cfg
 
 
-def validate(cfg: Any) -> None:
+def check_config(cfg: Any) -> None:
     """Cross-field checks that types alone cannot express."""
     checks: list[tuple[bool, str]] = []
     data = getattr(cfg, "data", None)

@@ -13,7 +13,7 @@ from explainer.config import ClassifierRunConfig, ExplainerRunConfig
 from explainer.data.loader import Manifest
 from explainer.losses import full_precision, loss_terms
 from explainer.metrics import CLEAN_THRESHOLD, classification_counts, precision_recall_f1
-from explainer.models import build_classifier, build_explainer, freeze, save_checkpoint
+from explainer.models import build_classifier, build_explainer, freeze, save_model_file
 from explainer.models.explanandum import load_explanandum, source_kind
 from explainer.precision import Precision
 from explainer.step import explainer_forward_loss
@@ -74,7 +74,7 @@ class ExplainerTask:
         return metrics
 
     def export(self, model: torch.nn.Module, manifest: Manifest, path: Path) -> None:
-        save_checkpoint(path, model, kind="explainer", arch=self.cfg.explainer.arch,
+        save_model_file(path, model, kind="explainer", arch=self.cfg.explainer.arch,
                         num_classes=len(manifest.classes), classes=manifest.classes,
                         image_size=self.cfg.data.image_size,
                         extra={"loss": self.cfg.loss.kind, "mean": list(self.cfg.classifier.mean),
@@ -140,6 +140,6 @@ class ClassifierTask:
 
     def export(self, model: torch.nn.Module, manifest: Manifest, path: Path) -> None:
         arch = self.cfg.classifier.torchvision or self.cfg.classifier.arch  # our head on any torchvision model
-        save_checkpoint(path, model, kind="classifier", arch=arch,
+        save_model_file(path, model, kind="classifier", arch=arch,
                         num_classes=len(manifest.classes), classes=manifest.classes,
                         image_size=self.cfg.data.image_size)

@@ -5,7 +5,7 @@ data streams, batch/lr policy, optimiser, precision, gradient accumulation and c
 validation, early stopping, checkpoints with exact resume, tracking.
 
 `fit` only orchestrates. The pieces are module-level functions over one `Run` (the live objects of a run):
-`plan_batch` / `plan_steps` (pure), `build_optimizer`, `optimizer_step`, `validate`, `after_validation`,
+`plan_batch` / `plan_steps` (pure), `build_optimizer`, `optimizer_step`, `run_validation`, `after_validation`,
 `log_window`, `write_summary`.
 
 The hot loop makes no host sync per micro-batch: the non-finite flag stays on the device and is decided once per
@@ -395,7 +395,7 @@ def log_window(run: Run) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def validate(run: Run) -> dict[str, float]:
+def run_validation(run: Run) -> dict[str, float]:
     """Validation metrics over the whole split and all ranks (collective; the stream is built once per run)."""
     tcfg, model = run.settings.train, run.model
     total = len(run.val_stream) if tcfg.val_max_batches is None else min(len(run.val_stream), tcfg.val_max_batches)
@@ -443,7 +443,7 @@ def after_validation(run: Run, metrics: dict[str, float]) -> None:
     run.tracker.log({**metrics, "best_loss": state.best_metric}, state.step, kind="val")
 
 
-def save_checkpoint(run: Run) -> None:
+def save_run_state(run: Run) -> None:
     """Never a non-finite checkpoint: a diverged run stops here instead of overwriting good ones (issue 17)."""
     if not all_finite_on_device(run.accelerator, run.model, run.optimizer):
         run.tracker.finish()
@@ -459,7 +459,7 @@ def stop_on_signal(run: Run, signum: int, saved: bool) -> NoReturn:
     """Every rank learnt in this step's decision that a SIGTERM / SIGINT arrived: write this step's checkpoint
     (collective; `saved`: already written), say where once, leave the process group and exit 143 / 130."""
     if not saved:
-        save_checkpoint(run)
+        save_run_state(run)
     if run.world.is_main:
         print(f"{signal_name(signum)}: stopped after step {run.state.step}; checkpoint {run.checkpoints.latest()} "
               f"(continue with train.resume=auto); exit {exit_status(signum)}", file=sys.stderr, flush=True)
@@ -622,10 +622,10 @@ def train_until_done(run: Run, train_stream: Any, resumed: bool) -> dict[str, An
                 run.tracker.log_masks(outcome.images["image"], outcome.images["masks"], outcome.images["labels"],
                                       run.manifest.classes, state.step, **run.norm)
             if state.step % plan.val_every == 0 or state.step == plan.total_steps:
-                after_validation(run, validate(run))
+                after_validation(run, run_validation(run))
                 last_validated = state.step
             if state.step % plan.ckpt_every == 0 or state.step == plan.total_steps or state.stopped_early:
-                save_checkpoint(run)
+                save_run_state(run)
                 last_saved = state.step
             if outcome.stop_signal:
                 progress.close()
@@ -636,9 +636,9 @@ def train_until_done(run: Run, train_stream: Any, resumed: bool) -> dict[str, An
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
     progress.close()
     if last_validated != state.step:
-        after_validation(run, validate(run))
+        after_validation(run, run_validation(run))
     if last_saved != state.step:
-        save_checkpoint(run)
+        save_run_state(run)
     summary = write_summary(run)
     run.tracker.finish()
     run.accelerator.wait_for_everyone()

@@ -7,8 +7,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from explainer.bias import BiasSettings, _relabel_uncued, _spec, run_bias
 from explainer.data.synthetic import render_scene, scene_id, write_voc_layout
+from explainer.experiments.bias import BiasSettings, _relabel_uncued, _spec, run_bias
 
 
 def _names(root, split, index):
@@ -55,7 +55,7 @@ def test_explainer_reveals_the_cue_the_biased_classifier_uses(tmp_path):
 
 
 def test_seeds_table_gives_ranges():
-    from explainer.bias import VARIANTS, seeds_markdown
+    from explainer.experiments.bias import VARIANTS, seeds_markdown
 
     def result(value: float, logit: float) -> dict:
         keys = ["mask_mass_on_cue", "mask_mass_on_object", "mean_mask_on_cue", "mean_mask_on_object",

@@ -309,12 +309,12 @@ def test_evaluation_runs_on_folder_data(csv_shards, tmp_path):
     """Segmentation scores on the images with masks only; classification and class-specific tables on all."""
     from _byo_factory import build
 
-    from explainer.models import build_explainer, save_checkpoint
+    from explainer.models import build_explainer, save_model_file
 
     _, good, out = csv_shards
     torch.manual_seed(0)
     torch.save(build(num_classes=3).state_dict(), tmp_path / "user.pt")
-    save_checkpoint(tmp_path / "explainer.pt", build_explainer("tiny_unet", 3), kind="explainer", arch="tiny_unet",
+    save_model_file(tmp_path / "explainer.pt", build_explainer("tiny_unet", 3), kind="explainer", arch="tiny_unet",
                     num_classes=3, classes=CLASSES, image_size=32)
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     run_cmd([PYTHON, "-m", "explainer.evaluate", "--config", "configs/synthetic.yaml",

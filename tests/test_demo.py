@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from _helpers import PYTHON, run_cmd, tiny_overrides
 
-from explainer.demo import quality_checks, seed_row, seeds_markdown, worst_cells
+from explainer.experiments.demo import quality_checks, seed_row, seeds_markdown, worst_cells
 
 
 @pytest.fixture(scope="module")

@@ -245,14 +245,14 @@ def test_evaluator_without_segmentation_and_bad_settings():
 def explainer_checkpoints(synthetic_manifest, tmp_path_factory) -> tuple[Path, Path]:
     """Two untrained tiny_unet checkpoints (the numbers do not matter here, only that every sample counts once)."""
     from explainer.data.loader import read_manifest
-    from explainer.models import build_explainer, save_checkpoint
+    from explainer.models import build_explainer, save_model_file
 
     classes = read_manifest(synthetic_manifest).classes
     out = tmp_path_factory.mktemp("explainers")
     paths = []
     for seed, name in enumerate(("explainer.pt", "rtis.pt")):
         torch.manual_seed(seed)
-        paths.append(save_checkpoint(out / name, build_explainer("tiny_unet", len(classes)), kind="explainer",
+        paths.append(save_model_file(out / name, build_explainer("tiny_unet", len(classes)), kind="explainer",
                                      arch="tiny_unet", num_classes=len(classes), classes=list(classes),
                                      image_size=32))
     return paths[0], paths[1]

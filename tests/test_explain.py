@@ -15,7 +15,7 @@ from PIL import Image
 
 from explainer.data.transforms import decode_rgb, normalize_batch
 from explainer.explain import expand_inputs, explain, main
-from explainer.models import build_explainer, save_checkpoint
+from explainer.models import build_explainer, save_model_file
 
 CLASSES = ["circle", "square", "triangle"]
 S = 32
@@ -26,7 +26,7 @@ def checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = build_explainer("tiny_unet", len(CLASSES))
     path = tmp_path_factory.mktemp("ckpt") / "explainer.pt"
-    save_checkpoint(path, model, kind="explainer", arch="tiny_unet", num_classes=len(CLASSES), classes=CLASSES,
+    save_model_file(path, model, kind="explainer", arch="tiny_unet", num_classes=len(CLASSES), classes=CLASSES,
                     image_size=S)
     return path
 
@@ -188,7 +188,7 @@ def ranked_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("run")
     torch.manual_seed(1)
     torch.save(build_user_net(num_classes=len(MANY), width=4).state_dict(), run / "user_weights.pt")
-    save_checkpoint(run / "explainer.pt", build_explainer("tiny_unet", len(MANY)), kind="explainer", arch="tiny_unet",
+    save_model_file(run / "explainer.pt", build_explainer("tiny_unet", len(MANY)), kind="explainer", arch="tiny_unet",
                     num_classes=len(MANY), classes=MANY, image_size=S,
                     extra={"mean": [0.5] * 3, "std": [0.5] * 3, "resize": "squash"})
     cfg = load_config(ExplainerRunConfig, None, [
@@ -267,7 +267,7 @@ def test_center_crop_recorded_in_the_checkpoint_is_what_explain_does(images, tmp
     torch.manual_seed(0)
     model = build_explainer("tiny_unet", len(CLASSES)).eval()
     ckpt = tmp_path / "explainer.pt"
-    save_checkpoint(ckpt, model, kind="explainer", arch="tiny_unet", num_classes=len(CLASSES), classes=CLASSES,
+    save_model_file(ckpt, model, kind="explainer", arch="tiny_unet", num_classes=len(CLASSES), classes=CLASSES,
                     image_size=S, extra={"resize": "center_crop"})
     src = images / "a" / "x.png"  # 50 x 40: the centred 40 x 40 square, 5 columns cut on each side
     explain(str(ckpt), [str(src)], str(tmp_path / "o"), rank_by="mask", progress=False)

@@ -104,7 +104,7 @@ def test_explain_progress_moves_per_image(imagenet_like, tmp_path, monkeypatch):
     import tqdm
 
     import explainer.explain as explain_module
-    from explainer.models import build_explainer, save_checkpoint
+    from explainer.models import build_explainer, save_model_file
 
     updates: list[tuple[int, int]] = []  # (step, images whose files exist at that moment)
 
@@ -116,7 +116,7 @@ def test_explain_progress_moves_per_image(imagenet_like, tmp_path, monkeypatch):
     monkeypatch.setattr(explain_module, "tqdm", Recorded)
     manifest, _ = imagenet_like
     ckpt = tmp_path / "explainer.pt"
-    save_checkpoint(ckpt, build_explainer("tiny_unet", C), kind="explainer", arch="tiny_unet", num_classes=C,
+    save_model_file(ckpt, build_explainer("tiny_unet", C), kind="explainer", arch="tiny_unet", num_classes=C,
                     classes=NAMES, image_size=S)
     photos = [str(manifest.parent.parent / "img" / f"{i:02d}.png") for i in range(3)]
     explain(str(ckpt), photos, str(tmp_path / "o"), batch_size=8, rank_by="mask")

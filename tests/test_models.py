@@ -18,7 +18,7 @@ from explainer.models import (
     is_frozen,
     load_classifier,
     load_explainer,
-    save_checkpoint,
+    save_model_file,
 )
 from explainer.step import explainer_forward_loss
 
@@ -184,11 +184,11 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
     classes = ["circle", "square", "triangle"]
     classifier = build_classifier("tiny_cnn", 3).eval()
     explainer = build_explainer("tiny_unet", 3).eval()
-    c_path = save_checkpoint(
+    c_path = save_model_file(
         tmp_path / "classifier.pt", classifier, kind="classifier", arch="tiny_cnn", num_classes=3,
         classes=classes, image_size=32, extra={"epoch": 4, "metrics": {"f1": 0.5}, "lr": [1e-4]},
     )
-    e_path = save_checkpoint(
+    e_path = save_model_file(
         tmp_path / "explainer.pt", explainer, kind="explainer", arch="tiny_unet", num_classes=3,
         classes=classes, image_size=32,
     )
@@ -208,7 +208,7 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
 
 def test_bad_checkpoints_raise_clear_errors(tmp_path):
     model = build_classifier("tiny_cnn", 3)
-    path = save_checkpoint(
+    path = save_model_file(
         tmp_path / "c.pt", model, kind="classifier", arch="tiny_cnn", num_classes=3, classes=list("abc"), image_size=32
     )
     with pytest.raises(ValueError, match=r"c\.pt.*'classifier' checkpoint, but a 'explainer'"):
@@ -231,7 +231,7 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
         load_classifier(tmp_path / "nowhere.pt")
     with pytest.raises(TypeError, match=r"extra\.args"):
-        save_checkpoint(
+        save_model_file(
             tmp_path / "x.pt", model, kind="classifier", arch="tiny_cnn", num_classes=3, classes=list("abc"),
             image_size=32, extra={"args": object()},
         )

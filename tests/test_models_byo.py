@@ -286,7 +286,7 @@ def test_train_refuses_a_wrong_class_count_by_name(synthetic_manifest, tmp_path)
 
 def test_our_head_replacement_on_any_torchvision_model(tmp_path):
     """train_classifier's fine-tuning (new C-logit head, frozen backbone) for a torchvision model by name."""
-    from explainer.models import build_classifier, load_classifier, save_checkpoint
+    from explainer.models import build_classifier, load_classifier, save_model_file
 
     imagenet = torchvision.models.get_model("shufflenet_v2_x0_5", weights=None)  # stands for the ImageNet file
     torch.save(imagenet.state_dict(), tmp_path / "imagenet.pth")
@@ -294,7 +294,7 @@ def test_our_head_replacement_on_any_torchvision_model(tmp_path):
     assert model.head_name == "fc" and model.net.fc.out_features == 4
     assert torch.equal(model.net.conv1[0].weight, imagenet.conv1[0].weight)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["net.fc.weight", "net.fc.bias"]
-    path = save_checkpoint(tmp_path / "c.pt", model, kind="classifier", arch="shufflenet_v2_x0_5", num_classes=4,
+    path = save_model_file(tmp_path / "c.pt", model, kind="classifier", arch="shufflenet_v2_x0_5", num_classes=4,
                            classes=CLASSES, image_size=S)
     loaded = load_explanandum(ClassifierModelConfig(checkpoint=str(path)), CLASSES, S)
     x = torch.randn(2, 3, S, S)
@@ -312,11 +312,11 @@ def test_explain_uses_the_normalisation_the_explainer_was_trained_with(tmp_path)
 
     from explainer.data.transforms import decode_rgb, normalize_batch
     from explainer.explain import explain
-    from explainer.models import save_checkpoint
+    from explainer.models import save_model_file
 
     mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]  # plain [0, 1] inputs, far from ImageNet's normalisation
     model = build_explainer("tiny_unet", len(CLASSES)).eval()
-    ckpt = save_checkpoint(tmp_path / "e.pt", model, kind="explainer", arch="tiny_unet", num_classes=len(CLASSES),
+    ckpt = save_model_file(tmp_path / "e.pt", model, kind="explainer", arch="tiny_unet", num_classes=len(CLASSES),
                            classes=CLASSES, image_size=S, extra={"mean": mean, "std": std})
     src = tmp_path / "in" / "x.png"
     src.parent.mkdir()

@@ -22,7 +22,7 @@ from PIL import Image
 from explainer.baselines import BASELINES, MissingExtra, build_baseline
 from explainer.config import EvalConfig
 from explainer.data.loader import read_manifest
-from explainer.models import build_explainer, save_checkpoint
+from explainer.models import build_explainer, save_model_file
 
 BLOCKER = '''
 import sys
@@ -76,7 +76,7 @@ def test_core_runs_without_torchray(no_torchray, synthetic_manifest, tiny_classi
     classes = list(read_manifest(synthetic_manifest).classes)
     torch.manual_seed(0)
     checkpoint = tmp_path / "explainer.pt"  # untrained: this test is about what runs, not about mask quality
-    save_checkpoint(checkpoint, build_explainer("tiny_unet", len(classes)), kind="explainer", arch="tiny_unet",
+    save_model_file(checkpoint, build_explainer("tiny_unet", len(classes)), kind="explainer", arch="tiny_unet",
                     num_classes=len(classes), classes=classes, image_size=32)
     evaluate = [PYTHON, "-m", "explainer.evaluate", "--config", "configs/synthetic.yaml", "--checkpoint", checkpoint,
                 "--max-images", "8", "--no-progress", "--figure-images", "1", f"data.manifest={synthetic_manifest}",

@@ -502,14 +502,14 @@ def test_optimizer_step_skips_a_non_finite_step_without_touching_weights_or_adam
 
 
 def test_validate_after_validation_and_summary(tiny_run):
-    from explainer.training_loop import after_validation, validate, write_summary
+    from explainer.training_loop import after_validation, run_validation, write_summary
 
     run, _ = tiny_run("train.early_stop_patience=2")
     stream = run.val_stream
-    metrics = validate(run)
+    metrics = run_validation(run)
     assert run.val_stream is stream  # built once per run, reused
     assert metrics["mask_iou"] >= 0 and {"loss", "classification", "bound"} <= set(metrics)
-    assert validate(run) == metrics  # the same split, the same model: the same numbers
+    assert run_validation(run) == metrics  # the same split, the same model: the same numbers
     after_validation(run, metrics)
     assert run.state.best_metric == metrics["loss"] and (run.run_dir / "explainer.pt").is_file()
     for _ in range(2):

@@ -10,7 +10,14 @@ from explainer.models.classifier import (
 )
 from explainer.models.explainer import EXPLAINER_ARCHS, build_explainer
 from explainer.models.explanandum import Explanandum, load_explanandum
-from explainer.models.model_files import load_classifier, load_explainer, read_checkpoint, save_checkpoint, unwrap
+from explainer.models.model_files import (
+    load_classifier,
+    load_explainer,
+    read_checkpoint,
+    save_checkpoint,  # the former name of save_model_file
+    save_model_file,
+    unwrap,
+)
 from explainer.models.weights import IMAGENET_SOURCES, WeightsNotFoundError
 
 __all__ = [
@@ -29,5 +36,6 @@ __all__ = [
     "load_explanandum",
     "read_checkpoint",
     "save_checkpoint",
+    "save_model_file",
     "unwrap",
 ]

@@ -37,7 +37,7 @@ class Explanandum:
 
 
 def source_kind(cfg: Any) -> str:
-    """Which source a ClassifierModelConfig names (config.validate allows at most one of the three)."""
+    """Which source a ClassifierModelConfig names (config.check_config allows at most one of the three)."""
     for kind in ("torchscript", "factory", "torchvision"):
         if getattr(cfg, kind, None):
             return kind

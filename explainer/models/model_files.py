@@ -52,7 +52,7 @@ def _check_plain(value: Any, where: str) -> None:
     )
 
 
-def save_checkpoint(
+def save_model_file(
     path: str | os.PathLike,
     model: nn.Module,
     *,
@@ -90,6 +90,9 @@ def save_checkpoint(
                               "a previous version of it, if any, is untouched") from exc
 
 
+save_checkpoint = save_model_file  # the former name, kept for code written against it
+
+
 def model_file(path: str | os.PathLike, kind: str) -> Path:
     """`path` itself, or `<path>/<kind>.pt` when `path` is a run folder (`--checkpoint runs/x` means its best model)."""
     path = Path(path)
@@ -111,12 +114,12 @@ def read_checkpoint(path: str | os.PathLike, kind: str, map_location: Any = "cpu
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not one of ours"
         raise ValueError(
-            f"{path}: not a checkpoint written by explainer's save_checkpoint ({type(exc).__name__}: {exc})"
+            f"{path}: not a checkpoint written by explainer's save_model_file ({type(exc).__name__}: {exc})"
         ) from exc
     if not isinstance(payload, dict) or not all(key in payload for key in _REQUIRED):
         found = sorted(payload)[:8] if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(
-            f"{path}: not a checkpoint written by explainer's save_checkpoint (expected keys {list(_REQUIRED)}, "
+            f"{path}: not a checkpoint written by explainer's save_model_file (expected keys {list(_REQUIRED)}, "
             f"found {found})"
         )
     if payload["kind"] != kind:
