@@ -1,8 +1,9 @@
 """Our evaluation metrics against ports of the anchors' own code on the same fixed toy inputs: deletion / insertion
 against the RISE authors' CausalMetric (tests/_anchor_rise.py), the pointing game against TorchRay's benchmark
-(tests/_anchor_torchray.py). Prints the README's table "ours vs the anchors' code" and writes it as JSON.
+(tests/_anchor_torchray.py). Prints the table "ours vs the anchors' code" (docs/results.md#anchors) and writes it as
+JSON.
 
-    python benchmarks/bench_anchors.py                       # the README's table (seed 0, 8 images, 32 px, ~1 min CPU)
+    python benchmarks/bench_anchors.py                       # that table (seed 0, 8 images, 32 px, ~1 min CPU)
     python benchmarks/bench_anchors.py --images 2 --size 16  # a quick look
 
 Inputs: a seeded float64 conv net (5 classes, softmax), Gaussian-noise images, and three kinds of maps: uniform

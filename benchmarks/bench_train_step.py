@@ -19,8 +19,8 @@ windows after the first (start-up, cuDNN autotuning, compilation).
   python benchmarks/bench_train_step.py --device cuda --channels-last --e2e --batch-sizes 32 --modes ours
 
 --num-classes 20,100,1000 sweeps the class count (models rebuilt per count, in the order given) and reports each row's
-step time and peak memory as ratios against the first count's row of the same mode and batch size (README, "Many
-classes: cost per step"). Peak memory: the CUDA allocator's peak, or on CPU the process's peak resident set size
+step time and peak memory as ratios against the first count's row of the same mode and batch size
+(docs/results.md#many-classes). Peak memory: the CUDA allocator's peak, or on CPU the process's peak resident set size
 (VmHWM, reset before each mode's measured step, after returning freed heap memory to the OS).
 """
 

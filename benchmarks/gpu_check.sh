@@ -12,7 +12,7 @@
 # Stages (CUDA): 1. bare step, eager: DeepLabV3-R50 explainer + ResNet-50 / VGG-16 classifiers, 224 px, batch
 # 16/32/64, modes reference (fp32, the paper code's structure) / ours_fp32 / ours (bf16 autocast, channels_last),
 # FLOPs, MFU and peak memory per row; 1b. the ours step at 20 and 1000 classes (ResNet-50, batch 32): step time and
-# peak memory against the 20-class row (README "Many classes: cost per step"); 2. explainer/train.py end to end on
+# peak memory against the 20-class row (docs/results.md#many-classes); 2. explainer/train.py end to end on
 # synthetic 224 px shards made on the fly, against the bare step with the same settings (batch 32); 3. Explainer vs
 # Grad-CAM ms per image, all 20 classes; 4. the ours step compiled (torch.compile, static shapes) at batch 32;
 # 5. summary.json.

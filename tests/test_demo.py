@@ -62,7 +62,7 @@ def test_demo_claims_hold_on_tiny_data(synthetic_manifest, tiny_classifier, lear
     assert set(results["faithfulness"]["methods"]) == {"explainer", "gradcam", "rise"}
 
 
-# the demo's seed-0 table before the head fix (README history): the square channel is dark
+# the demo's seed-0 table before the head fix (docs/results.md#class-specific-term): the square channel is dark
 DEAD_SQUARE = [[0.9034, 0.2176, 0.0981, 0.0944, 0.1149, 0.0870, 0.3894],
                [0.7079, 0.1787, 0.7653, 0.7896, 0.7759, 0.7721, 0.4001],
                [0.0900, 0.1809, 0.8848, 0.0930, 0.0958, 0.0826, 0.4778],

@@ -263,11 +263,11 @@ def _two_object_scenes(n: int = 8, size: int = 16) -> tuple[torch.Tensor, torch.
 @pytest.mark.numerics
 @pytest.mark.parametrize("arch", ["tiny_unet", "lraspp_mobilenet_v3_large"])
 def test_zero_head_starts_every_class_channel_equal_and_fed(arch):
-    """Guard against the dying class channel (README, `make demo`): the loss's max over an image's classes sends the
-    classification gradient on a pixel to the highest target channel only. With a random head a channel that starts
-    lower on a pixel of its own object gets nothing there, and on images with several classes it can starve for good.
-    head_init="zero" (the synthetic preset) starts every mask at 0.5, so every channel gets gradient on every pixel of
-    its objects; the old random head leaves a large share of them without any."""
+    """Guard against the dying class channel (docs/results.md#class-specific-term, `make demo`): the loss's max over an
+    image's classes sends the classification gradient on a pixel to the highest target channel only. With a random head
+    a channel that starts lower on a pixel of its own object gets nothing there, and on images with several classes it
+    can starve for good. head_init="zero" (the synthetic preset) starts every mask at 0.5, so every channel gets
+    gradient on every pixel of its objects; the old random head leaves a large share of them without any."""
     from _helpers import colour_classifier
 
     from explainer.config import ExplainerRunConfig, load_config

@@ -16,7 +16,7 @@ are measured on the SAME test scenes, where the band is drawn with probability 0
 
 Pure co-occurrence (`--relabel-uncued 0`: every K image has the band, labels honest) is the generator's plain cue
 option; on these scenes the object is an equally perfect and easy predictor, and a tiny CNN then barely uses the band,
-which the Explainer shows too (see the README).
+which the Explainer shows too (README "Bias detection", docs/results.md#bias).
 
     python -m explainer.bias --out runs/bias [--quick] [--relabel-uncued 1.0]
 

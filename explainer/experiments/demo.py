@@ -3,7 +3,8 @@
 synthetic scenes -> WebDataset shards -> classifier -> Explainer -> evaluation against Grad-CAM and RISE
 -> report + figures. Each stage runs the real command a user would type (printed before it runs), so the demo is
 also a tour of the CLI. Stages resume: re-running continues from finished stages' checkpoints. `--seeds 0 1 2` also
-trains the Explainer with the other seeds and writes the table of the worst class-specific cells per seed (README).
+trains the Explainer with the other seeds and writes the table of the worst class-specific cells per seed
+(docs/results.md#demo).
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ from explainer.models.model_files import (
     load_classifier,
     load_explainer,
     read_checkpoint,
-    save_checkpoint,  # the former name of save_model_file
     save_model_file,
     unwrap,
 )
@@ -35,7 +34,6 @@ __all__ = [
     "load_explainer",
     "load_explanandum",
     "read_checkpoint",
-    "save_checkpoint",
     "save_model_file",
     "unwrap",
 ]

@@ -104,9 +104,9 @@ def build_explainer(arch: str, num_classes: int, backbone_weights: str | None = 
     head_init="zero" starts the mask head's last convolution at zero: every class mask is 0.5 everywhere at step 0.
     Why: with a random head one channel starts a little higher on another class's objects; the loss's max over an
     image's classes then sends the whole classification gradient on those pixels to that channel, the other one gets
-    none there, is pushed down by the area terms, and its mask can stay dark for good (a class channel "dies": README
-    "What `make demo` shows"). Equal channels split that gradient evenly (autograd's rule for ties in a max), so every
-    channel first learns from the images of its own class. "random" is PyTorch's default (the reference).
+    none there, is pushed down by the area terms, and its mask can stay dark for good (a class channel "dies":
+    docs/results.md#class-specific-term). Equal channels split that gradient evenly (autograd's rule for ties in a max),
+    so every channel first learns from the images of its own class. "random" is PyTorch's default (the reference).
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")

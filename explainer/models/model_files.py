@@ -90,7 +90,6 @@ def save_model_file(
                               "a previous version of it, if any, is untouched") from exc
 
 
-save_checkpoint = save_model_file  # the former name, kept for code written against it
 
 
 def model_file(path: str | os.PathLike, kind: str) -> Path:
