@@ -332,15 +332,18 @@ except CheckpointError as exc:
 
 
 def test_a_save_failing_on_rank0_stops_every_rank(small_tmpfs):
-    """2 gloo ranks, rank 0's weights do not fit: both ranks raise (rank 1 pointing to rank 0) instead of rank 1
-    waiting in the next collective until the process-group timeout (30 min)."""
+    """2 gloo ranks on one full disk, rank 0's weights do not fit: both ranks raise (rank 1 pointing to rank 0, or
+    naming its own full disk when its write came second) instead of rank 1 waiting in the next collective until the
+    process-group timeout (30 min)."""
     disk = small_tmpfs("1200k")
     procs = run_ranks(_SAVE_ON_A_FULL_DISK, args=[str(disk / "run")], timeout=180)
     for proc in procs:
         assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(p.stdout.strip().splitlines()[-1]) for p in procs]
     assert "rank 0: no space left on device" in results[0]["error"], results
-    assert "on another rank (its message says why)" in results[1]["error"], results
+    # rank 1's own small file (its random states) may also meet the full disk first: then it names its own failure
+    assert any(why in results[1]["error"] for why in ("on another rank (its message says why)",
+                                                       "rank 1: no space left on device")), results
     last = disk / "run" / "checkpoints" / "step_00000001"
     assert all(r["error"].endswith(f"the last complete checkpoint is {last}, untouched") for r in results), results
     assert [p.name for p in last.parent.iterdir()] == ["step_00000001"] and inspect(last) is None
