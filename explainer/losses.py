@@ -303,7 +303,7 @@ def wysiwyc_loss(
 
     `split` (split_classes) may be passed when the caller already aggregated; then `masks` may be None. L_s
     (cfg.w_class_specific > 0) needs `logits_single` = F(x * s_k) and `drawn` = the one-hot drawn class k per image
-    (explainer/step.py). Returns the total and the unweighted terms (detached) for logging.
+    (WysiwycObjective, explainer/objectives.py). Returns the total and the unweighted terms (detached) for logging.
     """
     if split is None:
         if masks is None:
@@ -360,7 +360,9 @@ RTIS_TERMS = ("tv", "area_m", "preserver", "destroyer")
 
 def loss_terms(cfg: LossConfig) -> tuple[str, ...]:
     """The terms a config's objective logs (wysiwyc_loss / rtis_loss): fixed per run, so every rank reduces the same
-    keys."""
+    keys. For the two built-in kinds only: explainer.objectives.objective_terms(cfg) answers for any registered
+    objective (this module sits below the objectives and cannot ask them; tests/test_objectives.py pins the two
+    equal)."""
     if cfg.kind == "rtis":
         return RTIS_TERMS
     return (*WYSIWYC_TERMS, "class_specific") if cfg.w_class_specific > 0 else WYSIWYC_TERMS

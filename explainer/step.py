@@ -17,17 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from explainer.config import LossConfig
-from explainer.losses import (
-    alternative_image,
-    area_counts,
-    combine_terms,
-    draw_class,
-    full_precision,
-    rtis_loss,
-    split_classes,
-    wysiwyc_loss,
-)
+from explainer.losses import area_counts, combine_terms, full_precision, split_classes
 from explainer.models.model_files import unwrap
+from explainer.objectives import MASKED, Objective, build_objective
 
 
 @dataclass
@@ -66,46 +58,52 @@ def explainer_forward_loss(
     loss_cfg: LossConfig,
     autocast_ctx: Any = None,
     draws: Tensor | None = None,
+    *,
+    objective: Objective | None = None,
 ) -> StepOutput:
     """Forward pass and loss of one batch. `autocast_ctx` (e.g. torch.autocast / accelerator.autocast()) is entered
     once around both networks; every loss term is computed in fp32. channels_last images stay channels_last.
-    `draws` ([B], uniform in [0, 1)) picks L_s's class per image when loss.w_class_specific > 0: the trainer passes
-    the loader's batch["draw"]; default: torch's global RNG."""
+    `objective`: default build_objective(loss_cfg) (loss.kind); the step builds the classifier inputs it declares
+    and never asks which objective it is. `draws` ([B], uniform in [0, 1)) is passed on to the objective (WYSIWYC's
+    L_s picks its class per image with it: the trainer passes the loader's batch["draw"]; default: torch's RNG)."""
     _check_frozen(classifier)
+    objective = build_objective(loss_cfg) if objective is None else objective
     channels_last = images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last)
     labels = labels.to(device=images.device)
-    batch = images.shape[0]
     with autocast_ctx if autocast_ctx is not None else contextlib.nullcontext():
         mask_logits = explainer(images)
         # class-sparse (docs/method.md#class-sparse): the K ground-truth masks per image and n, never all C masks
         split = split_classes(mask_logits, labels, loss_cfg.max_classes_per_image, logits=True)
-        m, n = split.m, split.n
-        if loss_cfg.kind == "rtis":
-            alt = alternative_image(images, loss_cfg.rtis_alternative)
-            x_m = images * m + alt * (1 - m)
-            x_inv = images * (1 - m) + alt * m
-        else:
-            x_m = images * m  # on the NORMALISED image: removed pixels become the dataset-mean colour
-            x_inv = images * (1 - m)
-        passes, drawn = [x_m, x_inv], None
-        if loss_cfg.kind == "wysiwyc" and loss_cfg.w_class_specific > 0:
-            if draws is None:
-                draws = torch.rand(batch, device=images.device)
-            drawn = draw_class(labels, draws.to(images.device))
-            passes.append(images * split.select(drawn).to(images.dtype))
-        both = torch.cat(passes)
-        if channels_last:
-            both = both.contiguous(memory_format=torch.channels_last)
-        logits = full_precision(classifier(both))  # one batched pass; gradients reach the masks, not F's weights
-        logits_masked, logits_inv = logits[:batch], logits[batch:2 * batch]
-        if loss_cfg.kind == "rtis":
-            loss, terms = rtis_loss(None, labels, logits_masked, logits_inv, loss_cfg, m=m, n=n)
-        else:
-            logits_single = logits[2 * batch:] if drawn is not None else None
-            loss, terms = wysiwyc_loss(None, labels, logits_masked, logits_inv, loss_cfg, split=split,
-                                       logits_single=logits_single, drawn=drawn)
-    return StepOutput(loss=loss, terms=terms, mask_logits=mask_logits.detach(), m=m,
-                      logits_masked=logits_masked.detach())
+        inputs = objective.classifier_inputs(images, labels, split, draws)
+        logits = _classifier_logits(classifier, inputs.batches, channels_last)
+        loss, terms = objective.loss(labels, split, logits, inputs)
+    _check_terms(objective, terms)
+    return StepOutput(loss=loss, terms=terms, mask_logits=mask_logits.detach(), m=split.m,
+                      logits_masked=logits[MASKED].detach())
+
+
+def _classifier_logits(classifier: nn.Module, batches: dict[str, Tensor], channels_last: bool) -> dict[str, Tensor]:
+    """F's fp32 logits on every declared batch from ONE call on their concatenation (one batched pass: gradients
+    reach the masks, not F's weights), sliced back by name."""
+    if MASKED not in batches:
+        raise ValueError(f"an objective must declare the {MASKED!r} classifier input (F(x_m): the step's "
+                         f"logits_masked and the metrics); it declared {list(batches)}")
+    fused = torch.cat(list(batches.values()))
+    if channels_last:
+        fused = fused.contiguous(memory_format=torch.channels_last)
+    logits = full_precision(classifier(fused))
+    sliced, start = {}, 0
+    for name, batch in batches.items():
+        sliced[name] = logits[start:start + batch.shape[0]]
+        start += batch.shape[0]
+    return sliced
+
+
+def _check_terms(objective: Objective, terms: dict[str, Tensor]) -> None:
+    """The logged keys must be the declared ones: every rank reduces the same keys, and validation sums them."""
+    if set(terms) != {"loss", *objective.terms}:
+        raise ValueError(f"{type(objective).__name__} returned the terms {sorted(terms)} but declares "
+                         f"{list(objective.terms)} (plus 'loss')")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
