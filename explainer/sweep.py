@@ -343,6 +343,17 @@ def to_csv(rows: list[dict[str, Any]], params: list[str], metric: str = "loss") 
     return buffer.getvalue()
 
 
+def _unranked_note(rows: list[dict[str, Any]], metric: str) -> str:
+    """Why nothing is ranked when no run logged the metric (e.g. mask_iou without validation segmentations)."""
+    if any("rank" in row for row in rows):
+        return ""
+    logged = sorted({k.removeprefix("val_") for r in rows for k in r if k.startswith("val_")})
+    if not logged:
+        return f"No run logged a validation metric yet, so none is ranked by val_{metric}.\n\n"
+    return (f"**No run logged val_{metric}** (e.g. mask_iou needs validation images with segmentations), so none is "
+            f"ranked: rank by one the runs logged with `--metric {logged[0]}` (logged: {', '.join(logged)}).\n\n")
+
+
 def write_report(sweep_dir: str | Path, metric: str | None = None, maximize: bool | None = None
                  ) -> tuple[str, Path, Path]:
     """Markdown table (returned, and SWEEP_DIR/report.md) and SWEEP_DIR/report.csv, written atomically.
@@ -361,7 +372,7 @@ def write_report(sweep_dir: str | Path, metric: str | None = None, maximize: boo
              + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
              + f". Each run at its best checkpoint (lowest val loss of that run); ranked by val_{metric} "
              f"({'higher' if maximize else 'lower'} is better).\n\n")
-    markdown = title + to_markdown(rows, params, metric)
+    markdown = title + _unranked_note(rows, metric) + to_markdown(rows, params, metric)
     paths = []
     for name, text in (("report.md", markdown), ("report.csv", to_csv(rows, params, metric))):
         paths.append(write_text_atomic(sweep_dir / name, text))

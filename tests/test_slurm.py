@@ -390,6 +390,10 @@ def test_report_marks_failed_unfinished_and_unstarted_runs(tmp_path):
     assert [line.split("|")[2].strip() for line in markdown.splitlines() if line.startswith("| ")][1:] == \
         ["0", "1", "2", "3"]  # 0.2 > 0.1 mask IoU at each run's best checkpoint; no-metric runs last
     assert md.is_file() and len(csv_path.read_text().splitlines()) == 5
+    assert "No run logged" not in markdown
+    # a metric no run logged (mask_iou without validation segmentations): nothing ranked, and the report says why
+    markdown, _, _ = write_report(tmp_path, metric="pointing", maximize=True)
+    assert "**No run logged val_pointing**" in markdown and "`--metric loss` (logged: loss, mask_iou)" in markdown
 
 
 # ----------------------------------------------------------------------------------------------------------------------
