@@ -18,15 +18,14 @@ from typing import Any
 from explainer.arguments import parse_run_config
 from explainer.config import ExplainerRunConfig
 from explainer.distributed import close_process_group
+from explainer.recipes import ExplainerRecipe
 from explainer.run_errors import exit_on_run_error
-from explainer.tasks import ExplainerTask
-from explainer.training_loop import RunSettings, fit
+from explainer.training_loop import fit
 
 
 def run(cfg: ExplainerRunConfig) -> dict[str, Any]:
     """Train with an already validated config; the single code path of local, torchrun and SLURM runs."""
-    settings = RunSettings(data=cfg.data, optim=cfg.optim, train=cfg.train, tracking=cfg.tracking)
-    return fit(ExplainerTask(cfg), settings, cfg)
+    return fit(ExplainerRecipe(cfg))
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

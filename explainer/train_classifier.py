@@ -14,14 +14,13 @@ from typing import Any
 from explainer.arguments import parse_run_config
 from explainer.config import ClassifierRunConfig
 from explainer.distributed import close_process_group
+from explainer.recipes import ClassifierRecipe
 from explainer.run_errors import exit_on_run_error
-from explainer.tasks import ClassifierTask
-from explainer.training_loop import RunSettings, fit
+from explainer.training_loop import fit
 
 
 def run_classifier(cfg: ClassifierRunConfig) -> dict[str, Any]:
-    settings = RunSettings(data=cfg.data, optim=cfg.optim, train=cfg.train, tracking=cfg.tracking)
-    return fit(ClassifierTask(cfg), settings, cfg)
+    return fit(ClassifierRecipe(cfg))
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

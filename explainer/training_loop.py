@@ -1,6 +1,6 @@
 """The training loop shared by the Explainer and the Explanandum (classifier) trainers.
 
-What differs between the two lives in a `Task` (explainer/tasks.py); everything else is here once: process group,
+What differs between the two lives in a `Recipe` (explainer/recipes.py); everything else is here once: process group,
 data streams, batch/lr policy, optimiser, precision, gradient accumulation and clipping, non-finite-loss guard,
 validation, early stopping, checkpoints with exact resume, tracking.
 
@@ -37,7 +37,6 @@ from explainer.atomic import write_json_atomic
 from explainer.config import (
     DataConfig,
     OptimConfig,
-    TrackingConfig,
     TrainConfig,
     input_normalization,
     save_config,
@@ -82,9 +81,11 @@ class StepResult:
     masks: torch.Tensor | None = None  # per-class masks, for image logging (explainer only)
 
 
-class Task(Protocol):
-    """What the generic loop needs from a concrete trainer."""
+class Recipe(Protocol):
+    """What the generic loop needs from a concrete trainer: its run config and what it does in a step, a
+    validation and an export."""
 
+    cfg: Any  # the whole run config; the loop reads its data, optim, train and tracking sections
     kind: str  # "explainer" or "classifier": names the exported file
     drop_unlabelled: bool
 
@@ -105,16 +106,6 @@ class Task(Protocol):
     def val_metrics(self, sums: dict[str, float]) -> dict[str, float]: ...
 
     def export(self, model: torch.nn.Module, manifest: Manifest, path: Path) -> None: ...
-
-
-@dataclass
-class RunSettings:
-    """The parts of a run config the loop reads (both run configs have them)."""
-
-    data: DataConfig
-    optim: OptimConfig
-    train: TrainConfig
-    tracking: TrackingConfig
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -232,8 +223,7 @@ class LogWindow:
 
 @dataclass
 class Run:
-    task: Task
-    settings: RunSettings
+    recipe: Recipe
     accelerator: Accelerator
     world: WorldInfo
     precision: Precision
@@ -253,6 +243,11 @@ class Run:
     window: LogWindow = field(default_factory=LogWindow)
     stop: StopRequest = field(default_factory=StopRequest)  # SIGTERM / SIGINT seen by this process
     lock: RunLock | None = None  # the run folder's lock, held by rank 0 for the whole run (explainer/run_lock.py)
+
+    @property
+    def cfg(self) -> Any:
+        """The run config as given (`data` above holds this process's batch size)."""
+        return self.recipe.cfg
 
 
 def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool,
@@ -296,9 +291,9 @@ def optimizer_step(run: Run, batches: Iterator[dict[str, Any]], keep_images: int
     Backward runs for every micro-batch (also a non-finite one) so DDP's all-reduce stays aligned across ranks;
     a skipped step only zeroes the gradients. `keep_images` > 0 keeps that many images of the last micro-batch.
     """
-    model, task, precision = run.model, run.task, run.precision
+    model, recipe, precision = run.model, run.recipe, run.precision
     accum, device = run.batch.accum, run.accelerator.device
-    tcfg = run.settings.train
+    tcfg = run.cfg.train
     nonfinite = torch.zeros((), device=device)
     rows, keys, images, kept = [], [], 0, None
     for micro in range(accum):
@@ -306,7 +301,7 @@ def optimizer_step(run: Run, batches: Iterator[dict[str, Any]], keep_images: int
         run.state.batches_in_epoch += 1
         last = micro == accum - 1
         with contextlib.nullcontext() if last else run.accelerator.no_sync(model):
-            result = task.train_step(model, batch, precision)
+            result = recipe.train_step(model, batch, precision)
             loss = result.loss
             nonfinite = nonfinite + (~torch.isfinite(loss.detach())).float()
             precision.backward(loss / accum)
@@ -318,7 +313,7 @@ def optimizer_step(run: Run, batches: Iterator[dict[str, Any]], keep_images: int
                     "masks": result.masks[:keep_images].detach()}
         del result, loss  # the graph is gone after backward; drop this micro-batch's masks now
 
-    clip = run.settings.optim.grad_clip_norm
+    clip = run.cfg.optim.grad_clip_norm
     if precision.scaler is None:
         # Gradients are already all-reduced (identical on every rank): their norm joins the loss flag in ONE
         # collective and ONE host sync for the step.
@@ -354,7 +349,7 @@ def _decide_step(run: Run, *flags: torch.Tensor) -> tuple[bool, int]:
 
 
 def handle_skipped_step(run: Run) -> None:
-    state, tcfg = run.state, run.settings.train
+    state, tcfg = run.state, run.cfg.train
     state.bad_steps_in_a_row += 1
     state.skipped_steps += 1
     if run.world.is_main:
@@ -397,7 +392,7 @@ def log_window(run: Run) -> dict[str, float]:
 
 def run_validation(run: Run) -> dict[str, float]:
     """Validation metrics over the whole split and all ranks (collective; the stream is built once per run)."""
-    tcfg, model = run.settings.train, run.model
+    tcfg, model = run.cfg.train, run.model
     total = len(run.val_stream) if tcfg.val_max_batches is None else min(len(run.val_stream), tcfg.val_max_batches)
     if run.world.is_main:
         log.info("step %d: validating on split '%s' (%d batches per process)", run.state.step, run.data.val_split,
@@ -412,33 +407,33 @@ def run_validation(run: Run) -> dict[str, float]:
                 break
             bar.update(1)
             batch = _to_device(batch, run.accelerator.device, tcfg.channels_last, run.precision.dtype, run.norm)
-            for key, value in run.task.val_sums(model, batch, run.precision).items():
+            for key, value in run.recipe.val_sums(model, batch, run.precision).items():
                 sums[key] = sums.get(key, 0.0) + value
     bar.close()
     model.train()
-    sums = all_reduce_sums(run.accelerator, sums, run.task.val_keys(run.manifest))
+    sums = all_reduce_sums(run.accelerator, sums, run.recipe.val_keys(run.manifest))
     if not sums["count"]:
         raise ValueError(f"{run.data.manifest}: validation split '{run.data.val_split}' yielded no samples")
-    return run.task.val_metrics(sums)
+    return run.recipe.val_metrics(sums)
 
 
 def after_validation(run: Run, metrics: dict[str, float]) -> None:
     """Early stopping, best-model export and the validation record."""
-    state, tcfg = run.state, run.settings.train
+    state, tcfg = run.state, run.cfg.train
     loss = metrics["loss"]
     improved = state.best_metric is None or loss < state.best_metric - tcfg.early_stop_min_delta
     if improved:
         state.best_metric, state.best_step, state.bad_validations = loss, state.step, 0
         if run.world.is_main:
-            path = run.run_dir / f"{run.task.kind}.pt"
-            run.task.export(run.accelerator.unwrap_model(run.model), run.manifest, path)
+            path = run.run_dir / f"{run.recipe.kind}.pt"
+            run.recipe.export(run.accelerator.unwrap_model(run.model), run.manifest, path)
             log.info("step %d: validation loss %.4f, the best so far: wrote %s", state.step, loss, path)
     else:
         state.bad_validations += 1
         state.stopped_early = state.bad_validations >= tcfg.early_stop_patience
         if run.world.is_main:
             log.info("step %d: validation loss %.4f, not better than %.4f (step %d): %s kept", state.step, loss,
-                     state.best_metric, state.best_step, run.run_dir / f"{run.task.kind}.pt")
+                     state.best_metric, state.best_step, run.run_dir / f"{run.recipe.kind}.pt")
     state.history.append({"step": state.step, "epoch": state.epoch, **metrics, "improved": improved})
     run.tracker.log({**metrics, "best_loss": state.best_metric}, state.step, kind="val")
 
@@ -479,7 +474,7 @@ def batch_summary(run: Run) -> dict[str, Any]:
 def write_summary(run: Run) -> dict[str, Any]:
     state = run.state
     summary = {
-        "kind": run.task.kind,
+        "kind": run.recipe.kind,
         "steps": state.step,
         "epochs_started": state.epoch + (1 if state.batches_in_epoch else 0),
         "best_val_loss": state.best_metric,
@@ -488,12 +483,13 @@ def write_summary(run: Run) -> dict[str, Any]:
         "skipped_steps": state.skipped_steps,
         **batch_summary(run),
         "output_dir": str(run.run_dir),
-        "checkpoint": str(run.run_dir / f"{run.task.kind}.pt"),
+        "checkpoint": str(run.run_dir / f"{run.recipe.kind}.pt"),
         "history": state.history,
         "best": next((h for h in state.history if h["step"] == state.best_step), None),
     }
     if run.world.is_main:
-        run.task.export(run.accelerator.unwrap_model(run.model), run.manifest, run.run_dir / f"{run.task.kind}_last.pt")
+        last = run.run_dir / f"{run.recipe.kind}_last.pt"
+        run.recipe.export(run.accelerator.unwrap_model(run.model), run.manifest, last)
         write_json_atomic(run.run_dir / "summary.json", summary)
     return summary
 
@@ -503,13 +499,14 @@ def write_summary(run: Run) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def start_run(task: Task, settings: RunSettings, full_config: Any) -> tuple[Run, Any, bool]:
+def start_run(recipe: Recipe) -> tuple[Run, Any, bool]:
     """Process group, model, optimizer, streams, plan, resume: everything before the first step."""
-    tcfg, dcfg, ocfg = settings.train, settings.data, settings.optim
+    cfg = recipe.cfg
+    tcfg, dcfg, ocfg = cfg.train, cfg.data, cfg.optim
     run_dir = Path(tcfg.output_dir)
     manifest = read_data_manifest(dcfg)  # fail fast, before any process group work
 
-    accelerator = make_accelerator(tcfg.mixed_precision, wandb_log_with(settings.tracking), str(run_dir), tcfg)
+    accelerator = make_accelerator(tcfg.mixed_precision, wandb_log_with(cfg.tracking), str(run_dir), tcfg)
     world = world_from(accelerator)
     configure_logging(world.rank)
     lock, checkpoints = claim_run_folder(accelerator, run_dir, tcfg.keep_last)  # a second run stops here
@@ -517,8 +514,8 @@ def start_run(task: Task, settings: RunSettings, full_config: Any) -> tuple[Run,
     batch_plan = plan_batch(dcfg, ocfg, world.world_size)
     data = dataclasses.replace(dcfg, batch_size=batch_plan.per_process_batch)
     seed_everything(tcfg.seed)
-    task.setup(accelerator, manifest)
-    model = task.build_model(manifest).to(precision.dtype)
+    recipe.setup(accelerator, manifest)
+    model = recipe.build_model(manifest).to(precision.dtype)
     if tcfg.sync_batchnorm and world.world_size > 1:
         if accelerator.device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -533,9 +530,9 @@ def start_run(task: Task, settings: RunSettings, full_config: Any) -> tuple[Run,
         model = torch.compile(model)
 
     image_format = batch_image_format(dcfg, accelerator.device)
-    norm = input_normalization(full_config)  # the classifier's mean/std: a masked-out pixel is its mean colour
+    norm = input_normalization(cfg)  # the classifier's mean/std: a masked-out pixel is its mean colour
     train_stream = make_train_loader(data, manifest, dcfg.train_split, rank=world.rank, world_size=world.world_size,
-                                     seed=tcfg.seed, drop_unlabelled=task.drop_unlabelled, image_format=image_format,
+                                     seed=tcfg.seed, drop_unlabelled=recipe.drop_unlabelled, image_format=image_format,
                                      **norm)
     plan = plan_steps(tcfg, ocfg, batch_plan, len(train_stream), f"{dcfg.manifest}: split '{dcfg.train_split}'")
     val_stream = make_eval_loader(data, manifest, dcfg.val_split, rank=world.rank, world_size=world.world_size,
@@ -545,16 +542,16 @@ def start_run(task: Task, settings: RunSettings, full_config: Any) -> tuple[Run,
     state = CheckpointManager.load(accelerator, resume_from) if resume_from else TrainerState()
     precision.load_state_dict(state.scaler)
     if world.is_main:
-        save_config(full_config, run_dir / "config.yaml")
+        save_config(cfg, run_dir / "config.yaml")
         if resume_from:
             log.info("resumed from %s (step %d, epoch %d)", resume_from, state.step, state.epoch)
         log.info(f"{batch_plan.policy}: global batch {batch_plan.global_batch} = "
               f"{batch_plan.per_process_batch} per process x {world.world_size} processes x {batch_plan.accum} "
               f"accumulation; lr {batch_plan.lr:g} (warm-up {plan.warmup_steps} steps); {plan.total_steps} steps "
               f"({plan.steps_per_epoch} per epoch); {precision.describe()}")
-    tracker = RunTracker(accelerator, run_dir, settings.tracking, to_dict(full_config),
+    tracker = RunTracker(accelerator, run_dir, cfg.tracking, to_dict(cfg),
                          resume_step=state.step if resume_from else None)
-    run = Run(task=task, settings=settings, accelerator=accelerator, world=world, precision=precision, model=model,
+    run = Run(recipe=recipe, accelerator=accelerator, world=world, precision=precision, model=model,
               optimizer=optimizer, params=params, manifest=manifest, data=data, batch=batch_plan, plan=plan,
               state=state, checkpoints=checkpoints, tracker=tracker, val_stream=val_stream, run_dir=run_dir,
               norm=norm, lock=lock)
@@ -571,7 +568,7 @@ def claim_run_folder(accelerator: Accelerator, run_dir: Path, keep_last: int) ->
     return lock, checkpoints
 
 
-def fit(task: Task, settings: RunSettings, full_config: Any) -> dict[str, Any]:
+def fit(recipe: Recipe) -> dict[str, Any]:
     """Train until max_steps / epochs / early stopping; return the run summary (also written to summary.json).
 
     SIGTERM / SIGINT: the step in progress is finished, checkpointed on every rank, and the process exits 143 / 130
@@ -579,11 +576,11 @@ def fit(task: Task, settings: RunSettings, full_config: Any) -> dict[str, Any]:
     """
     stop = StopRequest()
     with stop.installed():
-        return _fit(task, settings, full_config, stop)
+        return _fit(recipe, stop)
 
 
-def _fit(task: Task, settings: RunSettings, full_config: Any, stop: StopRequest) -> dict[str, Any]:
-    run, train_stream, resumed = start_run(task, settings, full_config)
+def _fit(recipe: Recipe, stop: StopRequest) -> dict[str, Any]:
+    run, train_stream, resumed = start_run(recipe)
     run.stop = stop
     try:
         return train_until_done(run, train_stream, resumed)
@@ -593,10 +590,10 @@ def _fit(task: Task, settings: RunSettings, full_config: Any, stop: StopRequest)
 
 
 def train_until_done(run: Run, train_stream: Any, resumed: bool) -> dict[str, Any]:
-    task, settings = run.task, run.settings
-    state, plan, tcfg = run.state, run.plan, settings.train
+    recipe = run.recipe
+    state, plan, tcfg = run.state, run.plan, run.cfg.train
     run.model.train()
-    progress = tqdm(total=plan.total_steps, initial=state.step, disable=not run.world.is_main, desc=task.kind,
+    progress = tqdm(total=plan.total_steps, initial=state.step, disable=not run.world.is_main, desc=recipe.kind,
                     unit="step", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
     last_validated = last_saved = state.step if resumed else -1
     while state.step < plan.total_steps and not state.stopped_early:

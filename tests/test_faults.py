@@ -17,9 +17,9 @@ from _helpers import PYTHON, ROOT, run_cmd, run_ranks, tiny_overrides
 
 from explainer.config import ExplainerRunConfig, load_config
 from explainer.models.model_files import unwrap
+from explainer.recipes import ExplainerRecipe
 from explainer.run_checkpoints import inspect
-from explainer.tasks import ExplainerTask
-from explainer.training_loop import RunSettings, TrainingDiverged, fit
+from explainer.training_loop import TrainingDiverged, fit
 
 TRAIN = "explainer/train.py"
 
@@ -50,7 +50,7 @@ def fresh_accelerate_state():
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class _PoisonTask(ExplainerTask):
+class _PoisonRecipe(ExplainerRecipe):
     """At one call, the mask head's bias becomes NaN after the forward pass: what an overflowing update does (an lr
     of 1e38 cannot be relied on to overflow on cue). The loss and gradients of that step stay finite, so the step
     is applied and the weights are non-finite when the checkpoint is due."""
@@ -78,7 +78,7 @@ def test_diverged_weights_are_not_saved_and_resume_auto_falls_back(synthetic_man
                  "train.checkpoint_every_steps=2", "train.val_every_steps=2", "train.keep_last=1"]
     cfg = load_config(ExplainerRunConfig, ROOT / "configs" / "synthetic.yaml", overrides)
     with pytest.raises(TrainingDiverged) as stopped:
-        fit(_PoisonTask(cfg, poison_call=4), RunSettings(cfg.data, cfg.optim, cfg.train, cfg.tracking), cfg)
+        fit(_PoisonRecipe(cfg, poison_call=4))
     good = out / "checkpoints" / "step_00000002"
     assert "non-finite weights or optimizer state at step 4" in str(stopped.value)
     assert str(stopped.value).endswith(f"Last finite checkpoint: {good}")

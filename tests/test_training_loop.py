@@ -21,8 +21,8 @@ from _helpers import PYTHON, ROOT, free_port, run_cmd, tiny_overrides
 from explainer.config import ExplainerRunConfig, load_config
 from explainer.data.loader import iter_samples, make_train_loader, read_manifest
 from explainer.models import load_classifier, load_explainer
-from explainer.tasks import ExplainerTask
-from explainer.training_loop import RunSettings, StepResult, TrainingDiverged, fit
+from explainer.recipes import ExplainerRecipe
+from explainer.training_loop import StepResult, TrainingDiverged, fit
 
 TRAIN = "explainer/train.py"
 
@@ -91,16 +91,16 @@ def test_classifier_stays_bit_identical(synthetic_manifest, tiny_classifier, tmp
                  "train.max_steps=4", "tracking.wandb_mode=disabled", "optim.lr=0.05",
                  f"train.mixed_precision={precision}"]
     cfg = load_config(ExplainerRunConfig, ROOT / "configs" / "synthetic.yaml", overrides)
-    task = ExplainerTask(cfg)
-    summary = fit(task, RunSettings(cfg.data, cfg.optim, cfg.train, cfg.tracking), cfg)
+    recipe = ExplainerRecipe(cfg)
+    summary = fit(recipe)
     assert summary["precision"] == f"mixed_precision={precision}"
     before = load_classifier(tiny_classifier)[0].state_dict()
-    after = task.classifier.state_dict()
+    after = recipe.classifier.state_dict()
     assert any("running_mean" in k for k in before)
     for key, value in before.items():
         assert torch.equal(value, after[key].cpu()), key
-    assert not task.classifier.training
-    assert all(not p.requires_grad for p in task.classifier.parameters())
+    assert not recipe.classifier.training
+    assert all(not p.requires_grad for p in recipe.classifier.parameters())
 
 
 def _optimizer_state(run: Path) -> dict:
@@ -287,7 +287,7 @@ def test_two_processes_odd_sample_count_does_not_hang(synthetic_manifest, tiny_c
     assert lrs[5] == pytest.approx(0.02 * 5 / 10) and lrs[15] == pytest.approx(0.02)  # linear warm-up, then flat
 
 
-class _NaNTask(ExplainerTask):
+class _NaNRecipe(ExplainerRecipe):
     """Injects non-finite losses at chosen steps (a real run rarely produces them on demand)."""
 
     def __init__(self, cfg, bad_calls: set[int] = frozenset()):
@@ -306,14 +306,14 @@ def test_non_finite_losses_are_skipped_then_stop(synthetic_manifest, tiny_classi
     base = [*tiny_overrides(synthetic_manifest, tmp_path / "nan"), f"classifier.checkpoint={tiny_classifier}",
             "tracking.wandb_mode=disabled", "train.checkpoint_every_steps=2", "train.max_bad_steps=3"]
     cfg = load_config(ExplainerRunConfig, ROOT / "configs" / "synthetic.yaml", [*base, "train.max_steps=6"])
-    summary = fit(_NaNTask(cfg, {3}), RunSettings(cfg.data, cfg.optim, cfg.train, cfg.tracking), cfg)
+    summary = fit(_NaNRecipe(cfg, {3}))
     assert summary["skipped_steps"] == 1 and summary["steps"] == 6
     assert all(torch.isfinite(v).all() for v in state_of(tmp_path / "nan" / "explainer_last.pt").values())
 
     cfg = load_config(ExplainerRunConfig, ROOT / "configs" / "synthetic.yaml",
                       [*base, "train.max_steps=20", f"train.output_dir={tmp_path / 'diverge'}"])
     with pytest.raises(TrainingDiverged, match="3 non-finite losses in a row"):
-        fit(_NaNTask(cfg, {5, 6, 7}), RunSettings(cfg.data, cfg.optim, cfg.train, cfg.tracking), cfg)
+        fit(_NaNRecipe(cfg, {5, 6, 7}))
     latest = sorted((tmp_path / "diverge" / "checkpoints").glob("step_*"))[-1]
     assert latest.name == "step_00000004" and (latest / "meta.json").is_file()  # the last good one, intact
 
@@ -334,22 +334,22 @@ from explainer.config import ExplainerRunConfig, load_config
 from explainer.distributed import all_reduce_sums
 from explainer.models import build_classifier, build_explainer, freeze
 from explainer.precision import Precision
-from explainer.tasks import ExplainerTask
+from explainer.recipes import ExplainerRecipe
 
 accelerator = Accelerator(cpu=True)
 rank = accelerator.process_index
 torch.manual_seed(0)
 cfg = load_config(ExplainerRunConfig, None, ["classifier.checkpoint=unused.pt"])
-task = ExplainerTask(cfg)
-task.classifier = freeze(build_classifier("tiny_cnn", 4))
+recipe = ExplainerRecipe(cfg)
+recipe.classifier = freeze(build_classifier("tiny_cnn", 4))
 model = build_explainer("tiny_unet", 4).eval()
 g = torch.Generator().manual_seed(rank)
 batch = {"image": torch.randn(3, 3, 32, 32, generator=g), "labels": torch.tensor([[1.0, 0, 0, 0]] * 3),
          "seg": torch.randint(0, 2, (3, 32, 32), generator=g),
          "has_seg": torch.tensor([rank == 0, rank == 0, False])}  # only rank 0 sees segmentation
 with torch.no_grad():
-    local = task.val_sums(model, batch, Precision("no", accelerator))
-keys = task.val_keys(None)
+    local = recipe.val_sums(model, batch, Precision("no", accelerator))
+keys = recipe.val_keys(None)
 total = all_reduce_sums(accelerator, local, keys)
 no_batch = all_reduce_sums(accelerator, local if rank == 0 else {}, keys)  # rank 1 got no validation batch
 print(json.dumps({"local": local, "total": total, "no_batch": no_batch}))
@@ -455,12 +455,11 @@ def tiny_run(synthetic_manifest, tiny_classifier, tmp_path):
     """A Run set up in this process (world 1): what fit() works on."""
     from explainer.training_loop import start_run
 
-    def make(*extra: str, task_cls=ExplainerTask, **kw):
+    def make(*extra: str, recipe_cls=ExplainerRecipe, **kw):
         overrides = [*tiny_overrides(synthetic_manifest, tmp_path / "run"), f"classifier.checkpoint={tiny_classifier}",
                      "tracking.wandb_mode=disabled", *extra]
         cfg = load_config(ExplainerRunConfig, ROOT / "configs" / "synthetic.yaml", overrides)
-        settings = RunSettings(cfg.data, cfg.optim, cfg.train, cfg.tracking)
-        run, stream, _ = start_run(task_cls(cfg, **kw), settings, cfg)
+        run, stream, _ = start_run(recipe_cls(cfg, **kw))
         stream.set_epoch(0)
         return run, iter(stream)
 
@@ -492,7 +491,7 @@ def test_optimizer_step_one_decision_per_step_and_masks_only_when_asked(tiny_run
 def test_optimizer_step_skips_a_non_finite_step_without_touching_weights_or_adam(tiny_run):
     from explainer.training_loop import optimizer_step
 
-    run, batches = tiny_run("optim.grad_accum_steps=2", task_cls=_NaNTask, bad_calls={2})
+    run, batches = tiny_run("optim.grad_accum_steps=2", recipe_cls=_NaNRecipe, bad_calls={2})
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
     outcome = optimizer_step(run, batches)
     assert not outcome.applied and run.window.sums is None

@@ -2,7 +2,7 @@
 
     bias.py              does the Explainer reveal a classifier's spurious background cue? (`explainer bias`)
     demo.py              `make demo`: the whole method on synthetic scenes, through the real commands (`explainer demo`)
-    channel_dynamics.py  why a class channel of the Explainer dies: a trainer Task that records per-class statistics
+    channel_dynamics.py  why a class channel of the Explainer dies: a trainer Recipe that records per-class statistics
 
 A new experiment goes here; the library (explainer/*) never imports from this package.
 """

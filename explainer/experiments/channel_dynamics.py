@@ -4,7 +4,7 @@
         --out runs/diag/seed0 [key=value ...]
 
 Runs the real trainer (`explainer.training_loop.fit`, same data order, initial weights and optimiser as
-`explainer/train.py`) with a task that, every `--every` steps, also records on a fixed probe (the first 64
+`explainer/train.py`) with a recipe that, every `--every` steps, also records on a fixed probe (the first 64
 validation images; the training step itself is unchanged) for every class c:
   on_obj / off_obj   mean mask s_c on the pixels of c's objects / on the background, over the probe images with c
   absent             mean mask s_c over the images without c
@@ -41,14 +41,14 @@ from explainer.losses import (
     total_variation,
 )
 from explainer.models.model_files import unwrap
-from explainer.tasks import ExplainerTask
-from explainer.training_loop import RunSettings, StepResult, fit
+from explainer.recipes import ExplainerRecipe
+from explainer.training_loop import StepResult, fit
 
 DEAD_LOGIT = -6.0
 
 
-class DynamicsTask(ExplainerTask):
-    """The Explainer task with the same loss, plus per-class statistics every `every` steps."""
+class DynamicsRecipe(ExplainerRecipe):
+    """The Explainer recipe with the same loss, plus per-class statistics every `every` steps."""
 
     def __init__(self, cfg: ExplainerRunConfig, every: int, out: Path) -> None:
         super().__init__(cfg)
@@ -139,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     forced = [f"train.max_steps={args.steps}", f"train.output_dir={out / 'run'}", "tracking.wandb_mode=disabled",
               "train.image_log_every_steps=0"]
     cfg = load_config(ExplainerRunConfig, args.config, [*args.overrides, *forced])
-    task = DynamicsTask(cfg, args.every, out)
-    fit(task, RunSettings(data=cfg.data, optim=cfg.optim, train=cfg.train, tracking=cfg.tracking), cfg)
-    task.log.close()
+    recipe = DynamicsRecipe(cfg, args.every, out)
+    fit(recipe)
+    recipe.log.close()
     print(summarise(out / "dynamics.jsonl"))
     return 0
 

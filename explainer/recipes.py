@@ -1,4 +1,5 @@
-"""The two concrete trainers: what the Explainer and the Explanandum each do in a step, a validation and an export."""
+"""The two recipes the training loop runs: what the Explainer and the Explanandum (classifier) trainers each do in
+a step, a validation and an export. (Named recipes, not tasks, so as not to read as SLURM tasks.)"""
 
 from __future__ import annotations
 
@@ -11,16 +12,17 @@ from accelerate import Accelerator
 
 from explainer.config import ClassifierRunConfig, ExplainerRunConfig
 from explainer.data.loader import Manifest
-from explainer.losses import full_precision, loss_terms
+from explainer.losses import full_precision
 from explainer.metrics import CLEAN_THRESHOLD, classification_counts, precision_recall_f1
 from explainer.models import build_classifier, build_explainer, freeze, save_model_file
 from explainer.models.explanandum import load_explanandum, source_kind
+from explainer.objectives import Objective, build_objective
 from explainer.precision import Precision
 from explainer.step import explainer_forward_loss
 from explainer.training_loop import StepResult
 
 
-class ExplainerTask:
+class ExplainerRecipe:
     """Trains the Explainer against a frozen classifier (docs/method.md#objective)."""
 
     kind = "explainer"
@@ -32,6 +34,8 @@ class ExplainerTask:
         self.cfg = cfg
         self.drop_unlabelled = cfg.data.drop_unlabelled
         self.classifier: torch.nn.Module | None = None
+        # the objective loss.kind names (explainer/objectives.py): a subclass may set another before training
+        self.objective: Objective = build_objective(cfg.loss)
 
     def setup(self, accelerator: Accelerator, manifest: Manifest) -> None:
         explanandum = load_explanandum(self.cfg.classifier, manifest.classes, self.cfg.data.image_size,
@@ -47,17 +51,17 @@ class ExplainerTask:
 
     def train_step(self, model: torch.nn.Module, batch: dict[str, Any], precision: Precision) -> StepResult:
         out = explainer_forward_loss(model, self.classifier, batch["image"], batch["labels"], self.cfg.loss,
-                                     precision.autocast(), batch.get("draw"))
+                                     precision.autocast(), batch.get("draw"), objective=self.objective)
         # only the images the trainer may log: all C masks of the batch would stay alive through backward
         return StepResult(loss=out.loss, terms=out.terms, masks=out.first_masks(self.cfg.train.image_log_count))
 
     def val_keys(self, manifest: Manifest) -> tuple[str, ...]:
-        return ("count", "loss", *loss_terms(self.cfg.loss), "iou_sum", "iou_count")
+        return ("count", "loss", *self.objective.terms, "iou_sum", "iou_count")
 
     def val_sums(self, model: torch.nn.Module, batch: dict[str, Any], precision: Precision) -> dict[str, float]:
         """Every key of val_keys, always (iou_* are 0 for a batch without segmentation), so ranks stay aligned."""
         out = explainer_forward_loss(model, self.classifier, batch["image"], batch["labels"], self.cfg.loss,
-                                     precision.autocast(), batch.get("draw"))
+                                     precision.autocast(), batch.get("draw"), objective=self.objective)
         n = batch["image"].shape[0]
         sums = {"count": float(n), "loss": float(out.loss) * n}
         sums.update({k: float(v) * n for k, v in out.terms.items() if k != "loss"})
@@ -94,7 +98,7 @@ def _soft_iou_sums(m: torch.Tensor, seg: torch.Tensor, has_seg: torch.Tensor) ->
     return {"iou_sum": float(iou.sum()), "iou_count": float(has_seg.sum())}
 
 
-class ClassifierTask:
+class ClassifierRecipe:
     """Fine-tunes the Explanandum's multi-label head (docs/method.md#explanandum)."""
 
     kind = "classifier"
