@@ -13,6 +13,7 @@ import math
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
@@ -402,82 +403,92 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
 
 
 def check_config(cfg: Any) -> None:
-    """Cross-field checks that types alone cannot express."""
-    checks: list[tuple[bool, str]] = []
-    data = getattr(cfg, "data", None)
-    if data is not None:
-        checks += [
-            (data.image_size >= 16, f"data.image_size must be >= 16, got {data.image_size}"),
-            (data.batch_size >= 1, f"data.batch_size must be >= 1, got {data.batch_size}"),
-            (data.num_workers >= 0, f"data.num_workers must be >= 0, got {data.num_workers}"),
-            (data.max_image_pixels is None or data.max_image_pixels >= 1,
-             f"data.max_image_pixels must be >= 1 or null (no cap), got {data.max_image_pixels}"),
-        ]
-    loss = getattr(cfg, "loss", None)
-    if loss is not None:
-        checks.append(
-            (0.0 <= loss.area_min <= loss.area_max <= 1.0,
-             f"loss.area_min/area_max must satisfy 0 <= a <= b <= 1, got {loss.area_min}, {loss.area_max}")
-        )
-        checks += [
-            (loss.w_class_specific >= 0, f"loss.w_class_specific must be >= 0, got {loss.w_class_specific}"),
-            (loss.kind == "wysiwyc" or loss.w_class_specific == 0,
-             f"loss.w_class_specific is a term of the wysiwyc objective; set it to 0 with loss.kind={loss.kind}"),
-            (loss.max_classes_per_image is None or loss.max_classes_per_image >= 1,
-             f"loss.max_classes_per_image must be >= 1 or null, got {loss.max_classes_per_image}"),
-        ]
-    classifier = getattr(cfg, "classifier", None)
-    if classifier is not None:
-        sources = [k for k in ("torchvision", "factory", "torchscript") if getattr(classifier, k)]
-        checks += [
-            (len(sources) <= 1, f"classifier: set at most one of torchvision, factory, torchscript (got {sources})"),
-            (len(classifier.mean) == 3 and len(classifier.std) == 3 and all(s > 0 for s in classifier.std),
-             f"classifier.mean/std must be 3 numbers each (std > 0), got {classifier.mean}, {classifier.std}"),
-            (classifier.factory is None or classifier.factory.count(":") == 1,
-             f"classifier.factory must look like 'package.module:callable', got {classifier.factory!r}"),
-            (not (classifier.torchscript and classifier.checkpoint),
-             "classifier.checkpoint must be null with classifier.torchscript (the TorchScript file holds the weights)"),
-            (not (classifier.torchvision_weights and classifier.checkpoint),
-             "classifier: set classifier.checkpoint (a state-dict file) or classifier.torchvision_weights (from the "
-             "local torchvision cache), not both"),
-            (classifier.torchvision_weights is None or classifier.torchvision is not None,
-             "classifier.torchvision_weights needs classifier.torchvision (the model name)"),
-            (not isinstance(cfg, ClassifierRunConfig) or not (classifier.factory or classifier.torchscript
-                                                              or classifier.torchvision_weights),
-             "train_classifier puts our head on classifier.arch or classifier.torchvision with classifier."
-             "imagenet_weights; classifier.factory, torchscript and torchvision_weights are for explaining a "
-             "classifier as it is"),
-        ]
-    optim = getattr(cfg, "optim", None)
-    if optim is not None:
-        checks += [
-            (optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}"),
-            (optim.grad_accum_steps >= 1, f"optim.grad_accum_steps must be >= 1, got {optim.grad_accum_steps}"),
-            (optim.warmup_steps is None or optim.warmup_steps >= 0,
-             f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}"),
-            (optim.lr_scaling == "none",
-             "optim.lr_scaling=linear is replaced by optim.batch_policy=scale (lr x processes, with warm-up)"),
-        ]
-    train = getattr(cfg, "train", None)
-    if train is not None:
-        checks += [
-            (train.keep_last >= 1, f"train.keep_last must be >= 1, got {train.keep_last}"),
-            *_step_count_checks(train),
-            (train.process_group_timeout_min > 0,
-             f"train.process_group_timeout_min must be > 0, got {train.process_group_timeout_min}"),
-            (train.ddp_bucket_cap_mb >= 1, f"train.ddp_bucket_cap_mb must be >= 1, got {train.ddp_bucket_cap_mb}"),
-            (train.dtype == "float32" or train.mixed_precision == "no",
-             f"train.dtype={train.dtype} needs train.mixed_precision=no, got {train.mixed_precision!r}"),
-            (train.resume in (None, "auto") or Path(train.resume).exists(),
-             f"train.resume must be 'auto', null or an existing checkpoint folder, got {train.resume!r}"),
-        ]
-    ev = getattr(cfg, "eval", None)
-    if ev is not None:
-        checks.append((ev.process_group_timeout_min > 0,
-                       f"eval.process_group_timeout_min must be > 0, got {ev.process_group_timeout_min}"))
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    """Cross-field checks that types alone cannot express; the first failing one is raised, naming its key."""
+    for section, checks_of in _SECTION_CHECKS:
+        value = getattr(cfg, section, None)
+        if value is None:
+            continue
+        for ok, message in checks_of(value, cfg):
+            if not ok:
+                raise ConfigError(message)
+
+
+Checks = list[tuple[bool, str]]
+
+
+def _data_checks(data: DataConfig, cfg: Any) -> Checks:
+    return [
+        (data.image_size >= 16, f"data.image_size must be >= 16, got {data.image_size}"),
+        (data.batch_size >= 1, f"data.batch_size must be >= 1, got {data.batch_size}"),
+        (data.num_workers >= 0, f"data.num_workers must be >= 0, got {data.num_workers}"),
+        (data.max_image_pixels is None or data.max_image_pixels >= 1,
+         f"data.max_image_pixels must be >= 1 or null (no cap), got {data.max_image_pixels}"),
+    ]
+
+
+def _loss_checks(loss: LossConfig, cfg: Any) -> Checks:
+    return [
+        (0.0 <= loss.area_min <= loss.area_max <= 1.0,
+         f"loss.area_min/area_max must satisfy 0 <= a <= b <= 1, got {loss.area_min}, {loss.area_max}"),
+        (loss.w_class_specific >= 0, f"loss.w_class_specific must be >= 0, got {loss.w_class_specific}"),
+        (loss.kind == "wysiwyc" or loss.w_class_specific == 0,
+         f"loss.w_class_specific is a term of the wysiwyc objective; set it to 0 with loss.kind={loss.kind}"),
+        (loss.max_classes_per_image is None or loss.max_classes_per_image >= 1,
+         f"loss.max_classes_per_image must be >= 1 or null, got {loss.max_classes_per_image}"),
+    ]
+
+
+def _classifier_checks(classifier: ClassifierModelConfig, cfg: Any) -> Checks:
+    sources = [k for k in ("torchvision", "factory", "torchscript") if getattr(classifier, k)]
+    return [
+        (len(sources) <= 1, f"classifier: set at most one of torchvision, factory, torchscript (got {sources})"),
+        (len(classifier.mean) == 3 and len(classifier.std) == 3 and all(s > 0 for s in classifier.std),
+         f"classifier.mean/std must be 3 numbers each (std > 0), got {classifier.mean}, {classifier.std}"),
+        (classifier.factory is None or classifier.factory.count(":") == 1,
+         f"classifier.factory must look like 'package.module:callable', got {classifier.factory!r}"),
+        (not (classifier.torchscript and classifier.checkpoint),
+         "classifier.checkpoint must be null with classifier.torchscript (the TorchScript file holds the weights)"),
+        (not (classifier.torchvision_weights and classifier.checkpoint),
+         "classifier: set classifier.checkpoint (a state-dict file) or classifier.torchvision_weights (from the "
+         "local torchvision cache), not both"),
+        (classifier.torchvision_weights is None or classifier.torchvision is not None,
+         "classifier.torchvision_weights needs classifier.torchvision (the model name)"),
+        (not isinstance(cfg, ClassifierRunConfig) or not (classifier.factory or classifier.torchscript
+                                                          or classifier.torchvision_weights),
+         "train_classifier puts our head on classifier.arch or classifier.torchvision with classifier."
+         "imagenet_weights; classifier.factory, torchscript and torchvision_weights are for explaining a "
+         "classifier as it is"),
+    ]
+
+
+def _optim_checks(optim: OptimConfig, cfg: Any) -> Checks:
+    return [
+        (optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}"),
+        (optim.grad_accum_steps >= 1, f"optim.grad_accum_steps must be >= 1, got {optim.grad_accum_steps}"),
+        (optim.warmup_steps is None or optim.warmup_steps >= 0,
+         f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}"),
+        (optim.lr_scaling == "none",
+         "optim.lr_scaling=linear is replaced by optim.batch_policy=scale (lr x processes, with warm-up)"),
+    ]
+
+
+def _train_checks(train: TrainConfig, cfg: Any) -> Checks:
+    return [
+        (train.keep_last >= 1, f"train.keep_last must be >= 1, got {train.keep_last}"),
+        *_step_count_checks(train),
+        (train.process_group_timeout_min > 0,
+         f"train.process_group_timeout_min must be > 0, got {train.process_group_timeout_min}"),
+        (train.ddp_bucket_cap_mb >= 1, f"train.ddp_bucket_cap_mb must be >= 1, got {train.ddp_bucket_cap_mb}"),
+        (train.dtype == "float32" or train.mixed_precision == "no",
+         f"train.dtype={train.dtype} needs train.mixed_precision=no, got {train.mixed_precision!r}"),
+        (train.resume in (None, "auto") or Path(train.resume).exists(),
+         f"train.resume must be 'auto', null or an existing checkpoint folder, got {train.resume!r}"),
+    ]
+
+
+def _eval_checks(ev: EvalConfig, cfg: Any) -> Checks:
+    return [(ev.process_group_timeout_min > 0,
+             f"eval.process_group_timeout_min must be > 0, got {ev.process_group_timeout_min}")]
 
 
 def _step_count_checks(train: TrainConfig) -> list[tuple[bool, str]]:
@@ -501,6 +512,17 @@ def _step_count_checks(train: TrainConfig) -> list[tuple[bool, str]]:
         (not Path(train.output_dir).exists() or Path(train.output_dir).is_dir(),
          f"train.output_dir={train.output_dir!r} exists and is not a folder"),
     ]
+
+
+# section of a run config -> its checks, in the order they are reported
+_SECTION_CHECKS: tuple[tuple[str, Callable[[Any, Any], Checks]], ...] = (
+    ("data", _data_checks),
+    ("loss", _loss_checks),
+    ("classifier", _classifier_checks),
+    ("optim", _optim_checks),
+    ("train", _train_checks),
+    ("eval", _eval_checks),
+)
 
 
 def input_normalization(cfg: Any) -> dict[str, tuple[float, ...]]:

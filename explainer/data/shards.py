@@ -601,6 +601,32 @@ def _remove_stale(out: Path, split: str, keep: set[str]) -> None:
             _record_path(out, tar.name).unlink(missing_ok=True)
 
 
+def _manifest(dataset: str, classes: Sequence[str], plans: dict[str, list[ShardJob]], done: dict[str, ShardResult],
+              options: ShardOptions, seed: int | None, source: str, command: Sequence[str] | None) -> dict[str, Any]:
+    """What the run wrote, per split, and what it skipped or warned about; with how to rerun it."""
+    results = [done[job.name] for split_jobs in plans.values() for job in split_jobs]
+    manifest: dict[str, Any] = {
+        "dataset": dataset,
+        "classes": list(classes),
+        "splits": {},
+        "seed": seed,
+        "source": source,
+        "command": shlex.join(command if command is not None else sys.argv),
+        "versions": _versions(),
+        "shard_limits": {"maxcount": options.maxcount, "maxsize": options.maxsize},
+        "skipped": [],
+        "warnings": [],
+    }
+    for split, split_jobs in plans.items():
+        entries = [{"path": done[j.name].name, "count": done[j.name].count, "unlabelled": done[j.name].unlabelled}
+                   for j in split_jobs if done[j.name].count]
+        manifest["splits"][split] = {"shards": entries, "total": sum(e["count"] for e in entries),
+                                     "unlabelled": sum(len(e["unlabelled"]) for e in entries)}
+    manifest["skipped"] = [asdict(p) for r in results for p in r.skipped]
+    manifest["warnings"] = [asdict(p) for r in results for p in r.warnings]
+    return manifest
+
+
 def write_dataset(*, dataset: str, classes: Sequence[str], splits: dict[str, list[Any]], build: Callable[[Any], Built],
                   options: ShardOptions, seed: int | None, source: str, command: Sequence[str] | None = None,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -637,29 +663,10 @@ def write_dataset(*, dataset: str, classes: Sequence[str], splits: dict[str, lis
     for result in _execute(todo, str(out), build, options.workers, f"writing {dataset}", options.progress,
                            options.max_image_pixels):
         done[result.name] = result
-    results = [done[job.name] for job in jobs]
     for split, split_jobs in plans.items():
         _remove_stale(out, split, {job.name for job in split_jobs if done[job.name].count})
 
-    manifest: dict[str, Any] = {
-        "dataset": dataset,
-        "classes": list(classes),
-        "splits": {},
-        "seed": seed,
-        "source": source,
-        "command": shlex.join(command if command is not None else sys.argv),
-        "versions": _versions(),
-        "shard_limits": {"maxcount": options.maxcount, "maxsize": options.maxsize},
-        "skipped": [],
-        "warnings": [],
-    }
-    for split, split_jobs in plans.items():
-        entries = [{"path": done[j.name].name, "count": done[j.name].count, "unlabelled": done[j.name].unlabelled}
-                   for j in split_jobs if done[j.name].count]
-        manifest["splits"][split] = {"shards": entries, "total": sum(e["count"] for e in entries),
-                                     "unlabelled": sum(len(e["unlabelled"]) for e in entries)}
-    manifest["skipped"] = [asdict(p) for r in results for p in r.skipped]
-    manifest["warnings"] = [asdict(p) for r in results for p in r.warnings]
+    manifest = _manifest(dataset, classes, plans, done, options, seed, source, command)
     if extra:
         manifest.update(extra)
     write_text_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
