@@ -63,7 +63,7 @@ from explainer.distributed import (
 from explainer.logs import configure_logging, get_logger
 from explainer.precision import Precision
 from explainer.run_checkpoints import CheckpointManager, TrainerState, all_finite_on_device
-from explainer.run_errors import RunError
+from explainer.run_errors import RunError, UserError, first_line
 from explainer.run_lock import RunLock, acquire_shared
 from explainer.signals import StopRequest, exit_status, signal_name
 from explainer.tracking import RunTracker, wandb_log_with
@@ -285,13 +285,29 @@ class StepOutcome:
     stop_signal: int = 0  # a SIGTERM / SIGINT reached some rank (the largest signal number): stop after this step
 
 
+def _train_step(run: Run, batch: dict[str, Any]) -> StepResult:
+    """The recipe's step; BatchNorm's refusal of a single value per channel (DeepLabV3's image pooling with one
+    image per process) becomes an error naming the settings that cause it."""
+    try:
+        return run.recipe.train_step(run.model, batch, run.precision)
+    except ValueError as exc:
+        if "Expected more than 1 value per channel" not in str(exc):
+            raise
+        raise UserError(
+            f"a BatchNorm layer of the model got one value per channel ({first_line(exc)}): this process trains on "
+            f"{batch['image'].shape[0]} image(s) per micro-batch (data.batch_size={run.cfg.data.batch_size} over "
+            f"{run.world.world_size} process(es), optim.batch_policy={run.cfg.optim.batch_policy}); give each "
+            f"process at least 2 images (a larger data.batch_size, fewer processes or optim.batch_policy=scale)"
+        ) from exc
+
+
 def optimizer_step(run: Run, batches: Iterator[dict[str, Any]], keep_images: int = 0) -> StepOutcome:
     """Micro-batches of one optimizer step, then one decision: step, or skip a non-finite step on every rank.
 
     Backward runs for every micro-batch (also a non-finite one) so DDP's all-reduce stays aligned across ranks;
     a skipped step only zeroes the gradients. `keep_images` > 0 keeps that many images of the last micro-batch.
     """
-    model, recipe, precision = run.model, run.recipe, run.precision
+    model, precision = run.model, run.precision
     accum, device = run.batch.accum, run.accelerator.device
     tcfg = run.cfg.train
     nonfinite = torch.zeros((), device=device)
@@ -301,7 +317,7 @@ def optimizer_step(run: Run, batches: Iterator[dict[str, Any]], keep_images: int
         run.state.batches_in_epoch += 1
         last = micro == accum - 1
         with contextlib.nullcontext() if last else run.accelerator.no_sync(model):
-            result = recipe.train_step(model, batch, precision)
+            result = _train_step(run, batch)
             loss = result.loss
             nonfinite = nonfinite + (~torch.isfinite(loss.detach())).float()
             precision.backward(loss / accum)

@@ -500,6 +500,17 @@ def test_optimizer_step_skips_a_non_finite_step_without_touching_weights_or_adam
     assert optimizer_step(run, batches).applied  # the next step goes on
 
 
+def test_one_image_per_process_through_aspp_pooling_names_the_batch_settings(tiny_run):
+    """DeepLabV3's image pooling gives BatchNorm one value per channel with one image per process: torch's bare
+    ValueError becomes an error naming data.batch_size and the way out."""
+    import explainer.training_loop as trainer
+    from explainer.run_errors import UserError
+
+    run, batches = tiny_run("explainer.arch=deeplabv3_mobilenet_v3_large", "data.batch_size=1")
+    with pytest.raises(UserError, match=r"1 image\(s\) per micro-batch \(data.batch_size=1 over 1 process"):
+        trainer.optimizer_step(run, batches)
+
+
 def test_validate_after_validation_and_summary(tiny_run):
     from explainer.training_loop import after_validation, run_validation, write_summary
 
