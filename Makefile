@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=  # e.g. make test PYTEST_ARGS="-m numerics"
+# pytest-xdist workers for `make test` (0: in this process). The SLURM tests share one worker (one cluster start).
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo test lint bench bench-gpu gpu-wheels gpu-check clean
 
@@ -19,7 +21,7 @@ demo: $(STAMP)
 	$(PY) -m explainer.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check explainer launch tests benchmarks

@@ -7,6 +7,7 @@
 #   - paper-size runs: the same command with small-run overrides appended ($SMALL: 64 px, 2 steps);
 #   - SLURM: the local controller (launch/local_slurm.sh, as root); partition `debug` and no GPUs instead of `gpu`;
 #     the 24-run sweep is printed with --dry-run and a 2-run copy of it is submitted for real.
+# The Testing section's commands are not repeated: `make test` and `.ci/run` are CI itself, and this is the script.
 # Each command is echoed with a `[readme]` prefix; the first failure stops the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."

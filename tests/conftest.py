@@ -75,7 +75,7 @@ SLURM_DIR = Path(os.environ.get("EXPLAINER_SLURM_DIR", "/tmp/explainer-slurm"))
 # tests/test_slurm.py on the one-node mode instead (tests/test_slurm_two_nodes.py then fails: it needs two).
 SLURM_NODES = int(os.environ.get("EXPLAINER_TEST_SLURM_NODES", "2"))
 REQUIRE_SLURM = "EXPLAINER_REQUIRE_SLURM"  # .ci/run sets it: a SLURM that cannot start is then a failure
-_SLURM_SKIPPED = pytest.StashKey[int]()
+_SLURM_SKIP = "SLURM tests skipped"
 _SLURM_REASON = pytest.StashKey[str]()
 HOW_TO_RUN_SLURM = "to run them, run `make test` as root (a container or CI machine; .ci/run makes them mandatory)"
 
@@ -98,16 +98,17 @@ def slurm_unavailable_reason() -> str | None:
 def pytest_collection_modifyitems(config, items):
     """Decide once per session: run the SLURM tests, skip them (one summary line), or fail them (required)."""
     slurm_items = [item for item in items if item.get_closest_marker("slurm")]
+    for item in slurm_items:  # under pytest-xdist (`--dist loadgroup`): one worker runs them all, one cluster start
+        item.add_marker(pytest.mark.xdist_group("slurm"))
     reason = slurm_unavailable_reason() if slurm_items else None
     if reason is None:
         return
     config.stash[_SLURM_REASON] = reason
     if os.environ.get(REQUIRE_SLURM) == "1":
         return  # pytest_runtest_setup fails each of them
-    skip = pytest.mark.skip(reason=f"SLURM tests skipped: {reason}")
+    skip = pytest.mark.skip(reason=f"{_SLURM_SKIP}: {reason}")
     for item in slurm_items:
         item.add_marker(skip)
-    config.stash[_SLURM_SKIPPED] = len(slurm_items)
 
 
 def pytest_runtest_setup(item):
@@ -117,10 +118,11 @@ def pytest_runtest_setup(item):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    n = config.stash.get(_SLURM_SKIPPED, 0)
-    if n:
-        terminalreporter.write_line(f"{n} SLURM tests skipped: {config.stash[_SLURM_REASON]}; {HOW_TO_RUN_SLURM}",
-                                    yellow=True)
+    """Counted from the reports, not the stash: under pytest-xdist the workers collect and skip, not this process."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if _SLURM_SKIP in str(r.longrepr)]
+    if skipped:
+        reason = config.stash.get(_SLURM_REASON, None) or slurm_unavailable_reason()
+        terminalreporter.write_line(f"{len(skipped)} {_SLURM_SKIP}: {reason}; {HOW_TO_RUN_SLURM}", yellow=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ class Submission:
 
     def _submitted(self) -> str:
         if not self.job_id:
-            self.stdout, _ = self.proc.communicate(timeout=120)
+            self.stdout, _ = self.proc.communicate(timeout=JOB_TIMEOUT_S)  # several submit at once on 2 busy cores
             assert self.proc.returncode == 0, f"submit.py {self.name} failed:\n{self.stdout}"
             match = re.search(r"submitted job (?:array )?(\d+)", self.stdout)
             assert match, self.stdout
@@ -96,16 +96,24 @@ def _tiny(manifest: Path, classifier: Path, out: Path, steps: int = 6) -> list[s
     return [*tiny_overrides(manifest, out), f"classifier.checkpoint={classifier}", f"train.max_steps={steps}"]
 
 
+def running_job_id(sub: Submission) -> str:
+    """The id of a submission's job once it runs, from its submitit folder: on busy cores submit.py can exit after
+    the job's first checkpoints, too late for a test that must act on one."""
+    job_dirs = [p.name for p in (sub.out / "submitit").iterdir() if p.is_dir() and p.name.isdigit()]
+    assert len(job_dirs) == 1, job_dirs
+    return job_dirs[0]
+
+
 def _preempt_when_checkpointed(sub: Submission) -> None:
     """Preempt the job (USR2, as `scancel --signal` from the scheduler) once it has a complete checkpoint, then let
     the requeued job start at once: SLURM holds requeued jobs for ~2 minutes (BeginTime), an operator can lift it."""
     try:
-        job_id = sub.submitted()
         first = sub.out / "checkpoints" / f"step_{REQUEUE_CKPT_EVERY:08d}" / "meta.json"
         deadline = time.monotonic() + JOB_TIMEOUT_S
         while not first.is_file():
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.05)
+        job_id = running_job_id(sub)
         sub.events["complete_at_signal"] = sorted(p.name for p in first.parent.parent.glob("step_*"))
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
         sub.events["signalled"] = True
@@ -168,14 +176,14 @@ def slurm_jobs(slurm_cluster, synthetic_manifest, tiny_classifier, tmp_path_fact
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _slurm_tests_as_non_root(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+def _slurm_tests_as_non_root(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     """pytest on this file's SLURM tests in a subprocess that plays a non-root user (EXPLAINER_TEST_EUID); its
     EXPLAINER_SLURM_DIR is a fresh folder, so a cluster started there by mistake would show."""
     full = {**os.environ, "EXPLAINER_TEST_EUID": "1000", "EXPLAINER_SLURM_DIR": str(tmp_path / "no-cluster"), **env}
     if "EXPLAINER_REQUIRE_SLURM" not in env:
         full.pop("EXPLAINER_REQUIRE_SLURM", None)
     return subprocess.run([PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'bt'}",
-                           "-m", "slurm", str(Path(__file__).resolve())],
+                           *args, "-m", "slurm", str(Path(__file__).resolve())],
                           cwd=ROOT, env=full, capture_output=True, text=True, timeout=300)
 
 
@@ -184,7 +192,7 @@ def test_slurm_tests_skip_with_one_line_for_non_root_unless_required(tmp_path):
     EXPLAINER_REQUIRE_SLURM=1 (what .ci/run exports) the same situation fails them instead."""
     n = sum(1 for _ in re.finditer(r"^@pytest\.mark\.slurm$", Path(__file__).read_text(), re.M))
     assert n >= 5
-    skipped = _slurm_tests_as_non_root(tmp_path)
+    skipped = _slurm_tests_as_non_root(tmp_path, "-n", "2", "--dist", "loadgroup")  # as `make test` runs them
     out = skipped.stdout
     assert skipped.returncode == 0 and f"{n} skipped" in out, out + skipped.stderr
     lines = [line for line in out.splitlines() if "SLURM tests skipped" in line]

@@ -27,7 +27,7 @@ import yaml
 from _helpers import PYTHON, ROOT, free_port
 from conftest import LOCAL_SLURM
 from safetensors.torch import load_file
-from test_slurm import REPORT, Submission, _logs, _squeue_states, wait_for_job
+from test_slurm import REPORT, Submission, _logs, _squeue_states, running_job_id, wait_for_job
 from test_training_loop import FLOAT64_ATOL, _interleaved_manifest, assert_same_weights, explainer_args, state_of
 
 from explainer.config import ExplainerRunConfig, load_config
@@ -125,14 +125,14 @@ def _one_process_manifest(manifest: Path, out: Path) -> Path:
 
 
 def _wait_for_first_checkpoint(sub: Submission) -> tuple[str, Path]:
-    """The job id and its checkpoints folder, once the first checkpoint is complete."""
-    job_id = sub.submitted()
+    """The job id and its checkpoints folder, once the first checkpoint is complete (watched without waiting for
+    submit.py to exit: see running_job_id)."""
     meta = sub.out / "checkpoints" / FIRST_CKPT / "meta.json"
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not meta.is_file():
         assert time.monotonic() < deadline, f"no checkpoint appeared\n{_logs(sub.out / 'submitit')}"
         time.sleep(0.05)
-    return job_id, meta.parent.parent
+    return running_job_id(sub), meta.parent.parent
 
 
 def _suspend_at_first_checkpoint(sub: Submission) -> str:
@@ -303,7 +303,8 @@ def _task_log(sub: Submission, rank: int) -> str:
 
 @pytest.mark.slurm
 @pytest.mark.slow
-@pytest.mark.numerics
+# not `numerics`: a float64 comparison (no BLAS-path rounding at FLOAT64_ATOL), and the in-process DDP-vs-one-process
+# comparisons (tests/test_training_loop.py) are rerun on both MKL paths; the launch path here has no kernel choice
 def test_two_nodes_equal_one_node_two_processes_and_one_process(two_node_jobs):
     """2 nodes x 1 task (sbatch), 1 node x 2 tasks (sbatch), 2 nodes x 1 process (torchrun, c10d) and 1 process
     give the same float64 weights to rounding (FLOAT64_ATOL of the 1-vs-2-process test: same sums, other order)."""
@@ -366,7 +367,7 @@ def test_dead_node_fails_the_job_on_the_surviving_rank_and_a_resubmission_resume
     newest checkpoint and ends with the uninterrupted run's weights."""
     sub = two_node_jobs["death"]
     _wait_events(sub)
-    job_id = sub.job_id
+    job_id = sub.submitted()
     job_dir = sub.out / "submitit" / job_id
     wait_for_job(job_id, job_dir, timeout=PG_TIMEOUT_MIN * 60 + 60)
     failed_after = time.monotonic() - sub.events["killed_at"]
