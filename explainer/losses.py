@@ -358,16 +358,6 @@ WYSIWYC_TERMS = ("classification", "entropy", "tv_m", "tv_n", "bound", "area_m",
 RTIS_TERMS = ("tv", "area_m", "preserver", "destroyer")
 
 
-def loss_terms(cfg: LossConfig) -> tuple[str, ...]:
-    """The terms a config's objective logs (wysiwyc_loss / rtis_loss): fixed per run, so every rank reduces the same
-    keys. For the two built-in kinds only: explainer.objectives.objective_terms(cfg) answers for any registered
-    objective (this module sits below the objectives and cannot ask them; tests/test_objectives.py pins the two
-    equal)."""
-    if cfg.kind == "rtis":
-        return RTIS_TERMS
-    return (*WYSIWYC_TERMS, "class_specific") if cfg.w_class_specific > 0 else WYSIWYC_TERMS
-
-
 def combine_terms(cfg: LossConfig, **terms: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """The weighted total of the batch-averaged terms, and the terms (detached, "loss" included) for logging."""
     total = (

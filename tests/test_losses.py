@@ -21,7 +21,6 @@ from explainer.losses import (
     classification_loss,
     draw_class,
     gaussian_blur,
-    loss_terms,
     negative_entropy,
     present_classes,
     rtis_loss,
@@ -29,6 +28,7 @@ from explainer.losses import (
     total_variation,
     wysiwyc_loss,
 )
+from explainer.objectives import objective_terms
 
 LN2 = math.log(2.0)
 
@@ -314,10 +314,10 @@ def test_class_specific_term_is_added_only_when_weighted():
     lm, li, ls = (torch.randn(3, 4, dtype=torch.float64) for _ in range(3))
     drawn = t([[0, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0]])
     reference, ref_terms = wysiwyc_loss(masks, labels, lm, li, LossConfig())
-    assert tuple(k for k in ref_terms if k != "loss") == loss_terms(LossConfig())
+    assert tuple(k for k in ref_terms if k != "loss") == objective_terms(LossConfig())
     cfg = LossConfig(w_class_specific=2.5)
     total, terms = wysiwyc_loss(masks, labels, lm, li, cfg, logits_single=ls, drawn=drawn)
-    assert tuple(k for k in terms if k != "loss") == loss_terms(cfg) and "class_specific" in terms
+    assert tuple(k for k in terms if k != "loss") == objective_terms(cfg) and "class_specific" in terms
     expected = class_specific_loss(ls, drawn).mean()
     assert terms["class_specific"].item() == pytest.approx(expected.item(), abs=1e-12)
     assert total.item() == pytest.approx(reference.item() + 2.5 * expected.item(), abs=1e-12)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from explainer.config import LossConfig
-from explainer.losses import classification_loss, gaussian_blur, loss_terms, split_classes
+from explainer.losses import classification_loss, gaussian_blur, split_classes
 from explainer.models import build_classifier, build_explainer, freeze
 from explainer.objectives import (
     OBJECTIVES,
@@ -140,12 +140,6 @@ def test_an_unknown_kind_is_refused_by_its_key():
     with pytest.raises(ValueError, match=r"loss\.kind='nope'"):
         explainer_forward_loss(explainer, classifier, _images(), LABELS, cfg)
     assert classifier.calls == []
-
-
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_loss_terms_agrees_with_the_objective(name):
-    """losses.loss_terms (kept for its callers) and the objective's own declaration name the same keys."""
-    assert loss_terms(CONFIGS[name]) == objective_terms(CONFIGS[name]) == build_objective(CONFIGS[name]).terms
 
 
 @pytest.mark.numerics
