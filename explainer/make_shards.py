@@ -107,12 +107,12 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     syn.add_argument("--cue-class", type=int, default=None, help="bias experiment: class index with a background cue")
     syn.add_argument("--cue-prob", type=float, default=0.0, help="probability of the cue (see synthetic.py)")
     syn.add_argument("--source-dir", type=Path, default=None, help="where the VOC layout goes (default <out>/source)")
-    _add_imagenet_parsers(sub, common)
-    return parser.parse_args(argv)
+    return _with_imagenet(parser, sub, common).parse_args(argv)
 
 
-def _add_imagenet_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
-    """`imagenet` (ILSVRC-2012 in any of its three layouts, optionally one part of N) and `merge` (the parts)."""
+def _with_imagenet(parser: argparse.ArgumentParser, sub: Any,
+                   common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`parser` with `imagenet` (ILSVRC-2012 in any of its three layouts, optionally one part of N) and `merge`."""
     net = sub.add_parser("imagenet", parents=[common],
                          help="ImageNet-1k: ILSVRC/Kaggle, the official archives or torchvision's layout")
     net.add_argument("--root", type=Path, required=True, help="the folder holding ILSVRC/, or train/ and val/")
@@ -128,6 +128,7 @@ def _add_imagenet_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     merge.add_argument("parts", nargs="+", type=Path, metavar="PART_DIR")
     merge.add_argument("--out", type=Path, required=True, help="folder of the merged manifest")
     merge.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
+    return parser
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
