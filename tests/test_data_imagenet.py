@@ -8,9 +8,11 @@ import io
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from _data_helpers import make_shards, samples_of
 from _imagenet_tree import (
     NAMES,
@@ -27,6 +29,7 @@ from explainer.data import read_manifest
 from explainer.data.imagenet import hold_out
 from explainer.data.transforms import decode_rgb
 
+ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = expected_samples()
 COUNTS = {"png_named_jpeg": 1, "cmyk": 1, "grayscale": 2, "boxes_clipped": 3, "boxes_dropped": 1,
           "other_warnings": 0, "train_without_boxes": 6}
@@ -196,3 +199,54 @@ def test_cmyk_grayscale_and_png_load_as_rgb_like_pil(trees, tmp_path):
         assert Image.open(io.BytesIO(exp.image)).mode == exp.mode and train[key][exp.ext] == exp.image
         rgb = np.asarray(Image.open(io.BytesIO(exp.image)).convert("RGB").resize((40, 40), Image.BILINEAR))
         assert np.array_equal(decode_rgb(train[key][exp.ext], 40, "squash"), rgb)
+
+
+@pytest.mark.parametrize(("preset", "weights"), [("imagenet_resnet50", "weights/resnet50-11ad3fa6.pth"),
+                                                 ("imagenet_vit_b_16", "weights/vit_b_16-c867db91.pth")])
+def test_presets_validate_and_name_their_missing_weights(preset, weights, tmp_path, monkeypatch):
+    from explainer.config import ExplainerRunConfig, load_config
+    from explainer.models.explanandum import load_explanandum
+
+    cfg = load_config(ExplainerRunConfig, ROOT / "configs" / f"{preset}.yaml")
+    assert (cfg.loss.classification, cfg.data.resize, cfg.train.mixed_precision) == ("ce", "center_crop", "bf16")
+    assert cfg.data.batch_size * cfg.optim.grad_accum_steps == 16 and cfg.optim.batch_policy == "reproduce"
+    assert cfg.explainer.arch == "deeplabv3_resnet50" and cfg.classifier.checkpoint == weights
+    monkeypatch.chdir(tmp_path)  # no weights here
+    with pytest.raises(FileNotFoundError, match=weights.split("/")[-1]):
+        load_explanandum(cfg.classifier, [f"c{i}" for i in range(1000)], 224)
+
+
+def test_two_training_steps_and_evaluation_with_boxes_on_the_generated_tree(trees, tmp_path):
+    """The ResNet-50 preset at 64 px with a tiny factory classifier standing in for torchvision's: train 2 steps on
+    the shards of the archives layout, then evaluate the test split (the official val) with the pointing game on its
+    boxes."""
+    from _byo_factory import build as build_user_net
+    from _helpers import PYTHON, run_cmd
+
+    _, roots = trees
+    out = tmp_path / "shards"
+    _shard(roots["archives"], out)
+    torch.manual_seed(0)
+    torch.save(build_user_net(num_classes=1000, width=4).state_dict(), tmp_path / "user.pt")
+    run = tmp_path / "run"
+    overrides = [
+        f"data.manifest={out / 'manifest.json'}", "data.image_size=64", "data.batch_size=4", "data.num_workers=0",
+        "data.shuffle_buffer=8", "classifier.torchvision=null", f"classifier.checkpoint={tmp_path / 'user.pt'}",
+        "classifier.factory=_byo_factory:build", "classifier.factory_kwargs={num_classes: 1000, width: 4}",
+        "explainer.arch=tiny_unet", "train.mixed_precision=no", "train.channels_last=false",
+        "train.sync_batchnorm=false", "tracking.wandb_mode=disabled", f"train.output_dir={run}", "train.max_steps=2",
+        "train.val_every_steps=2", "train.val_max_batches=1", "eval.methods=[explainer,gradcam]",
+        "eval.faithfulness_steps=4", "eval.faithfulness_rise=false",
+    ]
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    config = str(ROOT / "configs" / "imagenet_resnet50.yaml")
+    proc = run_cmd([PYTHON, "-m", "explainer.train", "--config", config, *overrides], env=env)
+    assert f"wrote {run / 'explainer.pt'}" in proc.stdout
+    run_cmd([PYTHON, "-m", "explainer.evaluate", "--config", config, *overrides, "--checkpoint",
+             str(run / "explainer.pt"), "--out", str(tmp_path / "eval"), "--no-progress"], env=env)
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert res["n_images"] == 6
+    for method in ("explainer", "gradcam"):
+        row = res["faithfulness"]["methods"][method]
+        assert row["pointing_annotation"] == "box" and row["pointing_box"]["pairs"] == 6  # one class, boxes each
+        assert 0 <= row["pointing_box"]["accuracy_pooled"] <= 1
