@@ -250,3 +250,16 @@ def test_two_training_steps_and_evaluation_with_boxes_on_the_generated_tree(tree
         row = res["faithfulness"]["methods"][method]
         assert row["pointing_annotation"] == "box" and row["pointing_box"]["pairs"] == 6  # one class, boxes each
         assert 0 <= row["pointing_box"]["accuracy_pooled"] <= 1
+
+
+def test_sparse_sample_json_is_the_generic_one_byte_for_byte():
+    from explainer.data.imagenet import sparse_sample_json
+    from explainer.data.shards import sample_json
+
+    classes = [f"thing {i}" for i in range(998)] + ['qu"ote', "caf\u00e9"]
+    rows = [[3, 1, 2, 3, 4, 0]]
+    for indices in ([], [0], [999], [5, 700], [700, 5, 5], list(range(1000))):
+        multi_hot = [int(i in indices) for i in range(1000)]
+        for objects in (None, rows, []):
+            assert sparse_sample_json(indices, classes, "n0_1", (40, 32), objects) == sample_json(
+                multi_hot, classes, "n0_1", (40, 32), objects)

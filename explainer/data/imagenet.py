@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from explainer.data.shards import Built, ShardOptions, member_bytes, read_image, safe_key, sample_json, write_dataset
+from explainer.data.shards import Built, ShardOptions, member_bytes, read_image, safe_key, write_dataset
+
+_json_string = json.encoder.encode_basestring_ascii  # what json.dumps (and shards.sample_json) uses for str
 
 WNID = re.compile(r"^n\d{8}$")
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -402,6 +404,24 @@ def clip_rows(rows: list[list[int]], size: tuple[int, int]) -> tuple[list[list[i
     return out, notes
 
 
+def sparse_sample_json(indices: Sequence[int], classes: Sequence[str], source_id: str, orig_size: tuple[int, int],
+                       objects: Sequence[Sequence[int]] | None = None) -> bytes:
+    """shards.sample_json's bytes (a test checks) from the class indices instead of a multi-hot list: at 1000 classes
+    the generic one spends ~1 ms a sample walking the 1000 labels twice, this one a few microseconds."""
+    on = sorted(set(indices))
+    pieces, prev = [], 0
+    for c in on:
+        pieces.append("0," * (c - prev) + "1,")
+        prev = c + 1
+    labels = ("".join(pieces) + "0," * (len(classes) - prev))[:-1]
+    present = ",".join(_json_string(classes[c]) for c in on)
+    text = (f'{{"labels":[{labels}],"classes":[{present}],"source_id":{_json_string(source_id)},'
+            f'"orig_size":[{int(orig_size[0])},{int(orig_size[1])}]')
+    if objects is not None:
+        text += ',"objects":[' + ",".join("[" + ",".join(str(int(v)) for v in row) + "]" for row in objects) + "]"
+    return (text + "}").encode()
+
+
 def build_imagenet_sample(task: ImagenetTask, *, classes: tuple[str, ...], wnids: tuple[str, ...]) -> Built:
     img = read_image(task.image_path, verify=task.verify)
     warnings = [(task.image_path, note) for note in img.notes]
@@ -414,10 +434,7 @@ def build_imagenet_sample(task: ImagenetTask, *, classes: tuple[str, ...], wnids
     if rows is not None:
         rows, notes = clip_rows(rows, img.size)
         warnings += [(task.xml_path or task.image_path, n) for n in notes]
-    labels = [0] * len(classes)
-    for c in task.labels:
-        labels[c] = 1
-    members = {img.ext: img.data, "json": sample_json(labels, classes, task.source_id, img.size, rows)}
+    members = {img.ext: img.data, "json": sparse_sample_json(task.labels, classes, task.source_id, img.size, rows)}
     return Built(key=task.key, members=members, labelled=bool(task.labels), warnings=warnings)
 
 
