@@ -40,6 +40,10 @@ def trees(tmp_path_factory):
     base = tmp_path_factory.mktemp("imagenet")
     roots = {layout: make_imagenet_tree(base / layout, layout, meta_bin=layout == "torchvision")
              for layout in ("ilsvrc", "archives", "torchvision")}
+    # the other ways people have them: the archives without the devkit (val labelled by its box XMLs' object
+    # names), torchvision's layout with neither meta.bin nor devkit (both: names from --synset-mapping)
+    roots["archives_no_devkit"] = make_imagenet_tree(base / "archives_no_devkit", "archives", devkit=False)
+    roots["torchvision_bare"] = make_imagenet_tree(base / "torchvision_bare", "torchvision")
     return base, roots
 
 
@@ -68,13 +72,42 @@ def _check_samples(out, layout: str) -> None:
             assert meta.get("objects") == exp.objects, (layout, key)
 
 
-@pytest.mark.parametrize("layout", ["ilsvrc", "archives", "torchvision"])
-def test_each_layout_gives_the_same_samples(trees, layout, tmp_path, capsys):
+@pytest.mark.parametrize(("tree", "layout", "labels_from"), [
+    ("ilsvrc", "ilsvrc", "LOC_val_solution.csv"),
+    ("archives", "archives", "ILSVRC2012_validation_ground_truth.txt"),
+    ("archives_no_devkit", "archives", "object names of"),
+    ("torchvision", "torchvision", "class folders"),
+    ("torchvision_bare", "torchvision", "class folders"),
+])
+def test_each_layout_gives_the_same_samples(trees, tree, layout, labels_from, tmp_path, capsys):
     base, roots = trees
-    _shard(roots[layout], tmp_path / "out")
+    mapping = str(roots["ilsvrc"] / "LOC_synset_mapping.txt")
+    extra = ["--synset-mapping", mapping] if tree.endswith(("_bare", "_devkit")) else []
+    _shard(roots[tree], tmp_path / "out", *extra)
     printed = capsys.readouterr().out
-    assert f"imagenet layout: {layout}" in printed and "png named jpeg 1" in printed
+    assert f"imagenet layout: {layout};" in printed and "png named jpeg 1" in printed and labels_from in printed
     _check_samples(tmp_path / "out", layout)
+
+
+def test_without_any_synset_mapping_the_classes_are_the_folders_wnids(trees, tmp_path, capsys):
+    _, roots = trees
+    _shard(roots["torchvision_bare"], tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["classes"] == manifest["imagenet"]["wnids"] == USED
+    assert "class names from none" in capsys.readouterr().out
+
+
+def test_a_damaged_image_is_skipped_by_file(trees, tmp_path):
+    _, roots = trees
+    root = tmp_path / "copy"
+    shutil.copytree(roots["ilsvrc"], root)
+    victim = root / "ILSVRC" / "Data" / "CLS-LOC" / "train" / USED[2] / f"{USED[2]}_0.JPEG"
+    victim.write_bytes(victim.read_bytes()[:200])
+    _shard(root, tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [(p["file"], p["key"]) for p in manifest["skipped"]] == [(str(victim), f"{USED[2]}_0")]
+    assert "not a readable image" in manifest["skipped"][0]["reason"]
+    assert sum(manifest["splits"][s]["total"] for s in ("train", "val")) == 11
 
 
 def test_devkit_ids_are_not_the_sorted_order_and_are_mapped(trees):
@@ -223,6 +256,8 @@ def test_two_training_steps_and_evaluation_with_boxes_on_the_generated_tree(tree
     from _byo_factory import build as build_user_net
     from _helpers import PYTHON, run_cmd
 
+    from explainer.evaluate import main as evaluate_main
+
     _, roots = trees
     out = tmp_path / "shards"
     _shard(roots["archives"], out)
@@ -242,8 +277,9 @@ def test_two_training_steps_and_evaluation_with_boxes_on_the_generated_tree(tree
     config = str(ROOT / "configs" / "imagenet_resnet50.yaml")
     proc = run_cmd([PYTHON, "-m", "explainer.train", "--config", config, *overrides], env=env)
     assert f"wrote {run / 'explainer.pt'}" in proc.stdout
-    run_cmd([PYTHON, "-m", "explainer.evaluate", "--config", config, *overrides, "--checkpoint",
-             str(run / "explainer.pt"), "--out", str(tmp_path / "eval"), "--no-progress"], env=env)
+    # evaluate in this process (one interpreter start less); the factory's module is importable from tests/
+    assert evaluate_main(["--config", config, *overrides, "--checkpoint", str(run / "explainer.pt"), "--out",
+                          str(tmp_path / "eval"), "--no-progress"]) == 0
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert res["n_images"] == 6
     for method in ("explainer", "gradcam"):
