@@ -125,7 +125,7 @@ def _with_imagenet(parser: argparse.ArgumentParser, sub: Any,
     net.add_argument("--num-parts", type=int, default=1, help="cut the run into N parts (one per machine)")
     net.add_argument("--part", type=int, default=0, help="which part this process writes (0..N-1)")
     merge = sub.add_parser("merge", help="one manifest over the parts of a --num-parts run (no copying)")
-    merge.add_argument("parts", nargs="+", type=Path, metavar="PART_DIR")
+    merge.add_argument("parts", nargs="+", type=Path, metavar="PART_DIR", help="the part folders, every part once")
     merge.add_argument("--out", type=Path, required=True, help="folder of the merged manifest")
     merge.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
     return parser
