@@ -37,3 +37,15 @@ def test_bad_make_shards_arguments_are_refused_before_submitting(text, message, 
     assert submit_main(["--make-shards", text, "--cluster", "local", "--job-dir", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_dry_run_prints_one_job_array_of_the_parts(tmp_path, capsys):
+    root = make_imagenet_tree(tmp_path / "src", "ilsvrc")
+    text = f"imagenet --root {root} --out {tmp_path / 'shards'} --workers 6"
+    assert submit_main(["--make-shards", text, "--parts", "8", "--partition", "cpu", "--time", "240",
+                        "--dry-run"]) == 0
+    script = capsys.readouterr().out
+    for line in ("#SBATCH --array=0-7%", "#SBATCH --cpus-per-task=8", "#SBATCH --partition=cpu", "#SBATCH --time=240",
+                 "#SBATCH --job-name=explainer-make-shards"):
+        assert line in script, line
+    assert not (tmp_path / "shards").exists()  # nothing submitted, nothing written
