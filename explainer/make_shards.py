@@ -122,6 +122,10 @@ def _with_imagenet(parser: argparse.ArgumentParser, sub: Any,
                      help="ImageNet-ReaL real.json: the test split (official val) becomes multi-label")
     net.add_argument("--synset-mapping", type=Path, default=None,
                      help="'n01440764 tench, Tinca tinca' lines (default: the one the layout has)")
+    net.add_argument("--train-boxes", type=Path, default=None,
+                     help="folder of <wnid>/<image>.xml train boxes (default: the layout's)")
+    net.add_argument("--val-boxes", type=Path, default=None,
+                     help="folder of <image>.xml val boxes (default: the layout's, e.g. ILSVRC2012_bbox_val_v3/val)")
     net.add_argument("--num-parts", type=int, default=1, help="cut the run into N parts (one per machine)")
     net.add_argument("--part", type=int, default=0, help="which part this process writes (0..N-1)")
     merge = sub.add_parser("merge", help="one manifest over the parts of a --num-parts run (no copying)")
@@ -200,7 +204,7 @@ def _build(args: argparse.Namespace, options: ShardOptions, command: list[str]) 
         return build_imagenet_shards(args.root, options, val_per_class=args.val_per_class, seed=args.seed,
                                      real_labels=args.real_labels, synset_mapping=args.synset_mapping,
                                      num_parts=args.num_parts, part=args.part, verify=args.verify_decode,
-                                     command=command)
+                                     command=command, boxes={"train": args.train_boxes, "val": args.val_boxes})
     if args.dataset == "folder":
         from explainer.data.folder import build_folder_shards, read_classes_file
 

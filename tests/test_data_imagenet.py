@@ -44,6 +44,13 @@ def trees(tmp_path_factory):
     # names), torchvision's layout with neither meta.bin nor devkit (both: names from --synset-mapping)
     roots["archives_no_devkit"] = make_imagenet_tree(base / "archives_no_devkit", "archives", devkit=False)
     roots["torchvision_bare"] = make_imagenet_tree(base / "torchvision_bare", "torchvision")
+    # the val box XMLs unpacked over the val images, the train boxes somewhere else (--train-boxes)
+    moved = make_imagenet_tree(base / "archives_moved_boxes", "archives")
+    for xml in (moved / "ILSVRC2012_bbox_val_v3" / "val").iterdir():
+        xml.rename(moved / "val" / xml.name)
+    shutil.rmtree(moved / "ILSVRC2012_bbox_val_v3")
+    (moved / "ILSVRC2012_bbox_train_v2").rename(base / "my_train_boxes")
+    roots["archives_moved_boxes"] = moved
     return base, roots
 
 
@@ -76,6 +83,7 @@ def _check_samples(out, layout: str) -> None:
     ("ilsvrc", "ilsvrc", "LOC_val_solution.csv"),
     ("archives", "archives", "ILSVRC2012_validation_ground_truth.txt"),
     ("archives_no_devkit", "archives", "object names of"),
+    ("archives_moved_boxes", "archives", "ILSVRC2012_validation_ground_truth.txt"),
     ("torchvision", "torchvision", "class folders"),
     ("torchvision_bare", "torchvision", "class folders"),
 ])
@@ -83,6 +91,8 @@ def test_each_layout_gives_the_same_samples(trees, tree, layout, labels_from, tm
     base, roots = trees
     mapping = str(roots["ilsvrc"] / "LOC_synset_mapping.txt")
     extra = ["--synset-mapping", mapping] if tree.endswith(("_bare", "_devkit")) else []
+    if tree == "archives_moved_boxes":
+        extra = ["--train-boxes", str(base / "my_train_boxes")]
     _shard(roots[tree], tmp_path / "out", *extra)
     printed = capsys.readouterr().out
     assert f"imagenet layout: {layout};" in printed and "png named jpeg 1" in printed and labels_from in printed

@@ -85,11 +85,13 @@ def detect_layout(root: str | os.PathLike) -> ImagenetSource:
             "train/<wnid>/ and val/ (the official archives unpacked, or torchvision's layout)")
     nested = val is not None and _has_wnid_dirs(val)
     devkit = next((root / n for n in DEVKIT_NAMES if (root / n / "data" / "meta.mat").is_file()), None)
+    val_boxes = _first_dir(root, VAL_BOX_DIRS)
+    if val_boxes is None and val is not None and not nested and any(n.endswith(".xml") for n in os.listdir(val)):
+        val_boxes = val  # ILSVRC2012_bbox_val_v3 unpacked over the images: its val/ is theirs
     return ImagenetSource(
         layout="torchvision" if nested or train is not None and val is None else "archives", root=root,
         train_dir=train, val_dir=val, val_flat=not nested, train_boxes=_first_dir(root, TRAIN_BOX_DIRS),
-        val_boxes=_first_dir(root, VAL_BOX_DIRS), synsets=next((root / n for n in SYNSET_FILES
-                                                                if (root / n).is_file()), None),
+        val_boxes=val_boxes, synsets=next((root / n for n in SYNSET_FILES if (root / n).is_file()), None),
         val_csv=root / "LOC_val_solution.csv" if (root / "LOC_val_solution.csv").is_file() else None,
         devkit=devkit, meta_bin=root / "meta.bin" if (root / "meta.bin").is_file() else None)
 
@@ -563,7 +565,8 @@ def imagenet_splits(source: ImagenetSource, wnids: tuple[str, ...], val: ValImag
 
 def build_imagenet_shards(root: str | os.PathLike, options: ShardOptions, *, val_per_class: int = 10, seed: int = 0,
                           real_labels: Path | None = None, synset_mapping: Path | None = None, num_parts: int = 1,
-                          part: int = 0, verify: bool = False, command: Sequence[str] | None = None) -> dict[str, Any]:
+                          part: int = 0, verify: bool = False, command: Sequence[str] | None = None,
+                          boxes: dict[str, Path | None] | None = None) -> dict[str, Any]:
     """Shard an ImageNet copy (or part `part` of `num_parts` of it: explainer/data/parts.py); returns the manifest,
     whose `imagenet` entry says the layout, where labels and names came from, and the quirks counted."""
     from explainer.atomic import write_text_atomic
@@ -573,6 +576,11 @@ def build_imagenet_shards(root: str | os.PathLike, options: ShardOptions, *, val
     if val_per_class < 0:
         raise ValueError(f"--val-per-class must be 0 or more, got {val_per_class}")
     source = detect_layout(root)
+    for split, folder in (boxes or {}).items():  # --train-boxes / --val-boxes: box folders the detection missed
+        if folder is not None:
+            if not Path(folder).is_dir():
+                raise FileNotFoundError(f"--{split}-boxes {folder} is not a folder")
+            setattr(source, f"{split}_boxes", Path(folder))
     words, names_source = read_words(source, synset_mapping)
     val = read_val_images(source)
     wnids = class_list(source, words, val)
