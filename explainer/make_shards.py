@@ -138,15 +138,15 @@ def _with_imagenet(parser: argparse.ArgumentParser, sub: Any,
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     configure_logging()
-    command = ["launch/make_shards.py", *(argv if argv is not None else sys.argv[1:])]
     if args.dataset == "merge":
-        return _merge(args, command)
+        return _merge(args, ["launch/make_shards.py", *(argv if argv is not None else sys.argv[1:])])
     default_out = {"voc": "voc2007", "coco": "coco2014", "synthetic": "synthetic", "imagenet": "imagenet",
                    "folder": getattr(args, "name", "folder")}[args.dataset]
     out = args.out if args.out is not None else Path("shards") / default_out
     options = ShardOptions(out=out, maxcount=args.shard_maxcount, maxsize=args.shard_maxsize, workers=args.workers,
                            resume=args.resume, strict=args.strict, progress=not args.no_progress,
                            max_image_pixels=args.max_image_pixels)
+    command = ["launch/make_shards.py", *(argv if argv is not None else sys.argv[1:])]
     try:
         with raise_on_signals():
             manifest = _build(args, options, command)
