@@ -61,9 +61,11 @@ def _first_dir(root: Path, names: Sequence[str]) -> Path | None:
 
 def _ilsvrc_source(base: Path) -> ImagenetSource:
     data, ann = base / "ILSVRC" / "Data" / "CLS-LOC", base / "ILSVRC" / "Annotations" / "CLS-LOC"
-    return ImagenetSource(
-        layout="ilsvrc", root=base, train_dir=_first_dir(data, ["train"]), val_dir=_first_dir(data, ["val"]),
-        val_flat=True, train_boxes=_first_dir(ann, ["train"]), val_boxes=_first_dir(ann, ["val"]),
+    val = _first_dir(data, ["val"])
+    return ImagenetSource(  # val/<wnid>/ when the usual val-prep script was run on it
+        layout="ilsvrc", root=base, train_dir=_first_dir(data, ["train"]), val_dir=val,
+        val_flat=val is None or not _has_wnid_dirs(val), train_boxes=_first_dir(ann, ["train"]),
+        val_boxes=_first_dir(ann, ["val"]),
         synsets=next((base / n for n in SYNSET_FILES if (base / n).is_file()), None),
         val_csv=base / "LOC_val_solution.csv" if (base / "LOC_val_solution.csv").is_file() else None)
 
