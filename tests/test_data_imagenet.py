@@ -259,14 +259,14 @@ def test_presets_validate_and_name_their_missing_weights(preset, weights, tmp_pa
         load_explanandum(cfg.classifier, [f"c{i}" for i in range(1000)], 224)
 
 
-def test_two_training_steps_and_evaluation_with_boxes_on_the_generated_tree(trees, tmp_path):
+def test_two_training_steps_and_evaluation_with_boxes_on_the_generated_tree(trees, tmp_path, capsys):
     """The ResNet-50 preset at 64 px with a tiny factory classifier standing in for torchvision's: train 2 steps on
     the shards of the archives layout, then evaluate the test split (the official val) with the pointing game on its
     boxes."""
     from _byo_factory import build as build_user_net
-    from _helpers import PYTHON, run_cmd
 
     from explainer.evaluate import main as evaluate_main
+    from explainer.train import main as train_main
 
     _, roots = trees
     out = tmp_path / "shards"
@@ -283,11 +283,11 @@ def test_two_training_steps_and_evaluation_with_boxes_on_the_generated_tree(tree
         "train.val_every_steps=2", "train.val_max_batches=1", "eval.methods=[explainer,gradcam]",
         "eval.faithfulness_steps=4", "eval.faithfulness_rise=false",
     ]
-    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     config = str(ROOT / "configs" / "imagenet_resnet50.yaml")
-    proc = run_cmd([PYTHON, "-m", "explainer.train", "--config", config, *overrides], env=env)
-    assert f"wrote {run / 'explainer.pt'}" in proc.stdout
-    # evaluate in this process (one interpreter start less); the factory's module is importable from tests/
+    # both in this process (no interpreter start-up); the factory's module is importable from tests/
+    capsys.readouterr()
+    assert train_main(["--config", config, *overrides]) == 0
+    assert f"wrote {run / 'explainer.pt'}" in capsys.readouterr().out
     assert evaluate_main(["--config", config, *overrides, "--checkpoint", str(run / "explainer.pt"), "--out",
                           str(tmp_path / "eval"), "--no-progress"]) == 0
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
