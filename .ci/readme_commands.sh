@@ -38,10 +38,12 @@ from PIL import Image
 
 sys.path.insert(0, "tests")
 from _data_helpers import make_coco_tree, make_voc_tree
+from _imagenet_tree import make_imagenet_tree
 
 data = Path(sys.argv[1])
 make_voc_tree(data)
 make_coco_tree(data / "coco")
+make_imagenet_tree(data / "imagenet", "ilsvrc")  # 1000 wnids, 3 classes with images, every ILSVRC quirk
 rng = np.random.default_rng(0)
 def image(path, size=(48, 40), mode="RGB"):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,6 +75,7 @@ for name in ("more/a.jpg", "more/b.jpg", "one.png"):
 Path("weights").mkdir(exist_ok=True)
 torch.save(torchvision.models.vgg16().state_dict(), "weights/vgg16-397923af.pth")
 torch.save(torchvision.models.resnet50().state_dict(), "weights/resnet50-0676ba61.pth")
+torch.save(torchvision.models.resnet50().state_dict(), "weights/resnet50-11ad3fa6.pth")
 cache = data / "torch" / "hub" / "checkpoints"
 cache.mkdir(parents=True)
 torch.save(torchvision.models.resnet50().state_dict(), cache / "resnet50-11ad3fa6.pth")
@@ -96,6 +99,14 @@ run explainer make-shards coco --root "$DATA/coco" --out shards/coco2014 --seg-s
 run explainer make-shards synthetic --out shards/synthetic --num-classes 6 --image-size 64
 run explainer make-shards folder --root "$DATA/mine" --labels "$DATA/mine/labels.csv" --out shards/mine
 run explainer make-shards folder --root "$DATA/pets" --out shards/pets --split-fractions train=0.8,val=0.1,test=0.1
+run explainer make-shards imagenet --root "$DATA/imagenet" --out shards/imagenet
+# (no SLURM here: the job array's script is printed, the parts run as local jobs)
+run explainer submit --make-shards "imagenet --root $DATA/imagenet --out shards/imagenet" --parts 8 --partition cpu \
+    --dry-run
+run explainer submit --make-shards "imagenet --root $DATA/imagenet --out shards/imagenet_parts" --parts 2 \
+    --cluster local
+# torchrun --nproc_per_node 8 on a CPU machine: one process
+run explainer train --config configs/imagenet_resnet50.yaml "${SMALL[@]}"
 
 # --- train (the classifier, then the Explainer), with the small-run overrides -----------------------------------------
 run explainer train-classifier --config configs/classifier/voc_vgg16.yaml "${SMALL[@]}"

@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-classifier": ("explainer.train_classifier", "fine-tune the classifier to explain (the Explanandum)"),
     "evaluate": ("explainer.evaluate", "paper Tables 1-4 and figures on the test split"),
     "explain": ("explainer.explain", "masks, overlays and scores for images (needs only the explainer checkpoint)"),
-    "make-shards": ("explainer.make_shards", "shards from voc (VOC-2007), coco (COCO-2014), folder (yours), synthetic"),
+    "make-shards": ("explainer.make_shards", "shards from voc, coco, imagenet, folder (yours), synthetic; merge parts"),
     "submit": ("explainer.submit", "submit training to SLURM (or locally), one run or a sweep as a job array"),
     "sweep-report": ("explainer.sweep_report", "rank the runs of a sweep by their best validation metrics"),
     "bias": ("explainer.experiments.bias",

@@ -4,6 +4,9 @@ plus a manifest.
     python launch/make_shards.py voc --root /data/VOCdevkit/VOC2007 --out shards/voc2007
     python launch/make_shards.py coco --root /data/coco --out shards/coco2014
     python launch/make_shards.py synthetic --out shards/synthetic
+    python launch/make_shards.py imagenet --root /data/imagenet --out shards/imagenet   (docs/imagenet.md)
+    python launch/make_shards.py imagenet ... --num-parts 8 --part 3 --out shards/imagenet/part-3   (then merge:)
+    python launch/make_shards.py merge shards/imagenet/part-* --out shards/imagenet
     python launch/make_shards.py folder --root /data/mine --labels /data/mine/labels.csv --out shards/mine
     python launch/make_shards.py folder --root /data/imagefolder --out shards/mine   (one folder per class)
 
@@ -18,6 +21,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from explainer.arguments import ArgumentParser, max_pixels_arg
 from explainer.data.shards import ShardOptions, StrictError, summary
@@ -103,13 +107,40 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     syn.add_argument("--cue-class", type=int, default=None, help="bias experiment: class index with a background cue")
     syn.add_argument("--cue-prob", type=float, default=0.0, help="probability of the cue (see synthetic.py)")
     syn.add_argument("--source-dir", type=Path, default=None, help="where the VOC layout goes (default <out>/source)")
-    return parser.parse_args(argv)
+    return _with_imagenet(parser, sub, common).parse_args(argv)
+
+
+def _with_imagenet(parser: argparse.ArgumentParser, sub: Any,
+                   common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`parser` with `imagenet` (ILSVRC-2012 in any of its three layouts, optionally one part of N) and `merge`."""
+    net = sub.add_parser("imagenet", parents=[common],
+                         help="ImageNet-1k: ILSVRC/Kaggle, the official archives or torchvision's layout")
+    net.add_argument("--root", type=Path, required=True, help="the folder holding ILSVRC/, or train/ and val/")
+    net.add_argument("--val-per-class", type=int, default=10, help="train images per class held out as val")
+    net.add_argument("--seed", type=int, default=0, help="seed of the hold-out and of the train order")
+    net.add_argument("--real-labels", type=Path, default=None,
+                     help="ImageNet-ReaL real.json: the test split (official val) becomes multi-label")
+    net.add_argument("--synset-mapping", type=Path, default=None,
+                     help="'n01440764 tench, Tinca tinca' lines (default: the one the layout has)")
+    net.add_argument("--train-boxes", type=Path, default=None,
+                     help="folder of <wnid>/<image>.xml train boxes (default: the layout's)")
+    net.add_argument("--val-boxes", type=Path, default=None,
+                     help="folder of <image>.xml val boxes (default: the layout's, e.g. ILSVRC2012_bbox_val_v3/val)")
+    net.add_argument("--num-parts", type=int, default=1, help="cut the run into N parts (one per machine)")
+    net.add_argument("--part", type=int, default=0, help="which part this process writes (0..N-1)")
+    merge = sub.add_parser("merge", help="one manifest over the parts of a --num-parts run (no copying)")
+    merge.add_argument("parts", nargs="+", type=Path, metavar="PART_DIR", help="the part folders, every part once")
+    merge.add_argument("--out", type=Path, required=True, help="folder of the merged manifest")
+    merge.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
+    return parser
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     configure_logging()
-    default_out = {"voc": "voc2007", "coco": "coco2014", "synthetic": "synthetic",
+    if args.dataset == "merge":
+        return _merge(args, ["launch/make_shards.py", *(argv if argv is not None else sys.argv[1:])])
+    default_out = {"voc": "voc2007", "coco": "coco2014", "synthetic": "synthetic", "imagenet": "imagenet",
                    "folder": getattr(args, "name", "folder")}[args.dataset]
     out = args.out if args.out is not None else Path("shards") / default_out
     options = ShardOptions(out=out, maxcount=args.shard_maxcount, maxsize=args.shard_maxsize, workers=args.workers,
@@ -129,7 +160,24 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if "imagenet" in manifest:
+        from explainer.data.imagenet import imagenet_summary
+
+        print(imagenet_summary(manifest))
     print(summary(manifest, out))
+    return 0
+
+
+def _merge(args: argparse.Namespace, command: list[str]) -> int:
+    from explainer.data.parts import merge_parts
+
+    try:
+        manifest = merge_parts(args.parts, args.out, command)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"merged {manifest['parts']['num_parts']} parts")
+    print(summary(manifest, args.out))
     return 0
 
 
@@ -150,6 +198,13 @@ def _build(args: argparse.Namespace, options: ShardOptions, command: list[str]) 
 
         return build_coco_shards(args.root, options, seed=args.seed, val_fraction=args.val_fraction,
                                  seg_subset=args.seg_subset, verify=args.verify_decode, command=command)
+    if args.dataset == "imagenet":
+        from explainer.data.imagenet import build_imagenet_shards
+
+        return build_imagenet_shards(args.root, options, val_per_class=args.val_per_class, seed=args.seed,
+                                     real_labels=args.real_labels, synset_mapping=args.synset_mapping,
+                                     num_parts=args.num_parts, part=args.part, verify=args.verify_decode,
+                                     command=command, boxes={"train": args.train_boxes, "val": args.val_boxes})
     if args.dataset == "folder":
         from explainer.data.folder import build_folder_shards, read_classes_file
 

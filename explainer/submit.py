@@ -5,6 +5,7 @@ r"""Submit Explainer training to SLURM (one task per GPU, multi-node), locally, 
   python launch/submit.py --sweep configs/sweeps/lambdas.yaml --gpus-per-node 1 --array-parallelism 8 ...
   python launch/submit.py --config ... --dry-run          # print the sbatch script, submit nothing
   python launch/submit.py --config ... --cluster local    # same code path on a machine without SLURM
+  python launch/submit.py --make-shards "imagenet --root /data/imagenet --out shards/imagenet" --parts 8 ...
 
 The logic lives in explainer/slurm.py (submission) and explainer/sweep.py (sweeps); this file only parses.
 """
@@ -43,10 +44,13 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--job-dir", help="submitit folder (logs, pickles); default <train.output_dir>/submitit, for a "
                                      "sweep the sweep folder runs/sweeps/<sweep id>")
     p.add_argument("--dry-run", action="store_true", help="validate and print the sbatch script; submit nothing")
+    p.add_argument("--make-shards", metavar="ARGS", help="make-shards imagenet as a job array of --parts parts, e.g. "
+                   "\"imagenet --root /data/imagenet --out shards/imagenet\" (explainer/shard_jobs.py)")
+    p.add_argument("--parts", type=int, default=8, help="--make-shards: array tasks (default 8)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides, e.g. optim.lr=1e-4")
     args = p.parse_args(argv)
-    if not args.config and not args.sweep:
-        p.error("give --config (one run) or --sweep (a job array)")
+    if not args.config and not args.sweep and not args.make_shards:
+        p.error("give --config (one run), --sweep (a job array) or --make-shards")
     return args
 
 
@@ -57,7 +61,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                    time_min=args.time, partition=args.partition, account=args.account, qos=args.qos,
                    constraint=args.constraint, exclude=args.exclude, array_parallelism=args.array_parallelism)
     try:
-        if args.sweep:
+        if args.make_shards:
+            from explainer.shard_jobs import launch_make_shards
+
+            launch_make_shards(args, spec)
+        elif args.sweep:
             launch_sweep(args.sweep, args.config, args.overrides, spec, args.job_dir, args.dry_run)
         else:
             launch_run(args.config, args.overrides, spec, args.job_dir, args.dry_run)

@@ -124,3 +124,66 @@ def test_unknown_baseline_and_bad_settings():
         build_baseline("rise", colour_classifier(gain=20), EvalConfig(rise_p=0.0))
     with pytest.raises(ValueError, match="areas"):
         build_baseline("ep", colour_classifier(gain=20), EvalConfig(ep_areas=[1.5]))
+
+
+class _ToyViT(nn.Module):
+    """colour_classifier as a Vision Transformer: 4 x 4 patches embedded as (mean red, mean green) tokens behind a
+    class token, one encoder block (torchvision's attribute names), mean-pooled patch tokens into the colour head."""
+
+    def __init__(self, gain: float = 20.0, patch: int = 4) -> None:
+        super().__init__()
+        self.conv_proj = nn.Conv2d(3, 2, patch, stride=patch)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, 2))
+        self.encoder = nn.Module()
+        block = nn.Module()
+        block.ln_1 = nn.Identity()
+        self.encoder.layers = nn.Sequential(block)
+        self.head = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.conv_proj.weight.zero_()
+            self.conv_proj.bias.fill_(-0.1)
+            self.conv_proj.weight[0, 0] = 1.0 / patch**2
+            self.conv_proj.weight[1, 1] = 1.0 / patch**2
+            self.head.weight.copy_(gain * torch.eye(2))
+            self.head.bias.fill_(-2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.conv_proj(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.class_token.expand(len(x), -1, -1), tokens], dim=1)
+        tokens = torch.relu(self.encoder.layers[0].ln_1(tokens))
+        return self.head(tokens[:, 1:].mean(dim=1))
+
+
+@pytest.mark.numerics
+def test_gradcam_on_a_vit_reshapes_the_token_grid_and_finds_each_object():
+    """The automatic layer of a ViT is the last block's ln_1 (not the patch embedding, the only 4-D output), its
+    tokens become the 8 x 8 grid, and each class's map lights its own square, as on the convolutional toy."""
+    vit = freeze(_ToyViT())
+    assert gradcam_layer(vit) is vit.encoder.layers[-1].ln_1
+    x, red, green = two_squares()
+    maps = GradCAM(vit)(x, torch.ones(1, 2, dtype=torch.bool))
+    assert maps.shape == (1, 2, S, S) and maps.min() >= 0 and maps.max() <= 1
+    for k, region in ((0, red), (1, green)):
+        inside, outside = _inside_outside(maps[0, k], region)
+        assert inside > 0.5 > outside + 0.3
+    import torchvision
+
+    tv = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=1, hidden_dim=8,
+                                              mlp_dim=8, num_classes=3)  # torchvision's own class (vit_b_16's)
+    assert gradcam_layer(tv) is tv.encoder.layers[-1].ln_1
+    maps = GradCAM(freeze(tv))(torch.randn(2, 3, S, S), torch.ones(2, 3, dtype=torch.bool))
+    assert maps.shape == (2, 3, S, S) and torch.isfinite(maps).all() and maps.amax() <= 1
+
+
+def test_gradcam_refuses_tokens_that_are_no_grid_and_names_rise():
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.lin(x.flatten(2)[:, :, :35].transpose(1, 2)).mean(dim=1))  # 35 tokens: 25 + 10
+
+    with pytest.raises(ValueError, match=r"not a feature map .* RISE"):
+        GradCAM(freeze(Tokens()), "lin")(torch.randn(1, 3, S, S), torch.ones(1, 2, dtype=torch.bool))

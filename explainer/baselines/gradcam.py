@@ -3,10 +3,16 @@
 
 captum works on a frozen classifier as is (pytorch-grad-cam would need an input with requires_grad) and gives the same
 maps after min-max normalisation (docs/dependencies.md#captum). One backward pass per class, batched over the images.
+
+A Vision Transformer has no feature map: its blocks output tokens [B, N, D]. There Grad-CAM runs on the last block's
+first LayerNorm (torchvision's `encoder.layers[-1].ln_1`, the layer pytorch-grad-cam's ViT example uses) with the
+patch tokens reshaped to their g x g grid (the class token dropped), the same weighting (mean gradient per channel)
+and ReLU; token outputs that are not a square grid are refused with a pointer to RISE.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -23,6 +29,55 @@ def _check_hookable(classifier: nn.Module) -> None:
             "hooks inside its compiled forward. Evaluate it with the black-box baselines (rise, ep), or load the "
             "same weights through classifier.torchvision / classifier.factory to run Grad-CAM"
         )
+
+
+MAX_PREFIX_TOKENS = 8  # class / distillation / register tokens in front of the patch tokens
+
+
+def token_grid(shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """(prefix tokens, grid side g) when a [B, N, D] output holds a square g x g grid of patch tokens after at most
+    MAX_PREFIX_TOKENS others (ViT-B/16 at 224 px: 1 + 14 x 14); None otherwise."""
+    if len(shape) != 3 or shape[1] < 4:
+        return None
+    side = math.isqrt(shape[1])
+    prefix = shape[1] - side * side
+    return (prefix, side) if prefix <= MAX_PREFIX_TOKENS else None
+
+
+def vit_layer(classifier: nn.Module) -> nn.Module | None:
+    """The last encoder block's first LayerNorm of a torchvision VisionTransformer inside `classifier`, else None
+    (a ViT's only 4-D output is the patch embedding, which the automatic search would otherwise pick)."""
+    for module in classifier.modules():
+        layers = getattr(getattr(module, "encoder", None), "layers", None)
+        if hasattr(module, "class_token") and isinstance(layers, nn.Sequential) and len(layers):
+            return getattr(layers[-1], "ln_1", None) or layers[-1]
+    return None
+
+
+def token_gradcam(classifier: nn.Module, layer: nn.Module, images: Tensor, target: int) -> Tensor:
+    """Grad-CAM of class `target` on a token layer: activations and gradients as [B, D, g, g] grids ->
+    ReLU(sum_d mean_grad_d * A_d), [B, 1, g, g]."""
+    seen: list[Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        with torch.enable_grad():
+            x = images.detach().requires_grad_(True)  # a frozen classifier: gradients flow through the input only
+            logits = classifier(x)
+            acts = seen[-1]
+            grads = torch.autograd.grad(logits[:, target].sum(), acts)[0]
+    finally:
+        handle.remove()
+    grid = token_grid(tuple(acts.shape))
+    if grid is None:
+        raise ValueError(f"Grad-CAM: the layer outputs {tuple(acts.shape)}, not a square grid of tokens; evaluate "
+                         "this classifier with RISE (eval.methods: [rise]) instead")
+    prefix, side = grid
+
+    def as_grid(t: Tensor) -> Tensor:
+        return t[:, prefix:].reshape(t.shape[0], side, side, t.shape[2]).permute(0, 3, 1, 2)
+
+    a, g = as_grid(acts.detach()), as_grid(grads)
+    return torch.relu((g.mean(dim=(2, 3), keepdim=True) * a).sum(dim=1, keepdim=True))
 
 
 def candidate_layers(classifier: nn.Module, limit: int = 12) -> list[str]:
@@ -75,6 +130,9 @@ def gradcam_layer(classifier: nn.Module, images: Tensor | None = None) -> nn.Mod
     (0.46 vs 0.41), so the baseline is not handicapped by our choice.
     """
     _check_hookable(classifier)
+    vit = vit_layer(classifier)
+    if vit is not None:
+        return vit
     arch = getattr(classifier, "arch", None)
     if arch != "tiny_cnn" and hasattr(classifier, "gradcam_layer"):
         layer = classifier.gradcam_layer()
@@ -105,9 +163,11 @@ class GradCAM:
         self.layer_name = layer if isinstance(layer, str) else None
         self.layer: nn.Module | None = named_layer(classifier, layer) if isinstance(layer, str) else layer
         self.cam: LayerGradCam | None = None
+        self.tokens = False  # the layer outputs ViT tokens: token_gradcam instead of captum
 
     def _check_spatial(self, images: Tensor) -> None:
-        """A named layer must output a feature map [B, K, h, w]; said once, on the first batch."""
+        """The layer must output a feature map [B, K, h, w] or a square grid of tokens [B, N, D]; said once, on the
+        first batch."""
         shapes: list[tuple[int, ...]] = []
         assert self.layer is not None
         handle = self.layer.register_forward_hook(lambda _m, _i, out: shapes.append(
@@ -117,23 +177,28 @@ class GradCAM:
                 self.classifier(images[:1])
         finally:
             handle.remove()
-        if not shapes or len(shapes[0]) != 4:
-            raise ValueError(f"eval.gradcam_layer: {self.layer_name!r} outputs shape {shapes[0] if shapes else None}, "
-                             f"not a feature map [B, K, h, w]; candidate layers (last first): "
-                             f"{', '.join(candidate_layers(self.classifier))}")
+        self.tokens = bool(shapes) and token_grid(shapes[0]) is not None
+        if not shapes or (len(shapes[0]) != 4 and not self.tokens):
+            raise ValueError(f"eval.gradcam_layer: {self.layer_name or 'the automatic layer'!r} outputs shape "
+                             f"{shapes[0] if shapes else None}, not a feature map [B, K, h, w] or a square grid "
+                             f"of ViT tokens [B, 1 + g*g, D]; candidate layers (last first): "
+                             f"{', '.join(candidate_layers(self.classifier))}; or evaluate with RISE (eval.methods: "
+                             "[rise]), which needs no layer")
 
     def __call__(self, images: Tensor, wanted: Tensor) -> Tensor:
         if self.cam is None:
             if self.layer is None:
                 self.layer = gradcam_layer(self.classifier, images)
-            elif self.layer_name is not None:
-                self._check_spatial(images)
+            self._check_spatial(images)
             self.cam = LayerGradCam(self.classifier, self.layer)
         b, c = wanted.shape
         maps = torch.zeros(b, c, *images.shape[-2:], device=images.device)
         with torch.enable_grad():
             for k in wanted.any(0).nonzero().flatten().tolist():
-                attr = self.cam.attribute(images, target=k, relu_attributions=True)
+                if self.tokens:
+                    attr = token_gradcam(self.classifier, self.layer, images, k)
+                else:
+                    attr = self.cam.attribute(images, target=k, relu_attributions=True)
                 attr = LayerAttribution.interpolate(attr, tuple(images.shape[-2:]), interpolate_mode="bilinear")
                 maps[:, k] = attr[:, 0].detach()
         return minmax(maps)
