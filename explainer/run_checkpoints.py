@@ -98,9 +98,20 @@ def all_finite_on_device(accelerator: Accelerator, model: torch.nn.Module, optim
     tensors += _floating(v for per_param in inner.state.values() for v in per_param.values())
     if not tensors:
         return True
-    maxima = torch._foreach_norm(tensors, ord=math.inf)
-    bad = (~torch.stack([torch.isfinite(m) for m in maxima])).any()
-    return not any_flag(accelerator, bad.reshape(1).to(accelerator.device))
+    return not any_flag(accelerator, any_nonfinite(tensors, accelerator.device))
+
+
+def any_nonfinite(tensors: list[torch.Tensor], device: torch.device | str) -> torch.Tensor:
+    """A one-element bool tensor on `device`: some tensor holds an inf or nan. The tensors may live on several
+    devices: on a GPU, torch keeps Adam's `step` on the CPU (neither `capturable` nor `fused`), and one stack of
+    flags from both raised "Expected all tensors to be on the same device", so no checkpoint was ever written.
+    One reduction per device, then one small copy of each device's flag (no host sync)."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_device.setdefault(tensor.device, []).append(tensor)
+    flags = [(~torch.isfinite(torch.stack(torch._foreach_norm(group, ord=math.inf)))).any().reshape(1).to(device)
+             for group in by_device.values()]
+    return torch.cat(flags).any().reshape(1)
 
 
 def inspect(path: Path) -> str | None:

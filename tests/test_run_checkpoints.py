@@ -261,3 +261,28 @@ def test_non_finite_state_is_detected_on_the_device(prepared):
     with torch.no_grad():
         model.bias[1] = float("nan")
     assert not all_finite_on_device(accelerator, model, optimizer)
+
+
+def test_the_finite_check_takes_tensors_on_several_devices():
+    """On a GPU torch keeps Adam's `step` on the CPU (no `capturable` / `fused`) while the moments live on the GPU.
+    No GPU here: `meta` is the second device. Before: one torch.stack over both devices' flags raised, so a GPU run
+    could never write a checkpoint (issue 26 §1). The flag comes back on the device asked for."""
+    import math
+
+    from explainer.run_checkpoints import any_nonfinite
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    _train_one_step(model, optimizer)
+    state = next(iter(optimizer.state.values()))
+    assert state["step"].device.type == "cpu"  # what stays on the CPU in a GPU run
+    mixed = [state["step"], state["exp_avg"].to("meta"), state["exp_avg_sq"].to("meta")]
+    with pytest.raises(RuntimeError):  # the old check on the same tensors
+        torch.stack([torch.isfinite(m) for m in torch._foreach_norm(mixed, ord=math.inf)])
+    flag = any_nonfinite(mixed, "meta")
+    assert flag.device.type == "meta" and flag.shape == (1,) and flag.dtype == torch.bool
+    cpu = [state["step"], state["exp_avg"], state["exp_avg_sq"]]
+    assert not any_nonfinite(cpu, "cpu").item()
+    cpu[1] = cpu[1].clone().fill_(float("nan"))
+    assert any_nonfinite(cpu, "cpu").item()
