@@ -54,6 +54,7 @@ from explainer.data.transforms import normalize_on_device
 from explainer.distributed import (
     WorldInfo,
     all_reduce_sums,
+    check_shared_run_folder,
     close_process_group,
     make_accelerator,
     max_over_ranks,
@@ -575,9 +576,11 @@ def start_run(recipe: Recipe) -> tuple[Run, Any, bool]:
 
 
 def claim_run_folder(accelerator: Accelerator, run_dir: Path, keep_last: int) -> tuple[RunLock, CheckpointManager]:
-    """Collective: rank 0 locks the run folder (a second run into it stops here, naming the holder), then clears
-    the temporary folders of dead writers; checkpoints written by this run carry the lock holder's id."""
+    """Collective: rank 0 locks the run folder (a second run into it stops here, naming the holder), every rank
+    checks it sees the folder rank 0 writes, then rank 0 clears the temporary folders of dead writers; checkpoints
+    written by this run carry the lock holder's id. A failure on rank 0 raises on every rank."""
     lock = acquire_shared(accelerator, run_dir)
+    check_shared_run_folder(accelerator, run_dir)  # after the lock: it writes a token into the folder
     checkpoints = CheckpointManager(run_dir, keep_last, writer=lock.holder)
     if lock.held:
         checkpoints.remove_stale_temporaries()

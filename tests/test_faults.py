@@ -347,3 +347,64 @@ def test_a_save_failing_on_rank0_stops_every_rank(small_tmpfs):
     last = disk / "run" / "checkpoints" / "step_00000001"
     assert all(r["error"].endswith(f"the last complete checkpoint is {last}, untouched") for r in results), results
     assert [p.name for p in last.parent.iterdir()] == ["step_00000001"] and inspect(last) is None
+
+
+_START_UP = """
+import errno, json, os, sys, time
+from pathlib import Path
+from explainer.config import TrainConfig
+from explainer.distributed import make_accelerator
+from explainer.run_errors import RunError
+from explainer.training_loop import claim_run_folder
+accelerator = None
+results = {}
+for item in sys.argv[1:]:
+    scenario, folder = item.split("=", 1)
+    accelerator = accelerator or make_accelerator("no", None, folder, TrainConfig())  # what the trainer does first
+    lockf = os.lockf
+    if scenario == "lockf_eio" and accelerator.is_main_process:  # stand-in: no filesystem here answers EIO
+        def eio(fd, cmd, length):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        os.lockf = eio
+    start = time.time()
+    try:
+        lock, _ = claim_run_folder(accelerator, Path(folder), 3)
+        lock.release()
+        results[scenario] = "started"
+    except RunError as exc:
+        results[scenario] = f"{type(exc).__name__}: {exc}"
+    os.lockf = lockf
+print(json.dumps(results))
+"""
+
+
+def test_start_up_failures_on_rank0_stop_every_rank(tmp_path, small_tmpfs):
+    """2 gloo ranks meet, in turn: a folder another run holds whose token file cannot be written (before: rank 0
+    wrote the token before taking the lock, failed, and rank 1 waited in the broadcast; two runs into one folder said
+    "not shared" instead of "busy"), a token rank 0 cannot write, a lock call failing with an errno outside the
+    handled set (EIO), and a full disk under the lock file. Every rank raises naming the folder and the reason, all
+    four within the 90 s bound instead of waiting out the 30-minute process-group timeout."""
+    from explainer.run_lock import acquire
+
+    folders = {name: tmp_path / name for name in ("busy", "token", "lockf_eio")}
+    for name in ("busy", "token"):  # a non-empty folder where the token file goes: os.replace onto it fails
+        (folders[name] / ".rank0-token" / "x").mkdir(parents=True)
+    full = small_tmpfs("64k")
+    folders["disk_full"] = full / "run"
+    folders["disk_full"].mkdir()
+    subprocess.run(["dd", "if=/dev/zero", f"of={full / 'filler'}", "bs=4k"], capture_output=True)  # until ENOSPC
+    holder = acquire(folders["busy"])  # this test process is the other run
+    try:
+        procs = run_ranks(_START_UP, args=[f"{k}={v}" for k, v in folders.items()], timeout=90)
+    finally:
+        holder.release()
+    results = [json.loads(p.stdout.strip().splitlines()[-1]) for p in procs]
+    for rank, result in enumerate(results):
+        assert result["busy"].startswith(f"RunFolderBusy: train.output_dir {folders['busy']} is in use by another "
+                                         f"run (host {os.uname().nodename}, pid {os.getpid()}"), (rank, result)
+        assert f"train.output_dir {folders['token']}: rank 0 cannot write .rank0-token there (Is a directory)" \
+            in result["token"], (rank, result)
+        assert f"{folders['lockf_eio'] / 'run.lock'}: cannot lock the run folder (Input/output error, errno 5)" \
+            in result["lockf_eio"], (rank, result)
+        assert f"cannot write {folders['disk_full'] / 'run.lock'} (no space left on device)" in result["disk_full"], \
+            (rank, result)
