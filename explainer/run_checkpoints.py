@@ -21,6 +21,7 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,15 @@ class CheckpointManager:
             self._rotate(state.best_step)
         accelerator.wait_for_everyone()
         return final
+
+    def write_on_main(self, accelerator: Accelerator, path: Path, write: Callable[[], Any]) -> None:
+        """Collective: rank 0 alone writes `path` (explainer.pt, config.yaml, summary.json, the last weights). A
+        failure (full disk, permissions) raises the same RunError on every rank, so none waits for rank 0 in a later
+        collective until the process-group timeout."""
+        error = self._attempt(path, write) if accelerator.is_main_process else None
+        if any_flag(accelerator, torch.tensor([1.0 if error else 0.0], device=accelerator.device)):
+            raise RunError(f"cannot write {path}: {error or 'on rank 0 (its message says why)'}; the last complete "
+                           f"checkpoint is {self.last_good or self.latest() or 'none'}, untouched")
 
     @staticmethod
     def _attempt(tmp: Path, write: Any) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import PYTHON, ROOT, run_cmd, run_ranks, tiny_overrides
+from _helpers import PYTHON, ROOT, make_synthetic_shards, run_cmd, run_ranks, tiny_overrides
 
 from explainer.config import ExplainerRunConfig, load_config
 from explainer.models.model_files import unwrap
@@ -408,3 +409,72 @@ def test_start_up_failures_on_rank0_stop_every_rank(tmp_path, small_tmpfs):
             in result["lockf_eio"], (rank, result)
         assert f"cannot write {folders['disk_full'] / 'run.lock'} (no space left on device)" in result["disk_full"], \
             (rank, result)
+
+
+_FAILING_RUNS = """
+import json, sys, time
+from pathlib import Path
+from explainer.config import ExplainerRunConfig, load_config
+from explainer.recipes import ExplainerRecipe
+from explainer.run_errors import RunError
+from explainer.training_loop import fit
+base, common = sys.argv[1], json.loads(sys.argv[2])
+results = {}
+for name, extra in json.loads(sys.argv[3]).items():
+    out = Path(base) / name
+    cfg = load_config(ExplainerRunConfig, Path("configs/synthetic.yaml"), [*common, f"train.output_dir={out}", *extra])
+    start = time.time()
+    try:
+        fit(ExplainerRecipe(cfg))
+        results[name] = {"error": None}
+    except RunError as exc:
+        results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    results[name]["seconds"] = time.time() - start
+print(json.dumps(results))
+"""
+
+
+def _mixed_class_shards(tmp_path: Path) -> Path:
+    """Real shards whose train split has two shards: one of images with at most 1 class, one with up to 3. With 2
+    ranks each rank reads one of them in the first epoch, so only one rank meets images over a cap of 1."""
+    one = make_synthetic_shards(tmp_path / "one", ["--max-objects", "1"])
+    many = make_synthetic_shards(tmp_path / "many", ["--max-objects", "3", "--seed", "4"])
+    manifest = json.loads(one.read_text())
+    shutil.copy(many.parent / "train-000000.tar", one.parent / "train-000001.tar")
+    train = manifest["splits"]["train"]
+    train["shards"].append({**train["shards"][0], "path": "train-000001.tar"})
+    train["total"] *= 2
+    one.write_text(json.dumps(manifest))
+    return one
+
+
+def test_a_failure_on_one_rank_stops_every_rank_after_the_same_step(synthetic_manifest, tiny_classifier, tmp_path):
+    """2 gloo ranks, five real runs in the same two processes, each failing on ONE rank: rank 0 cannot write
+    config.yaml, explainer.pt (first validation), explainer_last.pt or summary.json (a folder is in the way: what a
+    permission or full-disk error does to an atomic write), or rank 1 alone meets images with more classes than
+    loss.max_classes_per_image. Before: the failing rank raised and the other waited in its next collective until
+    the process-group timeout (30 min; on gloo a crash can also end it with a connection error). Now both raise the
+    same error within seconds of each other."""
+    runs = {name: [] for name in ("config.yaml", "explainer.pt", "explainer_last.pt", "summary.json")}
+    for name in runs:
+        (tmp_path / name / name / "in-the-way").mkdir(parents=True)
+    runs["class_cap"] = [f"data.manifest={_mixed_class_shards(tmp_path / 'shards')}", "loss.max_classes_per_image=1"]
+    common = [*tiny_overrides(synthetic_manifest, tmp_path), f"classifier.checkpoint={tiny_classifier}",
+              "explainer.arch=tiny_unet", "tracking.wandb_mode=disabled", "train.max_steps=2",
+              "train.val_every_steps=2", "train.checkpoint_every_steps=2", "train.val_max_batches=1"]
+    procs = run_ranks(_FAILING_RUNS, args=[str(tmp_path), json.dumps(common), json.dumps(runs)], timeout=240)
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(p.stdout.strip().splitlines()[-1]) for p in procs]
+    for name in ("config.yaml", "explainer.pt", "explainer_last.pt", "summary.json"):
+        path = tmp_path / name / name
+        assert results[0][name]["error"].startswith(f"RunError: cannot write {path}: "), results[0][name]
+        assert results[1][name]["error"].startswith(f"RunError: cannot write {path}: on rank 0 (its message says "
+                                                    "why)"), results[1][name]
+    assert not (tmp_path / "explainer.pt" / "checkpoints").exists()  # stopped before the step-2 checkpoint
+    assert (tmp_path / "summary.json" / "explainer_last.pt").is_file()
+    for rank, result in enumerate(results):
+        error = result["class_cap"]["error"]
+        assert error.startswith("UserError: loss.max_classes_per_image is 1, but an image with "), (rank, error)
+        assert "ground-truth classes reached rank 1 in step 1: raise the cap" in error, (rank, error)
+        assert all(r["seconds"] < 60 for r in result.values()), result
