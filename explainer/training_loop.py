@@ -508,8 +508,9 @@ def save_run_state(run: Run) -> None:
 
 
 def stop_on_signal(run: Run, signum: int, saved: bool) -> NoReturn:
-    """Every rank learnt in this step's decision that a SIGTERM / SIGINT arrived: write this step's checkpoint
-    (collective; `saved`: already written), say where once, leave the process group and exit 143 / 130."""
+    """Every rank learnt in this step's decision that a SIGTERM / SIGINT / SIGUSR2 arrived: write this step's
+    checkpoint (collective; `saved`: already written), say where once, leave the process group and exit 143 / 130 /
+    140 (SIGUSR2 first goes to the handler ours replaced: submitit's requeues the job)."""
     if not saved:
         save_run_state(run)
     if run.world.is_main:
@@ -517,6 +518,7 @@ def stop_on_signal(run: Run, signum: int, saved: bool) -> NoReturn:
               f"(continue with train.resume=auto); exit {exit_status(signum)}", file=sys.stderr, flush=True)
     run.tracker.finish()
     close_process_group()
+    run.stop.hand_over(signum)  # SIGUSR2 under submitit: its handler requeues the job now that the checkpoint exists
     raise SystemExit(exit_status(signum))
 
 
@@ -635,8 +637,8 @@ def claim_run_folder(accelerator: Accelerator, run_dir: Path, keep_last: int) ->
 def fit(recipe: Recipe) -> dict[str, Any]:
     """Train until max_steps / epochs / early stopping; return the run summary (also written to summary.json).
 
-    SIGTERM / SIGINT: the step in progress is finished, checkpointed on every rank, and the process exits 143 / 130
-    (explainer/signals.py); a signal after the last step lets the run finish normally.
+    SIGTERM / SIGINT / SIGUSR2: the step in progress is finished, checkpointed on every rank, and the process exits
+    143 / 130 / 140 (explainer/signals.py); a signal after the last step lets the run finish normally.
     """
     stop = StopRequest()
     with stop.installed():
