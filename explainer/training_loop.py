@@ -66,6 +66,7 @@ from explainer.precision import Precision
 from explainer.run_checkpoints import CheckpointManager, TrainerState, all_finite_on_device
 from explainer.run_errors import RunError, UserError, first_line
 from explainer.run_lock import RunLock, acquire_shared
+from explainer.run_resume import CHANGES_FILE, check_resume, model_identity, record_changes
 from explainer.signals import StopRequest, exit_status, signal_name
 from explainer.tracking import RunTracker, wandb_log_with
 
@@ -504,6 +505,7 @@ def save_run_state(run: Run) -> None:
             f"optim.lr and the loss weights); not saved. Last finite checkpoint: {last_finite_checkpoint(run)}"
         )
     run.state.scaler = run.precision.state_dict()
+    run.state.model = model_identity(run.recipe.kind, run.cfg, run.manifest.classes)
     run.checkpoints.save(run.accelerator, run.state)
 
 
@@ -602,10 +604,11 @@ def start_run(recipe: Recipe) -> tuple[Run, Any, bool]:
     val_stream = make_eval_loader(data, manifest, dcfg.val_split, rank=world.rank, world_size=world.world_size,
                                   image_format=image_format, **norm)
 
-    resume_from = checkpoints.resolve_shared(accelerator, tcfg.resume)
+    resume_from, changes = resolve_resume(recipe, accelerator, checkpoints, manifest)
     state = CheckpointManager.load(accelerator, resume_from) if resume_from else TrainerState()
     precision.load_state_dict(state.scaler)
-    checkpoints.write_on_main(accelerator, run_dir / "config.yaml", lambda: save_config(cfg, run_dir / "config.yaml"))
+    checkpoints.write_on_main(accelerator, run_dir / "config.yaml",
+                              lambda: save_run_config(cfg, run_dir, resume_from, state.step, changes))
     if world.is_main:
         if resume_from:
             log.info("resumed from %s (step %d, epoch %d)", resume_from, state.step, state.epoch)
@@ -620,6 +623,28 @@ def start_run(recipe: Recipe) -> tuple[Run, Any, bool]:
               state=state, checkpoints=checkpoints, tracker=tracker, val_stream=val_stream, run_dir=run_dir,
               norm=norm, lock=lock)
     return run, train_stream, resume_from is not None
+
+
+def resolve_resume(recipe: Recipe, accelerator: Accelerator, checkpoints: CheckpointManager,
+                   manifest: Manifest) -> tuple[Path | None, dict[str, list[Any]]]:
+    """The checkpoint to resume from (None: a fresh start), checked by rank 0 against this config before anything
+    loads (explainer/run_resume.py), and the allowed changes (known on rank 0 only)."""
+    changes: dict[str, list[Any]] = {}
+
+    def check(path: Path) -> None:
+        changes.update(check_resume(path, recipe.kind, recipe.cfg, manifest.classes))
+
+    return checkpoints.resolve_shared(accelerator, recipe.cfg.train.resume, check), changes
+
+
+def save_run_config(cfg: Any, run_dir: Path, resumed_from: Path | None, step: int,
+                    changes: dict[str, list[Any]]) -> None:
+    """Rank 0: config.yaml, and what a resume changed (said and appended to config_changes.jsonl)."""
+    save_config(cfg, run_dir / "config.yaml")
+    if resumed_from is not None and changes:
+        log.warning("resumed with changed settings: %s (recorded in %s)", "; ".join(
+            f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()), run_dir / CHANGES_FILE)
+        record_changes(run_dir, resumed_from, step, changes)
 
 
 def claim_run_folder(accelerator: Accelerator, run_dir: Path, keep_last: int) -> tuple[RunLock, CheckpointManager]:

@@ -478,3 +478,70 @@ def test_a_failure_on_one_rank_stops_every_rank_after_the_same_step(synthetic_ma
         assert error.startswith("UserError: loss.max_classes_per_image is 1, but an image with "), (rank, error)
         assert "ground-truth classes reached rank 1 in step 1: raise the cap" in error, (rank, error)
         assert all(r["seconds"] < 60 for r in result.values()), result
+
+
+def test_a_run_folder_is_never_silently_overwritten_or_redescribed(synthetic_manifest, tiny_classifier, tmp_path,
+                                                                   capsys):
+    """Issue 26 §3, in this process (explainer.train.main, what the command runs). Before: a second `train` into the
+    folder started at step 0 and replaced explainer.pt; `--resume` at 64 px, letterbox, rtis or with other classes
+    exited 0 with no word; the checkpoints newer than the one resumed from stayed and a later --resume auto
+    continued the abandoned run."""
+    from explainer.train import main
+
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    every = ["train.checkpoint_every_steps=1", "train.val_every_steps=2", "train.keep_last=9"]
+
+    def train(*extra: str, resume: str | None = None) -> tuple[int, str]:
+        capsys.readouterr()
+        try:
+            code = main(_args(synthetic_manifest, tiny_classifier, run, *every, *extra)[2:] +
+                        ([] if resume is None else ["--resume", resume]))
+        except SystemExit as stop:
+            code = stop.code
+        said = capsys.readouterr()
+        return code, said.out + said.err
+
+    assert train("train.max_steps=3")[0] == 0
+    best = (run / "explainer.pt").read_bytes()
+    code, said = train("train.max_steps=1")
+    assert code == 2 and said.strip().splitlines()[-1] == (
+        f"error: train.output_dir {run} holds another run's checkpoints (newest: step_00000003); continue that run "
+        "with --resume auto, or choose another train.output_dir"), said[-2000:]
+    assert (run / "explainer.pt").read_bytes() == best and len(list(ckpts.glob("step_*"))) == 3
+
+    code, said = train("data.image_size=64", "data.resize=letterbox", "loss.kind=rtis", "loss.w_class_specific=0",
+                       resume="auto")
+    line = said.strip().splitlines()[-1]
+    assert code == 2 and line.startswith(f"error: --resume {ckpts / 'step_00000003'}: the run folder {run} was "
+                                         "trained with 4 classes / tiny_unet, and this config changes what its "
+                                         "checkpoint means: "), line
+    for change in ("data.image_size 32 -> 64", "data.resize 'squash' -> 'letterbox'", "loss.kind 'wysiwyc' -> 'rtis'"):
+        assert change in line, (change, line)
+    assert "loss.w_class_specific" not in line and (run / "explainer.pt").read_bytes() == best
+    # Other classes: the explainer trainer already refuses a classifier trained on other classes, so the check that
+    # runs before the load is called here on the same folder, with the classes another manifest would give.
+    from explainer.run_errors import UserError
+    from explainer.run_resume import check_resume
+
+    cfg = load_config(ExplainerRunConfig, run / "config.yaml")
+    classes = json.loads(synthetic_manifest.read_text())["classes"]
+    with pytest.raises(UserError, match=r"was trained with 4 classes / tiny_unet, .*: classes 4 \[.*\] -> 3 "):
+        check_resume(ckpts / "step_00000003", "explainer", cfg, classes[:3])
+    assert check_resume(ckpts / "step_00000003", "explainer", cfg, classes) == {}
+
+    code, said = train("train.max_steps=4", "optim.lr=0.0005", resume="auto")  # allowed, said and recorded
+    assert code == 0 and "resumed with changed settings: " in said and "optim.lr 0.003 -> 0.0005" in said, said
+    [record] = [json.loads(line) for line in (run / "config_changes.jsonl").read_text().splitlines()]
+    assert record["changed"]["optim.lr"] == [0.003, 0.0005] and record["step"] == 3
+    assert record["changed"]["train.max_steps"] == [3, 4] and "train.resume" not in record["changed"]
+
+    code, said = train("train.max_steps=3", resume=str(ckpts / "step_00000002"))  # an older step, named
+    assert code == 0, said[-3000:]
+    [aside] = ckpts.glob("set-aside-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["step_00000003", "step_00000004"]
+    assert f"moved the newer checkpoint(s) step_00000003, step_00000004 aside to {aside} (nothing deleted)" in said
+    (ckpts / "step_00000003" / "meta.json").unlink()  # the newest unusable: --resume auto skips and sets it aside
+    code, said = train("train.max_steps=3", resume="auto")
+    assert code == 0 and f"resumed from {ckpts / 'step_00000002'} (step 2," in said, said[-3000:]
+    assert len(list(ckpts.glob("set-aside-*/step_00000003"))) == 2
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000001", "step_00000002", "step_00000003"]
