@@ -196,11 +196,14 @@ def test_resume_auto_skips_an_unusable_checkpoint_and_an_explicit_one_is_named(t
     bad = manager.root / "step_00000002"
     corrupt(bad / name)
     assert reason in inspect(bad)
+    with pytest.raises(UserError, match=f"train.resume='{bad}' cannot be resumed from: .*{reason[:20]}"):
+        manager.resolve_shared(accelerator, str(bad))
     assert manager.resolve_shared(accelerator, "auto") == manager.root / "step_00000001"
     out = capsys.readouterr().out
     assert f"skipping checkpoint {bad}: " in out and reason in out, out
-    with pytest.raises(UserError, match=f"train.resume='{bad}' cannot be resumed from: .*{reason[:20]}"):
-        manager.resolve_shared(accelerator, str(bad))
+    [aside] = manager.root.glob("set-aside-*")  # the skipped one is moved aside, not left as the latest (issue 26)
+    assert [p.name for p in aside.iterdir()] == ["step_00000002"] and not bad.exists()
+    assert "moved the newer checkpoint(s) step_00000002 aside to " in out
 
 
 def test_resume_auto_with_no_usable_checkpoint_stops_instead_of_starting_fresh(tmp_path, prepared):
@@ -218,7 +221,8 @@ def test_resume_auto_with_no_usable_checkpoint_stops_instead_of_starting_fresh(t
 
 def test_rotation_keeps_the_checkpoint_this_run_resumed_from_and_wrote(tmp_path, prepared):
     """Newer unusable checkpoints (skipped by the resume) must not push this run's good ones out of keep_last.
-    Before: keep_last=1 kept the corrupt step 9 and deleted the step 2 just written."""
+    Before: keep_last=1 kept the corrupt step 9 and deleted the step 2 just written. Since issue 26 the resume moves
+    step 9 aside, so it is neither kept in a slot nor named as the latest."""
     accelerator, model, optimizer = prepared
     manager = CheckpointManager(tmp_path, keep_last=1)
     manager.save(accelerator, TrainerState(step=1))
@@ -228,8 +232,9 @@ def test_rotation_keeps_the_checkpoint_this_run_resumed_from_and_wrote(tmp_path,
     assert resumed.resolve_shared(accelerator, "auto").name == "step_00000001"
     _train_one_step(model, optimizer)
     resumed.save(accelerator, TrainerState(step=2))
-    assert [p.name for p in resumed.complete()] == ["step_00000002", "step_00000009"]
+    assert [p.name for p in resumed.complete()] == ["step_00000002"]
     assert resumed.latest_usable().name == "step_00000002"
+    assert [p.name for p in resumed.root.glob("set-aside-*/*")] == ["step_00000009"]
 
 
 def test_rotation_removes_only_its_own_temporary_folders(tmp_path, prepared):
