@@ -434,18 +434,22 @@ print(json.dumps(results))
 """
 
 
-def _mixed_class_shards(tmp_path: Path) -> Path:
-    """Real shards whose train split has two shards: one of images with at most 1 class, one with up to 3. With 2
-    ranks each rank reads one of them in the first epoch, so only one rank meets images over a cap of 1."""
-    one = make_synthetic_shards(tmp_path / "one", ["--max-objects", "1"])
-    many = make_synthetic_shards(tmp_path / "many", ["--max-objects", "3", "--seed", "4"])
-    manifest = json.loads(one.read_text())
-    shutil.copy(many.parent / "train-000000.tar", one.parent / "train-000001.tar")
+def _mixed_class_shards(base: Path, tmp_path: Path) -> Path:
+    """Real shards whose train split has two shards: the tiny set's (at most 2 classes per image) and one with up to
+    4. With 2 ranks each rank reads one of them in the first epoch, so only one rank meets images over a cap of 2."""
+    many = make_synthetic_shards(tmp_path / "many", ["--max-objects", "4", "--seed", "4", "--counts",
+                                                     "train=96,val=8,test=8"])
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for shard in base.parent.glob("*.tar"):
+        shutil.copy(shard, mixed / shard.name)
+    shutil.copy(many.parent / "train-000000.tar", mixed / "train-000001.tar")
+    manifest = json.loads(base.read_text())
     train = manifest["splits"]["train"]
     train["shards"].append({**train["shards"][0], "path": "train-000001.tar"})
     train["total"] *= 2
-    one.write_text(json.dumps(manifest))
-    return one
+    (mixed / "manifest.json").write_text(json.dumps(manifest))
+    return mixed / "manifest.json"
 
 
 def test_a_failure_on_one_rank_stops_every_rank_after_the_same_step(synthetic_manifest, tiny_classifier, tmp_path):
@@ -458,10 +462,11 @@ def test_a_failure_on_one_rank_stops_every_rank_after_the_same_step(synthetic_ma
     runs = {name: [] for name in ("config.yaml", "explainer.pt", "explainer_last.pt", "summary.json")}
     for name in runs:
         (tmp_path / name / name / "in-the-way").mkdir(parents=True)
-    runs["class_cap"] = [f"data.manifest={_mixed_class_shards(tmp_path / 'shards')}", "loss.max_classes_per_image=1"]
+    runs["class_cap"] = [f"data.manifest={_mixed_class_shards(synthetic_manifest, tmp_path / 'shards')}",
+                         "loss.max_classes_per_image=2"]
     common = [*tiny_overrides(synthetic_manifest, tmp_path), f"classifier.checkpoint={tiny_classifier}",
-              "explainer.arch=tiny_unet", "tracking.wandb_mode=disabled", "train.max_steps=2",
-              "train.val_every_steps=2", "train.checkpoint_every_steps=2", "train.val_max_batches=1"]
+              "explainer.arch=tiny_unet", "tracking.wandb_mode=disabled", "train.max_steps=1",
+              "train.val_max_batches=1"]
     procs = run_ranks(_FAILING_RUNS, args=[str(tmp_path), json.dumps(common), json.dumps(runs)], timeout=240)
     for proc in procs:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -471,11 +476,11 @@ def test_a_failure_on_one_rank_stops_every_rank_after_the_same_step(synthetic_ma
         assert results[0][name]["error"].startswith(f"RunError: cannot write {path}: "), results[0][name]
         assert results[1][name]["error"].startswith(f"RunError: cannot write {path}: on rank 0 (its message says "
                                                     "why)"), results[1][name]
-    assert not (tmp_path / "explainer.pt" / "checkpoints").exists()  # stopped before the step-2 checkpoint
+    assert not (tmp_path / "explainer.pt" / "checkpoints").exists()  # stopped before the step-1 checkpoint
     assert (tmp_path / "summary.json" / "explainer_last.pt").is_file()
     for rank, result in enumerate(results):
         error = result["class_cap"]["error"]
-        assert error.startswith("UserError: loss.max_classes_per_image is 1, but an image with "), (rank, error)
+        assert error.startswith("UserError: loss.max_classes_per_image is 2, but an image with "), (rank, error)
         assert "ground-truth classes reached rank 1 in step 1: raise the cap" in error, (rank, error)
         assert all(r["seconds"] < 60 for r in result.values()), result
 
