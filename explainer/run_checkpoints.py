@@ -335,9 +335,8 @@ class CheckpointManager:
         newer = [p for p in self._step_dirs() if step is not None and _step_of(p) > step]
         if not newer:
             return []
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        aside = next(self.root / f"set-aside-{stamp}{f'-{i}' if i else ''}" for i in range(1000)
-                     if not (self.root / f"set-aside-{stamp}{f'-{i}' if i else ''}").exists())
+        base = self.root / f"set-aside-{time.strftime('%Y%m%dT%H%M%S')}"
+        aside = next(p for p in (base, *(base.with_name(f"{base.name}-{i}") for i in range(1, 1000))) if not p.exists())
         aside.mkdir()
         moved = []
         for path in newer:
