@@ -515,12 +515,13 @@ def test_a_run_folder_is_never_silently_overwritten_or_redescribed(synthetic_man
     assert (run / "explainer.pt").read_bytes() == best and len(list(ckpts.glob("step_*"))) == 3
 
     code, said = train("data.image_size=64", "data.resize=letterbox", "loss.kind=rtis", "loss.w_class_specific=0",
-                       resume="auto")
+                       "explainer.arch=lraspp_mobilenet_v3_large", resume="auto")
     line = said.strip().splitlines()[-1]
     assert code == 2 and line.startswith(f"error: --resume {ckpts / 'step_00000003'}: the run folder {run} was "
                                          "trained with 4 classes / tiny_unet, and this config changes what its "
                                          "checkpoint means: "), line
-    for change in ("data.image_size 32 -> 64", "data.resize 'squash' -> 'letterbox'", "loss.kind 'wysiwyc' -> 'rtis'"):
+    for change in ("data.image_size 32 -> 64", "data.resize 'squash' -> 'letterbox'", "loss.kind 'wysiwyc' -> 'rtis'",
+                   "explainer.arch 'tiny_unet' -> 'lraspp_mobilenet_v3_large'"):
         assert change in line, (change, line)
     assert "loss.w_class_specific" not in line and (run / "explainer.pt").read_bytes() == best
     # Other classes: the explainer trainer already refuses a classifier trained on other classes, so the check that
