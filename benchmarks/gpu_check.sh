@@ -9,7 +9,8 @@
 #   bash benchmarks/gpu_check.sh --device cpu --smoke # tiny models, a minute on a CPU (tests/test_bench_train_step.py)
 #   bash benchmarks/gpu_check.sh --out DIR            # results elsewhere
 #
-# Stages (CUDA): 1. bare step, eager: DeepLabV3-R50 explainer + ResNet-50 / VGG-16 classifiers, 224 px, batch
+# Stages (CUDA): 0. checkpoint_resume: explainer/train.py (tiny models, Adam) saves a checkpoint and resumes from it on
+# the GPU (Adam's step stays on the CPU there: benchmarks/checkpoint_resume_check.py); 1. bare step, eager: DeepLabV3-R50 explainer + ResNet-50 / VGG-16 classifiers, 224 px, batch
 # 16/32/64, modes reference (fp32, the paper code's structure) / ours_fp32 / ours (bf16 autocast, channels_last),
 # FLOPs, MFU and peak memory per row; 1b. the ours step at 20 and 1000 classes (ResNet-50, batch 32): step time and
 # peak memory against the 20-class row (docs/results.md#many-classes); 2. explainer/train.py end to end on
@@ -42,7 +43,7 @@ while (($#)); do
         --device) DEVICE="$2"; shift 2 ;;
         --smoke) SMOKE=1; shift ;;
         --out) OUT="$2"; shift 2 ;;
-        -h | --help) sed -n '2,28p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,29p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -115,7 +116,7 @@ if ((SMOKE)); then
     EVAL=(--explainer tiny_unet --classifiers tiny_cnn --image-size 32 --num-classes 4 --batch-size 2 --rounds 1)
     COMPILE=(--batch-sizes 4 --compile-backend eager)  # dynamo's tracing without code generation: the plumbing only
     CLASSES=(--classifiers tiny_cnn --num-classes 4,40 --batch-sizes 4)
-    MIN_STEP=5 MIN_E2E=5 MIN_EVAL=5 MIN_COMPILE=5 MIN_CLASSES=5
+    MIN_STEP=5 MIN_E2E=5 MIN_EVAL=5 MIN_COMPILE=5 MIN_CLASSES=5 MIN_RESUME=5
 else
     MODELS=(--explainer deeplabv3_resnet50 --classifiers resnet50,vgg16 --image-size 224 --num-classes 20)
     STEP=(--batch-sizes 16,32,64 --warmup 5 --iters 10 --rounds 3)
@@ -124,14 +125,16 @@ else
           --rounds 3)
     COMPILE=(--batch-sizes 32 --warmup 3 --iters 10 --rounds 3)
     CLASSES=(--classifiers resnet50 --num-classes 20,1000 --batch-sizes 32 --warmup 3 --iters 5 --rounds 3)
-    MIN_STEP=60 MIN_E2E=60 MIN_EVAL=20 MIN_COMPILE=120 MIN_CLASSES=40
+    MIN_STEP=60 MIN_E2E=60 MIN_EVAL=20 MIN_COMPILE=120 MIN_CLASSES=40 MIN_RESUME=30
 fi
 BENCH=("$PY" benchmarks/bench_train_step.py --device "$DEVICE" --channels-last "${MODELS[@]}")
-
-stage step_eager "$MIN_STEP" "${BENCH[@]}" "${STEP[@]}" --out "$OUT/step_eager.json"
-stage step_classes "$MIN_CLASSES" "${BENCH[@]}" "${STEP[@]}" "${CLASSES[@]}" --modes ours --out "$OUT/step_classes.json"
 E2E_WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_e2e.XXXXXX")"  # shards, checkpoints: large, not results
 trap 'rm -rf "$E2E_WORK"' EXIT
+
+stage checkpoint_resume "$MIN_RESUME" "$PY" benchmarks/checkpoint_resume_check.py --device "$DEVICE" \
+    --work "$E2E_WORK/resume" --out "$OUT/checkpoint_resume.json"
+stage step_eager "$MIN_STEP" "${BENCH[@]}" "${STEP[@]}" --out "$OUT/step_eager.json"
+stage step_classes "$MIN_CLASSES" "${BENCH[@]}" "${STEP[@]}" "${CLASSES[@]}" --modes ours --out "$OUT/step_classes.json"
 stage e2e "$MIN_E2E" "${BENCH[@]}" "${STEP[@]}" "${E2E[@]}" --modes ours --e2e --e2e-dir "$E2E_WORK" \
     --out "$OUT/e2e.json"
 stage eval_timing "$MIN_EVAL" "$PY" benchmarks/bench_eval_timing.py --device "$DEVICE" "${EVAL[@]}" \

@@ -26,8 +26,10 @@ def summarise(folder: Path) -> dict[str, Any]:
     eager, compiled = _load(folder / "step_eager.json"), _load(folder / "step_compiled.json")
     e2e, timing, env = _load(folder / "e2e.json"), _load(folder / "eval_timing.json"), _load(folder / "env.json")
     checks: list[dict[str, Any]] = []
+    resume = _load(folder / "checkpoint_resume.json")
     missing = [name for name, part in [("step_eager.json", eager), ("step_compiled.json", compiled),
-                                       ("e2e.json", e2e), ("eval_timing.json", timing)] if part is None]
+                                       ("e2e.json", e2e), ("eval_timing.json", timing),
+                                       ("checkpoint_resume.json", resume)] if part is None]
     partial = [name for name, part in [("step_eager.json", eager), ("step_compiled.json", compiled),
                                        ("e2e.json", e2e)] if part is not None and part.get("partial")]
     step_rows = [r for part in (eager, compiled) if part for r in part["results"] if "images_per_s" in r]
@@ -62,7 +64,8 @@ def summarise(folder: Path) -> dict[str, Any]:
         "env": env,
         "aims": AIMS,
         "checks": checks,
-        "all_met": bool(checks) and all(c["met"] for c in checks) and not missing and not partial,
+        "all_met": bool(checks) and all(c["met"] for c in checks) and not missing and not partial
+        and bool(resume and resume.get("ok")),
         "missing": missing,
         "partial": partial,  # stopped by the time budget: the rows measured before that
         "peak_mem_gib": peak_mem,
@@ -71,6 +74,8 @@ def summarise(folder: Path) -> dict[str, Any]:
         "eval_timing": (timing or {}).get("results"),
         # issue 16: the ours step at many classes against 20 (time and peak memory ratios, same run)
         "class_ratios": (_load(folder / "step_classes.json") or {}).get("class_ratios"),
+        # issue 26: a checkpoint saved and resumed by the trainer on this device
+        "checkpoint_resume": _load(folder / "checkpoint_resume.json"),
     }
 
 
@@ -90,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         value = f"{c['value']:.3f}" if "value" in c else f"error: {c.get('error', '')[:80]}"
         print(f"  {'ok  ' if c['met'] else 'MISS'} {c['aim']:<16} {c['classifier']:<10} bs {c['batch_size']:>3} "
               f"compiled={c.get('compiled', '-'):<20} {value} (aim >= {c['target']})")
+    resume = summary["checkpoint_resume"]
+    if resume is not None:
+        print(f"  {'ok  ' if resume.get('ok') else 'MISS'} checkpoint_resume: saved {resume.get('saved')}, resumed "
+              f"from step {resume.get('resumed_from_step')}, {resume.get('final_steps')} steps"
+              f"{'' if resume.get('ok') else ': ' + str(resume.get('error', ''))[:200]}")
     for name in summary["partial"]:
         print(f"  PART {name}: stopped by the time budget; the rows above are those measured before")
     for name in summary["missing"]:

@@ -8,6 +8,7 @@ so that a multi-process world uses gloo instead of each process believing it is 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
@@ -25,6 +26,7 @@ from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKw
 
 from explainer.atomic import write_text_atomic
 from explainer.config import TrainConfig
+from explainer.run_errors import UserError, os_reason
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,7 @@ def make_accelerator(mixed_precision: str, log_with: str | None, project_dir: st
     On CUDA: this process's GPU is chosen from what it can see (bind_local_device), cuDNN autotuning is on
     (train.cudnn_benchmark), and DDP gets the train.ddp_* options; every process group gets
     train.process_group_timeout_min. With several processes, every rank must see `project_dir` (the run folder) as
-    rank 0 does (check_shared_run_folder).
+    rank 0 does: the trainer checks it (check_shared_run_folder) once rank 0 holds the folder's lock.
     """
     train = train if train is not None else TrainConfig()
     use_cpu = not torch.cuda.is_available()
@@ -166,7 +168,6 @@ def make_accelerator(mixed_precision: str, log_with: str | None, project_dir: st
         kwargs_handlers=[ddp_kwargs(train, cuda=not use_cpu, world_size=world_size),
                          process_group_kwargs(train.process_group_timeout_min)],
     )
-    check_shared_run_folder(accelerator, project_dir)  # before anything is written to or resumed from it
     return accelerator
 
 
@@ -249,15 +250,22 @@ def check_shared_run_folder(accelerator: Accelerator, run_dir: str | os.PathLike
     """Every rank must see the run folder rank 0 writes (checkpoints are written by all ranks and resumed from rank
     0's choice). Rank 0 writes a fresh token file there and broadcasts its path and content (a barrier); every rank
     reads it, and if any rank cannot, all ranks raise the same RunFolderNotShared naming those ranks and hosts.
+    Call it once rank 0 holds the run folder's lock (a second run into the folder is then refused as busy, not
+    mistaken for a folder that is not shared); rank 0 failing to write the token raises on every rank.
     One process: nothing to check."""
     if accelerator.num_processes <= 1:
         return
     path = Path(run_dir).absolute() / SHARED_TOKEN  # this rank's view of the run folder
-    sent: list[Any] = [None]
+    sent: list[Any] = [None, None]
     if accelerator.is_main_process:
         sent[0] = f"{socket.gethostname()} {os.getpid()} {uuid.uuid4().hex}"
-        write_text_atomic(path, sent[0])
+        try:
+            write_text_atomic(path, sent[0])
+        except OSError as exc:  # read-only, full: said on every rank instead of leaving them in the broadcast
+            sent[1] = f"train.output_dir {path.parent}: rank 0 cannot write {path.name} there ({os_reason(exc)})"
     torch.distributed.broadcast_object_list(sent, src=0)
+    if sent[1] is not None:
+        raise UserError(sent[1])
     try:
         seen = path.read_text() == sent[0]
     except OSError:
@@ -265,7 +273,8 @@ def check_shared_run_folder(accelerator: Accelerator, run_dir: str | os.PathLike
     views: list[Any] = [None] * accelerator.num_processes
     torch.distributed.all_gather_object(views, (socket.gethostname(), str(path.parent), seen))
     if accelerator.is_main_process:
-        path.unlink(missing_ok=True)  # every rank has read it (all_gather is collective)
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)  # every rank has read it (all_gather is collective)
     main_host, main_dir, _ = views[0]
     blind = [f"rank {rank} on {host}" + ("" if folder == main_dir else f" (its folder: {folder})")
              for rank, (host, folder, ok) in enumerate(views) if not ok]

@@ -21,6 +21,8 @@ import math
 import os
 import re
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,7 @@ class TrainerState:
     stopped_early: bool = False
     scaler: dict[str, Any] | None = None  # our fp16 GradScaler on CPU (scale, growth tracker): JSON, not a pickle
     history: list[dict[str, Any]] = field(default_factory=list)  # validation results, for summary.json
+    model: dict[str, Any] | None = None  # {"arch", "classes"} it was trained with (explainer/run_resume.py)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,9 +101,20 @@ def all_finite_on_device(accelerator: Accelerator, model: torch.nn.Module, optim
     tensors += _floating(v for per_param in inner.state.values() for v in per_param.values())
     if not tensors:
         return True
-    maxima = torch._foreach_norm(tensors, ord=math.inf)
-    bad = (~torch.stack([torch.isfinite(m) for m in maxima])).any()
-    return not any_flag(accelerator, bad.reshape(1).to(accelerator.device))
+    return not any_flag(accelerator, any_nonfinite(tensors, accelerator.device))
+
+
+def any_nonfinite(tensors: list[torch.Tensor], device: torch.device | str) -> torch.Tensor:
+    """A one-element bool tensor on `device`: some tensor holds an inf or nan. The tensors may live on several
+    devices: on a GPU, torch keeps Adam's `step` on the CPU (neither `capturable` nor `fused`), and one stack of
+    flags from both raised "Expected all tensors to be on the same device", so no checkpoint was ever written.
+    One reduction per device, then one small copy of each device's flag (no host sync)."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_device.setdefault(tensor.device, []).append(tensor)
+    flags = [(~torch.isfinite(torch.stack(torch._foreach_norm(group, ord=math.inf)))).any().reshape(1).to(device)
+             for group in by_device.values()]
+    return torch.cat(flags).any().reshape(1)
 
 
 def inspect(path: Path) -> str | None:
@@ -214,6 +228,15 @@ class CheckpointManager:
         accelerator.wait_for_everyone()
         return final
 
+    def write_on_main(self, accelerator: Accelerator, path: Path, write: Callable[[], Any]) -> None:
+        """Collective: rank 0 alone writes `path` (explainer.pt, config.yaml, summary.json, the last weights). A
+        failure (full disk, permissions) raises the same RunError on every rank, so none waits for rank 0 in a later
+        collective until the process-group timeout."""
+        error = self._attempt(path, write) if accelerator.is_main_process else None
+        if any_flag(accelerator, torch.tensor([1.0 if error else 0.0], device=accelerator.device)):
+            raise RunError(f"cannot write {path}: {error or 'on rank 0 (its message says why)'}; the last complete "
+                           f"checkpoint is {self.last_good or self.latest() or 'none'}, untouched")
+
     @staticmethod
     def _attempt(tmp: Path, write: Any) -> str | None:
         try:
@@ -288,9 +311,46 @@ class CheckpointManager:
                                   "Move the folders away to start fresh")
         return None
 
-    def resolve_shared(self, accelerator: Accelerator, resume: str | None) -> Path | None:
+    def _resolve_on_main(self, resume: str | None, check: Callable[[Path], None] | None) -> Path | None:
+        """Rank 0's part of resolve_shared: refuse a fresh start over another run's checkpoints, resolve, check,
+        then set aside the checkpoints newer than the chosen one."""
+        if resume is None and self._step_dirs():
+            raise CheckpointError(
+                f"train.output_dir {self.root.parent} holds another run's checkpoints (newest: "
+                f"{self._step_dirs()[-1].name}); continue that run with --resume auto, or choose another "
+                "train.output_dir")
+        found = self.resolve(resume)
+        if found is not None:
+            if check is not None:
+                check(found)
+            self.set_aside_newer_than(found)
+        return found
+
+    def set_aside_newer_than(self, chosen: Path) -> list[Path]:
+        """Checkpoints of this run folder newer than the one resumed from (skipped as unusable, or an explicit
+        resume from an older step) belong to an abandoned continuation: left in place they would be named as the
+        latest, take keep_last slots, and a later --resume auto would continue the abandoned run. They are moved
+        into `checkpoints/set-aside-<time>/`, never deleted; rank 0 only, under the run folder's lock."""
+        step = _step_of(chosen)
+        newer = [p for p in self._step_dirs() if step is not None and _step_of(p) > step]
+        if not newer:
+            return []
+        base = self.root / f"set-aside-{time.strftime('%Y%m%dT%H%M%S')}"
+        aside = next(p for p in (base, *(base.with_name(f"{base.name}-{i}") for i in range(1, 1000))) if not p.exists())
+        aside.mkdir()
+        moved = []
+        for path in newer:
+            os.replace(path, aside / path.name)
+            moved.append(aside / path.name)
+        log.warning("resuming from %s: moved the newer checkpoint(s) %s aside to %s (nothing deleted); they belong "
+                    "to the run this resume abandons", chosen, ", ".join(p.name for p in newer), aside)
+        return moved
+
+    def resolve_shared(self, accelerator: Accelerator, resume: str | None,
+                       check: Callable[[Path], None] | None = None) -> Path | None:
         """`resolve` done by rank 0 only and broadcast, then checked readable on every rank (collective). A resume
-        setting that names nothing usable raises UserError (exit status 2) on every rank.
+        setting that names nothing usable, a fresh start into a folder with another run's checkpoints, or `check`
+        (rank 0, on the chosen checkpoint) refusing it raises UserError (exit status 2) on every rank.
 
         Ranks resolving `auto` on their own could pick different checkpoints (or none) when run folders are
         node-local, and then diverge or hang in the first collective. Instead every rank gets rank 0's choice, and
@@ -300,9 +360,9 @@ class CheckpointManager:
         error: list[str | None] = [None]
         if accelerator.is_main_process:
             try:
-                found = self.resolve(resume)
+                found = self._resolve_on_main(resume, check)
                 choice[0] = None if found is None else str(found)
-            except (FileNotFoundError, CheckpointError) as exc:
+            except (FileNotFoundError, RunError, OSError) as exc:
                 error[0] = str(exc)
         if accelerator.num_processes > 1:
             torch.distributed.broadcast_object_list(choice, src=0)
@@ -342,6 +402,11 @@ class CheckpointManager:
             return TrainerState.from_json(raw)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {path}: cannot read {META}: {first_line(exc)}") from exc
+
+
+def _step_of(path: Path) -> int | None:
+    match = _STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else None
 
 
 def _own_rng_readable(path: Path, rank: int) -> bool:

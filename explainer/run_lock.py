@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from explainer.logs import get_logger
-from explainer.run_errors import UserError
+from explainer.run_errors import RunError, UserError, os_reason
 
 log = get_logger(__name__)
 
@@ -82,13 +82,19 @@ def acquire(run_dir: str | os.PathLike) -> RunLock:
                 f"choose another train.output_dir"
             ) from None
         if exc.errno not in _UNSUPPORTED:
-            raise
+            os.close(fd)
+            raise RunError(f"{path}: cannot lock the run folder ({os_reason(exc)}, errno {exc.errno}); the run "
+                           "folder must be on a filesystem with working file locks") from None
         os.close(fd)
         log.warning("%s: this filesystem has no working file locks (%s); the run goes on, but a second run started "
                     "into %s would not be refused", path, exc.strerror, run_dir)
         return RunLock(path, me, None, enforced=False)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps({"holder": me, "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n").encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps({"holder": me, "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n").encode(), 0)
+    except OSError as exc:  # a full disk: the lock file is the first thing written
+        os.close(fd)
+        raise UserError(f"train.output_dir {run_dir}: cannot write {path} ({os_reason(exc)})") from None
     return RunLock(path, me, fd)
 
 
@@ -102,23 +108,25 @@ def _read_holder(fd: int) -> str:
 
 def acquire_shared(accelerator, run_dir: str | os.PathLike) -> RunLock:
     """Collective: rank 0 takes the lock, every rank learns the outcome (and rank 0's holder id, which names this
-    run's temporary checkpoint folders). A refusal raises the same error on every rank, so none waits in a later
-    collective for a rank that stopped."""
+    run's temporary checkpoint folders). Any failure on rank 0 (busy, a lock error, a full disk) raises the same
+    error on every rank, so none waits in a later collective for a rank that stopped."""
     lock, error = None, None
     if accelerator.is_main_process:
         try:
             lock = acquire(run_dir)
-        except UserError as exc:
+        except (RunError, OSError) as exc:
             error = exc
     shared = [None if lock is None else (lock.holder, lock.enforced), None if error is None else
-              (type(error).__name__, str(error))]
+              (type(error).__name__, str(error), getattr(error, "exit_code", 1))]
     if accelerator.num_processes > 1:
         torch.distributed.broadcast_object_list(shared, src=0)
     if shared[1] is not None:
         if error is not None:
             raise error
-        kind, message = shared[1]
-        raise (RunFolderBusy if kind == RunFolderBusy.__name__ else UserError)(message)
+        kind, message, code = shared[1]
+        if kind == RunFolderBusy.__name__:
+            raise RunFolderBusy(message)
+        raise (UserError if code == UserError.exit_code else RunError)(f"rank 0: {message}")
     if lock is None:  # another rank: rank 0 holds it for the run
         lock = RunLock(Path(run_dir) / LOCK_NAME, shared[0][0], None, enforced=shared[0][1])
     return lock

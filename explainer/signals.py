@@ -1,4 +1,5 @@
-"""SIGTERM / SIGINT: stop at a safe point instead of dying mid-write or printing a KeyboardInterrupt traceback.
+"""SIGTERM / SIGINT (and SIGUSR2 in training): stop at a safe point instead of dying mid-write or printing a
+KeyboardInterrupt traceback.
 
 SIGTERM is what `scancel`, torchrun, Kubernetes and most schedulers send; SIGINT is Ctrl-C. Exit status follows the
 shell convention 128 + signal number: 143 for SIGTERM, 130 for SIGINT.
@@ -6,6 +7,10 @@ shell convention 128 + signal number: 143 for SIGTERM, 130 for SIGINT.
 * `StopRequest` (training): the handler only records the signal. The training loop adds the flag to the per-step
   reduction it already does, so every rank learns in the same step that some rank was signalled; all finish that step,
   write a checkpoint together and exit with the signal's status.
+* SIGUSR2 (training only) is SLURM's preemption / time-limit warning (`--signal=USR2@120`, submitit's default): the
+  same graceful stop, then `StopRequest.hand_over` gives the signal to the handler it replaced (submitit's, which
+  requeues the job on rank 0), so the requeue happens after the checkpoint rather than mid-step on rank 0 alone.
+  Exit status 140 where nothing else ends the process.
 * `raise_on_signals` (make_shards): the handler raises `Interrupted` in the main thread, so the caller can stop its
   worker processes and exit with the signal's status.
 
@@ -23,8 +28,10 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
+from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+PREEMPT_SIGNAL = signal.SIGUSR2  # SLURM's warning before a preemption or the time limit (submitit's default)
 
 
 def exit_status(signum: int) -> int:
@@ -43,15 +50,17 @@ def _exit_now(signum: int) -> None:
 
 
 @contextlib.contextmanager
-def _installed(handler: Callable[[int, FrameType | None], None]) -> Iterator[bool]:
-    """Install `handler` for SIGTERM and SIGINT while the block runs, then restore the previous handlers. Yields
-    False (nothing installed) outside the main thread, where Python cannot set handlers."""
+def _installed(handler: Callable[[int, FrameType | None], None],
+               signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[dict[int, Any] | None]:
+    """Install `handler` for `signals` (SIGTERM and SIGINT) while the block runs, then restore the previous
+    handlers. Yields the previous handlers, or None (nothing installed) outside the main thread, where Python cannot
+    set handlers."""
     if threading.current_thread() is not threading.main_thread():
-        yield False
+        yield None
         return
-    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
-        yield True
+        yield previous
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -63,6 +72,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._pid = os.getpid()
+        self._replaced: dict[int, Any] = {}  # the handlers installed before ours
 
     @property
     def requested(self) -> bool:
@@ -78,8 +88,16 @@ class StopRequest:
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopRequest]:
         self._pid = os.getpid()
-        with _installed(self.handle):
+        with _installed(self.handle, (*STOP_SIGNALS, PREEMPT_SIGNAL)) as previous:
+            self._replaced = previous or {}
             yield self
+
+    def hand_over(self, signum: int) -> None:
+        """After the graceful stop: give a SIGUSR2 to the Python handler ours replaced (submitit's requeues the job on
+        rank 0 and exits; on the other ranks it returns). The default action or none: nothing to do."""
+        previous = self._replaced.get(signum)
+        if signum == PREEMPT_SIGNAL and callable(previous):
+            previous(signum, None)
 
 
 class Interrupted(BaseException):  # noqa: N818 - like KeyboardInterrupt: not an Exception, so no handler swallows it

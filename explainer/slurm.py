@@ -5,9 +5,10 @@ SLURM's variables and calls the same `explainer.train.run(cfg)` that `python exp
 single-node, multi-node, local and debug runs share one code path. One task per GPU (CPU-only: `tasks_per_node`).
 
 Preemption and time limits: `TrainJob` is submitit-Checkpointable. On the preemption signal (USR2, `signal_delay_s`
-before the limit, or sent by the scheduler), submitit calls `checkpoint()` on global rank 0 only; it returns the same
-job with `train.resume=auto` and the same W&B run id, and submitit requeues it. Nothing collective happens there: the
-trainer writes complete checkpoints on its own schedule and the requeued job continues from the newest one.
+before the limit, or sent by the scheduler) during training, every rank finishes its step and writes a checkpoint
+(explainer/signals.py); then submitit's handler calls `checkpoint()` on global rank 0 only; it returns the same job
+with `train.resume=auto` and the same W&B run id, and submitit requeues it. Nothing collective happens there: the
+requeued job continues from the newest complete checkpoint.
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ from explainer.data.transforms import normalize_on_device
 from explainer.distributed import (
     WorldInfo,
     all_reduce_sums,
+    check_shared_run_folder,
     close_process_group,
     make_accelerator,
     max_over_ranks,
@@ -65,6 +66,7 @@ from explainer.precision import Precision
 from explainer.run_checkpoints import CheckpointManager, TrainerState, all_finite_on_device
 from explainer.run_errors import RunError, UserError, first_line
 from explainer.run_lock import RunLock, acquire_shared
+from explainer.run_resume import CHANGES_FILE, check_resume, model_identity, record_changes
 from explainer.signals import StopRequest, exit_status, signal_name
 from explainer.tracking import RunTracker, wandb_log_with
 
@@ -243,6 +245,7 @@ class Run:
     window: LogWindow = field(default_factory=LogWindow)
     stop: StopRequest = field(default_factory=StopRequest)  # SIGTERM / SIGINT seen by this process
     lock: RunLock | None = None  # the run folder's lock, held by rank 0 for the whole run (explainer/run_lock.py)
+    over_cap: int = 0  # this step's largest class count over loss.max_classes_per_image on this rank (0: none)
 
     @property
     def cfg(self) -> Any:
@@ -312,8 +315,9 @@ def optimizer_step(run: Run, batches: Iterator[dict[str, Any]], keep_images: int
     tcfg = run.cfg.train
     nonfinite = torch.zeros((), device=device)
     rows, keys, images, kept = [], [], 0, None
+    run.over_cap = 0
     for micro in range(accum):
-        batch = _to_device(next(batches), device, tcfg.channels_last, precision.dtype, run.norm)
+        batch = _to_device(cap_classes(run, next(batches)), device, tcfg.channels_last, precision.dtype, run.norm)
         run.state.batches_in_epoch += 1
         last = micro == accum - 1
         with contextlib.nullcontext() if last else run.accelerator.no_sync(model):
@@ -358,10 +362,42 @@ def optimizer_step(run: Run, batches: Iterator[dict[str, Any]], keep_images: int
 
 def _decide_step(run: Run, *flags: torch.Tensor) -> tuple[bool, int]:
     """(skip this step: a flag is set on some rank, the signal number that asks every rank to stop or 0), in the one
-    collective of the step: a signal that reached only one rank stops all of them after the same step."""
-    signum = torch.full((), float(run.stop.signum or 0), device=flags[0].device)  # a fill, no host-to-device copy
-    *bad, stop = max_over_ranks(run.accelerator, torch.stack([*flags, signum]))
+    collective of the step: a signal that reached only one rank stops all of them after the same step, and so does
+    an image over loss.max_classes_per_image (UserError on every rank, the step not applied)."""
+    device = flags[0].device
+    signum = torch.full((), float(run.stop.signum or 0), device=device)  # a fill, no host-to-device copy
+    over = [torch.full((), float(v), device=device) for v in (run.over_cap, run.world.rank + 1 if run.over_cap else 0)]
+    *bad, stop, over_cap, over_rank = max_over_ranks(run.accelerator, torch.stack([*flags, signum, *over]))
+    if over_cap:
+        stop_over_cap(run, over_cap, over_rank, f"step {run.state.step + 1}")
     return any(b > 0 for b in bad), int(stop)
+
+
+def stop_over_cap(run: Run, over_cap: float, over_rank: float, where: str) -> NoReturn:
+    """Every rank learnt in the same collective that an image had more classes than the cap: the same error."""
+    run.tracker.finish()
+    raise UserError(
+        f"loss.max_classes_per_image is {run.cfg.loss.max_classes_per_image}, but an image with {int(over_cap)} "
+        f"ground-truth classes reached rank {int(over_rank) - 1} in {where}: raise the cap or set it to null (each "
+        f"batch's maximum); stopped on every rank, the last checkpoint is {last_finite_checkpoint(run)}")
+
+
+def cap_classes(run: Run, batch: dict[str, Any]) -> dict[str, Any]:
+    """Check the loader's CPU labels against loss.max_classes_per_image (no device sync). An image over the cap
+    keeps its first `cap` classes so that this rank's step still meets the other ranks' collectives; the count goes
+    into the step's one decision, which stops every rank (before, the loss raised on this rank alone and the others
+    waited in the gradient all-reduce until the process-group timeout)."""
+    cap = getattr(getattr(run.cfg, "loss", None), "max_classes_per_image", None)
+    labels = batch.get("labels")
+    if cap is None or not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        return batch
+    present = labels > 0.5 if labels.dtype != torch.bool else labels
+    count = int(present.sum(dim=1).max()) if len(labels) else 0
+    if count <= cap:
+        return batch
+    run.over_cap = max(run.over_cap, count)
+    kept = present & (present.cumsum(dim=1) <= cap)
+    return {**batch, "labels": torch.where(kept, labels, torch.zeros_like(labels))}
 
 
 def handle_skipped_step(run: Run) -> None:
@@ -417,16 +453,22 @@ def run_validation(run: Run) -> dict[str, float]:
     sums: dict[str, float] = {}
     bar = tqdm(total=total, desc="validate", unit="batch", leave=False, disable=not run.world.is_main,
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    run.over_cap = 0
     with torch.no_grad():
         for i, batch in enumerate(run.val_stream):
             if tcfg.val_max_batches is not None and i >= tcfg.val_max_batches:
                 break
             bar.update(1)
+            batch = cap_classes(run, batch)
             batch = _to_device(batch, run.accelerator.device, tcfg.channels_last, run.precision.dtype, run.norm)
             for key, value in run.recipe.val_sums(model, batch, run.precision).items():
                 sums[key] = sums.get(key, 0.0) + value
     bar.close()
     model.train()
+    over = torch.tensor([run.over_cap, run.world.rank + 1 if run.over_cap else 0], device=run.accelerator.device)
+    over_cap, over_rank = max_over_ranks(run.accelerator, over)
+    if over_cap:
+        stop_over_cap(run, over_cap, over_rank, f"the validation after step {run.state.step}")
     sums = all_reduce_sums(run.accelerator, sums, run.recipe.val_keys(run.manifest))
     if not sums["count"]:
         raise ValueError(f"{run.data.manifest}: validation split '{run.data.val_split}' yielded no samples")
@@ -440,9 +482,9 @@ def after_validation(run: Run, metrics: dict[str, float]) -> None:
     improved = state.best_metric is None or loss < state.best_metric - tcfg.early_stop_min_delta
     if improved:
         state.best_metric, state.best_step, state.bad_validations = loss, state.step, 0
+        path = run.run_dir / f"{run.recipe.kind}.pt"
+        export_on_main(run, path)
         if run.world.is_main:
-            path = run.run_dir / f"{run.recipe.kind}.pt"
-            run.recipe.export(run.accelerator.unwrap_model(run.model), run.manifest, path)
             log.info("step %d: validation loss %.4f, the best so far: wrote %s", state.step, loss, path)
     else:
         state.bad_validations += 1
@@ -463,12 +505,14 @@ def save_run_state(run: Run) -> None:
             f"optim.lr and the loss weights); not saved. Last finite checkpoint: {last_finite_checkpoint(run)}"
         )
     run.state.scaler = run.precision.state_dict()
+    run.state.model = model_identity(run.recipe.kind, run.cfg, run.manifest.classes)
     run.checkpoints.save(run.accelerator, run.state)
 
 
 def stop_on_signal(run: Run, signum: int, saved: bool) -> NoReturn:
-    """Every rank learnt in this step's decision that a SIGTERM / SIGINT arrived: write this step's checkpoint
-    (collective; `saved`: already written), say where once, leave the process group and exit 143 / 130."""
+    """Every rank learnt in this step's decision that a SIGTERM / SIGINT / SIGUSR2 arrived: write this step's
+    checkpoint (collective; `saved`: already written), say where once, leave the process group and exit 143 / 130 /
+    140 (SIGUSR2 first goes to the handler ours replaced: submitit's requeues the job)."""
     if not saved:
         save_run_state(run)
     if run.world.is_main:
@@ -476,6 +520,7 @@ def stop_on_signal(run: Run, signum: int, saved: bool) -> NoReturn:
               f"(continue with train.resume=auto); exit {exit_status(signum)}", file=sys.stderr, flush=True)
     run.tracker.finish()
     close_process_group()
+    run.stop.hand_over(signum)  # SIGUSR2 under submitit: its handler requeues the job now that the checkpoint exists
     raise SystemExit(exit_status(signum))
 
 
@@ -503,11 +548,16 @@ def write_summary(run: Run) -> dict[str, Any]:
         "history": state.history,
         "best": next((h for h in state.history if h["step"] == state.best_step), None),
     }
-    if run.world.is_main:
-        last = run.run_dir / f"{run.recipe.kind}_last.pt"
-        run.recipe.export(run.accelerator.unwrap_model(run.model), run.manifest, last)
-        write_json_atomic(run.run_dir / "summary.json", summary)
+    export_on_main(run, run.run_dir / f"{run.recipe.kind}_last.pt")
+    run.checkpoints.write_on_main(run.accelerator, run.run_dir / "summary.json",
+                                  lambda: write_json_atomic(run.run_dir / "summary.json", summary))
     return summary
+
+
+def export_on_main(run: Run, path: Path) -> None:
+    """Collective: rank 0 exports the model to `path`; a failure stops every rank (CheckpointManager.write_on_main)."""
+    run.checkpoints.write_on_main(run.accelerator, path, lambda: run.recipe.export(
+        run.accelerator.unwrap_model(run.model), run.manifest, path))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -554,11 +604,12 @@ def start_run(recipe: Recipe) -> tuple[Run, Any, bool]:
     val_stream = make_eval_loader(data, manifest, dcfg.val_split, rank=world.rank, world_size=world.world_size,
                                   image_format=image_format, **norm)
 
-    resume_from = checkpoints.resolve_shared(accelerator, tcfg.resume)
+    resume_from, changes = resolve_resume(recipe, accelerator, checkpoints, manifest)
     state = CheckpointManager.load(accelerator, resume_from) if resume_from else TrainerState()
     precision.load_state_dict(state.scaler)
+    checkpoints.write_on_main(accelerator, run_dir / "config.yaml",
+                              lambda: save_run_config(cfg, run_dir, resume_from, state.step, changes))
     if world.is_main:
-        save_config(cfg, run_dir / "config.yaml")
         if resume_from:
             log.info("resumed from %s (step %d, epoch %d)", resume_from, state.step, state.epoch)
         log.info(f"{batch_plan.policy}: global batch {batch_plan.global_batch} = "
@@ -574,10 +625,34 @@ def start_run(recipe: Recipe) -> tuple[Run, Any, bool]:
     return run, train_stream, resume_from is not None
 
 
+def resolve_resume(recipe: Recipe, accelerator: Accelerator, checkpoints: CheckpointManager,
+                   manifest: Manifest) -> tuple[Path | None, dict[str, list[Any]]]:
+    """The checkpoint to resume from (None: a fresh start), checked by rank 0 against this config before anything
+    loads (explainer/run_resume.py), and the allowed changes (known on rank 0 only)."""
+    changes: dict[str, list[Any]] = {}
+
+    def check(path: Path) -> None:
+        changes.update(check_resume(path, recipe.kind, recipe.cfg, manifest.classes))
+
+    return checkpoints.resolve_shared(accelerator, recipe.cfg.train.resume, check), changes
+
+
+def save_run_config(cfg: Any, run_dir: Path, resumed_from: Path | None, step: int,
+                    changes: dict[str, list[Any]]) -> None:
+    """Rank 0: config.yaml, and what a resume changed (said and appended to config_changes.jsonl)."""
+    save_config(cfg, run_dir / "config.yaml")
+    if resumed_from is not None and changes:
+        log.warning("resumed with changed settings: %s (recorded in %s)", "; ".join(
+            f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()), run_dir / CHANGES_FILE)
+        record_changes(run_dir, resumed_from, step, changes)
+
+
 def claim_run_folder(accelerator: Accelerator, run_dir: Path, keep_last: int) -> tuple[RunLock, CheckpointManager]:
-    """Collective: rank 0 locks the run folder (a second run into it stops here, naming the holder), then clears
-    the temporary folders of dead writers; checkpoints written by this run carry the lock holder's id."""
+    """Collective: rank 0 locks the run folder (a second run into it stops here, naming the holder), every rank
+    checks it sees the folder rank 0 writes, then rank 0 clears the temporary folders of dead writers; checkpoints
+    written by this run carry the lock holder's id. A failure on rank 0 raises on every rank."""
     lock = acquire_shared(accelerator, run_dir)
+    check_shared_run_folder(accelerator, run_dir)  # after the lock: it writes a token into the folder
     checkpoints = CheckpointManager(run_dir, keep_last, writer=lock.holder)
     if lock.held:
         checkpoints.remove_stale_temporaries()
@@ -587,8 +662,8 @@ def claim_run_folder(accelerator: Accelerator, run_dir: Path, keep_last: int) ->
 def fit(recipe: Recipe) -> dict[str, Any]:
     """Train until max_steps / epochs / early stopping; return the run summary (also written to summary.json).
 
-    SIGTERM / SIGINT: the step in progress is finished, checkpointed on every rank, and the process exits 143 / 130
-    (explainer/signals.py); a signal after the last step lets the run finish normally.
+    SIGTERM / SIGINT / SIGUSR2: the step in progress is finished, checkpointed on every rank, and the process exits
+    143 / 130 / 140 (explainer/signals.py); a signal after the last step lets the run finish normally.
     """
     stop = StopRequest()
     with stop.installed():

@@ -154,7 +154,8 @@ def test_gpu_check_smoke_runs_every_stage_and_summarises(tmp_path):
     log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").exists() else ""
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{log[-5000:]}"
     stages = (out / "stages.txt").read_text().splitlines()
-    assert [s.split(":")[0] for s in stages] == ["step_eager", "step_classes", "e2e", "eval_timing", "step_compiled"]
+    assert [s.split(":")[0] for s in stages] == ["checkpoint_resume", "step_eager", "step_classes", "e2e",
+                                                 "eval_timing", "step_compiled"]
     assert all(": exit 0," in s for s in stages), stages
     summary = json.loads((out / "summary.json").read_text())
     assert summary["missing"] == summary["partial"] == [] and summary["env"]["device_type"] == "cpu"
@@ -168,5 +169,7 @@ def test_gpu_check_smoke_runs_every_stage_and_summarises(tmp_path):
     assert timing["explainer_ms_per_image"] > 0 and timing["gradcam_ms_per_image"] > 0
     assert sorted(p.name for p in out.iterdir()) == sorted([  # what comes back from a GPU machine: results only
         "env.json", "step_eager.json", "step_classes.json", "e2e.json", "eval_timing.json", "step_compiled.json",
-        "summary.json", "stages.txt", "gpu_check.log"])
+        "checkpoint_resume.json", "summary.json", "stages.txt", "gpu_check.log"])
+    resume = summary["checkpoint_resume"]  # on a GPU: the save with Adam's step on the CPU (issue 26 §1)
+    assert resume["ok"] and resume["resumed_from_step"] == 2 and resume["final_steps"] == 4, resume
     assert [(r["num_classes"], r["mode"]) for r in summary["class_ratios"]] == [(4, "ours"), (40, "ours")]

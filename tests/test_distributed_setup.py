@@ -115,9 +115,11 @@ def test_evaluation_state_gets_its_own_timeout(tmp_path):
 
 
 _MAKE_ACCELERATOR_IN_RUN = """
+from pathlib import Path
 from explainer.config import TrainConfig
 from explainer.distributed import make_accelerator
-make_accelerator("no", None, "run", TrainConfig())
+from explainer.training_loop import claim_run_folder
+claim_run_folder(make_accelerator("no", None, "run", TrainConfig()), Path("run"), 3)  # what the trainer does first
 print("accelerator ready")
 """
 

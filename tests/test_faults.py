@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import PYTHON, ROOT, run_cmd, run_ranks, tiny_overrides
+from _helpers import PYTHON, ROOT, make_synthetic_shards, run_cmd, run_ranks, tiny_overrides
 
 from explainer.config import ExplainerRunConfig, load_config
 from explainer.models.model_files import unwrap
@@ -347,3 +348,206 @@ def test_a_save_failing_on_rank0_stops_every_rank(small_tmpfs):
     last = disk / "run" / "checkpoints" / "step_00000001"
     assert all(r["error"].endswith(f"the last complete checkpoint is {last}, untouched") for r in results), results
     assert [p.name for p in last.parent.iterdir()] == ["step_00000001"] and inspect(last) is None
+
+
+_START_UP = """
+import errno, json, os, sys, time
+from pathlib import Path
+from explainer.config import TrainConfig
+from explainer.distributed import make_accelerator
+from explainer.run_errors import RunError
+from explainer.training_loop import claim_run_folder
+accelerator = None
+results = {}
+for item in sys.argv[1:]:
+    scenario, folder = item.split("=", 1)
+    accelerator = accelerator or make_accelerator("no", None, folder, TrainConfig())  # what the trainer does first
+    lockf = os.lockf
+    if scenario == "lockf_eio" and accelerator.is_main_process:  # stand-in: no filesystem here answers EIO
+        def eio(fd, cmd, length):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        os.lockf = eio
+    start = time.time()
+    try:
+        lock, _ = claim_run_folder(accelerator, Path(folder), 3)
+        lock.release()
+        results[scenario] = "started"
+    except RunError as exc:
+        results[scenario] = f"{type(exc).__name__}: {exc}"
+    os.lockf = lockf
+print(json.dumps(results))
+"""
+
+
+def test_start_up_failures_on_rank0_stop_every_rank(tmp_path, small_tmpfs):
+    """2 gloo ranks meet, in turn: a folder another run holds whose token file cannot be written (before: rank 0
+    wrote the token before taking the lock, failed, and rank 1 waited in the broadcast; two runs into one folder said
+    "not shared" instead of "busy"), a token rank 0 cannot write, a lock call failing with an errno outside the
+    handled set (EIO), and a full disk under the lock file. Every rank raises naming the folder and the reason, all
+    four within the 90 s bound instead of waiting out the 30-minute process-group timeout."""
+    from explainer.run_lock import acquire
+
+    folders = {name: tmp_path / name for name in ("busy", "token", "lockf_eio")}
+    for name in ("busy", "token"):  # a non-empty folder where the token file goes: os.replace onto it fails
+        (folders[name] / ".rank0-token" / "x").mkdir(parents=True)
+    full = small_tmpfs("64k")
+    folders["disk_full"] = full / "run"
+    folders["disk_full"].mkdir()
+    subprocess.run(["dd", "if=/dev/zero", f"of={full / 'filler'}", "bs=4k"], capture_output=True)  # until ENOSPC
+    holder = acquire(folders["busy"])  # this test process is the other run
+    try:
+        procs = run_ranks(_START_UP, args=[f"{k}={v}" for k, v in folders.items()], timeout=90)
+    finally:
+        holder.release()
+    results = [json.loads(p.stdout.strip().splitlines()[-1]) for p in procs]
+    for rank, result in enumerate(results):
+        assert result["busy"].startswith(f"RunFolderBusy: train.output_dir {folders['busy']} is in use by another "
+                                         f"run (host {os.uname().nodename}, pid {os.getpid()}"), (rank, result)
+        assert f"train.output_dir {folders['token']}: rank 0 cannot write .rank0-token there (Is a directory)" \
+            in result["token"], (rank, result)
+        assert f"{folders['lockf_eio'] / 'run.lock'}: cannot lock the run folder (Input/output error, errno 5)" \
+            in result["lockf_eio"], (rank, result)
+        assert f"cannot write {folders['disk_full'] / 'run.lock'} (no space left on device)" in result["disk_full"], \
+            (rank, result)
+
+
+_FAILING_RUNS = """
+import json, sys, time
+from pathlib import Path
+from explainer.config import ExplainerRunConfig, load_config
+from explainer.recipes import ExplainerRecipe
+from explainer.run_errors import RunError
+from explainer.training_loop import fit
+base, common = sys.argv[1], json.loads(sys.argv[2])
+results = {}
+for name, extra in json.loads(sys.argv[3]).items():
+    out = Path(base) / name
+    cfg = load_config(ExplainerRunConfig, Path("configs/synthetic.yaml"), [*common, f"train.output_dir={out}", *extra])
+    start = time.time()
+    try:
+        fit(ExplainerRecipe(cfg))
+        results[name] = {"error": None}
+    except RunError as exc:
+        results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    results[name]["seconds"] = time.time() - start
+print(json.dumps(results))
+"""
+
+
+def _mixed_class_shards(base: Path, tmp_path: Path) -> Path:
+    """Real shards whose train split has two shards: the tiny set's (at most 2 classes per image) and one with up to
+    4. With 2 ranks each rank reads one of them in the first epoch, so only one rank meets images over a cap of 2."""
+    many = make_synthetic_shards(tmp_path / "many", ["--max-objects", "4", "--seed", "4", "--counts",
+                                                     "train=96,val=8,test=8"])
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for shard in base.parent.glob("*.tar"):
+        shutil.copy(shard, mixed / shard.name)
+    shutil.copy(many.parent / "train-000000.tar", mixed / "train-000001.tar")
+    manifest = json.loads(base.read_text())
+    train = manifest["splits"]["train"]
+    train["shards"].append({**train["shards"][0], "path": "train-000001.tar"})
+    train["total"] *= 2
+    (mixed / "manifest.json").write_text(json.dumps(manifest))
+    return mixed / "manifest.json"
+
+
+def test_a_failure_on_one_rank_stops_every_rank_after_the_same_step(synthetic_manifest, tiny_classifier, tmp_path):
+    """2 gloo ranks, five real runs in the same two processes, each failing on ONE rank: rank 0 cannot write
+    config.yaml, explainer.pt (first validation), explainer_last.pt or summary.json (a folder is in the way: what a
+    permission or full-disk error does to an atomic write), or rank 1 alone meets images with more classes than
+    loss.max_classes_per_image. Before: the failing rank raised and the other waited in its next collective until
+    the process-group timeout (30 min; on gloo a crash can also end it with a connection error). Now both raise the
+    same error within seconds of each other."""
+    runs = {name: [] for name in ("config.yaml", "explainer.pt", "explainer_last.pt", "summary.json")}
+    for name in runs:
+        (tmp_path / name / name / "in-the-way").mkdir(parents=True)
+    runs["class_cap"] = [f"data.manifest={_mixed_class_shards(synthetic_manifest, tmp_path / 'shards')}",
+                         "loss.max_classes_per_image=2"]
+    common = [*tiny_overrides(synthetic_manifest, tmp_path), f"classifier.checkpoint={tiny_classifier}",
+              "explainer.arch=tiny_unet", "tracking.wandb_mode=disabled", "train.max_steps=1",
+              "train.val_max_batches=1"]
+    procs = run_ranks(_FAILING_RUNS, args=[str(tmp_path), json.dumps(common), json.dumps(runs)], timeout=240)
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(p.stdout.strip().splitlines()[-1]) for p in procs]
+    for name in ("config.yaml", "explainer.pt", "explainer_last.pt", "summary.json"):
+        path = tmp_path / name / name
+        assert results[0][name]["error"].startswith(f"RunError: cannot write {path}: "), results[0][name]
+        assert results[1][name]["error"].startswith(f"RunError: cannot write {path}: on rank 0 (its message says "
+                                                    "why)"), results[1][name]
+    assert not (tmp_path / "explainer.pt" / "checkpoints").exists()  # stopped before the step-1 checkpoint
+    assert (tmp_path / "summary.json" / "explainer_last.pt").is_file()
+    for rank, result in enumerate(results):
+        error = result["class_cap"]["error"]
+        assert error.startswith("UserError: loss.max_classes_per_image is 2, but an image with "), (rank, error)
+        assert "ground-truth classes reached rank 1 in step 1: raise the cap" in error, (rank, error)
+        assert all(r["seconds"] < 60 for r in result.values()), result
+
+
+def test_a_run_folder_is_never_silently_overwritten_or_redescribed(synthetic_manifest, tiny_classifier, tmp_path,
+                                                                   capsys):
+    """Issue 26 §3, in this process (explainer.train.main, what the command runs). Before: a second `train` into the
+    folder started at step 0 and replaced explainer.pt; `--resume` at 64 px, letterbox, rtis or with other classes
+    exited 0 with no word; the checkpoints newer than the one resumed from stayed and a later --resume auto
+    continued the abandoned run."""
+    from explainer.train import main
+
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    every = ["train.checkpoint_every_steps=1", "train.val_every_steps=2", "train.keep_last=9"]
+
+    def train(*extra: str, resume: str | None = None) -> tuple[int, str]:
+        capsys.readouterr()
+        try:
+            code = main(_args(synthetic_manifest, tiny_classifier, run, *every, *extra)[2:] +
+                        ([] if resume is None else ["--resume", resume]))
+        except SystemExit as stop:
+            code = stop.code
+        said = capsys.readouterr()
+        return code, said.out + said.err
+
+    assert train("train.max_steps=3")[0] == 0
+    best = (run / "explainer.pt").read_bytes()
+    code, said = train("train.max_steps=1")
+    assert code == 2 and said.strip().splitlines()[-1] == (
+        f"error: train.output_dir {run} holds another run's checkpoints (newest: step_00000003); continue that run "
+        "with --resume auto, or choose another train.output_dir"), said[-2000:]
+    assert (run / "explainer.pt").read_bytes() == best and len(list(ckpts.glob("step_*"))) == 3
+
+    code, said = train("data.image_size=64", "data.resize=letterbox", "loss.kind=rtis", "loss.w_class_specific=0",
+                       "explainer.arch=lraspp_mobilenet_v3_large", resume="auto")
+    line = said.strip().splitlines()[-1]
+    assert code == 2 and line.startswith(f"error: --resume {ckpts / 'step_00000003'}: the run folder {run} was "
+                                         "trained with 4 classes / tiny_unet, and this config changes what its "
+                                         "checkpoint means: "), line
+    for change in ("data.image_size 32 -> 64", "data.resize 'squash' -> 'letterbox'", "loss.kind 'wysiwyc' -> 'rtis'",
+                   "explainer.arch 'tiny_unet' -> 'lraspp_mobilenet_v3_large'"):
+        assert change in line, (change, line)
+    assert "loss.w_class_specific" not in line and (run / "explainer.pt").read_bytes() == best
+    # Other classes: the explainer trainer already refuses a classifier trained on other classes, so the check that
+    # runs before the load is called here on the same folder, with the classes another manifest would give.
+    from explainer.run_errors import UserError
+    from explainer.run_resume import check_resume
+
+    cfg = load_config(ExplainerRunConfig, run / "config.yaml")
+    classes = json.loads(synthetic_manifest.read_text())["classes"]
+    with pytest.raises(UserError, match=r"was trained with 4 classes / tiny_unet, .*: classes 4 \[.*\] -> 3 "):
+        check_resume(ckpts / "step_00000003", "explainer", cfg, classes[:3])
+    assert check_resume(ckpts / "step_00000003", "explainer", cfg, classes) == {}
+
+    code, said = train("train.max_steps=4", "optim.lr=0.0005", resume="auto")  # allowed, said and recorded
+    assert code == 0 and "resumed with changed settings: " in said and "optim.lr 0.003 -> 0.0005" in said, said
+    [record] = [json.loads(line) for line in (run / "config_changes.jsonl").read_text().splitlines()]
+    assert record["changed"]["optim.lr"] == [0.003, 0.0005] and record["step"] == 3
+    assert record["changed"]["train.max_steps"] == [3, 4] and "train.resume" not in record["changed"]
+
+    code, said = train("train.max_steps=3", resume=str(ckpts / "step_00000002"))  # an older step, named
+    assert code == 0, said[-3000:]
+    [aside] = ckpts.glob("set-aside-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["step_00000003", "step_00000004"]
+    assert f"moved the newer checkpoint(s) step_00000003, step_00000004 aside to {aside} (nothing deleted)" in said
+    (ckpts / "step_00000003" / "meta.json").unlink()  # the newest unusable: --resume auto skips and sets it aside
+    code, said = train("train.max_steps=3", resume="auto")
+    assert code == 0 and f"resumed from {ckpts / 'step_00000002'} (step 2," in said, said[-3000:]
+    assert len(list(ckpts.glob("set-aside-*/step_00000003"))) == 2
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000001", "step_00000002", "step_00000003"]

@@ -196,11 +196,14 @@ def test_resume_auto_skips_an_unusable_checkpoint_and_an_explicit_one_is_named(t
     bad = manager.root / "step_00000002"
     corrupt(bad / name)
     assert reason in inspect(bad)
+    with pytest.raises(UserError, match=f"train.resume='{bad}' cannot be resumed from: .*{reason[:20]}"):
+        manager.resolve_shared(accelerator, str(bad))
     assert manager.resolve_shared(accelerator, "auto") == manager.root / "step_00000001"
     out = capsys.readouterr().out
     assert f"skipping checkpoint {bad}: " in out and reason in out, out
-    with pytest.raises(UserError, match=f"train.resume='{bad}' cannot be resumed from: .*{reason[:20]}"):
-        manager.resolve_shared(accelerator, str(bad))
+    [aside] = manager.root.glob("set-aside-*")  # the skipped one is moved aside, not left as the latest (issue 26)
+    assert [p.name for p in aside.iterdir()] == ["step_00000002"] and not bad.exists()
+    assert "moved the newer checkpoint(s) step_00000002 aside to " in out
 
 
 def test_resume_auto_with_no_usable_checkpoint_stops_instead_of_starting_fresh(tmp_path, prepared):
@@ -218,7 +221,8 @@ def test_resume_auto_with_no_usable_checkpoint_stops_instead_of_starting_fresh(t
 
 def test_rotation_keeps_the_checkpoint_this_run_resumed_from_and_wrote(tmp_path, prepared):
     """Newer unusable checkpoints (skipped by the resume) must not push this run's good ones out of keep_last.
-    Before: keep_last=1 kept the corrupt step 9 and deleted the step 2 just written."""
+    Before: keep_last=1 kept the corrupt step 9 and deleted the step 2 just written. Since issue 26 the resume moves
+    step 9 aside, so it is neither kept in a slot nor named as the latest."""
     accelerator, model, optimizer = prepared
     manager = CheckpointManager(tmp_path, keep_last=1)
     manager.save(accelerator, TrainerState(step=1))
@@ -228,8 +232,9 @@ def test_rotation_keeps_the_checkpoint_this_run_resumed_from_and_wrote(tmp_path,
     assert resumed.resolve_shared(accelerator, "auto").name == "step_00000001"
     _train_one_step(model, optimizer)
     resumed.save(accelerator, TrainerState(step=2))
-    assert [p.name for p in resumed.complete()] == ["step_00000002", "step_00000009"]
+    assert [p.name for p in resumed.complete()] == ["step_00000002"]
     assert resumed.latest_usable().name == "step_00000002"
+    assert [p.name for p in resumed.root.glob("set-aside-*/*")] == ["step_00000009"]
 
 
 def test_rotation_removes_only_its_own_temporary_folders(tmp_path, prepared):
@@ -261,3 +266,28 @@ def test_non_finite_state_is_detected_on_the_device(prepared):
     with torch.no_grad():
         model.bias[1] = float("nan")
     assert not all_finite_on_device(accelerator, model, optimizer)
+
+
+def test_the_finite_check_takes_tensors_on_several_devices():
+    """On a GPU torch keeps Adam's `step` on the CPU (no `capturable` / `fused`) while the moments live on the GPU.
+    No GPU here: `meta` is the second device. Before: one torch.stack over both devices' flags raised, so a GPU run
+    could never write a checkpoint (issue 26 §1). The flag comes back on the device asked for."""
+    import math
+
+    from explainer.run_checkpoints import any_nonfinite
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    _train_one_step(model, optimizer)
+    state = next(iter(optimizer.state.values()))
+    assert state["step"].device.type == "cpu"  # what stays on the CPU in a GPU run
+    mixed = [state["step"], state["exp_avg"].to("meta"), state["exp_avg_sq"].to("meta")]
+    with pytest.raises(RuntimeError):  # the old check on the same tensors
+        torch.stack([torch.isfinite(m) for m in torch._foreach_norm(mixed, ord=math.inf)])
+    flag = any_nonfinite(mixed, "meta")
+    assert flag.device.type == "meta" and flag.shape == (1,) and flag.dtype == torch.bool
+    cpu = [state["step"], state["exp_avg"], state["exp_avg_sq"]]
+    assert not any_nonfinite(cpu, "cpu").item()
+    cpu[1] = cpu[1].clone().fill_(float("nan"))
+    assert any_nonfinite(cpu, "cpu").item()

@@ -123,3 +123,40 @@ def test_a_second_signal_exits_at_once(synthetic_manifest, tiny_classifier, tmp_
     assert rc == 143, err[-3000:]
     assert "second signal (SIGTERM): exiting now, status 143" in err
     assert "stopped after step" not in err and not (out / "checkpoints").exists()
+
+
+# A stand-in for submitit's USR2 handler (no SLURM job here): on global rank 0 it "requeues" (records whether the
+# checkpoint of the stop already exists) and exits, as submitit's checkpoint_and_try_requeue does; elsewhere it returns.
+_SUBMITIT_LIKE = """
+import json, os, signal, sys
+from pathlib import Path
+
+def requeue(signum, frame):
+    if os.environ["RANK"] != "0":
+        return
+    checkpoints = sorted(p.name for p in Path(sys.argv[1]).glob("checkpoints/step_*"))
+    Path(sys.argv[1], "requeued.json").write_text(json.dumps({"checkpoints": checkpoints}))
+    sys.exit(-1)
+
+signal.signal(signal.SIGUSR2, requeue)
+from explainer.train import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_usr2_preemption_stops_every_rank_after_the_step_then_requeues(synthetic_manifest, tiny_classifier, tmp_path):
+    """SLURM's USR2 to rank 0 only. Before: submitit's handler requeued and exited rank 0 mid-step, and rank 1 waited
+    for it (until SIGKILL under SLURM). Now: both ranks finish the step and write its checkpoint, then the replaced
+    handler requeues on rank 0 (its -1 exit status) and rank 1 exits 140; both within 60 s of the signal."""
+    out = tmp_path / "run"
+    args = _train_args(synthetic_manifest, tiny_classifier, out, *SIGNAL_RUN)
+    procs = _start_ranks([PYTHON, "-c", _SUBMITIT_LIKE, str(out), *args[2:]])
+    _wait_for_training(out, procs)
+    signalled = time.time()
+    procs[0].send_signal(signal.SIGUSR2)
+    (rc0, _, err0), (rc1, _, err1) = _finish(procs, timeout=60)
+    assert time.time() - signalled < 60
+    assert (rc0, rc1) == (255, 140), (err0[-3000:], err1[-3000:])
+    step = int(_stop_line(err0, "SIGUSR2").group(1))
+    assert json.loads((out / "requeued.json").read_text()) == {"checkpoints": [f"step_{step:08d}"]}
+    assert "Traceback" not in err0 + err1

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -158,6 +159,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     out, shards = Path(args.out), Path(args.shards)
     manifest = shards / "manifest.json"
     resume = [] if args.fresh else ["--resume", "auto"]
+    if args.fresh:  # retrain: a run folder holding checkpoints refuses a start without --resume
+        for old in sorted(out.glob("**/checkpoints")):
+            shutil.rmtree(old)
     seeds = list(dict.fromkeys(args.seeds or []))
     started = time.perf_counter()
 
