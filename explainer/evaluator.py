@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from explainer import metrics as M
 from explainer.baselines import BASELINES, AttributionMethod
 from explainer.config import EvalConfig
+from explainer.wsol import WsolScorer
 
 MASK_METHODS = ("explainer", "rtis")
 WARMUP_METHODS = ("explainer", "rtis", "gradcam")  # one untimed call first (lazy init, allocator); the others are
@@ -76,9 +77,9 @@ class Evaluator:
 
     def __init__(self, classifier: nn.Module, methods: dict[str, AttributionMethod], classes: Sequence[str],
                  cfg: EvalConfig, device: torch.device, figure_images: int = 0,
-                 norm: dict[str, Sequence[float]] | None = None, softmax: bool = False) -> None:
+                 norm: dict[str, Sequence[float]] | None = None, softmax: bool = False, resize: str = "squash") -> None:
         """`softmax`: a softmax classifier (loss.classification=ce): Table 4 predicts its top-1 class, and
-        eval.faithfulness_prob=auto means softmax."""
+        eval.faithfulness_prob=auto means softmax. `resize`: data.resize (where boxes land in the maps)."""
         if cfg.faithfulness_prob == "auto":
             cfg = dataclasses.replace(cfg, faithfulness_prob="softmax" if softmax else "sigmoid")
         self.softmax = softmax
@@ -102,6 +103,8 @@ class Evaluator:
         if cfg.pointing_tolerance < 0:
             raise ValueError(f"eval.pointing_tolerance must be >= 0 px, got {cfg.pointing_tolerance}")
         self.totals = M.Totals()
+        self.wsol = WsolScorer(len(self.classes), cfg.wsol_curve_interval, cfg.wsol_frame, resize) if cfg.wsol \
+            else None
         self.figure_images = figure_images
         self.figure: dict[str, Any] = {"images": [], "labels": [], "maps": {m: [] for m in methods}}
         self.norm = dict(norm or {})  # the classifier's mean/std, undone for the figures
@@ -143,6 +146,8 @@ class Evaluator:
             if start is not None:
                 self._deletion_insertion(name, x, maps, labels, start)
             self._pointing(name, maps, labels, batch, has_seg)
+            if self.wsol is not None:
+                self.wsol.update(t, name, maps, labels, batch, clean.argmax(1))
             self._method_extras(name, method)
         self._collect_figure(x, labels, kept)
 
@@ -257,6 +262,8 @@ class Evaluator:
         }
         if self.cfg.faithfulness_steps or any(k.startswith("point/") for k in t.data):
             res["faithfulness"] = self._faithfulness_table()
+        if self.wsol is not None:
+            res["localization"] = self.wsol.finish(t, list(self.methods), self.classes)
         for name, method in self.methods.items():
             hook = getattr(method, "results", None)
             if hook is not None and hasattr(method, "batch_totals"):

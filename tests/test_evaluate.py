@@ -212,7 +212,8 @@ def test_evaluation_tables_and_figures_go_to_an_offline_wandb_run(tmp_path, monk
     assert folder is not None and folder.parent == tmp_path / "eval" / "wandb" and folder.name.startswith("offline-")
     assert list(folder.glob("*.wandb"))
     tables = {p.name.rsplit("_", 2)[0]: p for p in folder.glob("files/media/table/eval/*.table.json")}
-    assert set(tables) == {"segmentation", "class_specific_explainer", "classification", "timing", "faithfulness"}
+    assert set(tables) == {"segmentation", "class_specific_explainer", "classification", "timing", "faithfulness",
+                           "localization"}
     faith = json.loads(tables["faithfulness"].read_text())
     assert [row[0] for row in faith["data"]] == ["explainer", "gradcam"]
     assert len(list(folder.glob("files/media/images/eval/figures/*.png"))) == 2  # fig1, the class-specific heat map
