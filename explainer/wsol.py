@@ -193,7 +193,7 @@ class WsolScorer:
         totals.add("wsol/multi_label_images", float(int(((labels > 0).sum(1) > 1).sum())))
         if not len(pairs):
             return
-        m = maps[pairs[:, 0], pairs[:, 1]].detach().float()
+        m = maps[pairs[:, 0], pairs[:, 1]].detach()
         if tuple(m.shape[-2:]) != (frame, frame):
             m = F.interpolate(m[:, None], size=(frame, frame), mode="bilinear", align_corners=False)[:, 0]
         m = m.double().cpu().numpy()

@@ -308,6 +308,13 @@ def test_evaluate_end_to_end_one_and_two_processes(synthetic_manifest, tiny_clas
         # the synthetic shards carry VOC boxes: the headline is TorchRay's box test, the mask test beside it
         assert fa["pointing_annotation"] == "box" and fa["pointing_pairs"] == fa["pairs"]
         assert fa["pointing_mask"]["pairs"] > 0 and fa["rise_pairs"] == total
+    for row in ("explainer", "gradcam", "rise"):  # WSOL counts and histograms: N processes = 1 process
+        la, lb = a["localization"]["methods"][row], b["localization"]["methods"][row]
+        assert la["box_pairs"] == lb["box_pairs"] == a["faithfulness"]["methods"][row]["pointing_pairs"] > 0
+        assert la["pixel_pairs"] == lb["pixel_pairs"] > 0
+        for key in ("maxboxacc_v2", "maxboxacc_v1", "pxap", "boxacc_50_per_class"):
+            assert lb[key] == pytest.approx(la[key], abs=1e-9), (row, key)
+    assert a["localization"]["settings"]["frame"] == "reference" and len(a["localization"]["methods"]) == 5
     assert a["scored"] == {"images": total, "skipped": 0, "problems": [],
                            "per_method": {m: total for m in ("explainer", "gradcam", "rise", "ep", "rtis")}}
     assert b["scored"]["images"] == total and b["scored"]["skipped"] == 0
@@ -322,6 +329,7 @@ def test_evaluate_end_to_end_one_and_two_processes(synthetic_manifest, tiny_clas
     report = (one / "report.md").read_text()
     assert "pointing (TorchRay)" in report and "RISE deletion" in report and "## Images scored" in report
     assert "| RTIS |" in report and "| Extremal P. |" in report and "masked (Explainer)" in report
+    assert "## Localization (WSOL, Choe et al. 2020)" in report
     assert (one / "figures" / "fig1.png").is_file() and (two / "figures" / "fig1.png").is_file()
 
 
