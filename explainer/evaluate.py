@@ -207,7 +207,7 @@ def evaluate(cfg: ExplainerRunConfig, checkpoint: str | None, *, classifier: str
     ev = eval_settings(cfg, manifest, limit)
     evaluator = Evaluator(clf, built, classes, ev, device, figure_images=figure_images if state.is_main_process else 0,
                           norm=input_normalization(cfg), softmax=cfg.loss.classification == "ce",
-                          resize=cfg.data.resize)
+                          resize=cfg.data.resize, pointing_boxes=not manifest.dataset.startswith("coco"))
     for batch in tqdm(batches, desc=f"evaluate[{state.process_index}]", unit="batch",
                       disable=not (progress and state.is_main_process)):
         evaluator.update(batch)

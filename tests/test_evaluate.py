@@ -176,6 +176,16 @@ def test_pointing_game_headline_is_torchrays_box_test():
     assert row["pointing_skipped_difficult"] == green > 0 and row["pointing_pairs"] == pairs - green
     assert row["pointing_accuracy"] == 0.5 and row["pointing_box"]["accuracy_class_mean"] == 1.0
     assert row["pointing_accuracy_pooled"] == 1.0 and row["pointing_box"]["per_class"] == {"red": 1.0}
+    # COCO (pointing_boxes=False): TorchRay's COCO test is mask-based; the boxes still feed the localization table
+    ev = Evaluator(clf, methods, CLASSES, EvalConfig(faithfulness_steps=0), torch.device("cpu"), pointing_boxes=False)
+    for b in batches:
+        ev.update(_with_boxes(b))
+    res = ev.finish()
+    row = res["faithfulness"]["methods"]["explainer"]
+    assert row["pointing_annotation"] == "mask" and row["pointing_box"]["pairs"] == 0 and row["pointing_pairs"] == pairs
+    loc = res["localization"]["methods"]["explainer"]
+    assert loc["box_pairs"] == pairs and loc["maxboxacc_v2_iou"]["50"] == 100.0
+    assert loc["pxap"] > 95  # the oracle (its edges blurred by the upsampling)
 
 
 def test_class_specific_rows_without_test_images_are_hidden():
