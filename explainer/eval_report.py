@@ -210,6 +210,9 @@ def write_outputs(res: dict[str, Any], evaluator: Evaluator, out: Path) -> dict[
     res["figures"] = figures
     write_text_atomic(out / "results.json", json.dumps(json_safe(res), indent=2))
     write_text_atomic(out / "report.md", markdown_report(res))
+    from explainer.report_html import evaluate_html
+
+    write_text_atomic(out / "report.html", evaluate_html(res, out, data))
     return res
 
 
