@@ -243,6 +243,33 @@ def write_audit(res: dict[str, Any], audit: Audit, out: Path, top: int) -> None:
     write_text_atomic(out / "report.html", audit_html(res, out))
 
 
+def log_audit_to_wandb(res: dict[str, Any], out: Path, tracking: Any, checkpoint: str) -> Path | None:
+    """The class table (wandb.Table) and the figures as a W&B run (job_type "audit") grouped with the training run,
+    offline unless an API key is configured, as explainer.eval_report.log_to_wandb; None when W&B is disabled."""
+    from explainer.eval_report import json_safe
+    from explainer.tracking import RUN_ID_FILE, resolve_wandb_mode
+
+    mode = resolve_wandb_mode(tracking.wandb_mode)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    id_file = Path(checkpoint).parent / RUN_ID_FILE
+    group = tracking.group or (id_file.read_text().strip() if id_file.is_file() else None)
+    run = wandb.init(project=tracking.project, entity=tracking.entity, group=group, job_type="audit",
+                     tags=list(tracking.tags), dir=str(out), mode=mode, config=json_safe(res.get("settings", {})),
+                     settings=wandb.Settings(silent=True))
+    keys = [k for k, _ in AUDIT_COLUMNS]
+    logged: dict[str, Any] = {"audit/classes": wandb.Table(columns=keys, data=[[r[k] for k in keys]
+                                                                               for r in json_safe(res["classes"])])}
+    for figure in res.get("figures", []):
+        logged[f"audit/figures/{Path(figure).stem}"] = wandb.Image(str(out / figure), caption=Path(figure).stem)
+    run.log(logged)
+    folder = Path(run.dir).parent
+    run.finish()
+    return folder
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)[:40]
 
@@ -281,6 +308,7 @@ def run_audit(cfg: Any, checkpoint: str, *, split: str | None = None, classifier
     out_dir = Path(out or Path(checkpoint).parent / "audit")
     if state.is_main_process:
         write_audit(res, audit, out_dir, top)
+        log_audit_to_wandb(res, out_dir, cfg.tracking, checkpoint)
     res["output_dir"] = str(out_dir)
     state.wait_for_everyone()
     return res

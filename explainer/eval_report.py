@@ -241,6 +241,12 @@ def wandb_tables(res: dict[str, Any]) -> dict[str, tuple[list[str], list[list[An
         tables["localization"] = (["method", *keys, "iou30", "iou50", "iou70"], [
             [n, *(v[k] for k in keys), *(v["maxboxacc_v2_iou"][i] for i in ("30", "50", "70"))]
             for n, v in res["localization"]["methods"].items()])
+        methods = list(res["localization"]["methods"])
+        per_class = [v["boxacc_50_per_class"] for v in res["localization"]["methods"].values()]
+        names = [c for c in res["classes"] if any(c in p for p in per_class)]
+        if names:
+            tables["localization_per_class"] = (["class", *methods], [[c, *(p.get(c) for p in per_class)]
+                                                                      for c in names])
     return tables
 
 

@@ -109,17 +109,11 @@ def evaluate_html(res: dict[str, Any], out: Path, figure_data: Any = None) -> st
              f'data {cell(info.get("manifest"))} split {cell(info.get("split"))}: {res["n_images"]} images, '
              f'{res["n_seg_images"]} with segmentation; {cell(info.get("date"))}</p>']
     notes = {"localization": "WSOL as Choe et al. 2020 (wsolevaluation), percent: see report.md for the protocol.",
+             "localization_per_class": "BoxAcc at IoU 50 (all contours) at each method's best threshold, percent; "
+                                       "click a header to sort.",
              "segmentation": "Paper Table 2.", "classification": "Paper Table 4.", "timing": "Paper Table 3."}
     for name, (columns, rows) in wandb_tables(res).items():
         parts.append(section(name.replace("_", " "), notes.get(name, ""), table(columns, rows)))
-    loc = res.get("localization")
-    if loc:
-        methods = list(loc["methods"])
-        classes = sorted({c for v in loc["methods"].values() for c in v["boxacc_50_per_class"]})
-        rows = [[c, *(loc["methods"][m]["boxacc_50_per_class"].get(c) for m in methods)] for c in classes]
-        if rows:
-            parts.append(section("box accuracy per class", "BoxAcc at IoU 50 (all contours) at each method's best "
-                                 "threshold, percent; click a header to sort.", table(["class", *methods], rows, 1)))
     parts.append(section("figures", "", file_figures(out, res.get("figures", []))))
     if figure_data is not None:
         parts.append(section("per-class galleries", "Each method's map of the class side by side (the report's "
