@@ -67,7 +67,7 @@ def check_page(chromium: str, page: Path, tmp: Path, tables: int, screenshot: bo
 
 
 def test_evaluate_and_audit_pages_in_a_real_browser(chromium, tmp_path):
-    ev, res = run_toy(["explainer", "gradcam"], figure_images=4)
+    ev, res = run_toy(["explainer", "gradcam"], figure_images=3)
     res["settings"] = {"checkpoint": "x.pt", "classifier": "c.pt", "manifest": "m.json", "split": "test",
                        "world_size": 1, "device": "cpu", "date": "today", "batch_size": 4}
     write_outputs(res, ev, tmp_path / "eval")
