@@ -212,7 +212,7 @@ def write_outputs(res: dict[str, Any], evaluator: Evaluator, out: Path) -> dict[
     write_text_atomic(out / "report.md", markdown_report(res))
     from explainer.report_html import evaluate_html
 
-    write_text_atomic(out / "report.html", evaluate_html(res, out, data))
+    write_text_atomic(out / "report.html", evaluate_html(res, out, getattr(evaluator, "galleries", None)))
     return res
 
 

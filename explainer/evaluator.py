@@ -111,6 +111,9 @@ class Evaluator:
             else None
         self.figure_images = figure_images
         self.figure: dict[str, Any] = {"images": [], "labels": [], "maps": {m: [] for m in methods}}
+        from explainer.report_html import Galleries
+
+        self.galleries = Galleries(len(self.classes)) if figure_images > 0 else None  # report.html, rank 0
         self.norm = dict(norm or {})  # the classifier's mean/std, undone for the figures
         self.warm = False
         self.image_size: int | None = None
@@ -154,6 +157,10 @@ class Evaluator:
                 self.wsol.update(t, name, maps, labels, batch, clean.argmax(1))
             self._method_extras(name, method)
         self._collect_figure(x, labels, kept)
+        if self.galleries is not None and self.galleries.wants(labels):
+            from explainer.data.transforms import denormalize
+
+            self.galleries.add(denormalize(x, **self.norm), labels, kept)
 
     def _warm_up(self, x: Tensor, wanted: Tensor) -> None:
         if not self.warm:

@@ -99,7 +99,7 @@ def section(heading: str, note: str, content: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def evaluate_html(res: dict[str, Any], out: Path, figure_data: Any = None) -> str:
+def evaluate_html(res: dict[str, Any], out: Path, galleries: Galleries | None = None) -> str:
     """The evaluation page: every report table (W&B's tables, the same), the figures, per-class localization and
     per-class galleries (each method's map of the class side by side, from the figure images)."""
     from explainer.eval_report import wandb_tables
@@ -115,28 +115,60 @@ def evaluate_html(res: dict[str, Any], out: Path, figure_data: Any = None) -> st
     for name, (columns, rows) in wandb_tables(res).items():
         parts.append(section(name.replace("_", " "), notes.get(name, ""), table(columns, rows)))
     parts.append(section("figures", "", file_figures(out, res.get("figures", []))))
-    if figure_data is not None:
-        parts.append(section("per-class galleries", "Each method's map of the class side by side (the report's "
-                             "figure images).", class_galleries(figure_data, res["classes"])))
+    if galleries is not None and galleries.kept:
+        parts.append(section("per-class galleries", f"Each method's map of the class side by side, the first "
+                             f"{galleries.per_class} test images of each class (of the first process).",
+                             class_galleries(galleries, res["classes"])))
     return page("Evaluation report", parts)
 
 
-def class_galleries(figure_data: Any, classes: Sequence[str]) -> str:
-    """One strip per class present in the figure images: the image, then every method's map of that class."""
+class Galleries:
+    """Per class, the first `per_class` images (of this process) that contain it, with every method's map of that
+    class, kept small (`size` px) for report.html; up to `max_classes` classes, in the order they are met."""
+
+    def __init__(self, num_classes: int, per_class: int = 2, max_classes: int = 40, size: int = 96) -> None:
+        self.per_class, self.max_classes, self.size = per_class, max_classes, size
+        self.kept: dict[int, list[tuple[Any, dict[str, Any]]]] = {}
+        self.num_classes = num_classes
+
+    def wants(self, labels: Any) -> bool:
+        present = (labels > 0).any(0).nonzero().flatten().tolist()
+        return any(len(self.kept.get(k, [])) < self.per_class and (k in self.kept or len(self.kept) < self.max_classes)
+                   for k in present)
+
+    def add(self, images: Any, labels: Any, maps: dict[str, Any]) -> None:
+        """images [B, 3, H, W] in [0, 1] (denormalised), labels [B, C], maps: method -> [B, C, h, w]."""
+        import torch.nn.functional as F
+
+        small = F.interpolate(images.float().cpu(), size=(self.size, self.size), mode="bilinear", align_corners=False)
+        for i, k in (labels > 0).nonzero().tolist():
+            entries = self.kept.get(k, [])
+            if len(entries) >= self.per_class or (k not in self.kept and len(self.kept) >= self.max_classes):
+                continue
+            per_method = {m: F.interpolate(v[i : i + 1, k : k + 1].float().cpu(), size=(self.size, self.size),
+                                           mode="bilinear", align_corners=False)[0, 0] for m, v in maps.items()}
+            self.kept[k] = [*entries, (small[i], per_method)]
+
+
+def class_galleries(galleries: Galleries, classes: Sequence[str]) -> str:
+    """One strip per class: each kept image, then every method's map of that class side by side."""
+    import torch
+
     from explainer.figures import fig1_panel
 
-    images, labels, maps = figure_data
     parts = []
-    for k, name in enumerate(classes):
-        rows = labels[:, k] > 0
-        if not bool(rows.any()):
-            continue
-        only = labels[rows] * 0
-        only[:, k] = 1
+    for k in sorted(galleries.kept):
+        entries = galleries.kept[k]
+        images = torch.stack([e[0] for e in entries])
+        labels = torch.zeros(len(entries), len(classes))
+        labels[:, k] = 1
+        maps = {m: torch.zeros(len(entries), len(classes), galleries.size, galleries.size) for m in entries[0][1]}
+        for j, (_, per_method) in enumerate(entries):
+            for m, v in per_method.items():
+                maps[m][j, k] = v
         with tempfile.TemporaryDirectory() as tmp:
-            png = fig1_panel(images[rows], only, {m: v[rows] for m, v in maps.items()}, classes,
-                             Path(tmp) / "gallery.png", max_rows=4).read_bytes()
-        parts.append(f"<h3>{html.escape(name)}</h3>" + figure(png, f"{name}: image, then each method"))
+            png = fig1_panel(images, labels, maps, classes, Path(tmp) / "gallery.png").read_bytes()
+        parts.append(f"<h3>{html.escape(classes[k])}</h3>" + figure(png, f"{classes[k]}: image, then each method"))
     return "".join(parts)
 
 
