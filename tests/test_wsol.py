@@ -162,3 +162,22 @@ def test_pixel_ap_edges_and_settings():
         W.WsolScorer(3, frame="original")
     with pytest.raises(ValueError, match="wsol_curve_interval"):
         W.WsolScorer(3, interval=0.0)
+
+
+@pytest.mark.numerics
+def test_the_image_frame_is_the_reference_protocol_at_the_model_size():
+    """eval.wsol_frame=image: no resize of the maps, boxes scaled to S x S with the reference's rule; said in the
+    settings. The reference, given 32 px maps and its resize_bbox to 32, counts the same."""
+    rng = np.random.default_rng(5)
+    batch, maps, labels = _batch(rng, n=8)
+    scorer, totals = W.WsolScorer(num_classes=3, frame="image"), M.Totals()
+    scorer.update(totals, "m", maps, labels, batch, torch.zeros(len(maps), dtype=torch.long))
+    v2 = ref.BoxEvaluator(THRESHOLDS, (30, 50, 70), multi_contour_eval=True)
+    for i, k in (labels > 0).nonzero().tolist():
+        objs = batch["objects"][i]
+        gt = [ref.resize_bbox([v - 1 for v in row[1:5]], batch["orig_size"][i].tolist(), (32, 32))
+              for row in objs[objs[:, 0] == k].tolist()]
+        v2.accumulate(ref.normalize_scoremap(maps[i, k].numpy()), np.array(gt))
+    res = scorer.finish(totals, ["m"], ["a", "b", "c"])
+    assert res["settings"]["frame"] == "image" and "S x S" in res["settings"]["frame_description"]
+    assert [res["methods"]["m"]["maxboxacc_v2_iou"][t] for t in ("30", "50", "70")] == v2.compute()
