@@ -46,7 +46,7 @@ KEYS = ("pairs", "empty", "inside", "area", "mask_area", "p_clean", "p_no_object
 
 
 def object_regions(batch: dict[str, Any], pairs: Tensor, size: int, resize: str) -> list[Tensor | None]:
-    """Per pair the class's region [S, S] bool in the model input: its boxes (none all difficult) mapped as
+    """Per pair the class's region [S, S] bool in the model input: its boxes (difficult ones included) mapped as
     data.resize placed the image, else its segmentation pixels, else None (the pair is not audited)."""
     objects, sizes = batch.get("objects"), batch.get("orig_size")
     has_seg = batch.get("has_seg")

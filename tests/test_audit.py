@@ -75,3 +75,18 @@ def test_audit_ranks_the_class_whose_mask_avoids_the_object_first(tmp_path, monk
     table = json.loads(next(folder.glob("files/media/table/audit/classes_*.table.json")).read_text())
     assert [row[1] for row in table["data"]] == ["red", "green"] and "excess_outside" in table["columns"]
     assert len(list(folder.glob("files/media/images/audit/figures/*.png"))) == 1
+
+
+def test_audit_command_errors_exit_2(tmp_path, capsys):
+    from explainer.audit import main
+    from explainer.models import build_explainer, save_model_file
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--checkpoint", str(tmp_path / "nowhere")])
+    assert exc.value.code == 2
+    path = save_model_file(tmp_path / "run" / "explainer.pt", build_explainer("tiny_unet", 2), kind="explainer",
+                           arch="tiny_unet", num_classes=2, classes=CLASSES, image_size=S)
+    with pytest.raises(SystemExit) as exc:
+        main(["--checkpoint", str(path.parent)])  # a run folder without its config.yaml
+    assert exc.value.code == 2
+    assert "config.yaml does not exist (pass --config)" in capsys.readouterr().err
