@@ -90,3 +90,39 @@ def test_audit_command_errors_exit_2(tmp_path, capsys):
         main(["--checkpoint", str(path.parent)])  # a run folder without its config.yaml
     assert exc.value.code == 2
     assert "config.yaml does not exist (pass --config)" in capsys.readouterr().err
+
+
+@pytest.mark.numerics
+@pytest.mark.slow
+def test_audit_two_processes_give_the_numbers_of_one(synthetic_manifest, tiny_classifier, tmp_path):
+    """torchrun, 2 gloo processes, on real shards (an untrained tiny U-Net: only the bookkeeping matters): the class
+    table equals the Audit class's over the same split in this process, and rank 0 draws the merged galleries."""
+    from _helpers import PYTHON, free_port, run_cmd
+
+    from explainer.config import DataConfig
+    from explainer.data import make_eval_loader, read_manifest
+    from explainer.models import build_explainer, load_classifier, save_model_file
+
+    classes = read_manifest(synthetic_manifest).classes
+    torch.manual_seed(0)
+    net = build_explainer("tiny_unet", len(classes))
+    path = save_model_file(tmp_path / "run" / "explainer.pt", net, kind="explainer", arch="tiny_unet",
+                           num_classes=len(classes), classes=list(classes), image_size=32)
+    run_cmd([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+             "--master_port", str(free_port()), "-m", "explainer.audit", "--checkpoint", str(path), "--config",
+             "configs/synthetic.yaml", "--classifier", str(tiny_classifier), "--out", str(tmp_path / "audit"),
+             f"data.manifest={synthetic_manifest}", "data.image_size=32", "data.batch_size=8", "data.num_workers=0",
+             "tracking.wandb_mode=disabled"], env={"ACCELERATE_USE_CPU": "1"})
+    two = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    clf, _ = load_classifier(tiny_classifier)
+    audit = Audit(clf.eval(), net.eval(), classes)
+    for batch in make_eval_loader(DataConfig(image_size=32, batch_size=8, num_workers=0), read_manifest(
+            synthetic_manifest), "test", rank=0, world_size=1):
+        audit.update(batch)
+    one = audit.finish()
+    assert two["settings"]["world_size"] == 2 and two["n_images"] == one["n_images"] > 0
+    assert [r["class"] for r in two["classes"]] == [r["class"] for r in one["classes"]]
+    for a, b in zip(one["classes"], two["classes"]):
+        for key in ("pairs", "energy_inside", "object_area", "mask_area", "p_object_removed", "evidence_outside"):
+            assert b[key] == pytest.approx(a[key], abs=1e-6), (a["class"], key)
+    assert len(two["figures"]) == 3 and all((tmp_path / "audit" / f).is_file() for f in two["figures"])
