@@ -279,7 +279,7 @@ def _evaluate_cmd(manifest: Path, classifier: Path, checkpoint: Path, out: Path,
             "--checkpoint", str(checkpoint), "--classifier", str(classifier), "--methods", methods, "--out", str(out),
             "--no-progress", *extra, "data.image_size=32", "data.batch_size=8",
             "data.num_workers=0", "eval.rise_masks=100", "eval.rise_batch=100", "eval.ep_iterations=5",
-            "eval.ep_areas=[0.1,0.3]"]
+            "eval.ep_areas=[0.1,0.3]", "eval.wsol_frame=image"]  # WSOL at 32 px: the 224 frame is test_wsol.py's
 
 
 @pytest.mark.numerics
@@ -324,7 +324,7 @@ def test_evaluate_end_to_end_one_and_two_processes(synthetic_manifest, tiny_clas
         assert la["pixel_pairs"] == lb["pixel_pairs"] > 0
         for key in ("maxboxacc_v2", "maxboxacc_v1", "pxap", "boxacc_50_per_class"):
             assert lb[key] == pytest.approx(la[key], abs=1e-9), (row, key)
-    assert a["localization"]["settings"]["frame"] == "reference" and len(a["localization"]["methods"]) == 5
+    assert a["localization"]["settings"]["frame"] == "image" and len(a["localization"]["methods"]) == 5
     assert a["scored"] == {"images": total, "skipped": 0, "problems": [],
                            "per_method": {m: total for m in ("explainer", "gradcam", "rise", "ep", "rtis")}}
     assert b["scored"]["images"] == total and b["scored"]["skipped"] == 0
