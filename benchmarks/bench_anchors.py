@@ -1,6 +1,7 @@
 """Our evaluation metrics against ports of the anchors' own code on the same fixed toy inputs: deletion / insertion
 against the RISE authors' CausalMetric (tests/_anchor_rise.py), the pointing game against TorchRay's benchmark
-(tests/_anchor_torchray.py). Prints the table "ours vs the anchors' code" (docs/results.md#anchors) and writes it as
+(tests/_anchor_torchray.py), WSOL localization (MaxBoxAccV2, MaxBoxAcc, PxAP) against wsolevaluation's evaluation.py
+(tests/_anchor_wsol.py). Prints the table "ours vs the anchors' code" (docs/results.md#anchors) and writes it as
 JSON.
 
     python benchmarks/bench_anchors.py                       # that table (seed 0, 8 images, 32 px, ~1 min CPU)
@@ -32,8 +33,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import _anchor_rise as rise  # noqa: E402
 import _anchor_torchray as tr  # noqa: E402
+import _anchor_wsol as wr  # noqa: E402
 
 from explainer import metrics as M  # noqa: E402
+from explainer import wsol as W  # noqa: E402
 
 CLASSES = 5
 KINDS = ("random", "border peak", "low resolution")
@@ -140,6 +143,35 @@ def pointing_rows(maps: torch.Tensor, sizes: torch.Tensor, objects: list[torch.T
             "mask": (mine_mask, theirs_mask, acc["mask"], mask_game.accuracy)}
 
 
+def wsol_rows(maps: torch.Tensor, sizes: torch.Tensor, objects: list[torch.Tensor], segs: list[torch.Tensor],
+              labels: torch.Tensor) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+    """(our counts, the anchor's counts, pairs) for V2, V1 and the pixel histograms, reference frame (224)."""
+    scorer, totals = W.WsolScorer(CLASSES), M.Totals()
+    batch = {"image": torch.zeros(len(maps), 3, maps.shape[-1], maps.shape[-1]), "objects": objects,
+             "orig_size": sizes, "seg_classes": torch.stack(segs), "has_seg": torch.ones(len(maps), dtype=torch.bool)}
+    scorer.update(totals, "m", maps, labels, batch, torch.zeros(len(maps), dtype=torch.long))
+    th = scorer.thresholds
+    v2, v1, px = wr.BoxEvaluator(th, (30, 50, 70), True), wr.BoxEvaluator(th, (50,), False), wr.MaskEvaluator(th)
+    pairs = (labels > 0).nonzero()
+    big = F.interpolate(maps[pairs[:, 0], pairs[:, 1]][:, None], size=(224, 224), mode="bilinear",
+                        align_corners=False)[:, 0].numpy()
+    for p, (i, k) in enumerate(pairs.tolist()):
+        cam = wr.normalize_scoremap(big[p])
+        seg = F.interpolate(segs[i][None, None].float(), size=(224, 224), mode="nearest")[0, 0].numpy()
+        px.accumulate(cam, np.where(seg == k + 1, 1, 0))
+        mine = objects[i][objects[i][:, 0] == k]
+        if len(mine) and not bool((mine[:, 5] > 0).all()):  # our pair rule: as the pointing game
+            gt = np.array([wr.resize_bbox([v - 1 for v in r[1:5]], sizes[i].tolist(), (224, 224))
+                           for r in mine.tolist()])
+            v2.accumulate(cam, gt)
+            v1.accumulate(cam, gt)
+    ours = {"v2": totals.get("wsol/m/v2").numpy(), "v1": totals.get("wsol/m/v1").numpy(),
+            "px": totals.get("wsol/m/pixel_hist").numpy()}
+    theirs = {"v2": np.stack([v2.num_correct[t] for t in (30, 50, 70)]), "v1": v1.num_correct[50],
+              "px": np.stack([px.pos, px.neg])}
+    return {k: (ours[k], theirs[k], v2.cnt if k != "px" else len(pairs)) for k in ours}
+
+
 def compare(seed: int = 0, images: int = 8, size: int = 32) -> list[dict[str, Any]]:
     """Every row of the table: what was compared, on how many pairs, our mean, the anchor's, the agreement."""
     g = torch.Generator().manual_seed(seed)
@@ -148,6 +180,7 @@ def compare(seed: int = 0, images: int = 8, size: int = 32) -> list[dict[str, An
     curves: dict[str, list[np.ndarray]] = {}
     pointing: dict[str, list[Any]] = {"box": [[], [], [], []], "mask": [[], [], [], []]}
     sizes, objects, segs, labels = toy_annotations(images, size, g)
+    wsol: dict[str, list[Any]] = {"v2": [], "v1": [], "px": []}
     for kind in KINDS:
         maps = toy_maps(kind, images, size, g)
         group = "tied" if kind == "low resolution" else "tie-free"
@@ -158,6 +191,8 @@ def compare(seed: int = 0, images: int = 8, size: int = 32) -> list[dict[str, An
             pointing[ann][1] += theirs
             pointing[ann][2].append(acc)
             pointing[ann][3].append(their_acc)
+        for key, triple in wsol_rows(maps, sizes, objects, segs, labels).items():
+            wsol[key].append(triple)
     titles = {"rise_del": "deletion AUC, RISE protocol (top-1, 1 row / step, to 0)",
               "rise_ins": "insertion AUC, RISE protocol (top-1, 8 rows / step, from gkern blur)",
               "each_del": "deletion AUC, every class, 1 row / step", "each_ins": "insertion AUC, every class"}
@@ -176,6 +211,27 @@ def compare(seed: int = 0, images: int = 8, size: int = 32) -> list[dict[str, An
                      "ours": float(np.mean(acc)), "anchor": float(np.mean(their_acc)),
                      "agree": f"{sum(a == b for a, b in zip(mine, theirs))}/{len(theirs)}",
                      "max_abs_diff": float(np.abs(np.array(acc) - np.array(their_acc)).max())})
+    return rows + wsol_summary(wsol)
+
+
+def wsol_summary(wsol: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Table rows from the per-kind counts: the headline number of ours and of the anchor over all kinds' pairs."""
+    rows = []
+    for key, title in (("v2", "MaxBoxAccV2 (IoU 30/50/70, all contours), wsolevaluation"),
+                       ("v1", "MaxBoxAcc (largest contour, IoU 50), wsolevaluation"),
+                       ("px", "PxAP (pixel histograms), wsolevaluation")):
+        ours, theirs = sum(t[0] for t in wsol[key]), sum(t[1] for t in wsol[key])
+        pairs = sum(t[2] for t in wsol[key])
+        if key == "px":
+            score = (W.pixel_ap(torch.from_numpy(ours)), float("nan"))
+            anchor = wr.MaskEvaluator(np.zeros(ours.shape[1] - 2))
+            anchor.pos, anchor.neg = theirs
+            score = (score[0], anchor.compute())
+        else:
+            score = (float(np.mean((ours * 100 / pairs).max(-1))), float(np.mean((theirs * 100 / pairs).max(-1))))
+        rows.append({"check": title + "; the maps above in its 224 frame", "group": "wsol", "pairs": int(pairs),
+                     "ours": score[0], "anchor": score[1], "max_abs_diff": abs(score[0] - score[1]),
+                     "agree": f"{int((ours == theirs).sum())}/{ours.size}"})
     return rows
 
 

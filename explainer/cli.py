@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("explainer.train", "train an Explainer for a frozen classifier (also under accelerate/torchrun -m)"),
     "train-classifier": ("explainer.train_classifier", "fine-tune the classifier to explain (the Explanandum)"),
     "evaluate": ("explainer.evaluate", "paper Tables 1-4 and figures on the test split"),
+    "audit": ("explainer.audit", "per class: do the mask and the classifier's evidence lie on the object or around it"),
     "explain": ("explainer.explain", "masks, overlays and scores for images (needs only the explainer checkpoint)"),
     "make-shards": ("explainer.make_shards", "shards from voc, coco, imagenet, folder (yours), synthetic; merge parts"),
     "submit": ("explainer.submit", "submit training to SLURM (or locally), one run or a sweep as a job array"),

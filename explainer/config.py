@@ -199,6 +199,11 @@ class EvalConfig:
     deletion_substrate: Literal["zero", "blur"] = "zero"  # deleted pixels: 0 (RISE's) or the insertion blur
     faithfulness_rise: bool = True  # also the RISE code's protocol (top-1 class, softmax, its step sizes)
     pointing_tolerance: float = 15.0  # pointing game tolerance in px of the ORIGINAL image (TorchRay's 15)
+    # WSOL localization (explainer/wsol.py: MaxBoxAccV2, PxAP as Choe et al. 2020) for every method; frame
+    # "reference": maps and boxes in wsolevaluation's 224 x 224, "image": the model input's size
+    wsol: bool = True
+    wsol_frame: Literal["reference", "image"] = "reference"
+    wsol_curve_interval: float = 0.01  # the reference's cam_curve_interval
     output_dir: str | None = None  # default: <run>/eval
     process_group_timeout_min: float = 180.0  # ranks may finish their share minutes apart (EP, RISE)
 

@@ -134,6 +134,28 @@ def _faithfulness_lines(res: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _localization_lines(res: dict[str, Any]) -> list[str]:
+    """The WSOL table (explainer/wsol.py), in percent as the field reports it."""
+    loc = res.get("localization")
+    if not loc:
+        return []
+    st = loc["settings"]
+    lines = ["## Localization (WSOL, Choe et al. 2020)", "",
+             f"Every (image, ground-truth class) pair with boxes / a segmentation; the class's map min-max normalised "
+             f"in the {st['frame']} frame ({st['frame_description']}); thresholds every {st['cam_curve_interval']:g}. "
+             "MaxBoxAccV2: boxes of all contours, best threshold per IoU 30/50/70, their mean. MaxBoxAcc: largest "
+             "contour, IoU 50 (= GT-known loc at its best threshold); top-1 loc: also the classifier's top-1 right "
+             "(single-label data only). PxAP: area under the pixel precision-recall curve, void excluded. Percent.",
+             "", "| method | MaxBoxAccV2 | IoU 30 | IoU 50 | IoU 70 | MaxBoxAcc (V1) | top-1 loc | box pairs | PxAP | "
+             "pixel pairs |", "|---" * 10 + "|"]
+    for name, v in loc["methods"].items():
+        iou = v["maxboxacc_v2_iou"]
+        lines.append(f"| {_title(name)} | {_fmt(v['maxboxacc_v2'], 1)} | {_fmt(iou['30'], 1)} | {_fmt(iou['50'], 1)} | "
+                     f"{_fmt(iou['70'], 1)} | {_fmt(v['maxboxacc_v1'], 1)} | {_fmt(v['top1_loc'], 1)} | "
+                     f"{v['box_pairs']} | {_fmt(v['pxap'], 1)} | {v['pixel_pairs']} |")
+    return [*lines, ""]
+
+
 def _scored_lines(res: dict[str, Any]) -> list[str]:
     """How many images each method scored and what the loader skipped (nothing silent)."""
     scored = res.get("scored")
@@ -152,7 +174,8 @@ def markdown_report(res: dict[str, Any]) -> str:
     lines = _header_lines(res) + _segmentation_lines(res)
     for name, cs in res["class_specific"].items():
         lines += _class_specific_lines(name, cs)
-    lines += _classification_lines(res) + _timing_lines(res) + _faithfulness_lines(res) + _scored_lines(res)
+    lines += _classification_lines(res) + _timing_lines(res) + _faithfulness_lines(res) + _localization_lines(res)
+    lines += _scored_lines(res)
     if res.get("figures"):
         lines += ["## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in res["figures"]] + [""]
     return "\n".join(lines)
@@ -187,6 +210,9 @@ def write_outputs(res: dict[str, Any], evaluator: Evaluator, out: Path) -> dict[
     res["figures"] = figures
     write_text_atomic(out / "results.json", json.dumps(json_safe(res), indent=2))
     write_text_atomic(out / "report.md", markdown_report(res))
+    from explainer.report_html import evaluate_html
+
+    write_text_atomic(out / "report.html", evaluate_html(res, out, getattr(evaluator, "galleries", None)))
     return res
 
 
@@ -210,6 +236,17 @@ def wandb_tables(res: dict[str, Any]) -> dict[str, tuple[list[str], list[list[An
                 "pointing_accuracy", "pointing_annotation", "pointing_accuracy_pooled", "pointing_pairs"]
         tables["faithfulness"] = (["method", *keys], [[n, *(v[k] for k in keys)]
                                                       for n, v in res["faithfulness"]["methods"].items()])
+    if res.get("localization"):
+        keys = ["maxboxacc_v2", "maxboxacc_v1", "gt_known_loc", "top1_loc", "box_pairs", "pxap", "pixel_pairs"]
+        tables["localization"] = (["method", *keys, "iou30", "iou50", "iou70"], [
+            [n, *(v[k] for k in keys), *(v["maxboxacc_v2_iou"][i] for i in ("30", "50", "70"))]
+            for n, v in res["localization"]["methods"].items()])
+        methods = list(res["localization"]["methods"])
+        per_class = [v["boxacc_50_per_class"] for v in res["localization"]["methods"].values()]
+        names = [c for c in res["classes"] if any(c in p for p in per_class)]
+        if names:
+            tables["localization_per_class"] = (["class", *methods], [[c, *(p.get(c) for p in per_class)]
+                                                                      for c in names])
     return tables
 
 

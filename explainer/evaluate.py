@@ -10,7 +10,9 @@ per-image scores are summed with their counts and all-reduced once at the end, s
 one. Written by rank 0 under --out (default: eval.output_dir, else <checkpoint folder>/eval):
     results.json    every number below plus the settings that produced it
     report.md       Table 2 (segmentation scores per method + sanity rows), Table 1 (class-specific masking),
-                    Table 4 (classification clean vs Explainer-masked), Table 3 (time per image per method)
+                    Table 4 (classification clean vs Explainer-masked), Table 3 (time per image per method),
+                    faithfulness, localization (WSOL as Choe et al. 2020: explainer/wsol.py)
+    report.html     the same tables (sortable), the figures embedded, per-class galleries: one offline file
     figures/fig1.png, figures/class_specific_<method>.png
 
 Protocol (docs/method.md#evaluation): masks are aggregated over each image's ground-truth classes (pixel-wise max) and
@@ -206,7 +208,8 @@ def evaluate(cfg: ExplainerRunConfig, checkpoint: str | None, *, classifier: str
                                    world_size=state.num_processes, max_images=limit, **input_normalization(cfg))
     ev = eval_settings(cfg, manifest, limit)
     evaluator = Evaluator(clf, built, classes, ev, device, figure_images=figure_images if state.is_main_process else 0,
-                          norm=input_normalization(cfg), softmax=cfg.loss.classification == "ce")
+                          norm=input_normalization(cfg), softmax=cfg.loss.classification == "ce",
+                          resize=cfg.data.resize, pointing_boxes=not manifest.dataset.startswith("coco"))
     for batch in tqdm(batches, desc=f"evaluate[{state.process_index}]", unit="batch",
                       disable=not (progress and state.is_main_process)):
         evaluator.update(batch)

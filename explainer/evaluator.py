@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from explainer import metrics as M
 from explainer.baselines import BASELINES, AttributionMethod
 from explainer.config import EvalConfig
+from explainer.wsol import WsolScorer
 
 MASK_METHODS = ("explainer", "rtis")
 WARMUP_METHODS = ("explainer", "rtis", "gradcam")  # one untimed call first (lazy init, allocator); the others are
@@ -76,9 +77,12 @@ class Evaluator:
 
     def __init__(self, classifier: nn.Module, methods: dict[str, AttributionMethod], classes: Sequence[str],
                  cfg: EvalConfig, device: torch.device, figure_images: int = 0,
-                 norm: dict[str, Sequence[float]] | None = None, softmax: bool = False) -> None:
+                 norm: dict[str, Sequence[float]] | None = None, softmax: bool = False, resize: str = "squash",
+                 pointing_boxes: bool = True) -> None:
         """`softmax`: a softmax classifier (loss.classification=ce): Table 4 predicts its top-1 class, and
-        eval.faithfulness_prob=auto means softmax."""
+        eval.faithfulness_prob=auto means softmax. `resize`: data.resize (where boxes land in the maps).
+        `pointing_boxes`: the pointing game's box test on the shards' boxes (False for COCO: TorchRay's COCO test is
+        mask-based; its boxes serve the localization table only)."""
         if cfg.faithfulness_prob == "auto":
             cfg = dataclasses.replace(cfg, faithfulness_prob="softmax" if softmax else "sigmoid")
         self.softmax = softmax
@@ -102,8 +106,14 @@ class Evaluator:
         if cfg.pointing_tolerance < 0:
             raise ValueError(f"eval.pointing_tolerance must be >= 0 px, got {cfg.pointing_tolerance}")
         self.totals = M.Totals()
+        self.pointing_boxes = pointing_boxes
+        self.wsol = WsolScorer(len(self.classes), cfg.wsol_curve_interval, cfg.wsol_frame, resize) if cfg.wsol \
+            else None
         self.figure_images = figure_images
         self.figure: dict[str, Any] = {"images": [], "labels": [], "maps": {m: [] for m in methods}}
+        from explainer.report_html import Galleries
+
+        self.galleries = Galleries(len(self.classes)) if figure_images > 0 else None  # report.html, rank 0
         self.norm = dict(norm or {})  # the classifier's mean/std, undone for the figures
         self.warm = False
         self.image_size: int | None = None
@@ -143,8 +153,14 @@ class Evaluator:
             if start is not None:
                 self._deletion_insertion(name, x, maps, labels, start)
             self._pointing(name, maps, labels, batch, has_seg)
+            if self.wsol is not None:
+                self.wsol.update(t, name, maps, labels, batch, clean.argmax(1))
             self._method_extras(name, method)
         self._collect_figure(x, labels, kept)
+        if self.galleries is not None and self.galleries.wants(labels):
+            from explainer.data.transforms import denormalize
+
+            self.galleries.add(denormalize(x, **self.norm), labels, kept)
 
     def _warm_up(self, x: Tensor, wanted: Tensor) -> None:
         if not self.warm:
@@ -214,7 +230,8 @@ class Evaluator:
         sizes = torch.as_tensor(sizes) if sizes is not None else torch.tensor([[w, h]] * b)  # no original: as is
         seg = [batch["seg_classes"][i] if bool(has_seg[i]) else None for i in range(b)] \
             if "seg_classes" in batch else None
-        res = M.pointing_game(maps, labels, sizes, self.cfg.pointing_tolerance, seg, batch.get("objects"))
+        res = M.pointing_game(maps, labels, sizes, self.cfg.pointing_tolerance, seg,
+                              batch.get("objects") if self.pointing_boxes else None)
         cls = res["cls"]
         self._add_per_class(f"point/{name}", cls, skipped=res["skipped"],
                             box_hits=res["box"] == 1, box_pairs=res["box"] >= 0,
@@ -257,6 +274,8 @@ class Evaluator:
         }
         if self.cfg.faithfulness_steps or any(k.startswith("point/") for k in t.data):
             res["faithfulness"] = self._faithfulness_table()
+        if self.wsol is not None:
+            res["localization"] = self.wsol.finish(t, list(self.methods), self.classes)
         for name, method in self.methods.items():
             hook = getattr(method, "results", None)
             if hook is not None and hasattr(method, "batch_totals"):
@@ -379,8 +398,9 @@ class Evaluator:
             "pointing_tolerance_px": self.cfg.pointing_tolerance,
             "pointing_frame": "original image pixels (map resized bilinearly to the original W x H; orig_size)",
             "pointing_point": "first maximum in row-major order (torch argmax)",
-            "pointing_annotations": "boxes from the VOC XML where the shards carry them (TorchRay's VOC test), "
-                                    "segmentation masks mapped to the original size beside them",
+            "pointing_annotations": ("boxes from the VOC XML where the shards carry them (TorchRay's VOC test), "
+                                     "segmentation masks mapped to the original size beside them")
+            if self.pointing_boxes else "segmentation masks only (TorchRay's COCO test; the boxes serve localization)",
             "pointing_void": "counted for no class",
             "pointing_difficult": "pairs whose objects of the class are all difficult are skipped",
             "pointing_headline": "TorchRay's accuracy: mean over all classes, a class without pairs scores 0",

@@ -108,3 +108,25 @@ def test_eval_loader_decodes_coco_seg_to_binary(coco_shards):
     for b in batches:
         assert set(np.unique(b["seg"].numpy())) <= {0, 1}  # no void in COCO
         assert ((b["seg"] > 0) == (b["seg_classes"] > 0)).all()
+
+
+def test_every_instance_box_is_carried_in_the_voc_convention(coco_shards):
+    """The COCO bbox of every instance (train, val and test) as objects rows: 1-based inclusive pixels, crowd marked
+    difficult; the localization metrics and the loader read them like VOC's."""
+    from explainer.data.coco import box_row
+
+    _, out, _ = coco_shards
+    test = samples_of(out, "test")
+    special = json.loads(test["COCO_val2014_000000005000"]["json"])
+    # person [2, 2, 10, 10], car [8, 8, 12, 6], a crowd of people [30, 0, 5, 30] (x, y, w, h, 0-based, continuous)
+    assert special["objects"] == [[0, 3, 3, 12, 12, 0], [1, 9, 9, 20, 14, 0], [0, 31, 1, 35, 30, 1]]
+    for members in [*samples_of(out, "train").values(), *test.values()]:
+        meta = json.loads(members["json"])
+        assert {row[0] for row in meta["objects"]} == {k for k, v in enumerate(meta["labels"]) if v}
+    assert box_row({"bbox": [0.5, 1.2, 3.0, 0.0]}, 2, (40, 30)) == (2, 1, 2, 4, 2, 0)  # touched pixels, >= 1 wide
+    assert box_row({"bbox": [38.5, 29.0, 9.0, 9.0], "iscrowd": 1}, 0, (40, 30)) == (0, 39, 30, 40, 30, 1)  # clipped
+    with pytest.raises(ValueError, match="invalid bbox"):
+        box_row({"id": 7, "bbox": [1, 1, -2, 3]}, 0, (40, 30))
+    cfg = DataConfig(image_size=16, batch_size=8, num_workers=0)
+    batch = next(iter(make_eval_loader(cfg, read_manifest(out / "manifest.json"), "test", rank=0, world_size=1)))
+    assert all(o is not None and o.shape[1] == 6 for o in batch["objects"])

@@ -329,3 +329,31 @@ def test_evaluation_runs_on_folder_data(csv_shards, tmp_path):
     assert res["class_specific"]["explainer"]["images_per_target"] == [2.0, 1.0, 1.0]
     assert res["classification"]["clean"]["precision"] is not None
     assert (tmp_path / "eval" / "report.md").is_file()
+
+
+def test_boxes_column_carries_objects_and_bad_boxes_are_bad_rows(tmp_path):
+    """The optional boxes column (CSV, a JSON list) becomes the sample's objects rows, as VOC's; a malformed box, a
+    box of a class the row does not list and a box outside the image are reported by line and skipped."""
+    rng = np.random.default_rng(3)
+    (tmp_path / "im").mkdir()
+    for name in "abcde":
+        (tmp_path / "im" / f"{name}.jpg").write_bytes(jpeg_bytes(rng, 48, 40))
+    lines = ["path,labels,split,boxes",
+             'im/a.jpg,cat|dog,test,"[[""cat"", 1, 2, 30, 40], [""dog"", 5, 5, 48, 10, 1]]"',  # 2
+             "im/b.jpg,cat,test,",  # 3: no boxes
+             'im/c.jpg,cat,test,"[[""cat"", 0, 2, 30, 40]]"',  # 4: 0 is not a 1-based pixel
+             'im/d.jpg,cat,test,"[[""dog"", 1, 2, 30, 40]]"',  # 5: dog is not among the labels
+             'im/e.jpg,cat,test,"[[""cat"", 1, 2, 49, 40]]"']  # 6: beyond the 48 px wide image
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    out = tmp_path / "out"
+    assert make_shards("folder", "--root", str(tmp_path), "--labels", str(tmp_path / "labels.csv"), "--classes-file",
+                       str(tmp_path / "classes.txt"), "--out", str(out), "--workers", "1") == 0
+    samples = {json.loads(v["json"])["source_id"]: json.loads(v["json"]) for v in samples_of(out, "test").values()}
+    assert set(samples) == {"im/a.jpg", "im/b.jpg"}
+    assert samples["im/a.jpg"]["objects"] == [[0, 1, 2, 30, 40, 0], [1, 5, 5, 48, 10, 1]]
+    assert "objects" not in samples["im/b.jpg"]
+    reasons = " | ".join(p["reason"] for p in json.loads((out / "manifest.json").read_text())["skipped"])
+    assert "line 4: malformed row: box ['cat', 0, 2, 30, 40] must be" in reasons
+    assert "line 5: box of class 'dog', which is not among the row's labels ['cat']" in reasons
+    assert "box [1, 2, 49, 40] lies outside the 48 x 40 image (labels.csv line 6)" in reasons

@@ -176,6 +176,16 @@ def test_pointing_game_headline_is_torchrays_box_test():
     assert row["pointing_skipped_difficult"] == green > 0 and row["pointing_pairs"] == pairs - green
     assert row["pointing_accuracy"] == 0.5 and row["pointing_box"]["accuracy_class_mean"] == 1.0
     assert row["pointing_accuracy_pooled"] == 1.0 and row["pointing_box"]["per_class"] == {"red": 1.0}
+    # COCO (pointing_boxes=False): TorchRay's COCO test is mask-based; the boxes still feed the localization table
+    ev = Evaluator(clf, methods, CLASSES, EvalConfig(faithfulness_steps=0), torch.device("cpu"), pointing_boxes=False)
+    for b in batches:
+        ev.update(_with_boxes(b))
+    res = ev.finish()
+    row = res["faithfulness"]["methods"]["explainer"]
+    assert row["pointing_annotation"] == "mask" and row["pointing_box"]["pairs"] == 0 and row["pointing_pairs"] == pairs
+    loc = res["localization"]["methods"]["explainer"]
+    assert loc["box_pairs"] == pairs and loc["maxboxacc_v2_iou"]["50"] == 100.0
+    assert loc["pxap"] > 95  # the oracle (its edges blurred by the upsampling)
 
 
 def test_class_specific_rows_without_test_images_are_hidden():
@@ -212,7 +222,8 @@ def test_evaluation_tables_and_figures_go_to_an_offline_wandb_run(tmp_path, monk
     assert folder is not None and folder.parent == tmp_path / "eval" / "wandb" and folder.name.startswith("offline-")
     assert list(folder.glob("*.wandb"))
     tables = {p.name.rsplit("_", 2)[0]: p for p in folder.glob("files/media/table/eval/*.table.json")}
-    assert set(tables) == {"segmentation", "class_specific_explainer", "classification", "timing", "faithfulness"}
+    assert set(tables) == {"segmentation", "class_specific_explainer", "classification", "timing", "faithfulness",
+                           "localization"}
     faith = json.loads(tables["faithfulness"].read_text())
     assert [row[0] for row in faith["data"]] == ["explainer", "gradcam"]
     assert len(list(folder.glob("files/media/images/eval/figures/*.png"))) == 2  # fig1, the class-specific heat map
@@ -268,7 +279,7 @@ def _evaluate_cmd(manifest: Path, classifier: Path, checkpoint: Path, out: Path,
             "--checkpoint", str(checkpoint), "--classifier", str(classifier), "--methods", methods, "--out", str(out),
             "--no-progress", *extra, "data.image_size=32", "data.batch_size=8",
             "data.num_workers=0", "eval.rise_masks=100", "eval.rise_batch=100", "eval.ep_iterations=5",
-            "eval.ep_areas=[0.1,0.3]"]
+            "eval.ep_areas=[0.1,0.3]", "eval.wsol_frame=image"]  # WSOL at 32 px: the 224 frame is test_wsol.py's
 
 
 @pytest.mark.numerics
@@ -307,6 +318,13 @@ def test_evaluate_end_to_end_one_and_two_processes(synthetic_manifest, tiny_clas
         # the synthetic shards carry VOC boxes: the headline is TorchRay's box test, the mask test beside it
         assert fa["pointing_annotation"] == "box" and fa["pointing_pairs"] == fa["pairs"]
         assert fa["pointing_mask"]["pairs"] > 0 and fa["rise_pairs"] == total
+    for row in ("explainer", "gradcam", "rise"):  # WSOL counts and histograms: N processes = 1 process
+        la, lb = a["localization"]["methods"][row], b["localization"]["methods"][row]
+        assert la["box_pairs"] == lb["box_pairs"] == a["faithfulness"]["methods"][row]["pointing_pairs"] > 0
+        assert la["pixel_pairs"] == lb["pixel_pairs"] > 0
+        for key in ("maxboxacc_v2", "maxboxacc_v1", "pxap", "boxacc_50_per_class"):
+            assert lb[key] == pytest.approx(la[key], abs=1e-9), (row, key)
+    assert a["localization"]["settings"]["frame"] == "image" and len(a["localization"]["methods"]) == 5
     assert a["scored"] == {"images": total, "skipped": 0, "problems": [],
                            "per_method": {m: total for m in ("explainer", "gradcam", "rise", "ep", "rtis")}}
     assert b["scored"]["images"] == total and b["scored"]["skipped"] == 0
@@ -321,6 +339,7 @@ def test_evaluate_end_to_end_one_and_two_processes(synthetic_manifest, tiny_clas
     report = (one / "report.md").read_text()
     assert "pointing (TorchRay)" in report and "RISE deletion" in report and "## Images scored" in report
     assert "| RTIS |" in report and "| Extremal P. |" in report and "masked (Explainer)" in report
+    assert "## Localization (WSOL, Choe et al. 2020)" in report
     assert (one / "figures" / "fig1.png").is_file() and (two / "figures" / "fig1.png").is_file()
 
 

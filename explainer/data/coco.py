@@ -1,6 +1,9 @@
 """COCO-2014 -> shards (docs/method.md#data-coco): pycocotools annotations, categories mapped to 0..C-1 by ascending id.
 
-Splits: a seeded 90/10 split of train2014 into train/val, val2014 as test. Segmentation ground truth (union of the
+Splits: a seeded 90/10 split of train2014 into train/val, val2014 as test. Every instance's `bbox` is carried in the
+sample JSON's `objects` rows in the VOC convention the other sources use ([class, xmin, ymin, xmax, ymax, difficult],
+1-based inclusive pixels: the pixels the box touches; crowd regions marked difficult, as COCO's own evaluation ignores
+them); localization (explainer/wsol.py) scores them. Segmentation ground truth (union of the
 instance masks, crowd regions included, category index + 1 per pixel; smaller instances drawn over larger ones) is
 stored for a seeded subset of the test images. Images without annotations get an all-zero label (and a warning).
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +46,7 @@ class CocoTask:
     annotated: bool
     ann_size: tuple[int, int]  # (W, H) in the annotation file
     seg: tuple[tuple[int, float, int, dict], ...] | None  # (category index, area, ann id, RLE) for the seg subset
+    boxes: tuple[tuple[int, ...], ...]  # objects rows (class, xmin, ymin, xmax, ymax, crowd), see box_row
     error: str | None  # annotation problem found while indexing (reported by the worker as a bad input)
     annotation_file: str
     verify: bool
@@ -94,9 +99,14 @@ def build_coco_sample(task: CocoTask) -> Built:
         labels[c] = 1
     if not task.annotated:
         warnings.append((task.image_path, "no annotations: all-zero label"))
-    members = {img.ext: img.data, "json": sample_json(labels, task.classes, task.source_id, img.size)}
+    fits = img.size == task.ann_size  # boxes and masks are in the annotation's pixels
+    if not fits and task.boxes:
+        warnings.append((task.image_path, f"image size {img.size} differs from the annotation's {task.ann_size}; "
+                                          "sample kept without boxes"))
+    members = {img.ext: img.data, "json": sample_json(labels, task.classes, task.source_id, img.size,
+                                                      [list(b) for b in task.boxes] if fits else None)}
     if task.seg is not None:
-        if img.size != task.ann_size:
+        if not fits:
             warnings.append((task.image_path, f"image size {img.size} differs from the annotation's "
                                               f"{task.ann_size}; sample kept without segmentation"))
         else:
@@ -105,6 +115,21 @@ def build_coco_sample(task: CocoTask) -> Built:
             Image.fromarray(mask, "L").save(buf, "PNG")
             members["seg.png"] = buf.getvalue()
     return Built(key=task.key, members=members, labelled=bool(task.present), warnings=warnings)
+
+
+def box_row(ann: dict, index: int, size: tuple[int, int]) -> tuple[int, ...]:
+    """A COCO `bbox` [x, y, w, h] (continuous, 0-based) -> (class, xmin, ymin, xmax, ymax, crowd): the 1-based
+    inclusive pixels it touches, inside the W x H image. ValueError on a malformed or negative box."""
+    try:
+        x, y, w, h = (float(v) for v in ann["bbox"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"annotation {ann.get('id')} has no bbox [x, y, w, h] (got {ann.get('bbox')!r})") from None
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w < 0 or h < 0:
+        raise ValueError(f"annotation {ann.get('id')} has an invalid bbox {ann['bbox']!r}")
+    width, height = size
+    x0, y0 = min(max(math.floor(x) + 1, 1), width), min(max(math.floor(y) + 1, 1), height)
+    x1, y1 = min(max(math.ceil(x + w), x0), width), min(max(math.ceil(y + h), y0), height)
+    return (index, x0, y0, x1, y1, int(bool(ann.get("iscrowd", 0))))
 
 
 def coco_tasks(coco: Any, image_dir: Path, image_ids: Sequence[int], annotation_file: str, classes: Sequence[str],
@@ -117,6 +142,8 @@ def coco_tasks(coco: Any, image_dir: Path, image_ids: Sequence[int], annotation_
         anns = coco.imgToAnns.get(image_id, [])
         error = None
         present: set[int] = set()
+        boxes = []
+        size = (int(info.get("width", 0)), int(info.get("height", 0)))
         for ann in anns:
             index = cat_to_index.get(ann.get("category_id"))
             if index is None:
@@ -124,6 +151,11 @@ def coco_tasks(coco: Any, image_dir: Path, image_ids: Sequence[int], annotation_
                          f"{ann.get('category_id')!r}")
                 break
             present.add(index)
+            try:
+                boxes.append(box_row(ann, index, size))
+            except ValueError as exc:
+                error = f"image {image_id}: {exc}"
+                break
         seg = None
         if image_id in seg_ids and error is None:
             try:
@@ -135,13 +167,12 @@ def coco_tasks(coco: Any, image_dir: Path, image_ids: Sequence[int], annotation_
         file_name = str(info.get("file_name", ""))
         image_path = image_dir / file_name
         source_id = Path(file_name).stem or str(image_id)
-        est = member_bytes(file_size(image_path), 700) + (member_bytes(info.get("width", 0) * info.get("height", 0)
-                                                                       // 20) if seg is not None else 0)
+        est = member_bytes(file_size(image_path), 700 + 30 * len(boxes)) + (
+            member_bytes(size[0] * size[1] // 20) if seg is not None else 0)
         tasks.append(CocoTask(
             key=safe_key(source_id), source_id=source_id, image_path=str(image_path), classes=classes,
-            present=tuple(sorted(present)), annotated=bool(anns), ann_size=(int(info.get("width", 0)),
-                                                                              int(info.get("height", 0))),
-            seg=seg, error=error, annotation_file=annotation_file, verify=verify, est_bytes=est,
+            present=tuple(sorted(present)), annotated=bool(anns), ann_size=size, seg=seg, boxes=tuple(boxes),
+            error=error, annotation_file=annotation_file, verify=verify, est_bytes=est,
         ))
     return tasks
 

@@ -6,6 +6,9 @@ Labels file, one row per image (CSV with a header, or one JSON object per line):
     mask    optional: segmentation PNG relative to --root, single channel, 0 background, k+1 for the k-th class of
             the class list, 255 void (the VOC convention)
     split   optional: the row's split; rows without one get a seeded split with the given fractions
+    boxes   optional: the objects' boxes for localization (explainer/wsol.py), a JSON list of
+            [class, xmin, ymin, xmax, ymax] (a 6th value 1 marks it difficult) in pixels as VOC's XML gives them
+            (1-based, inclusive); each box's class must be one of the row's labels
 ImageFolder: ROOT/<class>/<image> (single-label), or ROOT/<split>/<class>/<image> when every folder in ROOT is a
 split name (train, val, test).
 
@@ -42,7 +45,7 @@ from explainer.data.shards import (
 )
 from explainer.data.voc import check_seg
 
-COLUMNS = ("path", "labels", "mask", "split")
+COLUMNS = ("path", "labels", "mask", "split", "boxes")
 SPLIT_NAMES = ("train", "val", "test")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -59,6 +62,7 @@ class FolderTask:
     seg_path: str | None
     classes: tuple[str, ...]
     present: tuple[int, ...]
+    boxes: tuple[tuple[int, ...], ...] | None  # objects rows (class index, xmin, ymin, xmax, ymax, difficult)
     where: str  # "labels.csv line 7" or "ImageFolder": how problems name the row ("line 7" for a bad row)
     error: str | None  # a bad row (image_path is then the labels file): reported by line and skipped
     verify: bool
@@ -72,6 +76,7 @@ class Row:
     labels: list[str]
     mask: str | None
     split: str | None
+    boxes: list[tuple[str, int, int, int, int, int]] | None = None
 
 
 def build_folder_sample(task: FolderTask) -> Built:
@@ -85,7 +90,13 @@ def build_folder_sample(task: FolderTask) -> Built:
     labels = [0] * len(task.classes)
     for c in task.present:
         labels[c] = 1
-    members = {img.ext: img.data, "json": sample_json(labels, task.classes, task.source_id, img.size)}
+    if task.boxes is not None:
+        outside = [b for b in task.boxes if b[3] > img.size[0] or b[4] > img.size[1]]
+        if outside:
+            raise BadInput(task.image_path, f"box {list(outside[0][1:5])} lies outside the {img.size[0]} x "
+                                            f"{img.size[1]} image ({task.where})")
+    members = {img.ext: img.data, "json": sample_json(labels, task.classes, task.source_id, img.size,
+                                                      None if task.boxes is None else [list(b) for b in task.boxes])}
     if task.seg_path is not None:
         seg, reason = check_seg(task.seg_path, img.size, len(task.classes), verify=task.verify)
         if seg is not None:
@@ -130,6 +141,28 @@ def _parse_labels(value: Any) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _parse_boxes(value: Any) -> list[tuple[str, int, int, int, int, int]] | None:
+    """The boxes column: None when absent or empty, else checked [class, xmin, ymin, xmax, ymax(, difficult)] rows."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise BadRow(f"boxes {value!r} are not a JSON list ({exc})") from None
+    if not isinstance(value, list):
+        raise BadRow(f"boxes must be a list of [class, xmin, ymin, xmax, ymax], got {value!r}")
+    out = []
+    for box in value:
+        ok = isinstance(box, list) and len(box) in (5, 6) and isinstance(box[0], str) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in box[1:])
+        if not ok or not (1 <= box[1] <= box[3] and 1 <= box[2] <= box[4]) or (len(box) == 6 and box[5] not in (0, 1)):
+            raise BadRow(f"box {box!r} must be [class, xmin, ymin, xmax, ymax(, difficult 0/1)] with integer pixels, "
+                         "1 <= xmin <= xmax, 1 <= ymin <= ymax")
+        out.append((box[0], *box[1:5], box[5] if len(box) == 6 else 0))
+    return out
+
+
 def _optional_str(value: Any, column: str) -> str | None:
     if value is None:
         return None
@@ -146,7 +179,7 @@ def _row(line: int, record: dict[str, Any]) -> Row:
     if split is not None and not _SPLIT_RE.match(split):
         raise BadRow(f"split {split!r} must be letters, digits, '_' or '-' (it names shard files)")
     return Row(line=line, path=path, labels=_parse_labels(record.get("labels")),
-               mask=_optional_str(record.get("mask"), "mask"), split=split)
+               mask=_optional_str(record.get("mask"), "mask"), split=split, boxes=_parse_boxes(record.get("boxes")))
 
 
 def read_labels_file(path: Path) -> tuple[list[Row], list[tuple[int, str]]]:
@@ -186,7 +219,7 @@ def read_labels_file(path: Path) -> tuple[list[Row], list[tuple[int, str]]]:
         unknown = [h for h in header if h not in COLUMNS]
         if "path" not in header or "labels" not in header or unknown or len(set(header)) != len(header):
             raise ValueError(f"labels file {path}: header {header} must name the columns path and labels, "
-                             f"optionally mask and split, each once")
+                             f"optionally mask, split and boxes, each once")
         for fields in reader:
             line = reader.line_num
             if not any(f.strip() for f in fields):
@@ -291,18 +324,20 @@ def seeded_split(count: int, fractions: dict[str, float], seed: int) -> list[str
 
 
 def _task(root: Path, source_id: str, image: Path, mask: Path | None, classes: tuple[str, ...],
-          present: Sequence[int], where: str, verify: bool, key: str) -> FolderTask:
+          present: Sequence[int], where: str, verify: bool, key: str,
+          boxes: Sequence[tuple[int, ...]] | None = None) -> FolderTask:
     seg_size = file_size(mask) if mask is not None else 0
-    est = member_bytes(file_size(image), 400) + (member_bytes(seg_size) if mask is not None else 0)
+    est = member_bytes(file_size(image), 400 + 30 * len(boxes or ())) + (member_bytes(seg_size) if mask is not None
+                                                                         else 0)
     return FolderTask(key=key, source_id=source_id, image_path=str(image), seg_path=str(mask) if mask else None,
                       classes=classes, present=tuple(sorted(present)), where=where, error=None, verify=verify,
-                      est_bytes=est)
+                      est_bytes=est, boxes=None if boxes is None else tuple(tuple(b) for b in boxes))
 
 
 def _escaped_task(source_id: str, image: Path, target: Path, classes: tuple[str, ...]) -> FolderTask:
     """An ImageFolder file that is a symbolic link to outside the root: reported by its path and skipped."""
     return FolderTask(key=f"bad.{source_id}", source_id=source_id, image_path=str(image), seg_path=None,
-                      classes=classes, present=(), where="ImageFolder",
+                      classes=classes, present=(), boxes=None, where="ImageFolder",
                       error=f"a symbolic link (or under one) that leads outside the root, to {target}", verify=False,
                       est_bytes=0)
 
@@ -310,7 +345,7 @@ def _escaped_task(source_id: str, image: Path, target: Path, classes: tuple[str,
 def _bad_task(labels_file: Path, line: int, error: str, classes: tuple[str, ...]) -> FolderTask:
     # the key holds a dot, which no written sample's key can (safe_key removes them): never clashes
     return FolderTask(key=f"bad.{line}", source_id="", image_path=str(labels_file), seg_path=None, classes=classes,
-                      present=(), where=f"line {line}", error=error, verify=False, est_bytes=0)
+                      present=(), boxes=None, where=f"line {line}", error=error, verify=False, est_bytes=0)
 
 
 def _unique_key(source_id: str, used: set[str]) -> str:
@@ -350,6 +385,11 @@ def labels_file_tasks(root: Path, labels_file: Path, classes: Sequence[str] | No
             shown = ", ".join(classes[:8]) + (", ..." if len(classes) > 8 else "")
             bad.append((row.line, f"unknown class {unknown[0]!r} (the classes are {shown})", row.split))
             continue
+        stray = [b[0] for b in row.boxes or () if b[0] not in row.labels]
+        if stray:
+            bad.append((row.line, f"box of class {stray[0]!r}, which is not among the row's labels {row.labels}",
+                        row.split))
+            continue
         if source_id in first_line:
             bad.append((row.line, f"duplicate path {source_id!r} (first on line {first_line[source_id]})",
                         row.split))
@@ -366,8 +406,9 @@ def labels_file_tasks(root: Path, labels_file: Path, classes: Sequence[str] | No
     for i, (row, source_id, image, mask) in enumerate(good):
         split = row.split or split_of[i]
         present = [index[c] for c in row.labels]
+        boxes = None if row.boxes is None else [(index[b[0]], *b[1:]) for b in row.boxes]
         splits[split].append(_task(root, source_id, image, mask, classes, present, f"{name} line {row.line}",
-                                   verify, _unique_key(source_id, used)))
+                                   verify, _unique_key(source_id, used), boxes))
     fallback = names[0]
     for line, reason, split in sorted(bad, key=lambda b: b[0]):
         splits[split if split in splits else fallback].append(_bad_task(labels_file, line, reason, classes))
