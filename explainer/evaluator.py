@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from explainer import metrics as M
 from explainer.baselines import BASELINES, AttributionMethod
 from explainer.config import EvalConfig
+from explainer.run_errors import InputError
 
 MASK_METHODS = ("explainer", "rtis")
 WARMUP_METHODS = ("explainer", "rtis", "gradcam")  # one untimed call first (lazy init, allocator); the others are
@@ -45,7 +46,7 @@ def parse_methods(text: str | Sequence[str]) -> list[str]:
     names = [m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
     unknown = [m for m in names if m not in ALL_METHODS]
     if unknown or not names:
-        raise ValueError(f"--methods: unknown or empty {unknown or names!r}; choose from {', '.join(ALL_METHODS)}")
+        raise InputError(f"--methods: unknown or empty {unknown or names!r}; choose from {', '.join(ALL_METHODS)}")
     return list(dict.fromkeys(names))
 
 
@@ -87,20 +88,20 @@ class Evaluator:
         names = cfg.class_specific_classes or self.classes
         missing = [n for n in names if n not in self.classes]
         if missing:
-            raise ValueError(f"eval.class_specific_classes: {missing} not among the classes {self.classes}")
+            raise InputError(f"eval.class_specific_classes: {missing} not among the classes {self.classes}")
         self.targets = [self.classes.index(n) for n in names]
         if not cfg.thresholds or any(not 0.0 <= t < 1.0 for t in cfg.thresholds):
-            raise ValueError(f"eval.thresholds must be a non-empty list in [0, 1), got {cfg.thresholds}")
+            raise InputError(f"eval.thresholds must be a non-empty list in [0, 1), got {cfg.thresholds}")
         if cfg.faithfulness_steps < 0:
-            raise ValueError(f"eval.faithfulness_steps must be >= 0 (0 = off), got {cfg.faithfulness_steps}")
+            raise InputError(f"eval.faithfulness_steps must be >= 0 (0 = off), got {cfg.faithfulness_steps}")
         if cfg.faithfulness_prob not in M.FAITHFULNESS_PROBS:
-            raise ValueError(f"eval.faithfulness_prob must be one of {M.FAITHFULNESS_PROBS}, got "
+            raise InputError(f"eval.faithfulness_prob must be one of {M.FAITHFULNESS_PROBS}, got "
                              f"{cfg.faithfulness_prob!r}")
         if cfg.deletion_substrate not in M.DELETION_SUBSTRATES:
-            raise ValueError(f"eval.deletion_substrate must be one of {M.DELETION_SUBSTRATES}, got "
+            raise InputError(f"eval.deletion_substrate must be one of {M.DELETION_SUBSTRATES}, got "
                              f"{cfg.deletion_substrate!r}")
         if cfg.pointing_tolerance < 0:
-            raise ValueError(f"eval.pointing_tolerance must be >= 0 px, got {cfg.pointing_tolerance}")
+            raise InputError(f"eval.pointing_tolerance must be >= 0 px, got {cfg.pointing_tolerance}")
         self.totals = M.Totals()
         self.figure_images = figure_images
         self.figure: dict[str, Any] = {"images": [], "labels": [], "maps": {m: [] for m in methods}}

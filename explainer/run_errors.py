@@ -27,6 +27,48 @@ class UserError(RunError):
     exit_code = 2
 
 
+class InputError(UserError, ValueError):
+    """A file or setting the user gave that cannot be used (a manifest, a model file, a config value): exit status 2,
+    one line. Also a ValueError, which is what the library raised for these before they had a type of their own."""
+
+
+class MissingInput(InputError, FileNotFoundError):
+    """A file the user named does not exist (also a FileNotFoundError, for callers that catch that)."""
+
+
+class ModelFileError(InputError):
+    """A model or weights file that cannot be loaded, or does not fit the data/config; the message names it."""
+
+
+DEBUG_ENV = "EXPLAINER_DEBUG"  # =1: user errors keep their traceback (what --debug sets)
+DEBUG_HELP = f"show the traceback of errors in the input too (also {DEBUG_ENV}=1)"
+
+
+def debug_requested() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def request_debug(on: bool) -> None:
+    """--debug: tracebacks for user errors too, in this process and the ones it starts."""
+    if on:
+        os.environ[DEBUG_ENV] = "1"
+
+
+def untrusted_load_reason(exc: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused a file, without torch's advice to re-run with weights_only=False
+    (which would execute whatever the file contains): the unpickler's own words, or the error type."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        reason = text.split(marker, 1)[1].strip().splitlines()[0]
+        for advice in (". Please use", ". Check the documentation", ". If you"):
+            reason = reason.split(advice)[0]
+        return reason.strip() or type(exc).__name__
+    if "weights_only" in text:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
 _REASONS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
             errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
 
@@ -70,13 +112,21 @@ def first_line(exc: BaseException) -> str:
 
 
 def exit_on_run_error(main: Callable[[], T]) -> T:
-    """Run an entry point's body; a RunError becomes `error: <message>` on stderr and its exit status."""
+    """Run an entry point's body; a RunError becomes `error: <message>` on stderr and its exit status (2 for bad
+    input). With EXPLAINER_DEBUG=1 (--debug) it keeps its traceback; anything else is a bug and always does."""
     try:
         return main()
     except RunError as exc:
+        if debug_requested():
+            raise
         _close_progress_bars()
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
         raise SystemExit(exc.exit_code) from None
+
+
+def one_line(exc: BaseException) -> str:
+    """The message on one line: a multi-line message (a list of problems) is joined with '; '."""
+    return "; ".join(part.strip() for part in str(exc).strip().splitlines() if part.strip()) or type(exc).__name__
 
 
 def _close_progress_bars() -> None:

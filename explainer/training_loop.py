@@ -41,6 +41,7 @@ from explainer.config import (
     input_normalization,
     save_config,
     to_dict,
+    with_absolute_paths,
 )
 from explainer.data.loader import (
     EvalStream,
@@ -63,7 +64,7 @@ from explainer.distributed import (
 from explainer.logs import configure_logging, get_logger
 from explainer.precision import Precision
 from explainer.run_checkpoints import CheckpointManager, TrainerState, all_finite_on_device
-from explainer.run_errors import RunError, UserError, first_line
+from explainer.run_errors import InputError, RunError, UserError, first_line
 from explainer.run_lock import RunLock, acquire_shared
 from explainer.signals import StopRequest, exit_status, signal_name
 from explainer.tracking import RunTracker, wandb_log_with
@@ -132,7 +133,7 @@ def plan_batch(dcfg: DataConfig, ocfg: OptimConfig, world_size: int) -> BatchPla
     accum = ocfg.grad_accum_steps
     if ocfg.batch_policy == "reproduce":
         if dcfg.batch_size % world_size:
-            raise ValueError(
+            raise InputError(
                 f"optim.batch_policy=reproduce keeps the global batch at data.batch_size={dcfg.batch_size} "
                 f"(x grad_accum_steps={accum}), which does not divide over {world_size} processes; use a batch size "
                 f"divisible by {world_size}, raise optim.grad_accum_steps and lower data.batch_size, or set "
@@ -142,7 +143,7 @@ def plan_batch(dcfg: DataConfig, ocfg: OptimConfig, world_size: int) -> BatchPla
     elif ocfg.batch_policy == "scale":
         per_process, factor = dcfg.batch_size, float(world_size)
     else:
-        raise ValueError(f"optim.batch_policy must be 'reproduce' or 'scale', got {ocfg.batch_policy!r}")
+        raise InputError(f"optim.batch_policy must be 'reproduce' or 'scale', got {ocfg.batch_policy!r}")
     return BatchPlan(policy=ocfg.batch_policy, world_size=world_size, per_process_batch=per_process, accum=accum,
                      global_batch=per_process * world_size * accum, lr=ocfg.lr * factor, lr_factor=factor)
 
@@ -162,11 +163,11 @@ def plan_steps(tcfg: TrainConfig, ocfg: OptimConfig, batch: BatchPlan, batches_a
     accum = batch.accum
     steps_per_epoch = tcfg.steps_per_epoch or batches_available // accum
     if steps_per_epoch < 1:
-        raise ValueError(f"{where} gives {batches_available} batches per rank, fewer than grad_accum_steps={accum}; "
+        raise InputError(f"{where} gives {batches_available} batches per rank, fewer than grad_accum_steps={accum}; "
                          "lower data.batch_size or use fewer processes")
     batches_per_epoch = steps_per_epoch * accum
     if batches_per_epoch > batches_available:
-        raise ValueError(f"train.steps_per_epoch={steps_per_epoch} needs {batches_per_epoch} batches per rank, but "
+        raise InputError(f"train.steps_per_epoch={steps_per_epoch} needs {batches_per_epoch} batches per rank, but "
                          f"{where} gives {batches_available}")
     total = tcfg.epochs * steps_per_epoch
     if tcfg.max_steps is not None:
@@ -558,7 +559,7 @@ def start_run(recipe: Recipe) -> tuple[Run, Any, bool]:
     state = CheckpointManager.load(accelerator, resume_from) if resume_from else TrainerState()
     precision.load_state_dict(state.scaler)
     if world.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(with_absolute_paths(cfg), run_dir / "config.yaml")  # the same files from any directory
         if resume_from:
             log.info("resumed from %s (step %d, epoch %d)", resume_from, state.step, state.epoch)
         log.info(f"{batch_plan.policy}: global batch {batch_plan.global_batch} = "

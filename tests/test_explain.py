@@ -128,11 +128,13 @@ def test_onnx_export_gives_the_same_masks(checkpoint, images, tmp_path):
     assert torch.allclose(exported, eager, atol=1e-5, rtol=0)  # another batch size than the exported example
 
 
-def test_exit_status_and_errors(checkpoint, images, tmp_path):
+def test_exit_status_and_errors(checkpoint, images, tmp_path, capsys):
     assert main([str(images / "a"), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "ok"),
                  "--no-progress"]) == 0
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(SystemExit) as stopped:  # a user error: one line and exit 2 (tests/test_run_errors.py)
         main([str(images / "a"), "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x")])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("nope.pt does not exist")
 
 
 def test_console_script_reports_broken_file_by_name(checkpoint, images, tmp_path):

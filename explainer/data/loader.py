@@ -67,6 +67,7 @@ from explainer.data.transforms import (
     seg_to_binary,
     stack_images,
 )
+from explainer.run_errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,8 @@ IMAGE_KEYS = ("jpg", "png", "jpeg", "webp", "bmp", "gif", "tiff")
 IMAGE_FORMATS = ("float", "uint8")
 
 
-class ManifestError(ValueError):
-    """A manifest that cannot be used; the message names the file."""
+class ManifestError(InputError):
+    """A manifest that cannot be used; the message names the file (a ValueError, exit status 2)."""
 
 
 @dataclass
@@ -180,6 +181,7 @@ def read_manifest(path: str | Path, *, allow_external_shards: bool = False,
                 shards.append(url)
                 counts.append(count)
                 unlabelled.append([int(i) for i in entry.get("unlabelled", [])])
+            _refuse_repeats(path, name, shards)
             splits[name] = SplitInfo(shards=shards, counts=counts, total=sum(counts), unlabelled=unlabelled)
         dataset = str(raw.get("dataset", path.parent.name))
     except ManifestError:
@@ -187,6 +189,17 @@ def read_manifest(path: str | Path, *, allow_external_shards: bool = False,
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ManifestError(f"manifest {path} lacks the expected structure ({type(exc).__name__}: {exc})") from None
     return Manifest(path=path, dataset=dataset, classes=classes, splits=splits, raw=raw)
+
+
+def _refuse_repeats(path: Path, split: str, shards: Sequence[str]) -> None:
+    """A shard listed twice in a split (by any spelling of its path) would be trained on twice per epoch and its
+    images evaluated twice: the manifest is wrong, not the data."""
+    seen: set[str] = set()
+    for shard in shards:
+        if shard in seen:
+            raise ManifestError(f"manifest {path}: split {split!r} lists the shard {shard} more than once; list each "
+                                "shard once")
+        seen.add(shard)
 
 
 def shard_permissions(dcfg: Any) -> dict[str, Any]:
@@ -694,7 +707,7 @@ def make_train_loader(cfg: Any, manifest: Manifest | str | Path, split: str, *, 
                            max_images=None, mean=mean, std=std, resize=getattr(cfg, "resize", "squash"))
     if dataset.num_batches == 0:
         kept = sum(dataset.kept)
-        raise ValueError(f"split {split!r} of {manifest.path} has {kept} usable samples: not enough for one batch "
+        raise ManifestError(f"split {split!r} of {manifest.path} has {kept} usable samples: not enough for one batch "
                          f"of {cfg.batch_size} on each of {world_size} rank(s)")
     dataset.max_pixels = getattr(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
     return TrainStream(dataset, cfg.num_workers, image_format)
