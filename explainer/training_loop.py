@@ -244,6 +244,9 @@ class Run:
     window: LogWindow = field(default_factory=LogWindow)
     stop: StopRequest = field(default_factory=StopRequest)  # SIGTERM / SIGINT seen by this process
     lock: RunLock | None = None  # the run folder's lock, held by rank 0 for the whole run (explainer/run_lock.py)
+    train_stream: Any = None  # this rank's TrainStream: its corrupt_samples / problems are the skipped data
+    skipped_seen: int = 0  # this rank's skipped samples already added to state.skipped_samples
+    skipped_notes: list[str] = field(default_factory=list)  # what was skipped, over all ranks (summary.json)
 
     @property
     def cfg(self) -> Any:
@@ -396,7 +399,7 @@ def log_window(run: Run) -> dict[str, float]:
     logged = {**dict(zip(window.keys, means.tolist())),
               "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": window.images / elapsed,
               "epoch": run.state.epoch, "memory_mb": _peak_memory_mb(run.accelerator.device),
-              "skipped_steps": run.state.skipped_steps}
+              "skipped_steps": run.state.skipped_steps, "skipped_samples": count_skipped_data(run)}
     run.tracker.log(logged, run.state.step)
     window.reset()
     return logged
@@ -463,6 +466,7 @@ def save_run_state(run: Run) -> None:
             f"non-finite weights or optimizer state at step {run.state.step} (the last update diverged; check "
             f"optim.lr and the loss weights); not saved. Last finite checkpoint: {last_finite_checkpoint(run)}"
         )
+    count_skipped_data(run)  # collective, like the save: the checkpoint carries the count up to its step
     run.state.scaler = run.precision.state_dict()
     run.checkpoints.save(run.accelerator, run.state)
 
@@ -478,6 +482,30 @@ def stop_on_signal(run: Run, signum: int, saved: bool) -> NoReturn:
     run.tracker.finish()
     close_process_group()
     raise SystemExit(exit_status(signum))
+
+
+def count_skipped_data(run: Run) -> int:
+    """Collective: adds the training samples skipped since the last call on every rank (unreadable or missing shard
+    data, corrupt samples: the loader counts them per DataLoader worker and hands the counts over with the batches)
+    to state.skipped_samples, which a resumed run carries on; returns the run's total."""
+    total = int(getattr(run.train_stream, "corrupt_samples", 0))
+    new, run.skipped_seen = total - run.skipped_seen, total
+    if run.world.world_size > 1:
+        summed = all_reduce_sums(run.accelerator, {"skipped": float(new)}, ("skipped",))
+        new = int(round(summed["skipped"]))
+    run.state.skipped_samples += new
+    return run.state.skipped_samples
+
+
+def gather_skipped_notes(run: Run, limit: int = 50) -> list[str]:
+    """Collective: what the loaders of all ranks skipped in this process's lifetime, each note naming the shard
+    (at most `limit`, rank 0's first)."""
+    notes = list(getattr(run.train_stream, "problems", []))[:limit]
+    if run.world.world_size > 1:
+        gathered: list[list[str]] = [[] for _ in range(run.world.world_size)]
+        torch.distributed.all_gather_object(gathered, notes)
+        notes = [note for part in gathered for note in part]
+    return notes[:limit]
 
 
 def batch_summary(run: Run) -> dict[str, Any]:
@@ -498,6 +526,8 @@ def write_summary(run: Run) -> dict[str, Any]:
         "best_step": state.best_step,
         "stopped_early": state.stopped_early,
         "skipped_steps": state.skipped_steps,
+        "skipped_samples": state.skipped_samples,  # training data the loaders could not read, all ranks
+        "skipped_data": run.skipped_notes,  # what, naming the shards (this process's part of the run)
         **batch_summary(run),
         "output_dir": str(run.run_dir),
         "checkpoint": str(run.run_dir / f"{run.recipe.kind}.pt"),
@@ -571,7 +601,7 @@ def start_run(recipe: Recipe) -> tuple[Run, Any, bool]:
     run = Run(recipe=recipe, accelerator=accelerator, world=world, precision=precision, model=model,
               optimizer=optimizer, params=params, manifest=manifest, data=data, batch=batch_plan, plan=plan,
               state=state, checkpoints=checkpoints, tracker=tracker, val_stream=val_stream, run_dir=run_dir,
-              norm=norm, lock=lock)
+              norm=norm, lock=lock, train_stream=train_stream)
     return run, train_stream, resume_from is not None
 
 
@@ -653,6 +683,8 @@ def train_until_done(run: Run, train_stream: Any, resumed: bool) -> dict[str, An
         after_validation(run, run_validation(run))
     if last_saved != state.step:
         save_run_state(run)
+    count_skipped_data(run)
+    run.skipped_notes = gather_skipped_notes(run)
     summary = write_summary(run)
     run.tracker.finish()
     run.accelerator.wait_for_everyone()

@@ -36,6 +36,7 @@ short; corrupt samples are left out. Batches add the segmentation ground truth a
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import json
@@ -262,10 +263,14 @@ class _Counter:
         self.n = 0
         self.notes: list[str] = []  # what was skipped or looked wrong, for the evaluation's results
 
-    def handler(self, exc: Exception) -> bool:
-        self.n += 1
-        self.notes.append(f"unreadable shard data skipped: {exc!r}")
-        log.warning("skipping unreadable shard data: %r", exc)
+    def handler(self, exc: Exception, url: str = "?") -> bool:
+        """A shard that cannot be opened or read on (404, truncated tar): noted and logged with the shard's name.
+        Not counted here: the samples it loses are counted once the shard ends short of the manifest's count."""
+        reason = str(exc.args[0]) if len(exc.args) > 1 else str(exc)  # webdataset appends (stream, url) to args
+        reason = reason.split(" @ <")[0]  # and the stream's repr to the message
+        note = f"unreadable data in shard {url} skipped: {type(exc).__name__}" + (f": {reason}" if reason else "")
+        self.notes.append(note)
+        log.warning("%s", note)
         return True
 
 
@@ -285,14 +290,15 @@ def _open(url: str):
 def _iter_shard(url: str, counter: _Counter | None = None) -> Iterator[dict[str, Any]]:
     """Samples of one shard (dicts of raw member bytes), via webdataset's tar iterators."""
     counter = counter or _Counter()
+    handler = functools.partial(counter.handler, url=url)
     try:
         stream = _open(url)
     except OSError as exc:
-        counter.handler(exc)
+        handler(exc)
         return
     try:
-        files = tar_file_expander([{"url": url, "stream": stream}], handler=counter.handler)
-        yield from group_by_keys(files, handler=counter.handler)
+        files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+        yield from group_by_keys(files, handler=handler)
     finally:
         stream.close()
 
