@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -55,18 +56,13 @@ def request_debug(on: bool) -> None:
 
 
 def untrusted_load_reason(exc: BaseException) -> str:
-    """Why torch.load(weights_only=True) refused a file, without torch's advice to re-run with weights_only=False
-    (which would execute whatever the file contains): the unpickler's own words, or the error type."""
-    text = str(exc)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        reason = text.split(marker, 1)[1].strip().splitlines()[0]
-        for advice in (". Please use", ". Check the documentation", ". If you"):
-            reason = reason.split(advice)[0]
-        return reason.strip() or type(exc).__name__
-    if "weights_only" in text:
-        return type(exc).__name__
-    return f"{type(exc).__name__}: {first_line(exc)}"
+    """Why torch.load(weights_only=True) refused a file, in the unpickler's words, without torch's advice to re-run
+    with weights_only=False or to allow-list the global (either would run whatever the file contains)."""
+    text = str(exc).split("WeightsUnpickler error:", 1)[-1]  # torch's advice comes before the reason
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    kept = [p.split(". Please use")[0] for p in paragraphs
+            if "weights_only" not in p and not p.startswith("Check the documentation")]
+    return " ".join(" ".join(kept).split()) or type(exc).__name__
 
 
 _REASONS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
