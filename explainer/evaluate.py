@@ -214,7 +214,8 @@ def evaluate(cfg: ExplainerRunConfig, checkpoint: str | None, *, classifier: str
                                    world_size=state.num_processes, max_images=limit, **input_normalization(cfg))
     ev = eval_settings(cfg, manifest, limit)
     evaluator = Evaluator(clf, built, classes, ev, device, figure_images=figure_images if state.is_main_process else 0,
-                          norm=input_normalization(cfg), softmax=cfg.loss.classification == "ce")
+                          norm=input_normalization(cfg), softmax=cfg.loss.classification == "ce",
+                          resize=cfg.data.resize)
     for batch in tqdm(batches, desc=f"evaluate[{state.process_index}]", unit="batch",
                       disable=not (progress and state.is_main_process)):
         evaluator.update(batch)

@@ -77,9 +77,11 @@ class Evaluator:
 
     def __init__(self, classifier: nn.Module, methods: dict[str, AttributionMethod], classes: Sequence[str],
                  cfg: EvalConfig, device: torch.device, figure_images: int = 0,
-                 norm: dict[str, Sequence[float]] | None = None, softmax: bool = False) -> None:
+                 norm: dict[str, Sequence[float]] | None = None, softmax: bool = False, resize: str = "squash") -> None:
         """`softmax`: a softmax classifier (loss.classification=ce): Table 4 predicts its top-1 class, and
-        eval.faithfulness_prob=auto means softmax."""
+        eval.faithfulness_prob=auto means softmax. `resize`: data.resize, how images were fitted to the model's input
+        (the pointing game maps the maps back onto the original image by its inverse)."""
+        self.resize = resize
         if cfg.faithfulness_prob == "auto":
             cfg = dataclasses.replace(cfg, faithfulness_prob="softmax" if softmax else "sigmoid")
         self.softmax = softmax
@@ -215,7 +217,8 @@ class Evaluator:
         sizes = torch.as_tensor(sizes) if sizes is not None else torch.tensor([[w, h]] * b)  # no original: as is
         seg = [batch["seg_classes"][i] if bool(has_seg[i]) else None for i in range(b)] \
             if "seg_classes" in batch else None
-        res = M.pointing_game(maps, labels, sizes, self.cfg.pointing_tolerance, seg, batch.get("objects"))
+        res = M.pointing_game(maps, labels, sizes, self.cfg.pointing_tolerance, seg, batch.get("objects"),
+                              self.resize)
         cls = res["cls"]
         self._add_per_class(f"point/{name}", cls, skipped=res["skipped"],
                             box_hits=res["box"] == 1, box_pairs=res["box"] >= 0,
@@ -378,7 +381,8 @@ class Evaluator:
                      "deletion": f"to 0, {M.RISE_DELETION_STEP * size} px per step",
                      "insertion": f"from the blur, {M.RISE_INSERTION_STEP * size} px per step"},
             "pointing_tolerance_px": self.cfg.pointing_tolerance,
-            "pointing_frame": "original image pixels (map resized bilinearly to the original W x H; orig_size)",
+            "pointing_frame": f"original image pixels (orig_size): the part of the map that shows the image "
+                              f"(data.resize={self.resize}) resized bilinearly onto the part of the image it shows",
             "pointing_point": "first maximum in row-major order (torch argmax)",
             "pointing_annotations": "boxes from the VOC XML where the shards carry them (TorchRay's VOC test), "
                                     "segmentation masks mapped to the original size beside them",
