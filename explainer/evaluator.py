@@ -377,9 +377,10 @@ class Evaluator:
             "pixel_order": M.TIE_ORDER,
             "low_resolution_maps": "upsampled bilinearly (align_corners=False) to the image",
             "rise_protocol": self.cfg.faithfulness_rise,
-            "rise": {"classes": "the classifier's top-1 class on the clean image", "probability": "softmax",
-                     "deletion": f"to 0, {M.RISE_DELETION_STEP * size} px per step",
-                     "insertion": f"from the blur, {M.RISE_INSERTION_STEP * size} px per step"},
+            "rise": {"protocol": M.RISE_PROTOCOL,
+                     "classes": "the classifier's top-1 class on the clean image", "probability": "softmax",
+                     "deletion": f"to 0, {M.RISE_STEP_ROWS * size} px per step",
+                     "insertion": f"from the blur, {M.RISE_STEP_ROWS * size} px per step"},
             "pointing_tolerance_px": self.cfg.pointing_tolerance,
             "pointing_frame": f"original image pixels (orig_size): the part of the map that shows the image "
                               f"(data.resize={self.resize}) resized bilinearly onto the part of the image it shows",

@@ -161,8 +161,10 @@ FAITHFULNESS_PROBS = ("sigmoid", "softmax")
 DELETION_SUBSTRATES = ("zero", "blur")
 INSERTION_BLUR_SIGMA = 5.0  # px at 224: the RISE code's insertion start, gkern(11, 5)
 INSERTION_BLUR_TAPS = 11
-RISE_DELETION_STEP = 1  # RISE deletes one image row's worth of pixels per step (224 at 224 px) ...
-RISE_INSERTION_STEP = 8  # ... and inserts eight rows' worth (224 * 8)
+# The RISE notebook's batch evaluation: CausalMetric(model, 'del' / 'ins', 224 * 8, ...), eight image rows' worth of
+# pixels per step for deletion AND insertion (its single-image cells use 224, one row, for both)
+RISE_STEP_ROWS = 8
+RISE_PROTOCOL = "RISE notebook's batch evaluation (224 x 8 px per step at 224 px for deletion and insertion)"
 POINTING_TOLERANCE = 15  # px in the ORIGINAL image (TorchRay's PointingGame default)
 REFERENCE_SIZE = 224
 TIE_ORDER = "descending map value; ties in row-major order (stable sort: the earlier pixel first)"
@@ -320,17 +322,17 @@ def deletion_insertion_auc(
 @torch.no_grad()
 def rise_deletion_insertion_auc(classifier: nn.Module, images: Tensor, maps: Tensor,
                                 chunk: int = 256) -> tuple[Tensor, Tensor, Tensor]:
-    """The RISE code's protocol: the classifier's top-1 class per image, softmax probability; deletion to 0 with one
-    image row's worth of pixels per step, insertion from the RISE blur with eight rows' worth (224 and 1792 px at
+    """The RISE code's protocol (RISE_PROTOCOL): the classifier's top-1 class per image, softmax probability;
+    deletion to 0 and insertion from the RISE blur, both eight image rows' worth of pixels per step (1792 px at
     224 x 224). -> (deletion [B], insertion [B], class [B])."""
     h, w = images.shape[-2:]
     pairs = top1_pairs(classifier, images)
     z = h * w
     start = insertion_start(images, *blur_taps(min(h, w)))
-    deletion = causal_auc(classifier, images, maps, pairs, step_counts(z, step_pixels=RISE_DELETION_STEP * w),
-                          torch.zeros_like(images), "deletion", "softmax", chunk)
-    insertion = causal_auc(classifier, images, maps, pairs, step_counts(z, step_pixels=RISE_INSERTION_STEP * w),
-                           start, "insertion", "softmax", chunk)
+    counts = step_counts(z, step_pixels=RISE_STEP_ROWS * w)
+    deletion = causal_auc(classifier, images, maps, pairs, counts, torch.zeros_like(images), "deletion", "softmax",
+                          chunk)
+    insertion = causal_auc(classifier, images, maps, pairs, counts, start, "insertion", "softmax", chunk)
     return deletion, insertion, pairs[:, 1].cpu()
 
 
