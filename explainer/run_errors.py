@@ -11,7 +11,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 T = TypeVar("T")
 
@@ -115,9 +115,17 @@ def exit_on_run_error(main: Callable[[], T]) -> T:
     except RunError as exc:
         if debug_requested():
             raise
-        _close_progress_bars()
-        print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
-        raise SystemExit(exc.exit_code) from None
+        _stop(one_line(exc), exc.exit_code)
+    except OSError as exc:  # a file or folder the system refused (an --out that is a file, no permission, full disk)
+        if exc.filename is None or debug_requested():
+            raise
+        _stop(f"{exc.filename}: {os_reason(exc)}", 1 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 2)
+
+
+def _stop(message: str, code: int) -> NoReturn:
+    _close_progress_bars()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code) from None
 
 
 def one_line(exc: BaseException) -> str:

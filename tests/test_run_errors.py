@@ -69,6 +69,7 @@ def inputs(synthetic_manifest, tmp_path_factory) -> Path:
     save_model_file(root / "explainer.pt", build_explainer("tiny_unet", len(classes)), kind="explainer",
                     arch="tiny_unet", num_classes=len(classes), classes=classes, image_size=32)
     (root / "garbage.pt").write_bytes(b"\x00garbage" * 64)
+    (root / "binary.yaml").write_bytes(b"data:\n  manifest: caf\xe9\n")
     torch.save({"state_dict": _Payload()}, root / "pickle.pt")
     (root / "images").mkdir()
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(root / "images" / "a.png")
@@ -127,6 +128,12 @@ CASES = {
                                 "--methods: unknown or empty ['lime']"),
     "evaluate-unknown-config-key": (lambda r: _evaluate(r, "--checkpoint", str(r / "explainer.pt"), "data.size=3"),
                                     "unknown key 'data.size'"),
+    "evaluate-config-not-utf8": (lambda r: ["evaluate", "--config", str(r / "binary.yaml"), "--checkpoint",
+                                            str(r / "explainer.pt")],
+                                 "config file {root}/binary.yaml: line 2 is not UTF-8 text"),
+    "explain-out-is-a-file": (lambda r: ["explain", "--no-progress", "--checkpoint", str(r / "explainer.pt"),
+                                         "--rank-by", "mask", "--out", str(r / "garbage.pt"), str(r / "images")],
+                              "garbage.pt/a/masks: Not a directory"),
     "explain-garbage-checkpoint": (lambda r: _explain(r, "--checkpoint", str(r / "garbage.pt"), str(r / "images")),
                                    "garbage.pt: not a checkpoint written by explainer's save_model_file"),
     "explain-missing-checkpoint": (lambda r: _explain(r, "--checkpoint", str(r / "nope.pt"), str(r / "images")),
