@@ -713,8 +713,8 @@ def make_train_loader(cfg: Any, manifest: Manifest | str | Path, split: str, *, 
                            max_images=None, mean=mean, std=std, resize=getattr(cfg, "resize", "squash"))
     if dataset.num_batches == 0:
         kept = sum(dataset.kept)
-        raise ManifestError(f"split {split!r} of {manifest.path} has {kept} usable samples: not enough for one batch "
-                         f"of {cfg.batch_size} on each of {world_size} rank(s)")
+        raise ManifestError(f"split {split!r} of {manifest.path} has {kept} usable samples: not enough for one "
+                            f"batch of {cfg.batch_size} on each of {world_size} rank(s)")
     dataset.max_pixels = getattr(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
     return TrainStream(dataset, cfg.num_workers, image_format)
 
