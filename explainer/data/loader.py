@@ -185,6 +185,7 @@ def read_manifest(path: str | Path, *, allow_external_shards: bool = False,
             _refuse_repeats(path, name, shards)
             splits[name] = SplitInfo(shards=shards, counts=counts, total=sum(counts), unlabelled=unlabelled)
         dataset = str(raw.get("dataset", path.parent.name))
+        _warn_shared(path, splits)
     except ManifestError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -201,6 +202,15 @@ def _refuse_repeats(path: Path, split: str, shards: Sequence[str]) -> None:
             raise ManifestError(f"manifest {path}: split {split!r} lists the shard {shard} more than once; list each "
                                 "shard once")
         seen.add(shard)
+
+
+def _warn_shared(path: Path, splits: dict[str, SplitInfo]) -> None:
+    """A shard in two splits (train and test) is allowed, but rarely meant: the test images were trained on."""
+    owner: dict[str, str] = {}
+    for name, info in splits.items():
+        for shard in info.shards:
+            if owner.setdefault(shard, name) != name:
+                log.warning("manifest %s: shard %s is in split %r and in split %r", path, shard, owner[shard], name)
 
 
 def shard_permissions(dcfg: Any) -> dict[str, Any]:
