@@ -71,7 +71,7 @@ def causal_rows(clf: nn.Module, images: torch.Tensor, maps: torch.Tensor) -> dic
     probs = lambda x: F.softmax(clf(x), dim=1)  # noqa: E731 - the notebook's nn.Sequential(model, Softmax)
     taps, sigma = M.blur_taps(s)
     blur = rise.blur_substrate(taps, sigma, torch.float64)
-    deletion = rise.AnchorCausalMetric(probs, "del", s, torch.zeros_like)
+    deletion = rise.AnchorCausalMetric(probs, "del", 8 * s, torch.zeros_like)  # the notebook's batch evaluation
     insertion = rise.AnchorCausalMetric(probs, "ins", 8 * s, blur)
     del_each = rise.AnchorCausalMetric(probs, "del", s, torch.zeros_like)
     ins_each = rise.AnchorCausalMetric(probs, "ins", s, blur)
@@ -193,7 +193,7 @@ def compare(seed: int = 0, images: int = 8, size: int = 32) -> list[dict[str, An
             pointing[ann][3].append(their_acc)
         for key, triple in wsol_rows(maps, sizes, objects, segs, labels).items():
             wsol[key].append(triple)
-    titles = {"rise_del": "deletion AUC, RISE protocol (top-1, 1 row / step, to 0)",
+    titles = {"rise_del": "deletion AUC, RISE protocol (top-1, 8 rows / step, to 0)",
               "rise_ins": "insertion AUC, RISE protocol (top-1, 8 rows / step, from gkern blur)",
               "each_del": "deletion AUC, every class, 1 row / step", "each_ins": "insertion AUC, every class"}
     rows = []

@@ -6,6 +6,7 @@ import argparse
 from typing import Any, TypeVar
 
 from explainer.config import ConfigError, load_config
+from explainer.run_errors import DEBUG_HELP, request_debug
 
 T = TypeVar("T")
 
@@ -52,8 +53,10 @@ def parse_run_config(cls: type[T], argv: list[str] | None, description: str, pro
     parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/synthetic.yaml")
     parser.add_argument("--resume", default=None,
                         help="'auto' (newest complete checkpoint in train.output_dir) or a checkpoint folder")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. optim.lr=1e-4")
     args = parser.parse_args(argv)
+    request_debug(args.debug)
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"train.resume={args.resume}")

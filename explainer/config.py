@@ -7,6 +7,7 @@ spent, with a message that names the offending key and what would have been acce
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -20,9 +21,11 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from explainer.run_errors import InputError
 
-class ConfigError(ValueError):
-    """A config file or override that does not match the schema."""
+
+class ConfigError(InputError):
+    """A config file or override that does not match the schema (a ValueError, exit status 2)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -376,14 +379,29 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: what is wrong and where (its own text spans several lines with a caret)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if problem is None:
+        return " ".join(str(exc).split())
+    return problem + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else "")
+
+
 def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
     """A YAML file whose top level is a mapping (empty file: {}); errors name the file."""
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist")
+    raw = path.read_bytes()
     try:
-        loaded = yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{what} {path}: line {line} is not UTF-8 text; is it the YAML file you meant?") from None
+    try:
+        loaded = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -545,6 +563,51 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
     from explainer.atomic import write_text_atomic
 
     write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# Config keys holding a file or folder path; a relative one means relative to the working directory of the command.
+PATH_KEYS = ("data.manifest", "classifier.checkpoint", "classifier.imagenet_weights", "classifier.torchscript",
+             "explainer.backbone_weights", "train.output_dir", "train.resume", "eval.output_dir")
+
+
+def _path_fields(cfg: Any) -> list[tuple[Any, str, str]]:
+    """(section object, field name, value) of every PATH_KEYS entry this config has and sets (not train.resume=auto)."""
+    out = []
+    for key in PATH_KEYS:
+        section_name, name = key.split(".")
+        section = getattr(cfg, section_name, None)
+        value = getattr(section, name, None)
+        if isinstance(value, str) and value and not (key == "train.resume" and value == "auto"):
+            out.append((section, name, value))
+    return out
+
+
+def with_absolute_paths(cfg: T) -> T:
+    """A copy of `cfg` with every relative path made absolute (from the working directory): what a run folder's
+    config.yaml stores, so that it means the same files from any directory."""
+    cfg = copy.deepcopy(cfg)
+    for section, name, value in _path_fields(cfg):
+        setattr(section, name, os.path.abspath(os.path.expanduser(value)))
+    return cfg
+
+
+def resolve_run_paths(cfg: T, run_dir: str | os.PathLike) -> T:
+    """A run folder's config with relative paths that do not exist from here looked up where the run was started:
+    the run folder minus a relative train.output_dir (runs/x started in /repo lives in /repo/runs/x), else the run
+    folder itself. Configs written before paths were stored absolute (with_absolute_paths) used relative ones."""
+    cfg = copy.deepcopy(cfg)
+    run_dir = Path(run_dir).resolve()
+    bases = [run_dir]
+    out = Path(cfg.train.output_dir) if hasattr(cfg, "train") else None
+    if out is not None and not out.is_absolute() and run_dir.parts[-len(out.parts):] == out.parts:
+        bases.insert(0, Path(*run_dir.parts[:-len(out.parts)]))
+    for section, name, value in _path_fields(cfg):
+        if name == "output_dir" or os.path.isabs(value) or os.path.exists(value):
+            continue
+        found = next((base / value for base in bases if (base / value).exists()), None)
+        if found is not None:
+            setattr(section, name, str(found))
+    return cfg
 
 
 def config_hash(cfg: Any) -> str:

@@ -43,10 +43,18 @@ from torch import nn
 
 from explainer import metrics as M
 from explainer.baselines import AttributionMethod, build_baseline
-from explainer.config import EvalConfig, ExplainerRunConfig, input_normalization, load_config, to_dict
+from explainer.config import (
+    EvalConfig,
+    ExplainerRunConfig,
+    input_normalization,
+    load_config,
+    resolve_run_paths,
+    to_dict,
+)
 from explainer.eval_report import json_safe, log_to_wandb, markdown_report, wandb_tables, write_outputs
 from explainer.evaluator import ALL_METHODS, MASK_METHODS, Evaluator, MaskNetwork, parse_methods
 from explainer.logs import configure_logging, get_logger
+from explainer.run_errors import DEBUG_HELP, InputError, exit_on_run_error, request_debug
 
 __all__ = ["ALL_METHODS", "MASK_METHODS", "Evaluator", "MaskNetwork", "evaluate", "json_safe", "log_to_wandb",
            "main", "markdown_report", "parse_methods", "wandb_tables", "write_outputs"]  # the names tests and
@@ -113,7 +121,7 @@ def check_test_split(manifest: Any, split: str, limit: int | None) -> None:
         return
     why = (f"has no split {split!r}" if info is None else f"lists 0 samples in split {split!r}" if total == 0
            else f"split {split!r}: max_images={limit}")
-    raise ValueError(f"evaluate: nothing to evaluate: manifest {manifest.path} {why} (data.test_split)")
+    raise InputError(f"evaluate: nothing to evaluate: manifest {manifest.path} {why} (data.test_split)")
 
 
 def scored_summary(res: dict[str, Any], batches: Any) -> dict[str, Any]:
@@ -134,7 +142,7 @@ def scored_summary(res: dict[str, Any], batches: Any) -> dict[str, Any]:
     out = {"images": res["n_images"], "skipped": int(skipped), "problems": problems,
            "per_method": {name: v["images"] for name, v in res["timing"].items()}}
     if res["n_images"] == 0:
-        raise ValueError(f"evaluate: no test image could be scored ({out['skipped']} skipped: "
+        raise InputError(f"evaluate: no test image could be scored ({out['skipped']} skipped: "
                          f"{'; '.join(problems[:5]) or 'none listed'})")
     return out
 
@@ -146,7 +154,7 @@ def load_eval_classifier(cfg: ExplainerRunConfig, classes: Sequence[str], device
     from explainer.models.explanandum import load_explanandum, source_kind
 
     if source_kind(cfg.classifier) == "checkpoint" and (checkpoint or cfg.classifier.checkpoint) is None:
-        raise ValueError("no classifier: pass --classifier or set classifier.checkpoint (or classifier.torchvision, "
+        raise InputError("no classifier: pass --classifier or set classifier.checkpoint (or classifier.torchvision, "
                          "classifier.factory, classifier.torchscript) in the config")
     explanandum = load_explanandum(cfg.classifier, classes, cfg.data.image_size, map_location=device,
                                    checkpoint=checkpoint, where=where)
@@ -166,10 +174,10 @@ def build_methods(names: Sequence[str], cfg: ExplainerRunConfig, clf: nn.Module,
             path = checkpoint if name == "explainer" else rtis_checkpoint
             if path is None:
                 flag = "--checkpoint" if name == "explainer" else "--rtis-checkpoint"
-                raise ValueError(f"method {name!r} needs {flag}")
+                raise InputError(f"method {name!r} needs {flag}")
             net, meta = load_explainer(path, map_location=device, num_classes=len(classes))
             if list(meta["classes"]) != classes:
-                raise ValueError(f"{path}: explainer classes {meta['classes']} differ from the data's {classes}")
+                raise InputError(f"{path}: explainer classes {meta['classes']} differ from the data's {classes}")
             if int(meta["image_size"]) != cfg.data.image_size:
                 log.warning("note: %s was trained at %s px, evaluating at %d px (data.image_size)", path,
                             meta["image_size"], cfg.data.image_size)
@@ -250,12 +258,13 @@ def build_parser(prog: str = "python -m explainer.evaluate") -> argparse.Argumen
     parser.add_argument("--out", default=None, help="output folder (default: eval.output_dir or <checkpoint>/../eval)")
     parser.add_argument("--figure-images", type=int, default=4, help="images in the Fig. 1 panel")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     return parser
 
 
 def run_args(args: argparse.Namespace) -> int:
-    cfg = load_config(ExplainerRunConfig, args.config, args.overrides)
+    cfg = resolve_run_paths(load_config(ExplainerRunConfig, args.config, args.overrides), Path(args.config).parent)
     configure_logging()
     if args.checkpoint:  # a run folder means its explainer.pt (and <run>/eval is the default output)
         from explainer.models.model_files import model_file
@@ -271,7 +280,9 @@ def run_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m explainer.evaluate") -> int:
-    return run_args(build_parser(prog).parse_intermixed_args(argv))
+    args = build_parser(prog).parse_intermixed_args(argv)
+    request_debug(args.debug)
+    return exit_on_run_error(lambda: run_args(args))  # bad input: one line, exit 2; bugs keep their traceback
 
 
 if __name__ == "__main__":

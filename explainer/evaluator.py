@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from explainer import metrics as M
 from explainer.baselines import BASELINES, AttributionMethod
 from explainer.config import EvalConfig
+from explainer.run_errors import InputError
 from explainer.wsol import WsolScorer
 
 MASK_METHODS = ("explainer", "rtis")
@@ -46,7 +47,7 @@ def parse_methods(text: str | Sequence[str]) -> list[str]:
     names = [m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
     unknown = [m for m in names if m not in ALL_METHODS]
     if unknown or not names:
-        raise ValueError(f"--methods: unknown or empty {unknown or names!r}; choose from {', '.join(ALL_METHODS)}")
+        raise InputError(f"--methods: unknown or empty {unknown or names!r}; choose from {', '.join(ALL_METHODS)}")
     return list(dict.fromkeys(names))
 
 
@@ -80,9 +81,11 @@ class Evaluator:
                  norm: dict[str, Sequence[float]] | None = None, softmax: bool = False, resize: str = "squash",
                  pointing_boxes: bool = True) -> None:
         """`softmax`: a softmax classifier (loss.classification=ce): Table 4 predicts its top-1 class, and
-        eval.faithfulness_prob=auto means softmax. `resize`: data.resize (where boxes land in the maps).
+        eval.faithfulness_prob=auto means softmax. `resize`: data.resize, how images were fitted to the model's input
+        (the pointing game maps the maps back onto the original image by its inverse; localization places boxes).
         `pointing_boxes`: the pointing game's box test on the shards' boxes (False for COCO: TorchRay's COCO test is
         mask-based; its boxes serve the localization table only)."""
+        self.resize = resize
         if cfg.faithfulness_prob == "auto":
             cfg = dataclasses.replace(cfg, faithfulness_prob="softmax" if softmax else "sigmoid")
         self.softmax = softmax
@@ -91,20 +94,20 @@ class Evaluator:
         names = cfg.class_specific_classes or self.classes
         missing = [n for n in names if n not in self.classes]
         if missing:
-            raise ValueError(f"eval.class_specific_classes: {missing} not among the classes {self.classes}")
+            raise InputError(f"eval.class_specific_classes: {missing} not among the classes {self.classes}")
         self.targets = [self.classes.index(n) for n in names]
         if not cfg.thresholds or any(not 0.0 <= t < 1.0 for t in cfg.thresholds):
-            raise ValueError(f"eval.thresholds must be a non-empty list in [0, 1), got {cfg.thresholds}")
+            raise InputError(f"eval.thresholds must be a non-empty list in [0, 1), got {cfg.thresholds}")
         if cfg.faithfulness_steps < 0:
-            raise ValueError(f"eval.faithfulness_steps must be >= 0 (0 = off), got {cfg.faithfulness_steps}")
+            raise InputError(f"eval.faithfulness_steps must be >= 0 (0 = off), got {cfg.faithfulness_steps}")
         if cfg.faithfulness_prob not in M.FAITHFULNESS_PROBS:
-            raise ValueError(f"eval.faithfulness_prob must be one of {M.FAITHFULNESS_PROBS}, got "
+            raise InputError(f"eval.faithfulness_prob must be one of {M.FAITHFULNESS_PROBS}, got "
                              f"{cfg.faithfulness_prob!r}")
         if cfg.deletion_substrate not in M.DELETION_SUBSTRATES:
-            raise ValueError(f"eval.deletion_substrate must be one of {M.DELETION_SUBSTRATES}, got "
+            raise InputError(f"eval.deletion_substrate must be one of {M.DELETION_SUBSTRATES}, got "
                              f"{cfg.deletion_substrate!r}")
         if cfg.pointing_tolerance < 0:
-            raise ValueError(f"eval.pointing_tolerance must be >= 0 px, got {cfg.pointing_tolerance}")
+            raise InputError(f"eval.pointing_tolerance must be >= 0 px, got {cfg.pointing_tolerance}")
         self.totals = M.Totals()
         self.pointing_boxes = pointing_boxes
         self.wsol = WsolScorer(len(self.classes), cfg.wsol_curve_interval, cfg.wsol_frame, resize) if cfg.wsol \
@@ -231,7 +234,7 @@ class Evaluator:
         seg = [batch["seg_classes"][i] if bool(has_seg[i]) else None for i in range(b)] \
             if "seg_classes" in batch else None
         res = M.pointing_game(maps, labels, sizes, self.cfg.pointing_tolerance, seg,
-                              batch.get("objects") if self.pointing_boxes else None)
+                              batch.get("objects") if self.pointing_boxes else None, self.resize)
         cls = res["cls"]
         self._add_per_class(f"point/{name}", cls, skipped=res["skipped"],
                             box_hits=res["box"] == 1, box_pairs=res["box"] >= 0,
@@ -392,11 +395,13 @@ class Evaluator:
             "pixel_order": M.TIE_ORDER,
             "low_resolution_maps": "upsampled bilinearly (align_corners=False) to the image",
             "rise_protocol": self.cfg.faithfulness_rise,
-            "rise": {"classes": "the classifier's top-1 class on the clean image", "probability": "softmax",
-                     "deletion": f"to 0, {M.RISE_DELETION_STEP * size} px per step",
-                     "insertion": f"from the blur, {M.RISE_INSERTION_STEP * size} px per step"},
+            "rise": {"protocol": M.RISE_PROTOCOL,
+                     "classes": "the classifier's top-1 class on the clean image", "probability": "softmax",
+                     "deletion": f"to 0, {M.RISE_STEP_ROWS * size} px per step",
+                     "insertion": f"from the blur, {M.RISE_STEP_ROWS * size} px per step"},
             "pointing_tolerance_px": self.cfg.pointing_tolerance,
-            "pointing_frame": "original image pixels (map resized bilinearly to the original W x H; orig_size)",
+            "pointing_frame": f"original image pixels (orig_size): the part of the map that shows the image "
+                              f"(data.resize={self.resize}) resized bilinearly onto the part of the image it shows",
             "pointing_point": "first maximum in row-major order (torch argmax)",
             "pointing_annotations": ("boxes from the VOC XML where the shards carry them (TorchRay's VOC test), "
                                      "segmentation masks mapped to the original size beside them")

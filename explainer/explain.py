@@ -53,6 +53,7 @@ from explainer.data.transforms import (
     normalize_batch,
     open_image,
 )
+from explainer.run_errors import DEBUG_HELP, InputError, MissingInput, UserError, exit_on_run_error, request_debug
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 EXPORT_TOLERANCE = 1e-4  # max |mask difference| accepted between the exported and the eager model
@@ -76,10 +77,10 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
         elif any(ch in item for ch in "*?["):
             matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
             if not matches:
-                raise FileNotFoundError(f"pattern {item!r} matches no file")
+                raise MissingInput(f"pattern {item!r} matches no file")
             files += matches
         else:
-            raise FileNotFoundError(f"input {item!r} is not a file, a folder or a glob pattern that matches files")
+            raise MissingInput(f"input {item!r} is not a file, a folder or a glob pattern that matches files")
     seen: set[Path] = set()
     unique = []
     for f in files:
@@ -280,7 +281,7 @@ def export_model(model: nn.Module, example: torch.Tensor, fmt: str, path: Path) 
             import onnxruntime as ort
             import onnxscript  # noqa: F401 - torch's torch.export-based exporter needs it
         except ImportError as exc:
-            raise RuntimeError("--export onnx needs onnx, onnxruntime and onnxscript: pip install -c "
+            raise UserError("--export onnx needs onnx, onnxruntime and onnxscript: pip install -c "
                                "requirements/constraints.txt '.[export]' (or use --export torchscript)") from exc
         cpu_model, x = model.to("cpu"), example.cpu()
         # torch's current exporter (torch.export graph -> ONNX); the batch dimension stays free, the image size is
@@ -293,7 +294,7 @@ def export_model(model: nn.Module, example: torch.Tensor, fmt: str, path: Path) 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         exported = torch.sigmoid(torch.from_numpy(session.run(None, {"image": x.numpy()})[0])).float()
     else:
-        raise ValueError(f"unknown export format {fmt!r}; choose torchscript or onnx")
+        raise InputError(f"unknown export format {fmt!r}; choose torchscript or onnx")
     return float((exported - eager).abs().max())
 
 
@@ -328,27 +329,27 @@ def load_ranker(rank_by: str, config: str | None, checkpoint: Path, classes: lis
                 device: torch.device) -> Ranker:
     """The run's classifier (--config, else config.yaml next to the checkpoint) for rank_by auto/probability."""
     if rank_by not in RANK_BY:
-        raise ValueError(f"--rank-by must be one of {RANK_BY}, got {rank_by!r}")
+        raise InputError(f"--rank-by must be one of {RANK_BY}, got {rank_by!r}")
     if rank_by == "mask":
         return Ranker()
     path = Path(config) if config else checkpoint.parent / "config.yaml"
     if not path.is_file():
         if rank_by == "probability" or config:
-            raise FileNotFoundError(f"--rank-by probability needs the run's config (classifier section): {path} "
+            raise MissingInput(f"--rank-by probability needs the run's config (classifier section): {path} "
                                     "does not exist; pass --config")
         print(f"[explainer] no {path}: ranking classes by average mask activation (pass --config RUN/config.yaml "
               "to rank by the classifier's probability)", file=sys.stderr)
         return Ranker()
-    from explainer.config import ExplainerRunConfig, load_config
+    from explainer.config import ExplainerRunConfig, load_config, resolve_run_paths
     from explainer.evaluate import load_eval_classifier
 
-    cfg = load_config(ExplainerRunConfig, path)
+    cfg = resolve_run_paths(load_config(ExplainerRunConfig, path), path.parent)  # a run's paths, from any directory
     try:
         model, source = load_eval_classifier(cfg, classes, device, where=str(checkpoint))
-    except (ValueError, FileNotFoundError) as exc:
-        kind = FileNotFoundError if isinstance(exc, FileNotFoundError) else ValueError
+    except InputError as exc:
+        kind = MissingInput if isinstance(exc, FileNotFoundError) else InputError
         raise kind(f"{exc} (the classifier of {path}, which ranks the classes; --rank-by mask ranks by mask "
-                        "activation without it)") from exc
+                   "activation without it)") from exc
     return Ranker(model, cfg.loss.classification == "ce", source)
 
 
@@ -375,7 +376,7 @@ def class_indices(names: Sequence[str] | None, classes: list[str]) -> list[int] 
             out.append(int(name))
         else:
             shown = ", ".join(repr(c) for c in classes[:8]) + (", ..." if len(classes) > 8 else "")
-            raise ValueError(f"--classes {name!r} is neither a class of the explainer nor an index < "
+            raise InputError(f"--classes {name!r} is neither a class of the explainer nor an index < "
                              f"{len(classes)} (the classes are {shown})")
     return out
 
@@ -386,7 +387,7 @@ def _fit(meta: dict[str, Any], resize: str | None) -> tuple[Fit, dict[str, tuple
     norm = {k: tuple(extra[k]) for k in ("mean", "std") if k in extra}
     mode = resize or extra.get("resize", "squash")
     if mode not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {mode!r}")
+        raise InputError(f"resize must be one of {RESIZE_MODES}, got {mode!r}")
     return Fit(int(meta["image_size"]), mode, mean_fill(norm.get("mean", IMAGENET_MEAN))), norm
 
 
@@ -414,6 +415,7 @@ def explain(checkpoint: str, inputs: Sequence[str], out: str, *, batch_size: int
             max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, Any]:
     """Run the explainer over the inputs and write everything; returns the index (written, skipped, export)."""
     from explainer.models import load_explainer
+    from explainer.models.model_files import model_file
 
     dev = pick_device(device)
     model, meta = load_explainer(checkpoint, map_location=dev)
@@ -422,8 +424,8 @@ def explain(checkpoint: str, inputs: Sequence[str], out: str, *, batch_size: int
     wanted = class_indices(classes, names)
     files = expand_inputs(inputs)
     if not files:
-        raise FileNotFoundError(f"no image files found in {list(inputs)}")
-    ranker = load_ranker(rank_by, config, Path(checkpoint), names, fit.size, dev)
+        raise MissingInput(f"no image files found in {list(inputs)}")
+    ranker = load_ranker(rank_by, config, model_file(checkpoint, "explainer"), names, fit.size, dev)  # a run folder too
     out_dir = Path(out)
     dirs = unique_dirs(files)
     index: dict[str, Any] = {"checkpoint": str(checkpoint), "classes": names, "image_size": fit.size,
@@ -483,6 +485,7 @@ def build_parser(prog: str = "explainer explain") -> argparse.ArgumentParser:
                         help="also export the explainer and check it gives the same masks")
     parser.add_argument("--export-path", default=None, help="default: OUT/explainer.ts or OUT/explainer.onnx")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     parser.add_argument("--max-image-pixels", type=max_pixels_arg, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="larger images (W x H) are skipped unread, with an error naming the file; 'none': no "
                              f"cap (default {DEFAULT_MAX_IMAGE_PIXELS}, PIL's)")
@@ -490,10 +493,6 @@ def build_parser(prog: str = "explainer explain") -> argparse.ArgumentParser:
 
 
 def run_args(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise SystemExit("--batch-size must be >= 1")
-    if args.top_k < 1:
-        raise SystemExit("--top-k must be >= 1")
     index = explain(args.checkpoint, args.inputs, args.out, batch_size=args.batch_size, device=args.device,
                     top_k=args.top_k, classes=args.classes, all_classes=args.all_classes, rank_by=args.rank_by,
                     config=args.config, resize=args.resize, workers=args.workers, export=args.export,
@@ -507,7 +506,13 @@ def run_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "explainer explain") -> int:
-    return run_args(build_parser(prog).parse_intermixed_args(argv))
+    parser = build_parser(prog)
+    args = parser.parse_intermixed_args(argv)
+    for flag, value in (("--batch-size", args.batch_size), ("--top-k", args.top_k)):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    request_debug(args.debug)
+    return exit_on_run_error(lambda: run_args(args))  # bad input: one line, exit 2; bugs keep their traceback
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from explainer.data.transforms import input_to_original
+
 VOID = 255
 SAL_MIN_AREA = 0.05  # Sal clamps the mask area from below (Dabkowski and Gal 2017)
 SANITY_ROWS = ("0", "0.5", "1", "G.T.")
@@ -159,8 +161,10 @@ FAITHFULNESS_PROBS = ("sigmoid", "softmax")
 DELETION_SUBSTRATES = ("zero", "blur")
 INSERTION_BLUR_SIGMA = 5.0  # px at 224: the RISE code's insertion start, gkern(11, 5)
 INSERTION_BLUR_TAPS = 11
-RISE_DELETION_STEP = 1  # RISE deletes one image row's worth of pixels per step (224 at 224 px) ...
-RISE_INSERTION_STEP = 8  # ... and inserts eight rows' worth (224 * 8)
+# The RISE notebook's batch evaluation: CausalMetric(model, 'del' / 'ins', 224 * 8, ...), eight image rows' worth of
+# pixels per step for deletion AND insertion (its single-image cells use 224, one row, for both)
+RISE_STEP_ROWS = 8
+RISE_PROTOCOL = "RISE notebook's batch evaluation (224 x 8 px per step at 224 px for deletion and insertion)"
 POINTING_TOLERANCE = 15  # px in the ORIGINAL image (TorchRay's PointingGame default)
 REFERENCE_SIZE = 224
 TIE_ORDER = "descending map value; ties in row-major order (stable sort: the earlier pixel first)"
@@ -318,32 +322,36 @@ def deletion_insertion_auc(
 @torch.no_grad()
 def rise_deletion_insertion_auc(classifier: nn.Module, images: Tensor, maps: Tensor,
                                 chunk: int = 256) -> tuple[Tensor, Tensor, Tensor]:
-    """The RISE code's protocol: the classifier's top-1 class per image, softmax probability; deletion to 0 with one
-    image row's worth of pixels per step, insertion from the RISE blur with eight rows' worth (224 and 1792 px at
+    """The RISE code's protocol (RISE_PROTOCOL): the classifier's top-1 class per image, softmax probability;
+    deletion to 0 and insertion from the RISE blur, both eight image rows' worth of pixels per step (1792 px at
     224 x 224). -> (deletion [B], insertion [B], class [B])."""
     h, w = images.shape[-2:]
     pairs = top1_pairs(classifier, images)
     z = h * w
     start = insertion_start(images, *blur_taps(min(h, w)))
-    deletion = causal_auc(classifier, images, maps, pairs, step_counts(z, step_pixels=RISE_DELETION_STEP * w),
-                          torch.zeros_like(images), "deletion", "softmax", chunk)
-    insertion = causal_auc(classifier, images, maps, pairs, step_counts(z, step_pixels=RISE_INSERTION_STEP * w),
-                           start, "insertion", "softmax", chunk)
+    counts = step_counts(z, step_pixels=RISE_STEP_ROWS * w)
+    deletion = causal_auc(classifier, images, maps, pairs, counts, torch.zeros_like(images), "deletion", "softmax",
+                          chunk)
+    insertion = causal_auc(classifier, images, maps, pairs, counts, start, "insertion", "softmax", chunk)
     return deletion, insertion, pairs[:, 1].cpu()
 
 
-def points_in_original(maps: Tensor, sizes: Tensor) -> Tensor:
-    """The pointing game's point of each map [P, h, w] in its image's ORIGINAL pixels, sizes [P, 2] as (W, H):
-    the map resized bilinearly to W x H (align_corners=False, as TorchRay's benchmark), its first maximum in row-major
-    order (torch argmax) -> [P, 2] long (u = column, v = row)."""
+def points_in_original(maps: Tensor, sizes: Tensor, resize: str = "squash") -> Tensor:
+    """The pointing game's point of each map [P, S, S] in its image's ORIGINAL pixels, sizes [P, 2] as (W, H): the
+    part of the map that shows the image (data.resize; input_to_original, as explain maps masks back) resized
+    bilinearly onto the part of the image it shows (align_corners=False, as TorchRay's benchmark resizes to the
+    image), its first maximum in row-major order (torch argmax) -> [P, 2] long (u = column, v = row). center_crop's
+    unseen borders hold no point."""
     points = torch.zeros(len(maps), 2, dtype=torch.long)
     for p, (m, (w, h)) in enumerate(zip(maps, sizes.tolist())):
         if w < 1 or h < 1:
             raise ValueError(f"pointing game: original size {(w, h)} is not a size (the sample lacks orig_size)")
-        big = m if tuple(m.shape) == (h, w) else F.interpolate(m[None, None].float(), size=(h, w),
-                                                               mode="bilinear", align_corners=False)[0, 0]
+        (x0, y0, x1, y1), (left, top, sw, sh) = input_to_original(w, h, m.shape[-1], resize)
+        part = m[y0:y1, x0:x1]
+        big = part if tuple(part.shape) == (sh, sw) else F.interpolate(part[None, None].float(), size=(sh, sw),
+                                                                       mode="bilinear", align_corners=False)[0, 0]
         flat = int(big.reshape(-1).argmax())
-        points[p, 0], points[p, 1] = flat % w, flat // w
+        points[p, 0], points[p, 1] = left + flat % sw, top + flat // sw
     return points
 
 
@@ -364,21 +372,30 @@ def box_hit(point: Tensor, boxes: Tensor, size: tuple[int, int], tolerance: floa
     return False
 
 
-def mask_hit(point: Tensor, seg_classes: Tensor, cls: int, size: tuple[int, int], tolerance: float) -> bool:
+def _to_input(pixels: Tensor, start: int, length: int, first: int, count: int) -> tuple[Tensor, Tensor]:
+    """Original pixel indices -> (input pixel indices by nearest neighbour, whether the input shows them), along one
+    axis where original pixels [start, start + length) are input pixels [first, first + count)."""
+    inside = (pixels >= start) & (pixels < start + length)
+    index = first + ((pixels - start).clamp_min(0) * count // max(length, 1)).clamp_max(count - 1)
+    return index, inside
+
+
+def mask_hit(point: Tensor, seg_classes: Tensor, cls: int, size: tuple[int, int], tolerance: float,
+             resize: str = "squash") -> bool:
     """The mask-based test in original pixels: the class's pixels (seg_classes == cls + 1 at the model's S x S frame,
-    mapped back to W x H by nearest neighbour) within distance < tolerance of the point. Void (255) counts for no
-    class: VOC's void band is ~5 px wide, inside the 15 px tolerance of the object it outlines, while counting it
-    would let a point on another object's outline score."""
+    mapped back to W x H by nearest neighbour through data.resize's inverse, input_to_original) within distance
+    < tolerance of the point. Void (255) counts for no class: VOC's void band is ~5 px wide, inside the 15 px
+    tolerance of the object it outlines, while counting it would let a point on another object's outline score."""
     w, h = size
-    s_h, s_w = seg_classes.shape
     u, v = int(point[0]), int(point[1])
     r = int(math.ceil(tolerance))
     ys = torch.arange(max(v - r, 0), min(v + r, h - 1) + 1)
     xs = torch.arange(max(u - r, 0), min(u + r, w - 1) + 1)
     near = (ys[:, None] - v) ** 2 + (xs[None, :] - u) ** 2 < tolerance**2
-    rows = (ys * s_h // h).clamp_max(s_h - 1)
-    cols = (xs * s_w // w).clamp_max(s_w - 1)
-    obj = seg_classes.cpu()[rows[:, None], cols[None, :]] == cls + 1
+    (x0, y0, x1, y1), (left, top, sw, sh) = input_to_original(w, h, seg_classes.shape[-1], resize)
+    rows, seen_y = _to_input(ys, top, sh, y0, y1 - y0)
+    cols, seen_x = _to_input(xs, left, sw, x0, x1 - x0)
+    obj = (seg_classes.cpu()[rows[:, None], cols[None, :]] == cls + 1) & seen_y[:, None] & seen_x[None, :]
     return bool((obj & near).any())
 
 
@@ -391,11 +408,12 @@ def all_difficult(objects: Tensor, cls: int) -> bool:
 
 def pointing_game(maps: Tensor, labels: Tensor, sizes: Tensor, tolerance: float,
                   seg_classes: Sequence[Tensor | None] | None = None,
-                  objects: Sequence[Tensor | None] | None = None) -> dict[str, Tensor]:
+                  objects: Sequence[Tensor | None] | None = None, resize: str = "squash") -> dict[str, Tensor]:
     """Pointing game on every (image, ground-truth class) pair, as TorchRay's benchmark runs it.
 
     maps [B, C, h, w]; sizes [B, 2] original (W, H); per image optionally its segmentation [S, S] and its annotated
-    objects [n, 6] (None where the sample carries none). Tolerance in original pixels, strict "<". Returns per pair
+    objects [n, 6] (None where the sample carries none); `resize`: how the images were fitted to the model's input
+    (data.resize), whose inverse maps the maps back. Tolerance in original pixels, strict "<". Returns per pair
     (image, class row-major): "cls", "skipped" (all its objects difficult: scored by neither test), "box" / "mask"
     (1 hit, 0 miss, -1 not scored: no boxes / no segmentation for that image).
     """
@@ -405,7 +423,7 @@ def pointing_game(maps: Tensor, labels: Tensor, sizes: Tensor, tolerance: float,
            "box": torch.full((n,), -1, dtype=torch.long), "mask": torch.full((n,), -1, dtype=torch.long)}
     if n == 0:
         return out
-    points = points_in_original(maps[pairs[:, 0], pairs[:, 1]].detach().cpu(), sizes.cpu()[pairs[:, 0]])
+    points = points_in_original(maps[pairs[:, 0], pairs[:, 1]].detach().cpu(), sizes.cpu()[pairs[:, 0]], resize)
     for p, (i, k) in enumerate(pairs.tolist()):
         size = tuple(int(v) for v in sizes[i].tolist())
         objs = objects[i] if objects is not None else None
@@ -416,7 +434,7 @@ def pointing_game(maps: Tensor, labels: Tensor, sizes: Tensor, tolerance: float,
             out["box"][p] = int(box_hit(points[p], objs[objs[:, 0] == k][:, 1:5], size, tolerance))
         seg = seg_classes[i] if seg_classes is not None else None
         if seg is not None:
-            out["mask"][p] = int(mask_hit(points[p], seg, k, size, tolerance))
+            out["mask"][p] = int(mask_hit(points[p], seg, k, size, tolerance, resize))
     return out
 
 

@@ -18,6 +18,7 @@ from explainer.models import build_classifier, build_explainer, freeze, save_mod
 from explainer.models.explanandum import load_explanandum, source_kind
 from explainer.objectives import Objective, build_objective
 from explainer.precision import Precision
+from explainer.run_errors import InputError
 from explainer.step import explainer_forward_loss
 from explainer.training_loop import StepResult
 
@@ -29,7 +30,7 @@ class ExplainerRecipe:
 
     def __init__(self, cfg: ExplainerRunConfig):
         if source_kind(cfg.classifier) == "checkpoint" and not cfg.classifier.checkpoint:
-            raise ValueError("classifier.checkpoint is required: the classifier to explain (train_classifier output), "
+            raise InputError("classifier.checkpoint is required: the classifier to explain (train_classifier output), "
                              "or set classifier.torchvision, classifier.factory or classifier.torchscript")
         self.cfg = cfg
         self.drop_unlabelled = cfg.data.drop_unlabelled

@@ -62,6 +62,7 @@ class TrainerState:
     bad_validations: int = 0  # validations without improvement (early stopping)
     bad_steps_in_a_row: int = 0
     skipped_steps: int = 0
+    skipped_samples: int = 0  # training samples the loader could not read (all ranks), see training_loop
     stopped_early: bool = False
     scaler: dict[str, Any] | None = None  # our fp16 GradScaler on CPU (scale, growth tracker): JSON, not a pickle
     history: list[dict[str, Any]] = field(default_factory=list)  # validation results, for summary.json

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from explainer.atomic import write_text_atomic
-from explainer.config import to_dict
+from explainer.config import to_dict, with_absolute_paths
 from explainer.run_errors import UserError
 
 # Settings that change what the checkpoint's weights mean, per recipe kind.
@@ -76,7 +76,7 @@ def check_resume(checkpoint: Path, kind: str, cfg: Any, classes: list[str]) -> d
         saved = flatten(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
     except (OSError, yaml.YAMLError):
         saved = {}
-    new = flatten(to_dict(cfg))
+    new = flatten(to_dict(with_absolute_paths(cfg)))  # config.yaml stores absolute paths
     changes = {} if not saved else {
         k: [saved.get(k), new.get(k)] for k in sorted(set(saved) | set(new))
         if k not in NOT_COMPARED and saved.get(k) != new.get(k)}

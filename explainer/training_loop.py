@@ -41,6 +41,7 @@ from explainer.config import (
     input_normalization,
     save_config,
     to_dict,
+    with_absolute_paths,
 )
 from explainer.data.loader import (
     EvalStream,
@@ -64,7 +65,7 @@ from explainer.distributed import (
 from explainer.logs import configure_logging, get_logger
 from explainer.precision import Precision
 from explainer.run_checkpoints import CheckpointManager, TrainerState, all_finite_on_device
-from explainer.run_errors import RunError, UserError, first_line
+from explainer.run_errors import InputError, RunError, UserError, first_line
 from explainer.run_lock import RunLock, acquire_shared
 from explainer.run_resume import CHANGES_FILE, check_resume, model_identity, record_changes
 from explainer.signals import StopRequest, exit_status, signal_name
@@ -134,7 +135,7 @@ def plan_batch(dcfg: DataConfig, ocfg: OptimConfig, world_size: int) -> BatchPla
     accum = ocfg.grad_accum_steps
     if ocfg.batch_policy == "reproduce":
         if dcfg.batch_size % world_size:
-            raise ValueError(
+            raise InputError(
                 f"optim.batch_policy=reproduce keeps the global batch at data.batch_size={dcfg.batch_size} "
                 f"(x grad_accum_steps={accum}), which does not divide over {world_size} processes; use a batch size "
                 f"divisible by {world_size}, raise optim.grad_accum_steps and lower data.batch_size, or set "
@@ -144,7 +145,7 @@ def plan_batch(dcfg: DataConfig, ocfg: OptimConfig, world_size: int) -> BatchPla
     elif ocfg.batch_policy == "scale":
         per_process, factor = dcfg.batch_size, float(world_size)
     else:
-        raise ValueError(f"optim.batch_policy must be 'reproduce' or 'scale', got {ocfg.batch_policy!r}")
+        raise InputError(f"optim.batch_policy must be 'reproduce' or 'scale', got {ocfg.batch_policy!r}")
     return BatchPlan(policy=ocfg.batch_policy, world_size=world_size, per_process_batch=per_process, accum=accum,
                      global_batch=per_process * world_size * accum, lr=ocfg.lr * factor, lr_factor=factor)
 
@@ -164,11 +165,11 @@ def plan_steps(tcfg: TrainConfig, ocfg: OptimConfig, batch: BatchPlan, batches_a
     accum = batch.accum
     steps_per_epoch = tcfg.steps_per_epoch or batches_available // accum
     if steps_per_epoch < 1:
-        raise ValueError(f"{where} gives {batches_available} batches per rank, fewer than grad_accum_steps={accum}; "
+        raise InputError(f"{where} gives {batches_available} batches per rank, fewer than grad_accum_steps={accum}; "
                          "lower data.batch_size or use fewer processes")
     batches_per_epoch = steps_per_epoch * accum
     if batches_per_epoch > batches_available:
-        raise ValueError(f"train.steps_per_epoch={steps_per_epoch} needs {batches_per_epoch} batches per rank, but "
+        raise InputError(f"train.steps_per_epoch={steps_per_epoch} needs {batches_per_epoch} batches per rank, but "
                          f"{where} gives {batches_available}")
     total = tcfg.epochs * steps_per_epoch
     if tcfg.max_steps is not None:
@@ -246,6 +247,9 @@ class Run:
     stop: StopRequest = field(default_factory=StopRequest)  # SIGTERM / SIGINT seen by this process
     lock: RunLock | None = None  # the run folder's lock, held by rank 0 for the whole run (explainer/run_lock.py)
     over_cap: int = 0  # this step's largest class count over loss.max_classes_per_image on this rank (0: none)
+    train_stream: Any = None  # this rank's TrainStream: its corrupt_samples / problems are the skipped data
+    skipped_seen: int = 0  # this rank's skipped samples already added to state.skipped_samples
+    skipped_notes: list[str] = field(default_factory=list)  # what was skipped, over all ranks (summary.json)
 
     @property
     def cfg(self) -> Any:
@@ -431,7 +435,7 @@ def log_window(run: Run) -> dict[str, float]:
     logged = {**dict(zip(window.keys, means.tolist())),
               "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": window.images / elapsed,
               "epoch": run.state.epoch, "memory_mb": _peak_memory_mb(run.accelerator.device),
-              "skipped_steps": run.state.skipped_steps}
+              "skipped_steps": run.state.skipped_steps, "skipped_samples": count_skipped_data(run)}
     run.tracker.log(logged, run.state.step)
     window.reset()
     return logged
@@ -504,6 +508,7 @@ def save_run_state(run: Run) -> None:
             f"non-finite weights or optimizer state at step {run.state.step} (the last update diverged; check "
             f"optim.lr and the loss weights); not saved. Last finite checkpoint: {last_finite_checkpoint(run)}"
         )
+    count_skipped_data(run)  # collective, like the save: the checkpoint carries the count up to its step
     run.state.scaler = run.precision.state_dict()
     run.state.model = model_identity(run.recipe.kind, run.cfg, run.manifest.classes)
     run.checkpoints.save(run.accelerator, run.state)
@@ -524,6 +529,30 @@ def stop_on_signal(run: Run, signum: int, saved: bool) -> NoReturn:
     raise SystemExit(exit_status(signum))
 
 
+def count_skipped_data(run: Run) -> int:
+    """Collective: adds the training samples skipped since the last call on every rank (unreadable or missing shard
+    data, corrupt samples: the loader counts them per DataLoader worker and hands the counts over with the batches)
+    to state.skipped_samples, which a resumed run carries on; returns the run's total."""
+    total = int(getattr(run.train_stream, "corrupt_samples", 0))
+    new, run.skipped_seen = total - run.skipped_seen, total
+    if run.world.world_size > 1:
+        summed = all_reduce_sums(run.accelerator, {"skipped": float(new)}, ("skipped",))
+        new = int(round(summed["skipped"]))
+    run.state.skipped_samples += new
+    return run.state.skipped_samples
+
+
+def gather_skipped_notes(run: Run, limit: int = 50) -> list[str]:
+    """Collective: what the loaders of all ranks skipped in this process's lifetime, each note naming the shard
+    (at most `limit`, rank 0's first)."""
+    notes = list(getattr(run.train_stream, "problems", []))[:limit]
+    if run.world.world_size > 1:
+        gathered: list[list[str]] = [[] for _ in range(run.world.world_size)]
+        torch.distributed.all_gather_object(gathered, notes)
+        notes = [note for part in gathered for note in part]
+    return notes[:limit]
+
+
 def batch_summary(run: Run) -> dict[str, Any]:
     b = run.batch
     return {"batch_policy": b.policy, "world_size": b.world_size, "per_process_batch": b.per_process_batch,
@@ -542,6 +571,8 @@ def write_summary(run: Run) -> dict[str, Any]:
         "best_step": state.best_step,
         "stopped_early": state.stopped_early,
         "skipped_steps": state.skipped_steps,
+        "skipped_samples": state.skipped_samples,  # training data the loaders could not read, all ranks
+        "skipped_data": run.skipped_notes,  # what, naming the shards (this process's part of the run)
         **batch_summary(run),
         "output_dir": str(run.run_dir),
         "checkpoint": str(run.run_dir / f"{run.recipe.kind}.pt"),
@@ -621,7 +652,7 @@ def start_run(recipe: Recipe) -> tuple[Run, Any, bool]:
     run = Run(recipe=recipe, accelerator=accelerator, world=world, precision=precision, model=model,
               optimizer=optimizer, params=params, manifest=manifest, data=data, batch=batch_plan, plan=plan,
               state=state, checkpoints=checkpoints, tracker=tracker, val_stream=val_stream, run_dir=run_dir,
-              norm=norm, lock=lock)
+              norm=norm, lock=lock, train_stream=train_stream)
     return run, train_stream, resume_from is not None
 
 
@@ -639,8 +670,9 @@ def resolve_resume(recipe: Recipe, accelerator: Accelerator, checkpoints: Checkp
 
 def save_run_config(cfg: Any, run_dir: Path, resumed_from: Path | None, step: int,
                     changes: dict[str, list[Any]]) -> None:
-    """Rank 0: config.yaml, and what a resume changed (said and appended to config_changes.jsonl)."""
-    save_config(cfg, run_dir / "config.yaml")
+    """Rank 0: config.yaml (paths made absolute: the same files from any directory), and what a resume changed
+    (said and appended to config_changes.jsonl)."""
+    save_config(with_absolute_paths(cfg), run_dir / "config.yaml")
     if resumed_from is not None and changes:
         log.warning("resumed with changed settings: %s (recorded in %s)", "; ".join(
             f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()), run_dir / CHANGES_FILE)
@@ -727,6 +759,8 @@ def train_until_done(run: Run, train_stream: Any, resumed: bool) -> dict[str, An
         after_validation(run, run_validation(run))
     if last_saved != state.step:
         save_run_state(run)
+    count_skipped_data(run)
+    run.skipped_notes = gather_skipped_notes(run)
     summary = write_summary(run)
     run.tracker.finish()
     run.accelerator.wait_for_everyone()

@@ -144,3 +144,21 @@ def test_output_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(ConfigError, match="train.output_dir=.*file' exists and is not a folder"):
         load_config(ExplainerRunConfig, None, [f"train.output_dir={tmp_path / 'file'}"])
+
+
+def test_a_run_folders_config_stores_absolute_paths(tmp_path, monkeypatch):
+    """Issue 26: config.yaml is read from other directories (explain, evaluate); relative paths are made absolute
+    from the directory the run was started in, 'auto' and unset paths left alone, the config given untouched."""
+    import os
+
+    from explainer.config import ExplainerRunConfig, load_config, with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(ExplainerRunConfig, None, ["classifier.checkpoint=clf/c.pt", "train.output_dir=runs/x",
+                                                 "data.manifest=../shards/manifest.json", "train.resume=auto"])
+    stored = with_absolute_paths(cfg)
+    assert stored.classifier.checkpoint == str(tmp_path / "clf" / "c.pt")
+    assert stored.train.output_dir == str(tmp_path / "runs" / "x")
+    assert stored.data.manifest == os.path.normpath(tmp_path / ".." / "shards" / "manifest.json")
+    assert stored.train.resume == "auto" and stored.classifier.torchscript is None and stored.eval.output_dir is None
+    assert cfg.classifier.checkpoint == "clf/c.pt"

@@ -357,3 +357,29 @@ def test_boxes_column_carries_objects_and_bad_boxes_are_bad_rows(tmp_path):
     assert "line 4: malformed row: box ['cat', 0, 2, 30, 40] must be" in reasons
     assert "line 5: box of class 'dog', which is not among the row's labels ['cat']" in reasons
     assert "box [1, 2, 49, 40] lies outside the 48 x 40 image (labels.csv line 6)" in reasons
+
+
+def test_a_huge_csv_field_is_a_bad_row_and_a_non_utf8_file_names_its_line(tmp_path, capsys):
+    """Issue 26: a labels.csv field over the csv module's 131,072-byte limit ended in a bare _csv.Error traceback with
+    nothing written; it is a bad row with its line number and the other rows are written. A file that is not UTF-8
+    names itself and the line (Python's UnicodeDecodeError names neither), exit 2, nothing written."""
+    rng = np.random.default_rng(2)
+    (tmp_path / "im").mkdir()
+    for i in range(4):
+        (tmp_path / "im" / f"{i}.jpg").write_bytes(jpeg_bytes(rng, 20, 16))
+    lines = ["path,labels", "im/0.jpg,cat", f"im/1.jpg,{'x' * 140_000}", "im/2.jpg,dog", "im/3.jpg,cat|dog"]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    common = ["folder", "--root", str(tmp_path), "--workers", "1", "--split-fractions", "train=1"]
+    assert make_shards(*common, "--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "a")) == 0
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["total"] == 3 and manifest["classes"] == ["cat", "dog"]
+    assert [p["reason"] for p in manifest["skipped"]] == ["line 3: malformed row: field larger than field limit "
+                                                          "(131072)"]
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("path,labels\nim/0.jpg,cat\nim/1.jpg,caf\u00e9\n".encode("latin-1"))
+    capsys.readouterr()
+    assert make_shards(*common, "--labels", str(latin), "--out", str(tmp_path / "b")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: labels file {latin}: line 3 is not UTF-8 text (byte 0xe9 at column 13); save the file "
+                   "as UTF-8"), err
+    assert not (tmp_path / "b" / "manifest.json").exists()

@@ -594,3 +594,24 @@ def test_segmentation_follows_the_image_geometry_and_letterbox_padding_is_void()
     assert (boxed[:2] == VOID).all() and (boxed[-3:] == VOID).all() and (boxed[2:7, :2] == 3).all()
     with pytest.raises(ValueError, match="resize mode must be one of"):
         decode_seg(png, 10, "stretch")
+
+
+def test_a_shard_listed_twice_is_refused_and_one_in_two_splits_is_named(syn, tmp_path, caplog):
+    """Issue 26: a manifest listing a shard twice trained on it twice and evaluated 64 "images" of 32; any spelling
+    of the same file counts. A shard in two splits (train and test) is allowed but warned about."""
+    out = tmp_path / "copy"
+    shutil.copytree(syn.path.parent, out, ignore=shutil.ignore_patterns("source"))
+    raw = json.loads((out / "manifest.json").read_text())
+    test = raw["splits"]["test"]["shards"]
+    twice = json.loads(json.dumps(raw))
+    twice["splits"]["test"]["shards"].append({**test[0], "path": f"./{test[0]['path']}"})
+    (out / "twice.json").write_text(json.dumps(twice))
+    with pytest.raises(ManifestError, match=rf"twice.json: split 'test' lists the shard .*{test[0]['path']} more"):
+        read_manifest(out / "twice.json")
+    shared = json.loads(json.dumps(raw))
+    shared["splits"]["test"]["shards"].append(raw["splits"]["train"]["shards"][0])
+    (out / "shared.json").write_text(json.dumps(shared))
+    caplog.set_level(logging.WARNING)
+    added = raw["splits"]["train"]["shards"][0]["count"]
+    assert read_manifest(out / "shared.json").splits["test"].total == N_TEST + added
+    assert "is in split 'train' and in split 'test'" in caplog.text

@@ -129,6 +129,8 @@ def test_faithfulness_on_the_toy_oracle_beats_a_reversed_map():
     st = faith["settings"]
     assert st["steps"] == 8 and st["probability"] == "sigmoid" and st["image_size"] == S
     assert st["pointing_tolerance_px"] == 15 and st["deletion_substrate"] == "zero" and st["rise_protocol"]
+    assert "batch evaluation" in st["rise"]["protocol"] and st["rise"]["deletion"] == f"to 0, {8 * S} px per step"
+    assert st["rise"]["insertion"] == f"from the blur, {8 * S} px per step" and "resize=squash" in st["pointing_frame"]
     assert ours["rise_pairs"] == rev["rise_pairs"] == 12  # RISE: the top-1 class of each image
     assert ours["rise_deletion_auc"] < rev["rise_deletion_auc"]
     report = markdown_report({**res, "settings": {}})

@@ -128,11 +128,13 @@ def test_onnx_export_gives_the_same_masks(checkpoint, images, tmp_path):
     assert torch.allclose(exported, eager, atol=1e-5, rtol=0)  # another batch size than the exported example
 
 
-def test_exit_status_and_errors(checkpoint, images, tmp_path):
+def test_exit_status_and_errors(checkpoint, images, tmp_path, capsys):
     assert main([str(images / "a"), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "ok"),
                  "--no-progress"]) == 0
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(SystemExit) as stopped:  # a user error: one line and exit 2 (tests/test_run_errors.py)
         main([str(images / "a"), "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x")])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("nope.pt does not exist")
 
 
 def test_console_script_reports_broken_file_by_name(checkpoint, images, tmp_path):
@@ -279,3 +281,35 @@ def test_center_crop_recorded_in_the_checkpoint_is_what_explain_does(images, tmp
     mask = np.asarray(Image.open(tmp_path / "o" / "x" / "masks" / "00_circle.png"))
     assert mask.shape == (40, 50)
     assert mask[:, :5].max() == 0 and mask[:, 45:].max() == 0 and mask[:, 5:45].min() > 0
+
+
+@pytest.mark.parametrize("layout", ["started_above", "inside_run_folder"])
+def test_a_runs_relative_classifier_path_is_found_from_any_directory(checkpoint, images, tmp_path, monkeypatch,
+                                                                     layout):
+    """Issue 26: config.yaml of a run trained with a relative classifier.checkpoint named it from the directory the
+    run was started in, so `explain` from anywhere else fell back or failed. Runs now store absolute paths; for older
+    ones a relative path is looked up where the run was started (the run folder minus its relative
+    train.output_dir), then in the run folder."""
+    import shutil
+
+    from explainer.config import ExplainerRunConfig, load_config, save_config
+    from explainer.models import build_classifier
+
+    project = tmp_path / "project"
+    run = project / "runs" / "x"
+    run.mkdir(parents=True)
+    shutil.copy(checkpoint, run / "explainer.pt")
+    where = project / "clf" if layout == "started_above" else run
+    where.mkdir(exist_ok=True)
+    save_model_file(where / "classifier.pt", build_classifier("tiny_cnn", len(CLASSES)), kind="classifier",
+                    arch="tiny_cnn", num_classes=len(CLASSES), classes=CLASSES, image_size=S)
+    relative = "clf/classifier.pt" if layout == "started_above" else "classifier.pt"
+    cfg = load_config(ExplainerRunConfig, None, ["classifier.arch=tiny_cnn", f"classifier.checkpoint={relative}",
+                                                 "train.output_dir=runs/x", f"data.image_size={S}"])
+    save_config(cfg, run / "config.yaml")  # as training wrote it before paths were stored absolute
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main([str(images / "a"), "--checkpoint", str(run), "--out", "out", "--no-progress"]) == 0
+    index = json.loads((elsewhere / "out" / "index.json").read_text())
+    assert index["ranked_by"] == "probability" and str(where / "classifier.pt") in index["classifier"]

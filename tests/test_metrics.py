@@ -267,9 +267,10 @@ def test_deletion_into_the_blur_and_rises_top1_protocol():
     # RISE: the top-1 class only (softmax); two classes at equal logit -> argmax picks class 0, one AUC per image
     d, i, cls = M.rise_deletion_insertion_auc(clf, image, maps)
     assert cls.tolist() == [0] and len(d) == len(i) == 1
-    # its deletion removes one row (4 px) per step: class 0's row goes first, softmax(-20.7, 20.7) drops from 0.5
-    # to ~0; with every pixel gone both classes are equal again -> curve 0.5, 0, 0, 0, 0.5 -> AUC 0.125
-    assert float(d[0]) == pytest.approx(0.125, abs=1e-6)
+    # the notebook's batch evaluation removes eight rows' worth (here 32 px, more than the 16 there are) per step,
+    # for deletion as for insertion: one step takes every pixel, both classes are equal again -> 0.5, 0.5 -> 0.5
+    assert float(d[0]) == pytest.approx(0.5, abs=1e-6) and M.RISE_STEP_ROWS == 8
+    assert "224 x 8 px per step" in M.RISE_PROTOCOL and "deletion and insertion" in M.RISE_PROTOCOL
 
 
 def test_pointing_game_in_original_pixels_hand_computed():
@@ -286,6 +287,41 @@ def test_pointing_game_in_original_pixels_hand_computed():
     # away, so 15 * 8 / 224 was the wrong unit; per axis: 10 px per column, 5 px per row
     seg[0, 2], seg[2, 0] = 0, 1  # now rows 10..14 at column 0..9: distance 10 < 15 -> a hit
     assert M.pointing_game(maps, labels, sizes, 15.0, [seg], None)["mask"].tolist() == [1]
+
+
+@pytest.mark.parametrize("resize", ["squash", "center_crop", "letterbox"])
+def test_pointing_game_maps_back_through_each_resize_mode_as_torchray_scores_the_original(resize):
+    """Issue 26: the point was found as if every image had been squashed, up to 62 px off for center_crop and
+    letterbox. For a 96 x 48 image fitted to 32 px by each data.resize mode (fit_image, as the loader does), a
+    saliency peak and a one-pixel box / a small mask around it on the ORIGINAL image: TorchRay's protocol there
+    (tests/_anchor_torchray.py: the map at the image's size, its argmax, the disc test) and ours on the fitted map
+    must find the same point to within the 32 px frame's resolution and score the same hits."""
+    import numpy as np
+    from _anchor_torchray import HIT, AnchorPointingGame, saliency_point
+    from PIL import Image
+
+    from explainer.data.transforms import fit_image
+
+    w, h, s = 96, 48, 32
+    game = AnchorPointingGame(num_classes=1, tolerance=15)
+    yy, xx = np.mgrid[0:h, 0:w]
+    for u0, v0 in [(66, 40), (30, 8), (48, 24)]:  # inside center_crop's square (columns 24..71)
+        saliency = np.exp(-((xx - u0) ** 2 + (yy - v0) ** 2) / (2 * 4.0**2)).astype(np.float32)
+        seg = (((xx - u0) ** 2 + (yy - v0) ** 2) <= 36).astype(np.uint8)  # class 0 -> value 1
+        fitted = np.asarray(fit_image(Image.fromarray(saliency, mode="F"), s, resize, fill=0))
+        fitted_seg = np.asarray(fit_image(Image.fromarray(seg, mode="L"), s, resize, resample=Image.NEAREST))
+        theirs = saliency_point(torch.from_numpy(saliency), w, h)
+        assert theirs == (u0, v0)
+        maps, sizes = torch.from_numpy(fitted.copy())[None, None], torch.tensor([[w, h]])
+        ours = M.points_in_original(maps[:, 0], sizes, resize)[0].tolist()
+        assert math.dist(ours, theirs) <= 3.0, (resize, ours, theirs)  # 3 px: one cell of the 32 px letterbox
+        box = torch.tensor([[0, u0 + 1, v0 + 1, u0 + 1, v0 + 1, 0]])  # 1-based inclusive: the peak's pixel
+        res = M.pointing_game(maps, torch.ones(1, 1), sizes, 15.0, [torch.from_numpy(fitted_seg.copy())], [box],
+                              resize)
+        assert game.test(torch.from_numpy(seg.astype(bool)), theirs) == HIT
+        assert res["box"].tolist() == [1] and res["mask"].tolist() == [1], (resize, u0, v0, ours)
+        far = torch.tensor([[0, u0 + 1, 1, u0 + 1, 1, 0]]) if v0 > 20 else torch.tensor([[0, u0 + 1, h, u0 + 1, h, 0]])
+        assert M.pointing_game(maps, torch.ones(1, 1), sizes, 15.0, None, [far], resize)["box"].tolist() == [0]
 
 
 def test_pointing_game_void_difficult_and_boxes():

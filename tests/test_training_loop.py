@@ -569,3 +569,45 @@ def test_two_processes_batchnorm_explainer_with_adam(synthetic_manifest, tiny_cl
     assert diffs[worst] > 1e-6  # BatchNorm per-process statistics: not a rounding-level difference
     running = [k for k in w1 if k.endswith("running_mean")]
     assert running and any(not torch.allclose(w1[k], w2[k], rtol=0, atol=1e-9) for k in running)
+
+
+def test_skipped_training_data_is_counted_over_ranks_and_named(synthetic_manifest, tiny_classifier, tmp_path):
+    """Issue 26: a shard served over http that answers 404 was only a warning on stderr. Two gloo ranks, one
+    DataLoader worker each, read 4 shards of 12 from a real local http server; one epoch (3 steps of 2 x 8) reads all
+    48 samples once, so the 404'd shard's 12 samples are skipped exactly once, whichever rank owned them. The count is
+    in every metrics.jsonl row and in summary.json, summed over ranks; the warnings name the shard's URL."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    shards = tmp_path / "shards"
+    run_cmd([PYTHON, "launch/make_shards.py", "synthetic", "--out", str(shards), "--workers", "1", "--no-progress",
+             "--num-classes", "4", "--image-size", "32", "--counts", "train=48,val=8,test=8", "--seed", "3",
+             "--max-objects", "2", "--shard-maxcount", "12"])
+    server = ThreadingHTTPServer(("127.0.0.1", 0),
+                                 functools.partial(SimpleHTTPRequestHandler, directory=str(shards)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        raw = json.loads((shards / "manifest.json").read_text())
+        train = raw["splits"]["train"]["shards"]
+        assert [s["count"] for s in train] == [12] * 4
+        for entry in train:
+            entry["path"] = f"http://127.0.0.1:{server.server_address[1]}/{entry['path']}"
+        gone = train[2]["path"]
+        (shards / gone.rsplit("/", 1)[1]).unlink()  # the server answers 404
+        (shards / "manifest.json").write_text(json.dumps(raw))
+        out = tmp_path / "run"
+        proc = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), TRAIN,
+                        *explainer_args(shards / "manifest.json", tiny_classifier, out, "data.num_workers=1",
+                                        "train.max_steps=3", "train.log_every_steps=2", "train.val_every_steps=3",
+                                        "data.allow_url_schemes=[http]", "tracking.wandb_mode=disabled")],
+                       env={"ACCELERATE_USE_CPU": "1"}, timeout=300)
+    finally:
+        server.shutdown()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["skipped_samples"] == 12, summary
+    assert any(gone in note and "404" in note for note in summary["skipped_data"]), summary["skipped_data"]
+    rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert [r["step"] for r in rows] == [2, 3] and rows[-1]["skipped_samples"] == 12
+    assert f"unreadable data in shard {gone} skipped: HTTPError: HTTP Error 404" in proc.stdout + proc.stderr

@@ -14,6 +14,7 @@ from torch import nn
 
 from explainer.baselines.common import AttributionMethod, minmax
 from explainer.config import EvalConfig
+from explainer.run_errors import InputError
 
 BASELINES = ("gradcam", "rise", "ep")
 
@@ -44,7 +45,7 @@ def build_baseline(name: str, classifier: nn.Module, cfg: EvalConfig) -> Attribu
         from explainer.baselines.extremal import ExtremalPerturbation
 
         return ExtremalPerturbation(classifier, areas=cfg.ep_areas, iterations=cfg.ep_iterations)
-    raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
+    raise InputError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
 
 
 __all__ = ["AttributionMethod", "BASELINES", "MissingExtra", "build_baseline", "minmax", "missing_torchray"]

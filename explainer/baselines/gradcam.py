@@ -20,11 +20,12 @@ from captum.attr import LayerAttribution, LayerGradCam
 from torch import Tensor, nn
 
 from explainer.baselines.common import minmax
+from explainer.run_errors import InputError
 
 
 def _check_hookable(classifier: nn.Module) -> None:
     if isinstance(classifier, torch.jit.ScriptModule):
-        raise ValueError(
+        raise InputError(
             "Grad-CAM needs the activations of an inner layer, and a TorchScript classifier does not run Python "
             "hooks inside its compiled forward. Evaluate it with the black-box baselines (rise, ep), or load the "
             "same weights through classifier.torchvision / classifier.factory to run Grad-CAM"
@@ -95,7 +96,7 @@ def named_layer(classifier: nn.Module, name: str) -> nn.Module:
     for candidate in (name, f"net.{name}"):
         if candidate in modules and candidate:
             return modules[candidate]
-    raise ValueError(f"eval.gradcam_layer: the classifier has no layer {name!r}; candidate layers (last first): "
+    raise InputError(f"eval.gradcam_layer: the classifier has no layer {name!r}; candidate layers (last first): "
                      f"{', '.join(candidate_layers(classifier)) or 'none (no Conv2d)'}")
 
 
@@ -117,7 +118,7 @@ def last_spatial_layer(classifier: nn.Module, images: Tensor) -> nn.Module:
         for handle in handles:
             handle.remove()
     if not finished:
-        raise ValueError(f"Grad-CAM: classifier {type(classifier).__name__} has no layer with a spatial output "
+        raise InputError(f"Grad-CAM: classifier {type(classifier).__name__} has no layer with a spatial output "
                          f"(> 1x1) at {tuple(images.shape[-2:])} px; set eval.gradcam_layer")
     return finished[-1]
 
@@ -144,7 +145,7 @@ def gradcam_layer(classifier: nn.Module, images: Tensor | None = None) -> nn.Mod
     modules = list(classifier.modules())
     convs = [i for i, m in enumerate(modules) if isinstance(m, nn.Conv2d)]
     if not convs:
-        raise ValueError(f"Grad-CAM: classifier {type(classifier).__name__} has no Conv2d layer to attribute to")
+        raise InputError(f"Grad-CAM: classifier {type(classifier).__name__} has no Conv2d layer to attribute to")
     relus = [m for m in modules[convs[-1]:] if isinstance(m, nn.ReLU)]
     return relus[0] if relus else modules[convs[-1]]
 

@@ -25,7 +25,7 @@ import csv
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -186,51 +186,87 @@ def read_labels_file(path: Path) -> tuple[list[Row], list[tuple[int, str]]]:
     """(good rows, [(line, reason)] of malformed rows). A file that cannot be read at all raises ValueError."""
     if not path.is_file():
         raise FileNotFoundError(f"labels file {path} does not exist")
-    rows: list[Row] = []
-    bad: list[tuple[int, str]] = []
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8") as handle:
-            for line, text in enumerate(handle, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    record = json.loads(text)
-                    if not isinstance(record, dict):
-                        raise BadRow(f"expected a JSON object, got {type(record).__name__}")
-                    unknown = sorted(set(record) - set(COLUMNS))
-                    if unknown:
-                        raise BadRow(f"unknown field(s) {unknown}; expected {', '.join(COLUMNS)}")
-                    if "path" not in record or "labels" not in record:
-                        raise BadRow('needs the fields "path" and "labels" (an empty list for no class)')
-                    rows.append(_row(line, record))
-                except ValueError as exc:  # BadRow and json's JSONDecodeError
-                    bad.append((line, f"malformed row: {exc}"))
-        return rows, bad
+        return _read_jsonl(path)
     if suffix not in (".csv", ".tsv"):
         raise ValueError(f"labels file {path}: expected a .csv, .tsv or .jsonl file")
-    with open(path, encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle, delimiter="\t" if suffix == ".tsv" else ",")
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"labels file {path} is empty (expected a header with the columns path,labels[,mask]"
-                             f"[,split])")
-        header = [h.strip().lower() for h in header]
-        unknown = [h for h in header if h not in COLUMNS]
-        if "path" not in header or "labels" not in header or unknown or len(set(header)) != len(header):
-            raise ValueError(f"labels file {path}: header {header} must name the columns path and labels, "
-                             f"optionally mask, split and boxes, each once")
-        for fields in reader:
-            line = reader.line_num
-            if not any(f.strip() for f in fields):
-                continue
-            if len(fields) != len(header):
-                bad.append((line, f"malformed row: {len(fields)} fields, the header has {len(header)}"))
-                continue
+    return _read_csv(path, "\t" if suffix == ".tsv" else ",")
+
+
+def utf8_lines(path: Path, what: str) -> Iterator[str]:
+    """The lines of a text file we read; one that is not UTF-8 stops the read with an error naming the file and
+    the line (Python's own names neither)."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
             try:
-                rows.append(_row(line, dict(zip(header, fields))))
-            except BadRow as exc:
-                bad.append((line, f"malformed row: {exc}"))
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{what} {path}: line {number} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
+                                 f"column {exc.start + 1}); save the file as UTF-8") from None
+
+
+def _read_jsonl(path: Path) -> tuple[list[Row], list[tuple[int, str]]]:
+    rows: list[Row] = []
+    bad: list[tuple[int, str]] = []
+    for line, text in enumerate(utf8_lines(path, "labels file"), start=1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+            if not isinstance(record, dict):
+                raise BadRow(f"expected a JSON object, got {type(record).__name__}")
+            unknown = sorted(set(record) - set(COLUMNS))
+            if unknown:
+                raise BadRow(f"unknown field(s) {unknown}; expected {', '.join(COLUMNS)}")
+            if "path" not in record or "labels" not in record:
+                raise BadRow('needs the fields "path" and "labels" (an empty list for no class)')
+            rows.append(_row(line, record))
+        except ValueError as exc:  # BadRow and json's JSONDecodeError
+            bad.append((line, f"malformed row: {exc}"))
+    return rows, bad
+
+
+def _csv_records(reader: Any) -> Iterator[tuple[int, list[str] | str]]:
+    """(line, fields) per record, or (line, why) for one the csv module refuses (a field over its 131,072-byte
+    limit): a bad row like the others, and the next records are still read."""
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield reader.line_num, f"malformed row: {exc}"
+            continue
+        yield reader.line_num, fields
+
+
+def _read_csv(path: Path, delimiter: str) -> tuple[list[Row], list[tuple[int, str]]]:
+    rows: list[Row] = []
+    bad: list[tuple[int, str]] = []
+    records = _csv_records(csv.reader(utf8_lines(path, "labels file"), delimiter=delimiter))
+    _, header = next(records, (0, None))
+    if header is None or isinstance(header, str):
+        raise ValueError(f"labels file {path}: {header or 'empty'} (expected a header with the columns "
+                         f"path,labels[,mask][,split][,boxes])")
+    header = [h.strip().lower() for h in header]
+    unknown = [h for h in header if h not in COLUMNS]
+    if "path" not in header or "labels" not in header or unknown or len(set(header)) != len(header):
+        raise ValueError(f"labels file {path}: header {header} must name the columns path and labels, "
+                         f"optionally mask, split and boxes, each once")
+    for line, fields in records:
+        if isinstance(fields, str):
+            bad.append((line, fields))
+            continue
+        if not any(f.strip() for f in fields):
+            continue
+        if len(fields) != len(header):
+            bad.append((line, f"malformed row: {len(fields)} fields, the header has {len(header)}"))
+            continue
+        try:
+            rows.append(_row(line, dict(zip(header, fields))))
+        except BadRow as exc:
+            bad.append((line, f"malformed row: {exc}"))
     return rows, bad
 
 
@@ -242,7 +278,7 @@ def read_classes_file(path: str | os.PathLike) -> list[str]:
         raise FileNotFoundError(f"classes file {path} does not exist")
     seen: dict[str, int] = {}
     names: list[str] = []
-    for line, text in enumerate(path.read_text().splitlines(), start=1):
+    for line, text in enumerate(utf8_lines(path, "classes file"), start=1):
         name = text.strip()
         if not name:
             continue

@@ -36,6 +36,7 @@ short; corrupt samples are left out. Batches add the segmentation ground truth a
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import json
@@ -67,6 +68,7 @@ from explainer.data.transforms import (
     seg_to_binary,
     stack_images,
 )
+from explainer.run_errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +76,8 @@ IMAGE_KEYS = ("jpg", "png", "jpeg", "webp", "bmp", "gif", "tiff")
 IMAGE_FORMATS = ("float", "uint8")
 
 
-class ManifestError(ValueError):
-    """A manifest that cannot be used; the message names the file."""
+class ManifestError(InputError):
+    """A manifest that cannot be used; the message names the file (a ValueError, exit status 2)."""
 
 
 @dataclass
@@ -180,13 +182,35 @@ def read_manifest(path: str | Path, *, allow_external_shards: bool = False,
                 shards.append(url)
                 counts.append(count)
                 unlabelled.append([int(i) for i in entry.get("unlabelled", [])])
+            _refuse_repeats(path, name, shards)
             splits[name] = SplitInfo(shards=shards, counts=counts, total=sum(counts), unlabelled=unlabelled)
         dataset = str(raw.get("dataset", path.parent.name))
+        _warn_shared(path, splits)
     except ManifestError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ManifestError(f"manifest {path} lacks the expected structure ({type(exc).__name__}: {exc})") from None
     return Manifest(path=path, dataset=dataset, classes=classes, splits=splits, raw=raw)
+
+
+def _refuse_repeats(path: Path, split: str, shards: Sequence[str]) -> None:
+    """A shard listed twice in a split (by any spelling of its path) would be trained on twice per epoch and its
+    images evaluated twice: the manifest is wrong, not the data."""
+    seen: set[str] = set()
+    for shard in shards:
+        if shard in seen:
+            raise ManifestError(f"manifest {path}: split {split!r} lists the shard {shard} more than once; list each "
+                                "shard once")
+        seen.add(shard)
+
+
+def _warn_shared(path: Path, splits: dict[str, SplitInfo]) -> None:
+    """A shard in two splits (train and test) is allowed, but rarely meant: the test images were trained on."""
+    owner: dict[str, str] = {}
+    for name, info in splits.items():
+        for shard in info.shards:
+            if owner.setdefault(shard, name) != name:
+                log.warning("manifest %s: shard %s is in split %r and in split %r", path, shard, owner[shard], name)
 
 
 def shard_permissions(dcfg: Any) -> dict[str, Any]:
@@ -249,10 +273,14 @@ class _Counter:
         self.n = 0
         self.notes: list[str] = []  # what was skipped or looked wrong, for the evaluation's results
 
-    def handler(self, exc: Exception) -> bool:
-        self.n += 1
-        self.notes.append(f"unreadable shard data skipped: {exc!r}")
-        log.warning("skipping unreadable shard data: %r", exc)
+    def handler(self, exc: Exception, url: str = "?") -> bool:
+        """A shard that cannot be opened or read on (404, truncated tar): noted and logged with the shard's name.
+        Not counted here: the samples it loses are counted once the shard ends short of the manifest's count."""
+        reason = str(exc.args[0]) if len(exc.args) > 1 else str(exc)  # webdataset appends (stream, url) to args
+        reason = reason.split(" @ <")[0]  # and the stream's repr to the message
+        note = f"unreadable data in shard {url} skipped: {type(exc).__name__}" + (f": {reason}" if reason else "")
+        self.notes.append(note)
+        log.warning("%s", note)
         return True
 
 
@@ -272,14 +300,15 @@ def _open(url: str):
 def _iter_shard(url: str, counter: _Counter | None = None) -> Iterator[dict[str, Any]]:
     """Samples of one shard (dicts of raw member bytes), via webdataset's tar iterators."""
     counter = counter or _Counter()
+    handler = functools.partial(counter.handler, url=url)
     try:
         stream = _open(url)
     except OSError as exc:
-        counter.handler(exc)
+        handler(exc)
         return
     try:
-        files = tar_file_expander([{"url": url, "stream": stream}], handler=counter.handler)
-        yield from group_by_keys(files, handler=counter.handler)
+        files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+        yield from group_by_keys(files, handler=handler)
     finally:
         stream.close()
 
@@ -694,8 +723,8 @@ def make_train_loader(cfg: Any, manifest: Manifest | str | Path, split: str, *, 
                            max_images=None, mean=mean, std=std, resize=getattr(cfg, "resize", "squash"))
     if dataset.num_batches == 0:
         kept = sum(dataset.kept)
-        raise ValueError(f"split {split!r} of {manifest.path} has {kept} usable samples: not enough for one batch "
-                         f"of {cfg.batch_size} on each of {world_size} rank(s)")
+        raise ManifestError(f"split {split!r} of {manifest.path} has {kept} usable samples: not enough for one "
+                            f"batch of {cfg.batch_size} on each of {world_size} rank(s)")
     dataset.max_pixels = getattr(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
     return TrainStream(dataset, cfg.num_workers, image_format)
 

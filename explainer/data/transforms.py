@@ -163,16 +163,25 @@ def decode_seg(data: bytes, size: int, resize: str = "squash", *, max_pixels: in
         return np.asarray(fit_image(im, size, resize, VOID, Image.NEAREST), dtype=np.uint8)
 
 
+def input_to_original(width: int, height: int, size: int, mode: str) -> tuple[tuple[int, int, int, int],
+                                                                                tuple[int, int, int, int]]:
+    """The inverse of resize_boxes, in whole pixels: (the part of the size x size input that shows the image, as
+    (x0, y0, x1, y1); where it lands on the width x height image, as (left, top, width, height)). What
+    mask_to_original and the pointing game (explainer/metrics.py) map model-input maps back with."""
+    src, dst = resize_boxes(width, height, size, mode)
+    left, top = round(src[0]), round(src[1])
+    return dst, (left, top, round(src[2]) - left, round(src[3]) - top)
+
+
 def mask_to_original(mask: np.ndarray, size: tuple[int, int], mode: str = "squash") -> Image.Image:
     """A [S, S] mask in [0, 1] of the model input -> 8-bit 'L' image on the original (W, H) image: the inverse of
     resize_boxes (bilinear); parts of the image the model did not see (center_crop borders) are 0."""
     s = mask.shape[-1]
     im = Image.fromarray(np.round(np.clip(mask, 0.0, 1.0) * 255).astype(np.uint8), mode="L")
-    src, dst = resize_boxes(size[0], size[1], s, mode)
+    dst, (left, top, *shown_wh) = input_to_original(size[0], size[1], s, mode)
     if dst != (0, 0, s, s):
         im = im.crop(dst)
-    left, top = round(src[0]), round(src[1])
-    shown = (round(src[2]) - left, round(src[3]) - top)
+    shown = tuple(shown_wh)
     if im.size != shown:
         im = im.resize(shown, Image.BILINEAR)
     if shown == size:

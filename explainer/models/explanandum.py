@@ -22,6 +22,7 @@ from torch import nn
 
 from explainer.models.classifier import freeze
 from explainer.models.weights import WeightsNotFoundError, load_state_dict_file
+from explainer.run_errors import MissingInput, ModelFileError
 
 SOURCES = ("checkpoint", "torchvision", "factory", "torchscript")
 
@@ -61,7 +62,7 @@ def check_torchvision_name(name: str) -> None:
     if name not in names:
         close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
+        raise ModelFileError(
             f"classifier.torchvision: {name!r} is not a torchvision classification model.{hint} "
             f"Valid names: torchvision.models.list_models(module=torchvision.models) ({len(names)} names, e.g. "
             f"{', '.join(names[:6])}, ...)"
@@ -75,8 +76,8 @@ def torchvision_cache_file(name: str, weights: str) -> tuple[Path, Any]:
     enum = torchvision.models.get_model_weights(name)
     members = [m.name for m in enum] + ["DEFAULT"]
     if weights not in members:
-        raise ValueError(f"classifier.torchvision_weights: {weights!r} is not a weights name of {name}; "
-                         f"choose one of {', '.join(members)}")
+        raise ModelFileError(f"classifier.torchvision_weights: {weights!r} is not a weights name of {name}; "
+                             f"choose one of {', '.join(members)}")
     member = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
     return Path(torch.hub.get_dir()) / "checkpoints" / member.url.rsplit("/", 1)[-1], member
 
@@ -88,7 +89,7 @@ def load_torchvision(name: str, *, num_classes: int, checkpoint: str | None,
 
     check_torchvision_name(name)
     if checkpoint is None and weights is None:
-        raise ValueError(
+        raise ModelFileError(
             f"classifier.torchvision={name}: no weights. Set classifier.checkpoint to a state-dict file of the "
             f"trained model, or classifier.torchvision_weights (e.g. IMAGENET1K_V1) to use the local torchvision "
             f"cache; a frozen randomly initialised classifier has nothing to explain"
@@ -117,8 +118,8 @@ def load_torchvision(name: str, *, num_classes: int, checkpoint: str | None,
 def _state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
     """A user's state-dict file (weights_only); a missing file is named with the key that points to it."""
     if not Path(path).expanduser().is_file():
-        raise FileNotFoundError(f"classifier.checkpoint: {Path(path).expanduser().resolve()} does not exist "
-                                f"(expected the state dict of {what}, saved with torch.save(model.state_dict(), ...))")
+        raise MissingInput(f"classifier.checkpoint: {Path(path).expanduser().resolve()} does not exist "
+                           f"(expected the state dict of {what}, saved with torch.save(model.state_dict(), ...))")
     return load_state_dict_file(path, what, "classifier.checkpoint")
 
 
@@ -132,7 +133,7 @@ def _load_strict(net: nn.Module, state: dict[str, torch.Tensor], path: str | os.
         parts = [f"missing {len(missing)} keys (e.g. {missing[:3]})" if missing else "",
                  f"unexpected {len(unexpected)} keys (e.g. {unexpected[:3]})" if unexpected else "",
                  f"shape mismatch {wrong[:3]}" if wrong else ""]
-        raise ValueError(f"{path}: state dict does not fit {what}: {'; '.join(p for p in parts if p)}")
+        raise ModelFileError(f"{path}: state dict does not fit {what}: {'; '.join(p for p in parts if p)}")
     net.load_state_dict(state, strict=True)
 
 
@@ -145,19 +146,19 @@ def resolve_factory(spec: str) -> Any:
     """"pkg.mod:build" -> the callable; errors say which part failed."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"classifier.factory must look like 'package.module:callable', got {spec!r}")
+        raise ModelFileError(f"classifier.factory must look like 'package.module:callable', got {spec!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"classifier.factory {spec!r}: cannot import module {module_name!r} ({exc}); is its folder "
-                         f"on PYTHONPATH or the package installed?") from exc
+        raise ModelFileError(f"classifier.factory {spec!r}: cannot import module {module_name!r} ({exc}); is its "
+                             f"folder on PYTHONPATH or the package installed?") from exc
     target: Any = module
     for part in attr.split("."):
         if not hasattr(target, part):
-            raise ValueError(f"classifier.factory {spec!r}: module {module_name!r} has no attribute {attr!r}")
+            raise ModelFileError(f"classifier.factory {spec!r}: module {module_name!r} has no attribute {attr!r}")
         target = getattr(target, part)
     if not callable(target):
-        raise ValueError(f"classifier.factory {spec!r}: {attr!r} is not callable")
+        raise ModelFileError(f"classifier.factory {spec!r}: {attr!r} is not callable")
     return target
 
 
@@ -166,9 +167,10 @@ def load_factory(spec: str, kwargs: dict[str, Any], checkpoint: str | None) -> t
     try:
         net = build(**kwargs)
     except TypeError as exc:
-        raise ValueError(f"classifier.factory {spec!r} failed with classifier.factory_kwargs={kwargs}: {exc}") from exc
+        raise ModelFileError(f"classifier.factory {spec!r} failed with classifier.factory_kwargs={kwargs}: "
+                             f"{exc}") from exc
     if not isinstance(net, nn.Module):
-        raise ValueError(f"classifier.factory {spec!r} returned {type(net).__name__}, expected a torch.nn.Module")
+        raise ModelFileError(f"classifier.factory {spec!r} returned {type(net).__name__}, expected a torch.nn.Module")
     if checkpoint is not None:
         _load_strict(net, _state_dict(checkpoint, spec), checkpoint,
                      f"the model built by {spec}")
@@ -178,13 +180,13 @@ def load_factory(spec: str, kwargs: dict[str, Any], checkpoint: str | None) -> t
 def load_torchscript(path: str, map_location: Any) -> tuple[nn.Module, str]:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"classifier.torchscript: {p} does not exist (write one with torch.jit.save)")
+        raise MissingInput(f"classifier.torchscript: {p} does not exist (write one with torch.jit.save)")
     try:
         with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export, and still works
             warnings.simplefilter("ignore", FutureWarning)
             net = torch.jit.load(str(p), map_location=map_location)
     except Exception as exc:  # noqa: BLE001 - any failure means "not a TorchScript archive"
-        raise ValueError(f"classifier.torchscript: {p} is not a TorchScript file ({type(exc).__name__}: {exc})") \
+        raise ModelFileError(f"classifier.torchscript: {p} is not a TorchScript file ({type(exc).__name__}: {exc})") \
             from exc
     return net, f"TorchScript {p}"
 
@@ -204,14 +206,14 @@ def check_outputs(model: nn.Module, source: str, classes: Sequence[str], image_s
         with torch.no_grad():
             out = model(x)
     except Exception as exc:  # noqa: BLE001 - the model is user code: report what failed and with which input
-        raise ValueError(f"classifier ({source}) fails on a 1x3x{image_size}x{image_size} image: "
-                         f"{type(exc).__name__}: {exc}") from exc
+        raise ModelFileError(f"classifier ({source}) fails on a 1x3x{image_size}x{image_size} image: "
+                             f"{type(exc).__name__}: {exc}") from exc
     shown = ", ".join(list(classes)[:6]) + (", ..." if len(classes) > 6 else "")
     if not isinstance(out, torch.Tensor):
-        raise ValueError(f"classifier ({source}) returns {type(out).__name__}, expected a logits tensor [B, C]")
+        raise ModelFileError(f"classifier ({source}) returns {type(out).__name__}, expected a logits tensor [B, C]")
     if out.dim() != 2 or out.shape[1] != len(classes):
-        raise ValueError(f"classifier ({source}) outputs shape {tuple(out.shape)} for one image, but {where} has "
-                         f"{len(classes)} classes ({shown}): it must give one logit per class, [B, {len(classes)}]")
+        raise ModelFileError(f"classifier ({source}) outputs shape {tuple(out.shape)} for one image, but {where} has "
+                             f"{len(classes)} classes ({shown}): it must give one logit per class, [B, {len(classes)}]")
 
 
 def load_explanandum(cfg: Any, classes: Sequence[str], image_size: int, map_location: Any = "cpu",
@@ -229,12 +231,12 @@ def load_explanandum(cfg: Any, classes: Sequence[str], image_size: int, map_loca
     # loaded on the CPU, then moved: torch.load cannot map to "cpu:0", which accelerate reports under gloo
     if kind == "checkpoint":
         if ckpt is None:
-            raise ValueError("classifier.checkpoint is required: the classifier to explain (train_classifier output), "
-                             "or set classifier.torchvision, classifier.factory or classifier.torchscript")
+            raise ModelFileError("classifier.checkpoint is required: the classifier to explain (train_classifier "
+                                 "output), or set classifier.torchvision, classifier.factory or classifier.torchscript")
         model, meta = load_classifier(ckpt, map_location="cpu", num_classes=len(classes))
         if list(meta.get("classes", [])) != list(classes):
-            raise ValueError(f"classifier.checkpoint {ckpt} was trained on classes {meta.get('classes')} but "
-                             f"{where} has {list(classes)}")
+            raise ModelFileError(f"classifier.checkpoint {ckpt} was trained on classes {meta.get('classes')} but "
+                                 f"{where} has {list(classes)}")
         source = f"checkpoint {ckpt} ({meta.get('arch')})"
     elif kind == "torchvision":
         model, source = load_torchvision(cfg.torchvision, num_classes=len(classes), checkpoint=ckpt,

@@ -7,6 +7,7 @@ inspected and loaded without trusting code, and a config object cannot sneak in 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,8 +17,11 @@ from torch import nn
 from explainer.atomic import write_atomic
 from explainer.models.classifier import build_classifier, freeze
 from explainer.models.explainer import build_explainer
+from explainer.run_errors import MissingInput, ModelFileError, untrusted_load_reason
 
 KINDS = ("classifier", "explainer")
+
+
 _REQUIRED = ("kind", "arch", "num_classes", "classes", "image_size", "state_dict", "extra")
 
 
@@ -98,7 +102,7 @@ def model_file(path: str | os.PathLike, kind: str) -> Path:
     if path.is_dir():
         inside = path / f"{kind}.pt"
         if not inside.is_file():
-            raise FileNotFoundError(f"{kind} checkpoint {path} is a folder without {inside.name} (a run folder has "
+            raise MissingInput(f"{kind} checkpoint {path} is a folder without {inside.name} (a run folder has "
                                     f"one once its first validation improved)")
         return inside
     return path
@@ -108,29 +112,31 @@ def read_checkpoint(path: str | os.PathLike, kind: str, map_location: Any = "cpu
     """Load and validate one of our checkpoint files (or a run folder's); the error names the file and what is wrong."""
     path = model_file(path, kind)
     if not path.is_file():
-        raise FileNotFoundError(f"{kind} checkpoint {path} does not exist")
+        raise MissingInput(f"{kind} checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol of a file that is not ours
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not one of ours"
-        raise ValueError(
-            f"{path}: not a checkpoint written by explainer's save_model_file ({type(exc).__name__}: {exc})"
+        raise ModelFileError(
+            f"{path}: not a checkpoint written by explainer's save_model_file ({untrusted_load_reason(exc)})"
         ) from exc
     if not isinstance(payload, dict) or not all(key in payload for key in _REQUIRED):
         found = sorted(payload)[:8] if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(
+        raise ModelFileError(
             f"{path}: not a checkpoint written by explainer's save_model_file (expected keys {list(_REQUIRED)}, "
             f"found {found})"
         )
     if payload["kind"] != kind:
-        raise ValueError(f"{path}: is a {payload['kind']!r} checkpoint, but a {kind!r} checkpoint was expected")
+        raise ModelFileError(f"{path}: is a {payload['kind']!r} checkpoint, but a {kind!r} checkpoint was expected")
     return payload
 
 
 def _check_expected(path: Path, payload: dict[str, Any], arch: str | None, num_classes: int | None) -> None:
     if arch is not None and payload["arch"] != arch:
-        raise ValueError(f"{path}: checkpoint arch is {payload['arch']!r} but the config asks for {arch!r}")
+        raise ModelFileError(f"{path}: checkpoint arch is {payload['arch']!r} but the config asks for {arch!r}")
     if num_classes is not None and payload["num_classes"] != num_classes:
-        raise ValueError(
+        raise ModelFileError(
             f"{path}: checkpoint has {payload['num_classes']} classes but the data/config has {num_classes}"
         )
 
@@ -139,7 +145,7 @@ def _load_weights(path: Path, model: nn.Module, payload: dict[str, Any]) -> None
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as exc:
-        raise ValueError(
+        raise ModelFileError(
             f"{path}: weights do not fit arch={payload['arch']!r} with num_classes={payload['num_classes']}: {exc}"
         ) from exc
 
@@ -157,7 +163,7 @@ def _load_model(path: str | os.PathLike, kind: str, builder: Any, map_location: 
     try:
         model = builder(payload["arch"], payload["num_classes"])
     except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
+        raise ModelFileError(f"{path}: {exc}") from exc
     _load_weights(path, model, payload)
     meta = {k: v for k, v in payload.items() if k != "state_dict"}
     return _place(model, map_location), meta

@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from explainer.run_errors import MissingInput, ModelFileError, untrusted_load_reason
 
-class WeightsNotFoundError(FileNotFoundError):
+
+class WeightsNotFoundError(MissingInput):
     """A configured weights file does not exist; the message says where to get it and where to put it."""
 
 
@@ -85,11 +87,12 @@ def load_state_dict_file(path: str | os.PathLike, network: str, config_key: str)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a plain state dict"
-        raise ValueError(f"{path}: not a loadable weights file for {network} ({type(exc).__name__}: {exc})") from exc
+        raise ModelFileError(f"{path}: not a loadable weights file for {network} "
+                             f"({untrusted_load_reason(exc)})") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict (name -> tensor) of torchvision {network} weights")
+        raise ModelFileError(f"{path}: expected a state dict (name -> tensor) of torchvision {network} weights")
     return state
 
 
@@ -133,5 +136,5 @@ def load_into(
             )
             if part
         )
-        raise ValueError(f"{path}: does not hold torchvision ImageNet weights for {network}: {detail}")
+        raise ModelFileError(f"{path}: does not hold torchvision ImageNet weights for {network}: {detail}")
     module.load_state_dict(renamed, strict=False)
