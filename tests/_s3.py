@@ -10,7 +10,9 @@ leaves the machine.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import logging
 import socket
 import struct
 import threading
@@ -47,6 +49,7 @@ class FaultProxy(ThreadingHTTPServer):
         self.rate = rate  # bytes/s of each answer's body, None: no cap
         self.faults: list[Fault] = []
         self.seen: list[tuple[str, str, str]] = []  # (method, path, what happened)
+        self.signed = 0  # requests signed with the key id of s3_env: the credentials came from the environment
         self.lock = threading.Lock()
         self.closing = threading.Event()
 
@@ -131,6 +134,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _proxy(self) -> None:
         body = self._body()
         kind = self.server.take_fault(self.command, self.path)
+        if "Credential=explainer-test-key/" in self.headers.get("Authorization", ""):
+            with self.server.lock:
+                self.server.signed += 1
         self.server.note(self.command, self.path, kind or "ok")
         if self.server.latency:
             time.sleep(self.server.latency)
@@ -172,8 +178,11 @@ def use_s3_env(environ, endpoint: str) -> None:
 @contextmanager
 def s3_server(latency: float = 0.0, rate: float | None = None) -> Iterator[FaultProxy]:
     """moto on 127.0.0.1 with a FaultProxy in front; yields the proxy (its .url is the S3 endpoint)."""
+    import s3fs
     from moto.server import ThreadedMotoServer
 
+    s3fs.S3FileSystem.clear_instance_cache()  # instances remember the endpoint of an earlier server
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     moto.start()
     proxy = FaultProxy(moto.get_host_and_port(), latency=latency, rate=rate)
@@ -186,12 +195,13 @@ def s3_server(latency: float = 0.0, rate: float | None = None) -> Iterator[Fault
         proxy.shutdown()
         proxy.server_close()
         moto.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def make_bucket(name: str) -> None:
-    """Create a bucket through the environment's endpoint (s3_env must be in os.environ)."""
+    """Create a bucket through the environment's endpoint (s3_env must be in os.environ). moto keeps its buckets in
+    this process, so a later server may already have it."""
     import s3fs
 
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
-    fs.mkdir(name)
+    with contextlib.suppress(FileExistsError):
+        s3fs.S3FileSystem().mkdir(name)

@@ -177,8 +177,8 @@ def filesystem(url: str, policy: RemotePolicy) -> tuple[Any, str]:
         import fsspec.config
 
         user = dict(fsspec.config.conf.get("s3", {}).get("config_kwargs", {}))
-        kwargs["config_kwargs"] = {**user, "connect_timeout": min(policy.timeout, 10.0),
-                                   "read_timeout": policy.timeout, "retries": {"max_attempts": 1, "mode": "standard"}}
+        kwargs["config_kwargs"] = {**user, "connect_timeout": min(policy.timeout, 10.0), "read_timeout": policy.timeout,
+                                   "retries": {"total_max_attempts": 1, "mode": "standard"}}
     fs, path = url_to_fs(url, **kwargs)
     if hasattr(fs, "retries"):
         fs.retries = 1  # s3fs's own retry loop: ours is the one with a documented bound
@@ -350,6 +350,9 @@ class _ChunkStream:
                 self._buf = self._buf[self._pos:] + item
                 self._pos = 0
             return
+
+    def __repr__(self) -> str:
+        return f"<stream of {self.name}>"
 
     def read(self, n: int = -1) -> bytes:
         while not self._done and (n < 0 or len(self._buf) - self._pos < n):
