@@ -210,3 +210,37 @@ def test_train_two_processes_from_the_bucket_resume_evaluate_equal_local(s3, tin
         _no_secret_in(folder, *(o.stdout + o.stderr for o in outputs))
     for name in ("manifest.json", ".progress/train-000000.tar.json"):
         assert PLANTED_SECRET.encode() not in remote.fetch(f"s3://{BUCKET}/syn/{name}", remote.RemotePolicy())
+
+
+def test_http_shards_are_read_with_the_standard_library(s3, tmp_path):
+    """A local manifest listing http URLs (allowed): read with urllib through the same chunked reader, also from a
+    server that ignores byte ranges (Python's own), giving the local samples."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    import s3fs
+
+    served, listed = tmp_path / "served", tmp_path / "listed"
+    s3fs.S3FileSystem().get(f"{BUCKET}/syn/", str(served), recursive=True)
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        raw = json.loads((served / "manifest.json").read_text())
+        for info in raw["splits"].values():
+            for entry in info["shards"]:
+                entry["path"] = f"http://127.0.0.1:{server.server_address[1]}/{entry['path']}"
+                del entry["size"]  # unknown: a HEAD gives it
+        listed.mkdir()
+        (listed / "manifest.json").write_text(json.dumps(raw))
+        m = read_manifest(listed / "manifest.json", allow_url_schemes=["http"])
+        got = [s["__key__"] for s in iter_samples(m, "train")]
+        assert got == [s["__key__"] for s in iter_samples(read_manifest(served / "manifest.json"), "train")]
+        shard = m.splits["train"].shards[0]  # several ranged requests, which this server answers in full
+        stream = remote.open_url(shard, remote.RemotePolicy(chunk=30000))
+        assert stream.read() == (served / "train-000000.tar").read_bytes()
+    finally:
+        server.shutdown()
+        server.server_close()

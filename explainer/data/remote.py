@@ -310,6 +310,7 @@ class ReadAhead:
         if url not in self.urls[self._next:]:
             return ReadAhead([url], self.policy, self.sizes).open(url)
         index = self.urls.index(url, self._next)
+        self._abandoned = max(self._abandoned, index - 1)  # shards skipped over are not fetched further
         self._next = index + 1
         if self._thread is None:
             self._thread = threading.Thread(target=self._fetch_all, name="shard-read-ahead", daemon=True)
