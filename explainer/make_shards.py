@@ -52,9 +52,7 @@ def _out(text: str) -> Path | str:
     return text if remote.is_url(text) else Path(text)
 
 
-def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(prog=prog, description=__doc__)
-    common = ArgumentParser(add_help=False)
+def _out_args(common: argparse.ArgumentParser) -> None:
     common.add_argument("--out", type=_out,
                         help="output folder (default shards/<dataset>) or URL, e.g. s3://bucket/prefix: shards are "
                              "written locally (under TMPDIR) then uploaded; credentials from the environment")
@@ -62,6 +60,12 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
                         help="--out URL: seconds one request may take (default 60)")
     common.add_argument("--remote-retries", type=int, default=5,
                         help="--out URL: further tries of a failed request, with backoff (default 5)")
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = ArgumentParser(prog=prog, description=__doc__)
+    common = ArgumentParser(add_help=False)
+    _out_args(common)
     common.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
                         help="worker processes (default: CPU count, at most 8)")
     common.add_argument("--shard-maxcount", type=int, default=1000, help="samples per shard at most (default 1000)")

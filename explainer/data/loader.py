@@ -589,8 +589,7 @@ class _ShardStream(IterableDataset):
         pieces = _pieces(self._order(), self.kept, start, start + count)
         ahead = self._read_ahead(pieces)  # URL shards: fetched in the background, the next while this one decodes
         raw: Iterator[dict[str, Any]] = ahead.closing(itertools.chain.from_iterable(
-            self._piece_samples(p, counter, lambda url: _open(url) if _scheme(url) is None else ahead.open(url))
-            for p in pieces))
+            self._piece_samples(p, counter, ahead.open) for p in pieces))
         aug_rng = None
         if self.train:
             raw = _shuffled(raw, max(1, min(self.shuffle_buffer, count)),

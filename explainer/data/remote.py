@@ -255,8 +255,9 @@ class ReadAhead:
     """Fetches the given shards' bytes in order, in chunks, up to `policy.depth` chunks ahead of the reader.
 
     One per loader worker and epoch: `open(url)` returns a stream of one shard (opened in list order; a shard opened
-    out of order, or not listed, gets a ReadAhead of its own). Closing a stream before its end makes the fetcher skip
-    the rest of that shard. The thread ends when every shard is fetched or `close()` is called.
+    out of order, or not listed, gets a ReadAhead of its own; a local path is simply opened). Closing a stream before
+    its end makes the fetcher skip the rest of that shard. The thread ends when every shard is fetched or `close()`
+    is called.
     """
 
     def __init__(self, urls: Sequence[str], policy: RemotePolicy, sizes: dict[str, int | None] | None = None):
@@ -306,7 +307,9 @@ class ReadAhead:
             if self._thread is None or not self._thread.is_alive():
                 raise RemoteError("the read-ahead thread stopped")
 
-    def open(self, url: str) -> _ChunkStream:
+    def open(self, url: str) -> Any:
+        if not is_url(url):
+            return open(url, "rb")  # noqa: SIM115 - a local shard: closed by the reader
         if url not in self.urls[self._next:]:
             return ReadAhead([url], self.policy, self.sizes).open(url)
         index = self.urls.index(url, self._next)
