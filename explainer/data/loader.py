@@ -202,6 +202,8 @@ def read_manifest(path: str | Path, *, allow_external_shards: bool = False,
         raw = json.loads(_manifest_text(path, policy))
     except FileNotFoundError:
         raise ManifestError(f"manifest {path} does not exist (build shards with launch/make_shards.py)") from None
+    except remote.RemoteError as exc:
+        raise ManifestError(f"manifest {path} cannot be read ({exc})") from None
     except (OSError, ValueError) as exc:
         raise ManifestError(f"manifest {path} cannot be read as JSON ({exc})") from None
     try:

@@ -140,7 +140,7 @@ def _permanent(exc: BaseException) -> bool:
     if isinstance(exc, _HttpStatus):
         return 400 <= exc.status < 500 and exc.status not in (408, 429)
     return isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError,
-                            TypeError, ImportError, NotImplementedError))
+                            TypeError, ImportError, NotImplementedError, RemoteError))
 
 
 def _describe(exc: BaseException, timeout: float) -> str:
@@ -180,7 +180,11 @@ def filesystem(url: str, policy: RemotePolicy) -> tuple[Any, str]:
         user = dict(fsspec.config.conf.get("s3", {}).get("config_kwargs", {}))
         kwargs["config_kwargs"] = {**user, "connect_timeout": min(policy.timeout, 10.0), "read_timeout": policy.timeout,
                                    "retries": {"total_max_attempts": 1, "mode": "standard"}}
-    fs, path = url_to_fs(url, **kwargs)
+    try:
+        fs, path = url_to_fs(url, **kwargs)
+    except ImportError as exc:
+        extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(protocols(url)[0])
+        raise RemoteError(f"{url}: {exc}" + (f" (pip install 'explainer[{extra}]')" if extra else "")) from None
     if hasattr(fs, "retries"):
         fs.retries = 1  # s3fs's own retry loop: ours is the one with a documented bound
     return fs, path

@@ -45,10 +45,8 @@ def check_out_url(url: str, policy: remote.RemotePolicy) -> None:
                          "or another fsspec protocol that can write)")
     try:
         remote.filesystem(url, policy)
-    except ImportError as exc:
-        extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(proto)
-        how = f"pip install 'explainer[{extra}]'" if extra else "install its fsspec backend"
-        raise ValueError(f"--out {url}: {exc} ({how})") from None
+    except remote.RemoteError as exc:
+        raise ValueError(f"--out {exc}") from None
 
 
 class BucketSink:
