@@ -244,3 +244,15 @@ def test_http_shards_are_read_with_the_standard_library(s3, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_remote_settings_are_checked_and_reach_the_policy():
+    from explainer.config import ConfigError, ExplainerRunConfig, load_config
+
+    for bad, key in (("data.remote_timeout_s=0", "data.remote_timeout_s"), ("data.remote_retries=-1",
+                                                                               "data.remote_retries")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(ExplainerRunConfig, None, [bad])
+    cfg = load_config(ExplainerRunConfig, None, ["data.remote_timeout_s=7.5", "data.remote_retries=2"])
+    policy = remote.policy_of(cfg.data)
+    assert (policy.timeout, policy.retries) == (7.5, 2)
