@@ -240,6 +240,10 @@ def _check_remote_shards(path: str, splits: dict[str, SplitInfo], policy: remote
     base = remote.folder(path)
     try:
         found = remote.listing(base, policy)
+    except PermissionError as exc:  # credentials that may read objects but not list them: checked when read
+        log.warning("manifest %s: cannot list its folder to check the shards (%s); a missing shard will be reported "
+                    "when it is read", path, exc)
+        return
     except OSError as exc:
         raise ManifestError(f"manifest {path}: cannot list its folder ({exc})") from None
     if found is None:
