@@ -47,6 +47,7 @@ REFUSED = ("pipe",)  # webdataset's shell-command "URLs": never a protocol, what
 ATOMIC_PUT = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory")  # a PUT publishes a complete object
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 _SECRET_QUERY = re.compile(r"(?i)(^|&)[^=&]*(signature|credential|token|secret|password|sig|key)[^=&]*=")
+FIRST_CHUNK = 1 << 20  # bytes of a shard's first request
 MIN_UPLOAD_RATE = 256 * 1024  # bytes/s: an upload slower than this (on top of the request timeout) counts as hung
 
 
@@ -265,6 +266,8 @@ class ReadAhead:
     is called.
     """
 
+    waited_s = 0.0  # seconds readers of this process spent waiting for bytes (benchmarks/bench_loader.py --remote)
+
     def __init__(self, urls: Sequence[str], policy: RemotePolicy, sizes: dict[str, int | None] | None = None):
         self.urls = list(dict.fromkeys(u for u in urls if is_url(u)))
         self.policy = policy
@@ -293,11 +296,12 @@ class ReadAhead:
                     if not self._put((index, fetch(url, self.policy))):
                         return
                 else:
-                    for start in range(0, size, chunk):
-                        if self._abandoned >= index:
-                            break
-                        if not self._put((index, fetch(url, self.policy, start, min(start + chunk, size)))):
+                    start, step = 0, min(chunk, FIRST_CHUNK)  # a small first request: decoding starts sooner
+                    while start < size and self._abandoned < index:
+                        end = min(start + step, size)
+                        if not self._put((index, fetch(url, self.policy, start, end))):
                             return
+                        start, step = end, chunk
             except Exception as exc:  # the reader raises it (a bad shard); the next shards are still fetched
                 if not self._put((index, exc)):
                     return
@@ -347,7 +351,9 @@ class _ChunkStream:
 
     def _more(self) -> None:
         while True:
+            start = time.perf_counter()
             index, item = self.owner._get()
+            ReadAhead.waited_s += time.perf_counter() - start
             if index < self.index:
                 continue  # the rest of a shard an earlier reader abandoned
             if item is _END:
