@@ -188,7 +188,14 @@ def filesystem(url: str, policy: RemotePolicy) -> tuple[Any, str]:
         raise RemoteError(f"{url}: {exc}" + (f" (pip install 'explainer[{extra}]')" if extra else "")) from None
     if hasattr(fs, "retries"):
         fs.retries = 1  # s3fs's own retry loop: ours is the one with a documented bound
+    _KEEP.setdefault(id(fs), fs)
     return fs, path
+
+
+# Filesystems made here stay referenced: a forked DataLoader worker inherits them while fsspec empties its instance
+# cache at the fork, and when the garbage collector then finalizes one, s3fs closes its session on the worker's event
+# loop, printing "attached to a different loop" tracebacks. They are few (one per protocol and settings).
+_KEEP: dict[int, Any] = {}
 
 
 def _call(fs: Any, method: str, policy: RemotePolicy, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
