@@ -34,6 +34,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -265,7 +266,8 @@ _END = object()
 
 
 class ReadAhead:
-    """Fetches the given shards' bytes in order, in chunks, up to `policy.depth` chunks ahead of the reader.
+    """Fetches the given shards' bytes in order, in chunks, up to `policy.depth` requests ahead of the reader and as
+    many at once (so the latency of one request hides behind the others).
 
     One per loader worker and epoch: `open(url)` returns a stream of one shard (opened in list order; a shard opened
     out of order, or not listed, gets a ReadAhead of its own; a local path is simply opened). Closing a stream before
@@ -284,6 +286,7 @@ class ReadAhead:
         self._abandoned = -1  # the fetcher skips the rest of shards up to this index
         self._next = 0  # index of the next shard the reader may open
         self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
 
     def _put(self, item: tuple[int, Any]) -> bool:
         while not self._stop.is_set():
@@ -306,7 +309,8 @@ class ReadAhead:
                     start, step = 0, min(chunk, FIRST_CHUNK)  # a small first request: decoding starts sooner
                     while start < size and self._abandoned < index:
                         end = min(start + step, size)
-                        if not self._put((index, fetch(url, self.policy, start, end))):
+                        assert self._pool is not None
+                        if not self._put((index, self._pool.submit(fetch, url, self.policy, start, end))):
                             return
                         start, step = end, chunk
             except Exception as exc:  # the reader raises it (a bad shard); the next shards are still fetched
@@ -332,12 +336,15 @@ class ReadAhead:
         self._abandoned = max(self._abandoned, index - 1)  # shards skipped over are not fetched further
         self._next = index + 1
         if self._thread is None:
+            self._pool = ThreadPoolExecutor(max(1, self.policy.depth), thread_name_prefix="shard-fetch")
             self._thread = threading.Thread(target=self._fetch_all, name="shard-read-ahead", daemon=True)
             self._thread.start()
         return _ChunkStream(self, index, url)
 
     def close(self) -> None:
         self._stop.set()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def closing(self, items: Iterator[T]) -> Iterator[T]:
         """`items`, then close() when they are exhausted or abandoned (the generator is closed or collected)."""
@@ -360,9 +367,14 @@ class _ChunkStream:
         while True:
             start = time.perf_counter()
             index, item = self.owner._get()
-            ReadAhead.waited_s += time.perf_counter() - start
             if index < self.index:
                 continue  # the rest of a shard an earlier reader abandoned
+            if isinstance(item, Future):
+                try:
+                    item = item.result()
+                except Exception as exc:
+                    item = exc
+            ReadAhead.waited_s += time.perf_counter() - start
             if item is _END:
                 self._done = True
             elif isinstance(item, BaseException):
