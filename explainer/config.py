@@ -54,9 +54,13 @@ class DataConfig:
     # (a quarter of the host-to-device bytes, no float work on the loader side); on: also on CPU; off: never
     normalize_on_device: Literal["auto", "on", "off"] = "auto"
     # A manifest is data, not code: its shards must be files in its own folder unless allowed here. 'pipe:' shards
-    # (a shell command) are never run; http/https shards are read with urllib when listed in allow_url_schemes.
+    # (a shell command) are never run; URL shards (s3, gs, az, https, any fsspec protocol) are read when their
+    # protocol is listed in allow_url_schemes. A manifest may itself be a URL (s3://bucket/x/manifest.json): its
+    # relative shards are objects in that folder. Credentials: the storage tools' own places, never here.
     allow_external_shards: bool = False  # absolute shard paths, or paths leading out of the manifest's folder
-    allow_url_schemes: list[str] = field(default_factory=list)  # e.g. [https]
+    allow_url_schemes: list[str] = field(default_factory=list)  # e.g. [s3] or [https]
+    remote_timeout_s: float = 60.0  # one request to a URL shard; then it counts as failed (docs/training.md)
+    remote_retries: int = 5  # further tries of a failed request (5xx, throttling, reset, timeout), with backoff
     # Images declaring more pixels (W x H) are skipped unread, like corrupt ones (PIL's Image.MAX_IMAGE_PIXELS default;
     # null: no cap): a small PNG can declare 12000 x 12000 and take 10 GB to decode.
     max_image_pixels: int | None = 89_478_485
@@ -446,6 +450,8 @@ def _data_checks(data: DataConfig, cfg: Any) -> Checks:
         (data.num_workers >= 0, f"data.num_workers must be >= 0, got {data.num_workers}"),
         (data.max_image_pixels is None or data.max_image_pixels >= 1,
          f"data.max_image_pixels must be >= 1 or null (no cap), got {data.max_image_pixels}"),
+        (data.remote_timeout_s > 0, f"data.remote_timeout_s must be > 0, got {data.remote_timeout_s}"),
+        (data.remote_retries >= 0, f"data.remote_retries must be >= 0, got {data.remote_retries}"),
     ]
 
 

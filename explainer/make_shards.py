@@ -9,10 +9,12 @@ plus a manifest.
     python launch/make_shards.py merge shards/imagenet/part-* --out shards/imagenet
     python launch/make_shards.py folder --root /data/mine --labels /data/mine/labels.csv --out shards/mine
     python launch/make_shards.py folder --root /data/imagefolder --out shards/mine   (one folder per class)
+    python launch/make_shards.py voc --root /data/VOCdevkit/VOC2007 --out s3://bucket/voc2007   (any fsspec URL)
 
 Exit status: 0 done (skipped inputs are listed in the summary and the manifest), 1 `--strict` found problems (nothing
-written), 2 bad arguments or an unusable source folder, 143 / 130 stopped by SIGTERM / SIGINT (the worker processes are
-stopped, complete shards are kept: rerun with --resume).
+written) or shards could not be uploaded to an --out URL (rerun with --resume), 2 bad arguments or an unusable source
+folder, 143 / 130 stopped by SIGTERM / SIGINT (the worker processes are stopped, complete shards are kept: rerun with
+--resume).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from explainer.arguments import ArgumentParser, max_pixels_arg
+from explainer.data import remote
+from explainer.data.remote_shards import UploadError
 from explainer.data.shards import ShardOptions, StrictError, summary
 from explainer.data.transforms import DEFAULT_MAX_IMAGE_PIXELS
 from explainer.logs import configure_logging
@@ -48,10 +52,24 @@ def _split_counts(text: str) -> dict[str, int]:
     return out
 
 
+def _out(text: str) -> Path | str:
+    return text if remote.is_url(text) else Path(text)
+
+
+def _out_args(common: argparse.ArgumentParser) -> None:
+    common.add_argument("--out", type=_out,
+                        help="output folder (default shards/<dataset>) or URL, e.g. s3://bucket/prefix: shards are "
+                             "written locally (under TMPDIR) then uploaded; credentials from the environment")
+    common.add_argument("--remote-timeout", type=float, default=60.0,
+                        help="--out URL: seconds one request may take (default 60)")
+    common.add_argument("--remote-retries", type=int, default=5,
+                        help="--out URL: further tries of a failed request, with backoff (default 5)")
+
+
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
     parser = ArgumentParser(prog=prog, description=__doc__)
     common = ArgumentParser(add_help=False)
-    common.add_argument("--out", type=Path, help="output folder (default shards/<dataset>)")
+    _out_args(common)
     common.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
                         help="worker processes (default: CPU count, at most 8)")
     common.add_argument("--shard-maxcount", type=int, default=1000, help="samples per shard at most (default 1000)")
@@ -143,18 +161,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     default_out = {"voc": "voc2007", "coco": "coco2014", "synthetic": "synthetic", "imagenet": "imagenet",
                    "folder": getattr(args, "name", "folder")}[args.dataset]
     out = args.out if args.out is not None else Path("shards") / default_out
-    options = ShardOptions(out=out, maxcount=args.shard_maxcount, maxsize=args.shard_maxsize, workers=args.workers,
-                           resume=args.resume, strict=args.strict, progress=not args.no_progress,
-                           max_image_pixels=args.max_image_pixels)
+    options = ShardOptions(out=Path(), maxcount=args.shard_maxcount, maxsize=args.shard_maxsize,
+                           workers=args.workers, resume=args.resume, strict=args.strict,
+                           progress=not args.no_progress, max_image_pixels=args.max_image_pixels)
     command = ["launch/make_shards.py", *(argv if argv is not None else sys.argv[1:])]
     try:
         with raise_on_signals():
-            manifest = _build(args, options, command)
+            manifest = _build_into(args, options, out, command)
     except Interrupted as exc:
         print(f"make_shards: {exc}; the worker processes are stopped and the complete shards in {out} are kept: "
               "rerun the same command with --resume to continue", file=sys.stderr)
         return exc.status
-    except StrictError as exc:
+    except (StrictError, UploadError, remote.RemoteError) as exc:
         print(exc, file=sys.stderr)
         return 1
     except (FileNotFoundError, ValueError) as exc:
@@ -179,6 +197,24 @@ def _merge(args: argparse.Namespace, command: list[str]) -> int:
     print(f"merged {manifest['parts']['num_parts']} parts")
     print(summary(manifest, args.out))
     return 0
+
+
+def _build_into(args: argparse.Namespace, options: ShardOptions, out: Path | str, command: list[str]) -> dict:
+    """_build into a folder, or for a URL into a staging folder whose shards a BucketSink uploads."""
+    if isinstance(out, Path):
+        options.out = out
+        return _build(args, options, command)
+    from explainer.data.remote_shards import bucket_sink, check_out_url
+
+    policy = remote.RemotePolicy(timeout=args.remote_timeout, retries=args.remote_retries)
+    check_out_url(out, policy)
+    sink = bucket_sink(out, policy, args.strict)
+    options.out, options.sink = sink.staging, sink
+    try:
+        sink.begin()
+        return _build(args, options, command)
+    finally:
+        sink.close()
 
 
 def _build(args: argparse.Namespace, options: ShardOptions, command: list[str]) -> dict:

@@ -33,6 +33,7 @@ from submitit.core.utils import FailedJobError, UncompletedJobError
 from submitit.slurm.slurm import SlurmExecutor
 
 from explainer.config import ConfigError, ExplainerRunConfig
+from explainer.data.remote import is_url
 from explainer.logs import configure_logging, get_logger
 
 log = get_logger(__name__)
@@ -232,12 +233,12 @@ def prepare_config(cfg: ExplainerRunConfig, *, new_run: bool = True, cluster: Cl
     for section, key in _PATH_FIELDS:
         owner = getattr(cfg, section)
         value = getattr(owner, key)
-        if value:
+        if value and not is_url(value):  # data.manifest may be s3://... (explainer/data/remote.py)
             setattr(owner, key, str(Path(value).expanduser().absolute()))
     if cfg.train.resume not in (None, "auto"):
         cfg.train.resume = str(Path(cfg.train.resume).absolute())
-    manifest = Path(cfg.data.manifest)
-    if not manifest.is_file():
+    manifest = cfg.data.manifest if is_url(cfg.data.manifest) else Path(cfg.data.manifest)
+    if isinstance(manifest, Path) and not manifest.is_file():
         raise ConfigError(f"data.manifest: {manifest} does not exist (make it with `python launch/make_shards.py`)")
     from explainer.data.loader import read_data_manifest
 

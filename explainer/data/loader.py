@@ -43,7 +43,6 @@ import json
 import logging
 import math
 import random
-import re
 import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -56,6 +55,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from explainer.data import remote
 from explainer.data.transforms import (
     DEFAULT_MAX_IMAGE_PIXELS,
     IMAGENET_MEAN,
@@ -86,6 +86,7 @@ class SplitInfo:
     counts: list[int]
     total: int
     unlabelled: list[list[int]] = field(default_factory=list)  # per shard: positions of all-zero-label samples
+    sizes: list[int | None] = field(default_factory=list)  # per shard: bytes, when known (URL shards: saves a HEAD)
 
     def kept_counts(self, drop_unlabelled: bool) -> list[int]:
         if not drop_unlabelled or not self.unlabelled:
@@ -95,57 +96,80 @@ class SplitInfo:
 
 @dataclass
 class Manifest:
-    path: Path
+    path: Path | str  # a str for a manifest at a URL
     dataset: str
     classes: list[str]
     splits: dict[str, SplitInfo]
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the whole JSON (synthetic spec, skipped, ...)
 
 
-# A shard path with a scheme ("pipe:", "https://", "s3://", ...). One letter is not a scheme; there are no drive letters
-# on the platforms we support, but "C:/x.tar" reads better as a refused absolute path than as scheme "c".
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
-URL_SCHEMES = ("http", "https")  # the only schemes data.allow_url_schemes can allow: read with urllib, no shell
-
-
 def _scheme(text: str) -> str | None:
-    match = _SCHEME.match(text)
-    return match.group(1).lower() if match else None
+    return remote.scheme(text)
 
 
 def _check_allowed_schemes(allow_url_schemes: Sequence[str]) -> set[str]:
     allowed = {s.lower().rstrip(":/") for s in allow_url_schemes}
-    bad = sorted(allowed - set(URL_SCHEMES))
-    if bad:
-        raise ManifestError(f"data.allow_url_schemes: {', '.join(bad)} cannot be allowed; only "
-                            f"{' and '.join(URL_SCHEMES)} shards are supported (a 'pipe:' shard would run a shell "
+    if "pipe" in allowed:
+        raise ManifestError("data.allow_url_schemes: pipe cannot be allowed (a 'pipe:' shard would run a shell "
                             "command: download the shards and point the manifest at the files instead)")
+    unknown = sorted(s for s in allowed if not remote.known_protocol(s))
+    if unknown:
+        raise ManifestError(f"data.allow_url_schemes: {', '.join(unknown)} cannot be allowed: not a protocol fsspec "
+                            "knows (e.g. s3, gs, az, https)")
     return allowed
 
 
-def resolve_shard(manifest: Path, entry: str, split: str, *, allow_external_shards: bool = False,
+def _resolve_url(manifest: Path | str, entry: str, where: str, allowed: set[str], allow_external_shards: bool) -> str:
+    """An entry that is a URL: its protocols allowed, no credentials in it, inside a URL manifest's folder."""
+    scheme = remote.scheme(entry)
+    if scheme == "pipe":
+        raise ManifestError(f"{where} is a shell command ('pipe:'), which a manifest may never run; download the "
+                            "shards and list their file names instead")
+    secret = remote.credentials_in(entry)
+    if secret:
+        raise ManifestError(f"{where} carries {secret}; credentials come from the environment or the storage "
+                            "tool's config (e.g. AWS_ACCESS_KEY_ID, ~/.aws), never from a manifest")
+    for proto in remote.protocols(entry):
+        if proto not in allowed:
+            if not remote.known_protocol(proto):
+                raise ManifestError(f"{where} has the unsupported scheme {proto!r}: a shard must be a file next to "
+                                    "the manifest (or a URL of a protocol listed in data.allow_url_schemes)")
+            raise ManifestError(f"{where} is an {proto} URL; reading shards over the network is off by default "
+                                f"(allow it with data.allow_url_schemes=[{proto}])")
+    if remote.is_url(str(manifest)) and not allow_external_shards:
+        base = remote.folder(str(manifest))
+        if not remote.inside(base, entry):
+            raise ManifestError(f"{where} is outside the manifest's folder {base}; shards must live in the "
+                                "manifest's folder unless you allow others with data.allow_external_shards=true")
+    return entry
+
+
+def resolve_shard(manifest: Path | str, entry: str, split: str, *, allow_external_shards: bool = False,
                   allow_url_schemes: Sequence[str] = ()) -> str:
-    """The absolute path (or allowed URL) of one shard listed in `manifest`, or a ManifestError naming both.
+    """The absolute path (or URL) of one shard listed in `manifest`, or a ManifestError naming both.
 
     A manifest usually comes with a downloaded shard set, so it is data, not code: a shard must be a file inside the
-    manifest's folder (after following symlinks). Absolute paths and paths leading out of the folder need
-    data.allow_external_shards=true; http(s) URLs need data.allow_url_schemes=[https]; 'pipe:' and every other scheme
-    are refused, because webdataset would hand them to a shell or to tools we do not control.
+    manifest's folder (after following symlinks), or for a manifest at a URL (s3://bucket/x/manifest.json) an object
+    under that URL's folder. Absolute paths and paths leading out of the folder need data.allow_external_shards=true;
+    URLs in a manifest need their protocol in data.allow_url_schemes (a URL manifest's own relative shards do not);
+    'pipe:' is refused whatever is allowed, because webdataset would hand it to a shell.
     """
     where = f"manifest {manifest}: shard {entry!r} of split {split!r}"
-    scheme = _scheme(entry)
-    if scheme is not None:
-        if scheme == "pipe":
-            raise ManifestError(f"{where} is a shell command ('pipe:'), which a manifest may never run; download the "
-                                "shards and list their file names instead")
-        if scheme in URL_SCHEMES:
-            if scheme in _check_allowed_schemes(allow_url_schemes):
-                return entry
-            raise ManifestError(f"{where} is an {scheme} URL; reading shards over the network is off by default "
-                                f"(allow it with data.allow_url_schemes=[{scheme}])")
-        raise ManifestError(f"{where} has the unsupported scheme {scheme!r}: a shard must be a file next to the "
-                            f"manifest (or an http/https URL with data.allow_url_schemes)")
-    folder = manifest.parent.resolve()
+    allowed = _check_allowed_schemes(allow_url_schemes)
+    if remote.scheme(entry) is not None:
+        return _resolve_url(manifest, entry, where, allowed, allow_external_shards)
+    if remote.is_url(str(manifest)):
+        base = remote.folder(str(manifest))
+        full_url = remote.join(base, entry)
+        if Path(entry).is_absolute() or not remote.inside(base, full_url):
+            if not allow_external_shards:
+                kind = "an absolute path" if Path(entry).is_absolute() else f"outside the manifest's folder {base}"
+                raise ManifestError(f"{where} is {kind}; shards must live in the manifest's folder unless you allow "
+                                    "others with data.allow_external_shards=true")
+            if Path(entry).is_absolute():
+                return str(Path(entry).resolve())
+        return full_url
+    folder = Path(manifest).parent.resolve()
     full = (folder / entry).resolve()
     if not allow_external_shards and not full.is_relative_to(folder):
         kind = "an absolute path" if Path(entry).is_absolute() else f"outside the manifest's folder {folder}"
@@ -156,22 +180,39 @@ def resolve_shard(manifest: Path, entry: str, split: str, *, allow_external_shar
     return str(full)
 
 
+def _manifest_text(path: Path | str, policy: remote.RemotePolicy) -> str:
+    """The manifest's JSON text, from a file or a URL (whose protocol the config chose: data.manifest)."""
+    if not remote.is_url(str(path)):
+        return Path(path).read_text()
+    secret = remote.credentials_in(str(path))
+    if secret:
+        raise ManifestError(f"manifest {path} carries {secret}; credentials come from the environment or the storage "
+                            "tool's config (e.g. AWS_ACCESS_KEY_ID, ~/.aws), never from a config")
+    if remote.scheme(str(path)) == "pipe":
+        raise ManifestError(f"manifest {path} is a shell command ('pipe:'), which is never run")
+    return remote.fetch(str(path), policy).decode()
+
+
 def read_manifest(path: str | Path, *, allow_external_shards: bool = False,
-                  allow_url_schemes: Sequence[str] = ()) -> Manifest:
-    """Load and check a manifest.json written by launch/make_shards.py; every shard goes through resolve_shard."""
-    path = Path(path)
+                  allow_url_schemes: Sequence[str] = (), remote_policy: remote.RemotePolicy | None = None) -> Manifest:
+    """Load and check a manifest.json written by launch/make_shards.py (a path or a URL such as
+    s3://bucket/x/manifest.json); every shard goes through resolve_shard."""
+    path = path if remote.is_url(str(path)) else Path(path)
+    policy = remote_policy or remote.RemotePolicy()
     _check_allowed_schemes(allow_url_schemes)
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(_manifest_text(path, policy))
     except FileNotFoundError:
         raise ManifestError(f"manifest {path} does not exist (build shards with launch/make_shards.py)") from None
+    except remote.RemoteError as exc:
+        raise ManifestError(f"manifest {path} cannot be read ({exc})") from None
     except (OSError, ValueError) as exc:
         raise ManifestError(f"manifest {path} cannot be read as JSON ({exc})") from None
     try:
         classes = [str(c) for c in raw["classes"]]
         splits = {}
         for name, info in raw["splits"].items():
-            shards, counts, unlabelled = [], [], []
+            shards, counts, unlabelled, sizes = [], [], [], []
             for entry in info["shards"]:
                 rel = str(entry["path"])
                 url = resolve_shard(path, rel, name, allow_external_shards=allow_external_shards,
@@ -182,18 +223,22 @@ def read_manifest(path: str | Path, *, allow_external_shards: bool = False,
                 shards.append(url)
                 counts.append(count)
                 unlabelled.append([int(i) for i in entry.get("unlabelled", [])])
+                sizes.append(int(entry["size"]) if "size" in entry else None)
             _refuse_repeats(path, name, shards)
-            splits[name] = SplitInfo(shards=shards, counts=counts, total=sum(counts), unlabelled=unlabelled)
-        dataset = str(raw.get("dataset", path.parent.name))
+            splits[name] = SplitInfo(shards=shards, counts=counts, total=sum(counts), unlabelled=unlabelled,
+                                     sizes=sizes)
+        dataset = str(raw.get("dataset", Path(str(path)).parent.name))
         _warn_shared(path, splits)
     except ManifestError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ManifestError(f"manifest {path} lacks the expected structure ({type(exc).__name__}: {exc})") from None
+    if isinstance(path, str):
+        _check_remote_shards(path, splits, policy)
     return Manifest(path=path, dataset=dataset, classes=classes, splits=splits, raw=raw)
 
 
-def _refuse_repeats(path: Path, split: str, shards: Sequence[str]) -> None:
+def _refuse_repeats(path: str | Path, split: str, shards: Sequence[str]) -> None:
     """A shard listed twice in a split (by any spelling of its path) would be trained on twice per epoch and its
     images evaluated twice: the manifest is wrong, not the data."""
     seen: set[str] = set()
@@ -204,13 +249,40 @@ def _refuse_repeats(path: Path, split: str, shards: Sequence[str]) -> None:
         seen.add(shard)
 
 
-def _warn_shared(path: Path, splits: dict[str, SplitInfo]) -> None:
+def _warn_shared(path: str | Path, splits: dict[str, SplitInfo]) -> None:
     """A shard in two splits (train and test) is allowed, but rarely meant: the test images were trained on."""
     owner: dict[str, str] = {}
     for name, info in splits.items():
         for shard in info.shards:
             if owner.setdefault(shard, name) != name:
                 log.warning("manifest %s: shard %s is in split %r and in split %r", path, shard, owner[shard], name)
+
+
+def _check_remote_shards(path: str, splits: dict[str, SplitInfo], policy: remote.RemotePolicy) -> None:
+    """Every shard under a URL manifest's folder exists, with the size the manifest gives: one listing of the
+    folder, so a missing or half-uploaded shard fails here, before any process group starts (not for http)."""
+    base = remote.folder(path)
+    try:
+        found = remote.listing(base, policy)
+    except PermissionError as exc:  # credentials that may read objects but not list them: checked when read
+        log.warning("manifest %s: cannot list its folder to check the shards (%s); a missing shard will be reported "
+                    "when it is read", path, exc)
+        return
+    except OSError as exc:
+        raise ManifestError(f"manifest {path}: cannot list its folder ({exc})") from None
+    if found is None:
+        return
+    for name, info in splits.items():
+        for i, url in enumerate(info.shards):
+            if not remote.inside(base, url):
+                continue
+            size = found.get(url[len(base.rstrip("/")) + 1:])
+            if size is None:
+                raise ManifestError(f"manifest {path}: shard {url} of split {name!r} does not exist")
+            if info.sizes[i] is not None and info.sizes[i] != size:
+                raise ManifestError(f"manifest {path}: shard {url} of split {name!r} is {size} bytes, the manifest "
+                                    f"says {info.sizes[i]} (an upload in progress, or another shard set)")
+            info.sizes[i] = size
 
 
 def shard_permissions(dcfg: Any) -> dict[str, Any]:
@@ -220,8 +292,13 @@ def shard_permissions(dcfg: Any) -> dict[str, Any]:
 
 
 def read_data_manifest(dcfg: Any) -> Manifest:
-    """read_manifest(dcfg.manifest) with the shard-location permissions of a DataConfig."""
-    return read_manifest(dcfg.manifest, **shard_permissions(dcfg))
+    """read_manifest(dcfg.manifest) with the shard-location permissions and URL timeouts of a DataConfig."""
+    return read_data_manifest_at(dcfg, dcfg.manifest)
+
+
+def read_data_manifest_at(dcfg: Any, path: str | Path) -> Manifest:
+    """read_manifest(path) with the permissions and URL timeouts of a DataConfig."""
+    return read_manifest(path, **shard_permissions(dcfg), remote_policy=remote.policy_of(dcfg))
 
 
 def manifest_from_urls(urls: str | Sequence[str], split: str = "train",
@@ -239,9 +316,10 @@ def manifest_from_urls(urls: str | Sequence[str], split: str = "train",
     num_classes = None
     for url in urls:
         scheme = _scheme(url)
-        if scheme is not None and scheme not in allowed:
-            raise ManifestError(f"shard {url!r}: the scheme {scheme!r} is not allowed (only files, or http/https "
-                                "listed in allow_url_schemes; 'pipe:' would run a shell command)")
+        if scheme is not None and (scheme not in allowed or remote.credentials_in(url)):
+            raise ManifestError(f"shard {url!r}: the scheme {scheme!r} is not allowed (only files, or URLs of the "
+                                "protocols in allow_url_schemes, without credentials; 'pipe:' would run a shell "
+                                "command)")
         full = url if scheme is not None else str(Path(url).resolve())
         n, zero = 0, []
         for sample in _iter_shard(full):
@@ -258,7 +336,9 @@ def manifest_from_urls(urls: str | Sequence[str], split: str = "train",
         unlabelled.append(zero)
     names = list(classes) if classes is not None else [f"class_{i}" for i in range(num_classes or 0)]
     info = SplitInfo(shards=shards, counts=counts, total=sum(counts), unlabelled=unlabelled)
-    return Manifest(path=Path(str(urls[0]) if urls else "."), dataset="shards", classes=names, splits={split: info})
+    first = str(urls[0]) if urls else "."
+    return Manifest(path=first if remote.is_url(first) else Path(first), dataset="shards", classes=names,
+                    splits={split: info})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -285,24 +365,22 @@ class _Counter:
 
 
 def _open(url: str):
-    """A shard as a byte stream: a plain file, or an http(s) URL through urllib (which read_manifest allowed).
-    Never webdataset's gopen: it runs 'pipe:' URLs in a shell and hands other schemes to curl/aws/gsutil commands."""
-    scheme = _scheme(url)
-    if scheme is None:
+    """A shard as a byte stream: a plain file, or a URL (which read_manifest allowed) through explainer.data.remote:
+    timeouts, retries, chunks fetched ahead. Never webdataset's gopen: it runs 'pipe:' URLs in a shell and hands other
+    schemes to curl/aws/gsutil commands."""
+    if _scheme(url) is None:
         return open(url, "rb")  # noqa: SIM115 - closed by the caller's generator
-    if scheme in URL_SCHEMES:
-        import urllib.request
-
-        return urllib.request.urlopen(url, timeout=60)  # noqa: S310 - scheme checked above
-    raise ManifestError(f"shard {url!r}: cannot open the scheme {scheme!r} (only files and http/https)")
+    if _scheme(url) == "pipe":
+        raise ManifestError(f"shard {url!r}: 'pipe:' is never opened")
+    return remote.open_url(url, remote.RemotePolicy())
 
 
-def _iter_shard(url: str, counter: _Counter | None = None) -> Iterator[dict[str, Any]]:
+def _iter_shard(url: str, counter: _Counter | None = None, opener: Any = None) -> Iterator[dict[str, Any]]:
     """Samples of one shard (dicts of raw member bytes), via webdataset's tar iterators."""
     counter = counter or _Counter()
     handler = functools.partial(counter.handler, url=url)
     try:
-        stream = _open(url)
+        stream = (opener or _open)(url)
     except OSError as exc:
         handler(exc)
         return
@@ -408,6 +486,7 @@ class _ShardStream(IterableDataset):
         self.num_workers = 1  # set by the owner before iterating (must equal the DataLoader's)
         self.image_format = "float"  # or "uint8": set by the owner (see make_train_loader)
         self.max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # data.max_image_pixels: larger images are skipped
+        self.remote = remote.RemotePolicy()  # timeouts and retries of URL shards (data.remote_*)
         # (epoch, batches to skip): shared memory when DataLoader workers persist across epochs
         self.state: Any = [0, 0]
 
@@ -439,10 +518,10 @@ class _ShardStream(IterableDataset):
         start = self.rank_start + sum(sizes[:worker])
         return start, sizes[worker], blocks[worker][1]
 
-    def _piece_samples(self, piece: _Piece, counter: _Counter) -> Iterator[dict[str, Any]]:
+    def _piece_samples(self, piece: _Piece, counter: _Counter, opener: Any = None) -> Iterator[dict[str, Any]]:
         zero = set(self.info.unlabelled[piece.shard]) if self.drop_unlabelled and self.info.unlabelled else set()
         kept = 0
-        samples = enumerate(_iter_shard(self.info.shards[piece.shard], counter))
+        samples = enumerate(_iter_shard(self.info.shards[piece.shard], counter, opener))
         for raw, sample in samples:
             if raw in zero:
                 continue
@@ -459,6 +538,10 @@ class _ShardStream(IterableDataset):
             counter.notes.append(f"shard {self.info.shards[piece.shard]} ended early: {missing} sample(s) missing")
             log.warning("shard %s ended early: %d sample(s) missing from the part this worker reads",
                         self.info.shards[piece.shard], missing)
+
+    def _read_ahead(self, pieces: list[_Piece]) -> remote.ReadAhead:
+        sizes = dict(zip(self.info.shards, self.info.sizes))
+        return remote.ReadAhead([self.info.shards[p.shard] for p in pieces], self.remote, sizes)
 
     def _check_shard_end(self, samples: Iterator[tuple[int, dict[str, Any]]], zero: set[int], piece: _Piece,
                          counter: _Counter) -> None:
@@ -539,7 +622,9 @@ class _ShardStream(IterableDataset):
             return
         counter = _Counter()
         pieces = _pieces(self._order(), self.kept, start, start + count)
-        raw: Iterator[dict[str, Any]] = itertools.chain.from_iterable(self._piece_samples(p, counter) for p in pieces)
+        ahead = self._read_ahead(pieces)  # URL shards: fetched in the background, the next while this one decodes
+        raw: Iterator[dict[str, Any]] = ahead.closing(itertools.chain.from_iterable(
+            self._piece_samples(p, counter, ahead.open) for p in pieces))
         aug_rng = None
         if self.train:
             raw = _shuffled(raw, max(1, min(self.shuffle_buffer, count)),
@@ -714,7 +799,7 @@ def make_train_loader(cfg: Any, manifest: Manifest | str | Path, split: str, *, 
     float32 [B, 3, H, W] normalised with mean/std (the classifier's; ImageNet's by default); "uint8": see
     batch_image_format (normalise with the same mean/std on the device)."""
     if not isinstance(manifest, Manifest):
-        manifest = read_manifest(manifest, **shard_permissions(cfg))
+        manifest = read_data_manifest_at(cfg, manifest)
     _check_rank(rank, world_size)
     info = _split_info(manifest, split)
     dataset = _ShardStream(info, num_classes=len(manifest.classes), image_size=cfg.image_size,
@@ -726,6 +811,7 @@ def make_train_loader(cfg: Any, manifest: Manifest | str | Path, split: str, *, 
         raise ManifestError(f"split {split!r} of {manifest.path} has {kept} usable samples: not enough for one "
                             f"batch of {cfg.batch_size} on each of {world_size} rank(s)")
     dataset.max_pixels = getattr(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+    dataset.remote = remote.policy_of(cfg)
     return TrainStream(dataset, cfg.num_workers, image_format)
 
 
@@ -735,7 +821,7 @@ def make_eval_loader(cfg: Any, manifest: Manifest | str | Path, split: str, *, r
     """Evaluation stream for one rank: images, labels, keys and segmentation ground truth at cfg.image_size
     (image_format, mean, std: as make_train_loader)."""
     if not isinstance(manifest, Manifest):
-        manifest = read_manifest(manifest, **shard_permissions(cfg))
+        manifest = read_data_manifest_at(cfg, manifest)
     _check_rank(rank, world_size)
     info = _split_info(manifest, split)
     dataset = _ShardStream(info, num_classes=len(manifest.classes), image_size=cfg.image_size,
@@ -743,6 +829,7 @@ def make_eval_loader(cfg: Any, manifest: Manifest | str | Path, split: str, *, r
                            drop_unlabelled=False, shuffle_buffer=0, augment=False, max_images=max_images, mean=mean,
                            std=std, resize=getattr(cfg, "resize", "squash"))
     dataset.max_pixels = getattr(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+    dataset.remote = remote.policy_of(cfg)
     return EvalStream(dataset, cfg.num_workers, image_format)
 
 

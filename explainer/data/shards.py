@@ -511,8 +511,10 @@ def _load_record(out: Path, job: ShardJob) -> ShardResult | None:
 
 
 def _execute(jobs: list[ShardJob], out: str | None, build: Callable, workers: int, desc: str,
-             progress: bool, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> list[ShardResult]:
-    """Run jobs (in worker processes when workers > 1) with one progress bar over samples; results in job order."""
+             progress: bool, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+             on_result: Callable[[ShardResult], None] | None = None) -> list[ShardResult]:
+    """Run jobs (in worker processes when workers > 1) with one progress bar over samples; results in job order.
+    `on_result` is called in this process as each shard is done (an upload starts while the next are written)."""
     total = sum(len(j.tasks) for j in jobs)
     bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
     results: list[ShardResult | None] = [None] * len(jobs)
@@ -520,6 +522,8 @@ def _execute(jobs: list[ShardJob], out: str | None, build: Callable, workers: in
         if workers <= 1 or len(jobs) <= 1:
             for i, job in enumerate(jobs):
                 results[i] = run_job(job, out, build, max_pixels)
+                if on_result is not None:
+                    on_result(results[i])
                 bar.update(len(job.tasks))
         else:
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
@@ -532,7 +536,9 @@ def _execute(jobs: list[ShardJob], out: str | None, build: Callable, workers: in
                 while pending:
                     done, _ = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
                     for fut in done:
-                        results[pending.pop(fut)] = fut.result()
+                        results[pending.pop(fut)] = result = fut.result()
+                        if on_result is not None:
+                            on_result(result)
                     bar.update(counter.value - bar.n)
             except BaseException:  # a signal (explainer.signals.Interrupted), Ctrl-C or a failed shard
                 _stop_workers(pool)
@@ -573,6 +579,9 @@ class ShardOptions:
     strict: bool = False
     progress: bool = True
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # larger images are skipped (None: no cap)
+    # --out URL: `out` is a local staging folder and the sink uploads each finished shard, finds the shards complete
+    # in the bucket for --resume and uploads the manifest last (explainer/data/remote_shards.py:BucketSink)
+    sink: Any = None
 
 
 def _versions() -> dict[str, str]:
@@ -652,16 +661,18 @@ def write_dataset(*, dataset: str, classes: Sequence[str], splits: dict[str, lis
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
     _remove_leftovers(out, list(splits))
     done: dict[str, ShardResult] = {}
+    sink = options.sink
     if options.resume:
+        in_bucket = sink.completed(jobs) if sink is not None else {}
         for job in jobs:
-            record = _load_record(out, job)
+            record = in_bucket.get(job.name) if sink is not None else _load_record(out, job)
             if record is not None:
                 done[job.name] = record
     todo = [job for job in jobs if job.name not in done]
     if done:
         log.info("resume: %d of %d shard(s) already complete, writing %d", len(done), len(jobs), len(todo))
     for result in _execute(todo, str(out), build, options.workers, f"writing {dataset}", options.progress,
-                           options.max_image_pixels):
+                           options.max_image_pixels, sink.add if sink is not None else None):
         done[result.name] = result
     for split, split_jobs in plans.items():
         _remove_stale(out, split, {job.name for job in split_jobs if done[job.name].count})
@@ -670,12 +681,15 @@ def write_dataset(*, dataset: str, classes: Sequence[str], splits: dict[str, lis
     if extra:
         manifest.update(extra)
     write_text_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+    if sink is not None:
+        sink.finish(manifest)  # every upload done, sizes and checksums listed, then the manifest
     return manifest
 
 
-def summary(manifest: dict[str, Any], out: Path, limit: int = 20) -> str:
-    """Human-readable report of a finished run (what the CLI prints)."""
-    lines = [f"{manifest['dataset']}: {len(manifest['classes'])} classes -> {out / MANIFEST_NAME}"]
+def summary(manifest: dict[str, Any], out: Path | str, limit: int = 20) -> str:
+    """Human-readable report of a finished run (what the CLI prints); `out` a folder or a URL."""
+    where = f"{str(out).rstrip('/')}/{MANIFEST_NAME}" if isinstance(out, str) else out / MANIFEST_NAME
+    lines = [f"{manifest['dataset']}: {len(manifest['classes'])} classes -> {where}"]
     for split, info in manifest["splits"].items():
         lines.append(f"  {split}: {info['total']} samples in {len(info['shards'])} shard(s)"
                      f" ({info['unlabelled']} without labels)")

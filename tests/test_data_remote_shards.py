@@ -1,0 +1,88 @@
+"""make-shards --out s3://... (explainer/data/remote_shards.py) against a real S3-compatible server on 127.0.0.1
+(moto behind a fault-injecting proxy, tests/_s3.py): the bucket gets the bytes a local run writes, each shard in one
+PUT before its record and the manifest last; a shard that cannot be uploaded stops the run without a manifest, and
+--resume uploads only what is missing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+from _helpers import TINY_SHARDS
+from _s3 import Fault, make_bucket, s3_server, use_s3_env
+
+from explainer.data import remote
+from explainer.make_shards import main
+
+ARGS = ["synthetic", *TINY_SHARDS, "--shard-maxcount", "16", "--workers", "2", "--no-progress",
+        "--remote-retries", "1"]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server() as proxy, pytest.MonkeyPatch.context() as monkeypatch:
+        env: dict[str, str] = {}
+        use_s3_env(env, proxy.url)
+        for key in list(os.environ):
+            if key not in env and (key.startswith("AWS_") or key.lower().endswith("_proxy")):
+                monkeypatch.delenv(key)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        make_bucket("out")
+        yield proxy
+
+
+@pytest.fixture(autouse=True)
+def clean_proxy(s3):
+    s3.faults.clear()
+    s3.seen.clear()
+
+
+def puts(proxy) -> list[tuple[str, str]]:
+    return [(path.split("/out/", 1)[1], what) for method, path, what in proxy.seen
+            if method == "PUT" and path.startswith("/out/")]
+
+
+def test_bucket_gets_the_local_bytes_whole_shards_first_manifest_last(s3, tmp_path):
+    s3.faults.append(Fault("503", "/train-000002.tar", 1, method="PUT"))  # a throttled upload, retried
+    assert main([*ARGS, "--out", "s3://out/syn"]) == 0
+    assert main([*ARGS, "--out", str(tmp_path / "local")]) == 0
+    seen = puts(s3)
+    assert seen[-1] == ("syn/manifest.json", "ok") and ("syn/train-000002.tar", "503") in seen
+    for name, _ in seen[:-1]:  # a shard's record only after the shard itself is complete in the bucket
+        if name.endswith(".json"):
+            shard = name.replace(".progress/", "").removesuffix(".json")
+            assert seen.index((shard, "ok")) < seen.index((name, "ok"))
+    manifest = remote.fetch("s3://out/syn/manifest.json", remote.RemotePolicy())
+    entries = [e for info in json.loads(manifest)["splits"].values() for e in info["shards"]]
+    assert len(entries) == 10
+    for entry in entries:  # same bytes as the local run, and the manifest's size and checksum are theirs
+        local = tmp_path / "local" / entry["path"]
+        assert remote.fetch(f"s3://out/syn/{entry['path']}", remote.RemotePolicy()) == local.read_bytes()
+        assert entry["size"] == local.stat().st_size and entry["sha256"] == remote.sha256_of(local)
+    staging = hashlib.sha1(b"s3://out/syn").hexdigest()[:16]
+    assert not (Path(tempfile.gettempdir()) / f"explainer-make-shards-{staging}").exists()  # the staging folder went
+
+
+def test_failed_upload_stops_without_manifest_then_resume_uploads_the_rest(s3, capsys):
+    s3.faults.append(Fault("503", "/train-000004.tar", 99, method="PUT"))
+    assert main([*ARGS, "--out", "s3://out/again"]) == 1
+    err = capsys.readouterr().err
+    assert "train-000004.tar" in err and "SlowDown" in err and "--resume" in err, err
+    assert remote.listing("s3://out/again", remote.RemotePolicy()).get("manifest.json") is None
+    s3.faults.clear()
+    s3.seen.clear()
+    assert main([*ARGS, "--out", "s3://out/again", "--resume"]) == 0
+    assert [name for name, _ in puts(s3)] == ["again/train-000004.tar", "again/.progress/train-000004.tar.json",
+                                              "again/manifest.json"]
+
+
+def test_bad_out_urls_exit_2(s3, capsys):
+    assert main([*ARGS, "--out", "s3://key:secret@out/syn"]) == 2
+    assert "a user or password" in capsys.readouterr().err
+    assert main([*ARGS, "--out", "https://example.invalid/syn"]) == 2
+    assert "cannot write to 'https' URLs" in capsys.readouterr().err
