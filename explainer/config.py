@@ -111,6 +111,10 @@ class LossConfig:
     # largest count (read from the labels each step); an int fixes the shape, and a batch with an image above it stops
     # with an error naming the image.
     max_classes_per_image: int | None = None
+    # n for an Explainer whose head is below the input resolution (docs/method.md#head-resolution): exact = the max of
+    # the upsampled absent-class logits (the reference's numbers, streamed over class slices); head = the upsampled
+    # max of the head-resolution ones (an upper bound of it; costs O(C) at the head's resolution only)
+    non_target_max: Literal["exact", "head"] = "exact"
     # RTIS (Dabkowski and Gal 2017) weights, used when kind == "rtis"
     rtis_tv: float = 10.0
     rtis_area: float = 1.0

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from explainer import metrics as M
 from explainer.baselines import BASELINES, AttributionMethod
 from explainer.config import EvalConfig
+from explainer.models.explainer import class_logits
 
 MASK_METHODS = ("explainer", "rtis")
 WARMUP_METHODS = ("explainer", "rtis", "gradcam")  # one untimed call first (lazy init, allocator); the others are
@@ -37,8 +38,8 @@ class MaskNetwork:
         self.name, self.net = name, net.eval()
 
     def __call__(self, images: Tensor, wanted: Tensor) -> Tensor:
-        with torch.no_grad():
-            return torch.sigmoid(self.net(images)).float()
+        with torch.no_grad():  # every class: the class-specific table and RISE's top-1 class read any of them
+            return torch.sigmoid(class_logits(self.net(images), images.shape[-2:]).full()).float()
 
 
 def parse_methods(text: str | Sequence[str]) -> list[str]:

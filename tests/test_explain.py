@@ -68,7 +68,7 @@ def test_explain_writes_everything_and_skips_broken_files(checkpoint, images, tm
     model.eval()
     src = images / "a" / "x.png"
     with torch.no_grad():
-        expected = torch.sigmoid(model(normalize_batch(np.stack([decode_rgb(src.read_bytes(), S)]))))[0].numpy()
+        expected = torch.sigmoid(model(normalize_batch(np.stack([decode_rgb(src.read_bytes(), S)]))).full())[0].numpy()
     record = json.loads((out / "x" / "scores.json").read_text())
     assert record["file"] == str(src) and record["size"] == [50, 40]
     for k, name in enumerate(CLASSES):
@@ -101,7 +101,7 @@ def test_torchscript_export_gives_the_same_masks(checkpoint, images, tmp_path):
     model.load_state_dict(torch.load(checkpoint, weights_only=True)["state_dict"])
     model.eval()
     with torch.no_grad():
-        assert torch.allclose(torch.sigmoid(loaded(x)), torch.sigmoid(model(x)), atol=1e-5)  # other batch size
+        assert torch.allclose(torch.sigmoid(loaded(x)), torch.sigmoid(model(x).logits), atol=1e-5)  # other batch size
 
 
 @pytest.mark.numerics
@@ -123,7 +123,7 @@ def test_onnx_export_gives_the_same_masks(checkpoint, images, tmp_path):
     model.load_state_dict(torch.load(checkpoint, weights_only=True)["state_dict"])
     model.eval()
     with torch.no_grad():
-        eager = torch.sigmoid(model(x))
+        eager = torch.sigmoid(model(x).logits)
     exported = torch.sigmoid(torch.from_numpy(session.run(None, {"image": x.numpy()})[0]))
     assert torch.allclose(exported, eager, atol=1e-5, rtol=0)  # another batch size than the exported example
 
@@ -272,7 +272,8 @@ def test_center_crop_recorded_in_the_checkpoint_is_what_explain_does(images, tmp
     src = images / "a" / "x.png"  # 50 x 40: the centred 40 x 40 square, 5 columns cut on each side
     explain(str(ckpt), [str(src)], str(tmp_path / "o"), rank_by="mask", progress=False)
     with torch.no_grad():
-        expected = torch.sigmoid(model(normalize_batch(np.stack([decode_rgb(src.read_bytes(), S, "center_crop")]))))
+        x = normalize_batch(np.stack([decode_rgb(src.read_bytes(), S, "center_crop")]))
+        expected = torch.sigmoid(model(x).full())
     record = json.loads((tmp_path / "o" / "x" / "scores.json").read_text())
     assert record["resize"] == "center_crop"
     assert record["scores"]["circle"] == pytest.approx(float(expected[0, 0].mean()), abs=1e-5)
