@@ -242,8 +242,8 @@ def _dense_step_loss(explainer, classifier, images, labels, cfg):
     ("tiny_unet", "random", LossConfig()),
     ("tiny_unet", "zero", LossConfig(bound_reduction="mean", lambda_e=3.0, w_bound=0.8, w_m=0.01)),
     # head at 1/8 of the input: only the K ground-truth maps and n are upsampled, n streamed over class slices
-    ("strided", "random", LossConfig(w_n=3.0)),
-    ("strided", "zero", LossConfig(bound_reduction="mean", w_n=3.0)),
+    ("strided", "random", LossConfig(w_n=3.0, non_target_max="exact")),
+    ("strided", "zero", LossConfig(bound_reduction="mean", w_n=3.0, non_target_max="exact")),
 ])
 def test_class_sparse_step_equals_the_dense_step_in_float64(monkeypatch, arch, head_init, cfg):
     """Same loss, terms and explainer gradients as the dense step (every class upsampled to full resolution, as the
