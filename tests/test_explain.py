@@ -280,3 +280,42 @@ def test_center_crop_recorded_in_the_checkpoint_is_what_explain_does(images, tmp
     mask = np.asarray(Image.open(tmp_path / "o" / "x" / "masks" / "00_circle.png"))
     assert mask.shape == (40, 50)
     assert mask[:, :5].max() == 0 and mask[:, 45:].max() == 0 and mask[:, 5:45].min() > 0
+
+
+@pytest.mark.numerics
+def test_a_head_resolution_explainer_upsamples_only_the_written_classes(images, tmp_path, monkeypatch):
+    """LR-ASPP (logits at 1/8): --rank-by mask scores every class at the head's resolution; only the top-k written
+    classes (and the aggregated max, one map) are upsampled, and their masks are those of the model as it was, when
+    its forward upsampled all classes (an old checkpoint: same weights, same masks)."""
+    from explainer import explain as explain_module
+    from explainer.data.transforms import mask_to_original
+
+    names = [f"c{k}" for k in range(12)]
+    torch.manual_seed(0)
+    model = build_explainer("lraspp_mobilenet_v3_large", len(names)).eval()
+    ckpt = tmp_path / "explainer.pt"
+    save_model_file(ckpt, model, kind="explainer", arch="lraspp_mobilenet_v3_large", num_classes=len(names),
+                    classes=names, image_size=S)
+    upsampled = []
+
+    def spy(logits, size):
+        upsampled.append(tuple(logits.shape[:2]))
+        return explain_module.upsample.__wrapped__(logits, size)
+
+    spy.__wrapped__ = explain_module.upsample
+    monkeypatch.setattr(explain_module, "upsample", spy)
+    src = images / "a" / "x.png"
+    explain(str(ckpt), [str(src)], str(tmp_path / "o"), rank_by="mask", top_k=2, progress=False)
+    assert sorted(upsampled) == [(1, 1)] * 3  # two written classes and the aggregated map, one map each
+    x = normalize_batch(np.stack([decode_rgb(src.read_bytes(), S)]))
+    with torch.no_grad():
+        head = torch.sigmoid(model(x).logits)[0]
+        before = torch.sigmoid(model.net(x)["out"])[0]  # what the model's forward returned before
+    record = json.loads((tmp_path / "o" / "x" / "scores.json").read_text())
+    for k, name in enumerate(names):
+        assert record["scores"][name] == pytest.approx(float(head[k].mean()), abs=1e-6)
+    assert len(record["written"]) == 2
+    for name in record["written"]:
+        k = names.index(name)
+        written = np.asarray(Image.open(tmp_path / "o" / "x" / "masks" / f"{k:02d}_{name}.png"))
+        assert np.array_equal(written, np.asarray(mask_to_original(before[k].numpy(), (50, 40), "squash")))
