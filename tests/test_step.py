@@ -301,7 +301,7 @@ def test_the_loss_reads_its_shape_from_the_cpu_labels_without_reading_the_device
     for cap in (None, 4):
         cfg = LossConfig(max_classes_per_image=cap, w_class_specific=1.0)
         with torch.device("meta"):
-            meta_explainer = build_explainer("lraspp_mobilenet_v3_large", NUM_CLASSES)
+            meta_explainer = StridedExplainer(NUM_CLASSES)  # logits at 1/8: the upsampling path
             meta_classifier = freeze(build_classifier("tiny_cnn", NUM_CLASSES))
         meta = explainer_forward_loss(meta_explainer, meta_classifier, images.to("meta"), LABELS.to("meta"), cfg,
                                       draws=torch.rand(4, device="meta"), host_labels=LABELS)
