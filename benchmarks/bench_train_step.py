@@ -111,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"comma-separated subset of {MODES + EXTRA_MODES}")
     parser.add_argument("--precision", choices=["bf16", "fp16"], default="bf16", help="autocast dtype of 'ours'")
+    parser.add_argument("--non-target-max", choices=["exact", "head"], default=LossConfig.non_target_max,
+                        help="loss.non_target_max of the 'ours' modes (docs/method.md#head-resolution)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last models/images for 'ours'")
     parser.add_argument("--compile", action="store_true", help="torch.compile explainer and classifier for 'ours'")
     parser.add_argument("--compile-backend", default="inductor",
@@ -175,7 +177,8 @@ class Runner:
 
     def __init__(self, mode, explainer, classifier, images, labels, args, device):
         self.mode = mode
-        self.cfg = LossConfig(w_class_specific=1.0 if mode == "ours_class_specific" else 0.0)
+        self.cfg = LossConfig(w_class_specific=1.0 if mode == "ours_class_specific" else 0.0,
+                              non_target_max=args.non_target_max)
         self.images, self.labels = images, labels
         self.run_explainer, self.run_classifier = explainer, classifier
         self.channels_last = mode in OURS_MODES and args.channels_last

@@ -124,7 +124,9 @@ else
     EVAL=(--explainer deeplabv3_resnet50 --classifiers vgg16,resnet50 --image-size 224 --num-classes 20 --batch-size 16
           --rounds 3)
     COMPILE=(--batch-sizes 32 --warmup 3 --iters 10 --rounds 3)
-    CLASSES=(--classifiers resnet50 --num-classes 20,1000 --batch-sizes 32 --warmup 3 --iters 5 --rounds 3)
+    # head-resolution class maps, n from the upsampled head max (docs/method.md#head-resolution)
+    CLASSES=(--classifiers resnet50 --num-classes 20,1000 --batch-sizes 32 --non-target-max head
+             --warmup 3 --iters 5 --rounds 3)
     MIN_STEP=60 MIN_E2E=60 MIN_EVAL=20 MIN_COMPILE=120 MIN_CLASSES=40 MIN_RESUME=30
 fi
 BENCH=("$PY" benchmarks/bench_train_step.py --device "$DEVICE" --channels-last "${MODELS[@]}")

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from explainer import metrics as M
+from explainer.models.explainer import class_logits, upsample
 from explainer.wsol import frame_boxes
 
 GALLERY = 4  # images per class in the figure
@@ -97,10 +98,12 @@ class Audit:
             return
         pairs = pairs[keep]
         region = torch.stack([regions[p] for p in keep]).to(self.device)
-        masks = torch.sigmoid(self.explainer(x)).float()
+        out = class_logits(self.explainer(x), x.shape[-2:])  # head resolution: upsample only the pairs' classes
+        index = pairs.to(out.logits.device)
+        masks = torch.sigmoid(upsample(out.logits[index[:, 0], index[:, 1]][:, None], out.size)).float()
         if masks.shape[-1] != size:
             masks = F.interpolate(masks, size=(size, size), mode="bilinear", align_corners=False)
-        m = masks[pairs[:, 0], pairs[:, 1]].double()
+        m = masks[:, 0].double()
         r = region.double()
         energy = m.flatten(1).sum(1)
         inside = torch.where(energy > 0, (m * r).flatten(1).sum(1) / energy.clamp_min(1e-300), torch.nan)

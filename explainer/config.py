@@ -118,6 +118,12 @@ class LossConfig:
     # largest count (read from the labels each step); an int fixes the shape, and a batch with an image above it stops
     # with an error naming the image.
     max_classes_per_image: int | None = None
+    # n for an Explainer whose head is below the input resolution (docs/method.md#head-resolution): exact = the max of
+    # the upsampled absent-class logits (the reference's numbers, streamed over class slices: O(C) at full resolution,
+    # the paper presets' choice); head = the upsampled max of the head-resolution ones (an upper bound of it, O(C) at
+    # the head's resolution only: the default, since exact costs 4x a 20-class step at 1000 classes). Same numbers
+    # for a full-resolution head (tiny U-Net).
+    non_target_max: Literal["exact", "head"] = "head"
     # RTIS (Dabkowski and Gal 2017) weights, used when kind == "rtis"
     rtis_tv: float = 10.0
     rtis_area: float = 1.0

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from explainer import metrics as M
 from explainer.baselines import BASELINES, AttributionMethod
 from explainer.config import EvalConfig
+from explainer.models.explainer import class_logits
 from explainer.run_errors import InputError
 from explainer.wsol import WsolScorer
 
@@ -31,16 +32,30 @@ METRICS = ("acc", "iou", "mae", "sal")
 
 
 class MaskNetwork:
-    """An Explainer-architecture network (ours or RTIS) as an attribution method: all class masks in one pass."""
+    """An Explainer-architecture network (ours or RTIS) as an attribution method: all class maps in one pass, at the
+    head's resolution; only the scored ones are upsampled (docs/method.md#head-resolution)."""
 
     needs_grad = False
 
-    def __init__(self, name: str, net: nn.Module) -> None:
+    def __init__(self, name: str, net: nn.Module, scored: Sequence[int] | None = None) -> None:
+        """`scored`: the classes some table reads on every image besides its wanted ones (None: every class)."""
         self.name, self.net = name, net.eval()
+        self.scored = None if scored is None else sorted(set(scored))
 
     def __call__(self, images: Tensor, wanted: Tensor) -> Tensor:
         with torch.no_grad():
-            return torch.sigmoid(self.net(images)).float()
+            out = class_logits(self.net(images), images.shape[-2:])
+            b, classes = out.logits.shape[:2]
+            if self.scored is None:
+                return torch.sigmoid(out.full()).float()
+            used = wanted.any(0).cpu()
+            used[self.scored] = True
+            if bool(used.all()):
+                return torch.sigmoid(out.full()).float()
+            cols = used.nonzero().flatten().to(out.logits.device)
+            maps = torch.zeros(b, classes, *out.size, device=out.logits.device)  # the others stay 0 (the protocol)
+            maps[:, cols] = torch.sigmoid(out.full(cols)).float()
+            return maps
 
 
 def parse_methods(text: str | Sequence[str]) -> list[str]:
@@ -120,6 +135,9 @@ class Evaluator:
         self.norm = dict(norm or {})  # the classifier's mean/std, undone for the figures
         self.warm = False
         self.image_size: int | None = None
+        for method in methods.values():  # RISE's top-1 class may be any class; else the class-specific table's ones
+            if isinstance(method, MaskNetwork) and not cfg.faithfulness_rise and method.scored is None:
+                method.scored = list(self.targets)
 
     # ------------------------------------------------------------------------------------------------------------------
     def update(self, batch: dict[str, Any]) -> None:

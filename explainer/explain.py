@@ -11,16 +11,20 @@ is found). Images are fitted to the explainer's input as in its training (data.r
 For every input image, under OUT/<name>/:
     masks/<k>_<class>.png   8-bit mask of class k on the original image (255 = fully kept), for the classes written;
                             k zero-padded to the digits of the largest class index, so names sort by k
-    aggregated.png          pixel-wise max over all classes (no labels at inference: absent classes should be empty)
+    aggregated.png          pixel-wise max over all classes (no labels at inference: absent classes should be empty),
+                            taken at the explainer head's resolution, then upsampled
     overlay.png             the aggregated mask as a heat map over the image
     topk.png                the image and the top k classes of the ranking, each as the image seen through its mask
-    scores.json             per class the average mask activation (and the classifier's probability), the ranking,
+    scores.json             per class the average mask activation at the head's resolution (and the classifier's
+                            probability), the ranking,
                             the classes written
 and OUT/index.json lists the images written and the files skipped (with the reason). A file that cannot be decoded
 is reported by name and skipped, the others are still written; the exit status is then 1.
 
 `--export torchscript|onnx` also writes the Explainer for deployment and checks that the exported model gives the same
 masks as the eager one on the first batch (TorchScript needs nothing extra; ONNX needs `pip install '.[export]'`).
+The exported model outputs the class logits at the head's resolution (HeadLogits: 1/8 of the input for DeepLabV3):
+upsample a class's map bilinearly to the input size and take its sigmoid for its mask (docs/method.md#head-resolution).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from explainer.data.transforms import (
     normalize_batch,
     open_image,
 )
+from explainer.models.explainer import ClassLogits, class_logits, upsample
 from explainer.run_errors import DEBUG_HELP, InputError, MissingInput, UserError, exit_on_run_error, request_debug
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
@@ -207,14 +212,24 @@ def mask_file_name(k: int, name: str, num_classes: int) -> str:
 
 @dataclass
 class Ranked:
-    """One image's masks and how its classes rank: `values` are probabilities (by = 'probability') or average mask
-    activations (by = 'mask'); `written` the class indices whose masks are written, best first."""
+    """One image's class maps and how its classes rank: `values` are probabilities (by = 'probability') or average
+    mask activations (by = 'mask', at the head's resolution); `written` the class indices whose masks are written,
+    best first. Only the written classes are upsampled to the input size (docs/method.md#head-resolution)."""
 
-    masks: torch.Tensor  # [C, S, S] in [0, 1]
+    logits: torch.Tensor  # [C, h, w] at the explainer head's resolution
+    size: tuple[int, int]  # (S, S): the explainer's input
     activation: np.ndarray  # [C] average mask activation
     probability: np.ndarray | None  # [C] the classifier's probability, if a classifier ranks
     order: np.ndarray  # class indices, best first
     written: list[int]
+
+    def mask(self, k: int) -> torch.Tensor:
+        """Class k's mask [S, S] in [0, 1]: the same numbers as when the model upsampled every class."""
+        return torch.sigmoid(upsample(self.logits[k:k + 1][None], self.size)[0, 0])
+
+    def aggregated(self) -> torch.Tensor:
+        """max over the classes [S, S]: the upsampled max of the head-resolution masks (no C full-size maps)."""
+        return torch.sigmoid(upsample(self.logits.amax(0)[None, None], self.size)[0, 0])
 
     @property
     def by(self) -> str:
@@ -229,10 +244,10 @@ def write_outputs(item: Decoded, ranked: Ranked, classes: list[str], out: Path, 
     """All files of one image; only the written classes' masks are mapped to full resolution. Returns its record."""
     assert item.original is not None
     size = item.original.size
-    full = {k: mask_to_original(ranked.masks[k].numpy(), size, resize) for k in ranked.written}
+    full = {k: mask_to_original(ranked.mask(k).numpy(), size, resize) for k in ranked.written}
     for k, im in full.items():
         save_png(im, out / "masks" / mask_file_name(k, classes[k], len(classes)))
-    agg = mask_to_original(ranked.masks.amax(0).numpy(), size, resize)
+    agg = mask_to_original(ranked.aggregated().numpy(), size, resize)
     save_png(agg, out / "aggregated.png")
     save_png(heat_overlay(item.original, agg), out / "overlay.png")
     shown = ranked.written[:top_k]
@@ -258,9 +273,23 @@ def write_outputs(item: Decoded, ranked: Ranked, classes: list[str], out: Path, 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+class HeadLogits(nn.Module):
+    """What an export holds: image [B,3,S,S] -> class logits [B,C,h,w] at the head's resolution (S/8 for DeepLabV3
+    and LR-ASPP, S for tiny U-Net). A class's mask is sigmoid of its map upsampled bilinearly to S x S
+    (align_corners=False), as `explain` does for the classes it writes (docs/method.md#head-resolution)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[0]
+
+
 def export_model(model: nn.Module, example: torch.Tensor, fmt: str, path: Path) -> float:
-    """Write the explainer as TorchScript or ONNX to `path`, reload it, and return max |mask difference| vs eager."""
-    model = model.eval()
+    """Write the explainer (HeadLogits) as TorchScript or ONNX to `path`, reload it, and return max |mask difference|
+    vs eager."""
+    model = HeadLogits(model.eval()).eval()
     with torch.no_grad():
         eager = torch.sigmoid(model(example)).float().cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -391,12 +420,13 @@ def _fit(meta: dict[str, Any], resize: str | None) -> tuple[Fit, dict[str, tuple
     return Fit(int(meta["image_size"]), mode, mean_fill(norm.get("mean", IMAGENET_MEAN))), norm
 
 
-def _rank(masks: torch.Tensor, probs: np.ndarray | None, i: int, top_k: int, wanted: list[int] | None,
+def _rank(out: ClassLogits, probs: np.ndarray | None, i: int, top_k: int, wanted: list[int] | None,
           all_classes: bool) -> Ranked:
-    activation = masks.flatten(1).mean(1).double().numpy()
+    logits = out.logits[i]
+    activation = torch.sigmoid(logits).flatten(1).mean(1).double().numpy()  # every class, at the head's resolution
     values = activation if probs is None else probs[i]
     order = np.argsort(-values, kind="stable")
-    return Ranked(masks, activation, None if probs is None else probs[i], order,
+    return Ranked(logits, out.size, activation, None if probs is None else probs[i], order,
                   choose(order, top_k, wanted, all_classes))
 
 
@@ -446,12 +476,13 @@ def explain(checkpoint: str, inputs: Sequence[str], out: str, *, batch_size: int
         if export is not None and "export" not in index:
             target = Path(export_path or out_dir / f"explainer.{'onnx' if export == 'onnx' else 'ts'}")
             _export_once(index, model, x, export, target)
-        with torch.no_grad():
-            masks = model(x).float().sigmoid_().cpu()  # in place: [B, C, S, S] is 1.6 GB at 1000 classes, 224 px
+        with torch.no_grad():  # head resolution: [B, C, S, S] would be 1.6 GB at 1000 classes, 224 px
+            out = class_logits(model(x), x.shape[-2:])
+            out = ClassLogits(out.logits.float().cpu(), out.size)
         probs = ranker.probabilities(x)
         for i, d in enumerate(good):  # the bar moves per image: writing is the slow part
             folder = out_dir / dirs[d.path]
-            write_outputs(d, _rank(masks[i], probs, i, top_k, wanted, all_classes), names, folder, top_k, fit.resize)
+            write_outputs(d, _rank(out, probs, i, top_k, wanted, all_classes), names, folder, top_k, fit.resize)
             index["images"].append({"file": str(d.path), "output": str(folder)})
             bar.update(1)
     bar.close()

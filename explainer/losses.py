@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from explainer.config import LossConfig
+from explainer.models.explainer import upsample
 
 ENTROPY_MIN_PROB = 1e-16  # reference clamp before the log
 
@@ -136,19 +137,90 @@ class _GatherAndAbsentMax(torch.autograd.Function):
         return grad, None, None, None
 
 
-def split_classes(maps: Tensor, labels: Tensor, max_classes: int | None = None, *, logits: bool = False) -> ClassSplit:
+class _UpsampledAbsentMax(torch.autograd.Function):
+    """max over the absent classes of the UPSAMPLED logits ([B,1,H,W]) from head-resolution logits [B,C,h,w], exact,
+    without ever holding C full-resolution maps (docs/method.md#head-resolution).
+
+    Forward upsamples CLASS_CHUNK classes at a time and keeps the running max and how many classes attain it;
+    backward upsamples each slice again, sends grad / count to every absent class attaining the max (torch.amax's tie
+    rule, as the dense form) and brings it back to the head's resolution with the upsampling's adjoint. Upsampling
+    keeps the logits' dtype, as torchvision's own upsampling under autocast does: the dense form's numbers."""
+
+    @staticmethod
+    def forward(ctx, maps: Tensor, absent: Tensor, size: tuple[int, int]) -> Tensor:
+        out = count = None
+        lowest = torch.full((), -math.inf, dtype=maps.dtype, device=maps.device)
+        for start in range(0, maps.shape[1], CLASS_CHUNK):  # (autocast leaves interpolate's dtype as it is)
+            up = _upsample_slice(maps, start, size)
+            up = torch.where(absent[:, start:start + CLASS_CHUNK, None, None], up, lowest)
+            part = up.amax(dim=1, keepdim=True)
+            ties = (up == part).sum(dim=1, keepdim=True, dtype=torch.float32)
+            if out is None:
+                out, count = part, ties
+                continue
+            new = torch.maximum(out, part)
+            count = torch.where(out == new, count, 0.0) + torch.where(part == new, ties, 0.0)
+            out = new
+        ctx.size = size
+        ctx.save_for_backward(maps, absent, out, count)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        maps, absent, out, count = ctx.saved_tensors
+        share = (grad_out / count.clamp(min=1)).to(maps.dtype)
+        grad = torch.empty_like(maps)
+        h, w = maps.shape[-2:]
+        for start in range(0, maps.shape[1], CLASS_CHUNK):
+            up = _upsample_slice(maps, start, ctx.size)
+            hit = (up == out) & absent[:, start:start + CLASS_CHUNK, None, None]
+            grad_up = torch.where(hit, share, 0.0)
+            grad[:, start:start + CLASS_CHUNK] = torch.ops.aten.upsample_bilinear2d_backward(
+                grad_up, list(ctx.size), [up.shape[0], up.shape[1], h, w], False, None, None)
+        return grad, None, None
+
+
+def _upsample_slice(maps: Tensor, start: int, size: tuple[int, int]) -> Tensor:
+    return upsample(maps[:, start:start + CLASS_CHUNK], size)
+
+
+NON_TARGET_MAX = ("exact", "head")
+
+
+def split_classes(maps: Tensor, labels: Tensor, max_classes: int | None = None, *, logits: bool = False,
+                  size: tuple[int, int] | None = None, non_target: str = "exact",
+                  index: tuple[Tensor, Tensor] | None = None) -> ClassSplit:
     """m, n and the gathered ground-truth masks from masks S [B,C,H,W], or from the explainer's logits E(x) when
     `logits` (then S is never materialised: only the K gathered masks and n are, in fp32 for bf16/fp16 logits).
 
     From logits, n = sigmoid(max over the absent logits): the same value as the max of their masks (sigmoid is
     monotonic); ties are those of the logits (two different logits whose fp32 sigmoids round to the same value, in
-    the saturated tails, would share the dense form's gradient, itself below 1e-7 there)."""
+    the saturated tails, would share the dense form's gradient, itself below 1e-7 there).
+
+    `size`: the full resolution when `maps` are head-resolution logits (ClassLogits); only the K gathered classes are
+    upsampled, and n is the max of the upsampled absent logits (`non_target="exact"`, streamed) or the upsampled max
+    of the head-resolution ones ("head", an upper bound of it: docs/method.md#head-resolution). `index`: the
+    (indices, validity) of present_classes, when the caller computed them (from CPU labels: no host sync)."""
+    if non_target not in NON_TARGET_MAX:
+        raise ValueError(f"loss.non_target_max must be one of {', '.join(NON_TARGET_MAX)}, got {non_target!r}")
     target = _as_bool(labels).to(maps.device)
-    index, valid = present_classes(target, max_classes)
-    gathered, n = _GatherAndAbsentMax.apply(maps, index, valid, ~target)
+    if index is None:
+        index, valid = present_classes(target, max_classes)
+    else:
+        index, valid = (t.to(maps.device, non_blocking=True) for t in index)
+    full = size if size is not None and tuple(size) != tuple(maps.shape[-2:]) else None
+    if full is None or non_target == "head":
+        gathered, n = _GatherAndAbsentMax.apply(maps, index, valid, ~target)
+        if full is not None:
+            gathered, n = upsample(gathered, full), upsample(n, full)
+    else:
+        h, w = maps.shape[-2:]
+        gathered = upsample(maps.gather(1, index[:, :, None, None].expand(-1, -1, h, w)), full)
+        n = _UpsampledAbsentMax.apply(maps, ~target, tuple(full))
     present = torch.sigmoid(full_precision(gathered)) if logits else gathered
     n = torch.sigmoid(full_precision(n)) if logits else n
-    batch, _, h, w = maps.shape
+    batch = maps.shape[0]
+    h, w = present.shape[-2:]
     if present.shape[1]:
         # -1 is below any sigmoid value, so a padding slot never wins (Python scalars: no host->device copy)
         m = torch.where(valid[:, :, None, None], present, -1.0).amax(dim=1, keepdim=True)

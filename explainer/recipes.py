@@ -20,7 +20,7 @@ from explainer.objectives import Objective, build_objective
 from explainer.precision import Precision
 from explainer.run_errors import InputError
 from explainer.step import explainer_forward_loss
-from explainer.training_loop import StepResult
+from explainer.training_loop import HOST_LABELS, StepResult
 
 
 class ExplainerRecipe:
@@ -52,7 +52,8 @@ class ExplainerRecipe:
 
     def train_step(self, model: torch.nn.Module, batch: dict[str, Any], precision: Precision) -> StepResult:
         out = explainer_forward_loss(model, self.classifier, batch["image"], batch["labels"], self.cfg.loss,
-                                     precision.autocast(), batch.get("draw"), objective=self.objective)
+                                     precision.autocast(), batch.get("draw"), objective=self.objective,
+                                     host_labels=batch.get(HOST_LABELS))
         # only the images the trainer may log: all C masks of the batch would stay alive through backward
         return StepResult(loss=out.loss, terms=out.terms, masks=out.first_masks(self.cfg.train.image_log_count))
 
@@ -62,7 +63,8 @@ class ExplainerRecipe:
     def val_sums(self, model: torch.nn.Module, batch: dict[str, Any], precision: Precision) -> dict[str, float]:
         """Every key of val_keys, always (iou_* are 0 for a batch without segmentation), so ranks stay aligned."""
         out = explainer_forward_loss(model, self.classifier, batch["image"], batch["labels"], self.cfg.loss,
-                                     precision.autocast(), batch.get("draw"), objective=self.objective)
+                                     precision.autocast(), batch.get("draw"), objective=self.objective,
+                                     host_labels=batch.get(HOST_LABELS))
         n = batch["image"].shape[0]
         sums = {"count": float(n), "loss": float(out.loss) * n}
         sums.update({k: float(v) * n for k, v in out.terms.items() if k != "loss"})

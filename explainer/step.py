@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from explainer.config import LossConfig
-from explainer.losses import area_counts, combine_terms, full_precision, split_classes
+from explainer.losses import area_counts, combine_terms, full_precision, present_classes, split_classes
+from explainer.models.explainer import class_logits, upsample
 from explainer.models.model_files import unwrap
 from explainer.objectives import MASKED, Objective, build_objective
 
@@ -26,10 +27,11 @@ from explainer.objectives import MASKED, Objective, build_objective
 class StepOutput:
     loss: Tensor  # scalar with graph (fp32)
     terms: dict[str, Tensor]  # detached scalars, "loss" included
-    mask_logits: Tensor  # E(x) [B,C,H,W], detached (its own dtype: bf16 under autocast)
+    mask_logits: Tensor  # E(x) [B,C,h,w] at the head's resolution, detached (its own dtype: bf16 under autocast)
     m: Tensor  # target mask [B,1,H,W], with graph
     # F(x_m) [B,C], detached fp32 (masked-image metrics, docs/method.md#classification-thresholds)
     logits_masked: Tensor
+    size: tuple[int, int] = (0, 0)  # (H, W): the full resolution (the images'); (0, 0): that of mask_logits
 
     @property
     def masks(self) -> Tensor:
@@ -37,8 +39,10 @@ class StepOutput:
         return self.first_masks(self.mask_logits.shape[0])
 
     def first_masks(self, count: int) -> Tensor:
-        """S of the first `count` images only (image logging: no [B,C,H,W] copy for a few images)."""
-        return torch.sigmoid(full_precision(self.mask_logits[:count]))
+        """S of the first `count` images only, upsampled to full resolution (image logging: no [B,C,H,W] copy of
+        the batch for a few images)."""
+        size = self.size if self.size != (0, 0) else tuple(self.mask_logits.shape[-2:])
+        return torch.sigmoid(full_precision(upsample(self.mask_logits[:count], size)))
 
 
 def _check_frozen(classifier: nn.Module) -> None:
@@ -60,26 +64,40 @@ def explainer_forward_loss(
     draws: Tensor | None = None,
     *,
     objective: Objective | None = None,
+    host_labels: Tensor | None = None,
 ) -> StepOutput:
     """Forward pass and loss of one batch. `autocast_ctx` (e.g. torch.autocast / accelerator.autocast()) is entered
     once around both networks; every loss term is computed in fp32. channels_last images stay channels_last.
     `objective`: default build_objective(loss_cfg) (loss.kind); the step builds the classifier inputs it declares
     and never asks which objective it is. `draws` ([B], uniform in [0, 1)) is passed on to the objective (WYSIWYC's
-    L_s picks its class per image with it: the trainer passes the loader's batch["draw"]; default: torch's RNG)."""
+    L_s picks its class per image with it: the trainer passes the loader's batch["draw"]; default: torch's RNG).
+    `host_labels`: the same labels on the CPU (the loader's, before the copy to the device): the class-sparse loss
+    reads its shape K from them, so a step on a GPU never waits for the device to read it."""
     _check_frozen(classifier)
     objective = build_objective(loss_cfg) if objective is None else objective
     channels_last = images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last)
+    host = labels if host_labels is None and labels.device.type == "cpu" else host_labels
+    index = None if host is None else _pinned(present_classes(host, loss_cfg.max_classes_per_image), images.device)
     labels = labels.to(device=images.device)
     with autocast_ctx if autocast_ctx is not None else contextlib.nullcontext():
-        mask_logits = explainer(images)
-        # class-sparse (docs/method.md#class-sparse): the K ground-truth masks per image and n, never all C masks
-        split = split_classes(mask_logits, labels, loss_cfg.max_classes_per_image, logits=True)
+        out = class_logits(explainer(images), images.shape[-2:])
+        # class-sparse (docs/method.md#class-sparse): the K ground-truth masks per image and n, never all C masks;
+        # at the head's resolution, only the K masks and n are upsampled (docs/method.md#head-resolution)
+        split = split_classes(out.logits, labels, loss_cfg.max_classes_per_image, logits=True, size=out.size,
+                              non_target=loss_cfg.non_target_max, index=index)
         inputs = objective.classifier_inputs(images, labels, split, draws)
         logits = _classifier_logits(classifier, inputs.batches, channels_last)
         loss, terms = objective.loss(labels, split, logits, inputs)
     _check_terms(objective, terms)
-    return StepOutput(loss=loss, terms=terms, mask_logits=mask_logits.detach(), m=split.m,
-                      logits_masked=logits[MASKED].detach())
+    return StepOutput(loss=loss, terms=terms, mask_logits=out.logits.detach(), m=split.m,
+                      logits_masked=logits[MASKED].detach(), size=out.size)
+
+
+def _pinned(tensors: tuple[Tensor, Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+    """CPU tensors ready for a copy to `device` that does not wait for the device (pinned memory on CUDA)."""
+    if device.type == "cuda":
+        return tuple(t.pin_memory() for t in tensors)  # type: ignore[return-value]
+    return tensors
 
 
 def _classifier_logits(classifier: nn.Module, batches: dict[str, Tensor], channels_last: bool) -> dict[str, Tensor]:
@@ -173,7 +191,7 @@ def reference_forward_loss(
         raise ValueError("reference_forward_loss reproduces the reference WYSIWYC loss only (w_class_specific = 0)")
     _check_frozen(classifier)
     targets = labels.to(device=images.device, dtype=images.dtype)
-    segmentations = explainer(images)
+    segmentations = class_logits(explainer(images), images.shape[-2:]).full()  # every class at full resolution
     target_mask, non_target_mask = _reference_masks(segmentations, targets)
     masked_image = target_mask.unsqueeze(1) * images
     inversed_masked_image = (1 - target_mask).unsqueeze(1) * images

@@ -257,10 +257,14 @@ class Run:
         return self.recipe.cfg
 
 
+HOST_LABELS = "labels_host"  # the loader's labels as they came (CPU): what a step reads shapes from without a sync
+
+
 def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool,
                dtype: torch.dtype = torch.float32, norm: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`norm`: the classifier's mean/std (config.input_normalization) for uint8 batches normalised here."""
-    out = {}
+    """`norm`: the classifier's mean/std (config.input_normalization) for uint8 batches normalised here. The labels
+    are also kept as they came, under HOST_LABELS."""
+    out = {HOST_LABELS: batch["labels"]} if isinstance(batch.get("labels"), torch.Tensor) else {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
             value = value.to(device, non_blocking=True)

@@ -100,6 +100,32 @@ def test_report_and_figures_are_written(tmp_path):
 
 
 @pytest.mark.numerics
+def test_mask_network_upsamples_only_the_scored_classes():
+    """An explainer whose head is at 1/8 (LR-ASPP): the classes a table reads (each image's wanted ones, and `scored`,
+    the class-specific table's) are the full-resolution masks the model gave before; the others are left at 0, and
+    nothing of them is upsampled. The Evaluator asks for every class while RISE's top-1 protocol is on."""
+    from explainer.models import build_explainer
+
+    torch.manual_seed(0)
+    net = build_explainer("lraspp_mobilenet_v3_large", 6).eval()
+    x = torch.randn(2, 3, 32, 32)
+    wanted = torch.zeros(2, 6, dtype=torch.bool)
+    wanted[0, 4] = True
+    with torch.no_grad():
+        before = torch.sigmoid(net.net(x)["out"])  # every class upsampled, as the model returned it before
+    maps = MaskNetwork("explainer", net, scored=[1])(x, wanted)
+    torch.testing.assert_close(maps[:, [1, 4]], before[:, [1, 4]], rtol=0, atol=1e-6)
+    assert maps[:, [0, 2, 3, 5]].abs().max() == 0
+    torch.testing.assert_close(MaskNetwork("explainer", net)(x, wanted), before, rtol=0, atol=1e-6)
+    methods = {"explainer": MaskNetwork("explainer", net)}
+    Evaluator(colour_classifier(gain=40), methods, [str(k) for k in range(6)], EvalConfig(), torch.device("cpu"))
+    assert methods["explainer"].scored is None  # faithfulness_rise: the top-1 class may be any
+    Evaluator(colour_classifier(gain=40), methods, [str(k) for k in range(6)],
+              EvalConfig(faithfulness_rise=False, class_specific_classes=["2"]), torch.device("cpu"))
+    assert methods["explainer"].scored == [2]
+
+
+@pytest.mark.numerics
 def test_faithfulness_on_the_toy_oracle_beats_a_reversed_map():
     """The oracle's maps rank the object first: deletion kills the class at once, insertion brings it back at once;
     the same maps reversed (object last) do the opposite. Pointing: the oracle always hits, the reversed map (its

@@ -68,7 +68,7 @@ def test_explain_writes_everything_and_skips_broken_files(checkpoint, images, tm
     model.eval()
     src = images / "a" / "x.png"
     with torch.no_grad():
-        expected = torch.sigmoid(model(normalize_batch(np.stack([decode_rgb(src.read_bytes(), S)]))))[0].numpy()
+        expected = torch.sigmoid(model(normalize_batch(np.stack([decode_rgb(src.read_bytes(), S)]))).full())[0].numpy()
     record = json.loads((out / "x" / "scores.json").read_text())
     assert record["file"] == str(src) and record["size"] == [50, 40]
     for k, name in enumerate(CLASSES):
@@ -101,7 +101,7 @@ def test_torchscript_export_gives_the_same_masks(checkpoint, images, tmp_path):
     model.load_state_dict(torch.load(checkpoint, weights_only=True)["state_dict"])
     model.eval()
     with torch.no_grad():
-        assert torch.allclose(torch.sigmoid(loaded(x)), torch.sigmoid(model(x)), atol=1e-5)  # other batch size
+        assert torch.allclose(torch.sigmoid(loaded(x)), torch.sigmoid(model(x).logits), atol=1e-5)  # other batch size
 
 
 @pytest.mark.numerics
@@ -123,7 +123,7 @@ def test_onnx_export_gives_the_same_masks(checkpoint, images, tmp_path):
     model.load_state_dict(torch.load(checkpoint, weights_only=True)["state_dict"])
     model.eval()
     with torch.no_grad():
-        eager = torch.sigmoid(model(x))
+        eager = torch.sigmoid(model(x).logits)
     exported = torch.sigmoid(torch.from_numpy(session.run(None, {"image": x.numpy()})[0]))
     assert torch.allclose(exported, eager, atol=1e-5, rtol=0)  # another batch size than the exported example
 
@@ -274,7 +274,8 @@ def test_center_crop_recorded_in_the_checkpoint_is_what_explain_does(images, tmp
     src = images / "a" / "x.png"  # 50 x 40: the centred 40 x 40 square, 5 columns cut on each side
     explain(str(ckpt), [str(src)], str(tmp_path / "o"), rank_by="mask", progress=False)
     with torch.no_grad():
-        expected = torch.sigmoid(model(normalize_batch(np.stack([decode_rgb(src.read_bytes(), S, "center_crop")]))))
+        x = normalize_batch(np.stack([decode_rgb(src.read_bytes(), S, "center_crop")]))
+        expected = torch.sigmoid(model(x).full())
     record = json.loads((tmp_path / "o" / "x" / "scores.json").read_text())
     assert record["resize"] == "center_crop"
     assert record["scores"]["circle"] == pytest.approx(float(expected[0, 0].mean()), abs=1e-5)
@@ -313,3 +314,42 @@ def test_a_runs_relative_classifier_path_is_found_from_any_directory(checkpoint,
     assert main([str(images / "a"), "--checkpoint", str(run), "--out", "out", "--no-progress"]) == 0
     index = json.loads((elsewhere / "out" / "index.json").read_text())
     assert index["ranked_by"] == "probability" and str(where / "classifier.pt") in index["classifier"]
+
+
+@pytest.mark.numerics
+def test_a_head_resolution_explainer_upsamples_only_the_written_classes(images, tmp_path, monkeypatch):
+    """LR-ASPP (logits at 1/8): --rank-by mask scores every class at the head's resolution; only the top-k written
+    classes (and the aggregated max, one map) are upsampled, and their masks are those of the model as it was, when
+    its forward upsampled all classes (an old checkpoint: same weights, same masks)."""
+    from explainer import explain as explain_module
+    from explainer.data.transforms import mask_to_original
+
+    names = [f"c{k}" for k in range(12)]
+    torch.manual_seed(0)
+    model = build_explainer("lraspp_mobilenet_v3_large", len(names)).eval()
+    ckpt = tmp_path / "explainer.pt"
+    save_model_file(ckpt, model, kind="explainer", arch="lraspp_mobilenet_v3_large", num_classes=len(names),
+                    classes=names, image_size=S)
+    upsampled = []
+
+    def spy(logits, size):
+        upsampled.append(tuple(logits.shape[:2]))
+        return explain_module.upsample.__wrapped__(logits, size)
+
+    spy.__wrapped__ = explain_module.upsample
+    monkeypatch.setattr(explain_module, "upsample", spy)
+    src = images / "a" / "x.png"
+    explain(str(ckpt), [str(src)], str(tmp_path / "o"), rank_by="mask", top_k=2, progress=False)
+    assert sorted(upsampled) == [(1, 1)] * 3  # two written classes and the aggregated map, one map each
+    x = normalize_batch(np.stack([decode_rgb(src.read_bytes(), S)]))
+    with torch.no_grad():
+        head = torch.sigmoid(model(x).logits)[0]
+        before = torch.sigmoid(model.net(x)["out"])[0]  # what the model's forward returned before
+    record = json.loads((tmp_path / "o" / "x" / "scores.json").read_text())
+    for k, name in enumerate(names):
+        assert record["scores"][name] == pytest.approx(float(head[k].mean()), abs=1e-6)
+    assert len(record["written"]) == 2
+    for name in record["written"]:
+        k = names.index(name)
+        written = np.asarray(Image.open(tmp_path / "o" / "x" / "masks" / f"{k:02d}_{name}.png"))
+        assert np.array_equal(written, np.asarray(mask_to_original(before[k].numpy(), (50, 40), "squash")))

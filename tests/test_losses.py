@@ -440,6 +440,37 @@ def test_class_sparse_m_n_equal_the_dense_ones_values_and_gradients(monkeypatch,
 
 
 @pytest.mark.numerics
+@pytest.mark.parametrize("chunk", [3, 64])
+def test_exact_n_from_head_resolution_logits_equals_the_dense_upsampled_one(monkeypatch, chunk):
+    """loss.non_target_max=exact from head-resolution logits (5 x 6 -> 20 x 24): m and n, values and gradients, are
+    those of upsampling all C maps and taking the dense maxima, on random logits, on logits on a 3-value grid (ties,
+    also after upsampling where two classes share their 4 corners) and at the zero-head start (all logits 0, all
+    classes tie). A scale of 4 makes the bilinear weights dyadic, so tied classes' upsampled values are exact in both
+    forms: at other scales the CPU kernel's last bit depends on how many maps one call upsamples, and whether two
+    different classes still tie after upsampling is then rounding (in the dense form as much as here)."""
+    monkeypatch.setattr(losses, "CLASS_CHUNK", chunk)
+    g = torch.Generator().manual_seed(4)
+    for name, masks, labels in _sparse_cases():
+        logits = masks - 0.5  # the zero-head start: every logit 0
+        weights = [torch.randn(6, 1, 20, 24, generator=g, dtype=torch.float64) for _ in range(2)]
+
+        def sparse_fn(x, y=labels):
+            split = split_classes(x, y, logits=True, size=(20, 24), non_target="exact")
+            return [split.m, split.n]
+
+        def dense_fn(x, y=labels):
+            full = F.interpolate(x, size=(20, 24), mode="bilinear", align_corners=False)
+            return list(_dense_aggregate_masks(torch.sigmoid(full), y))
+
+        sparse, grad_sparse = _grads(sparse_fn, logits, weights)
+        dense, grad_dense = _grads(dense_fn, logits, weights)
+        for a, b in zip(sparse, dense):
+            assert torch.allclose(a, b, rtol=1e-15, atol=1e-16), (name, (a - b).abs().max())
+        # the adjoint of upsampling adds up several contributions per head pixel: only their order may differ
+        assert torch.allclose(grad_sparse, grad_dense, rtol=1e-13, atol=1e-15), (name, (grad_sparse - grad_dense).abs())
+
+
+@pytest.mark.numerics
 def test_zero_head_start_splits_n_evenly_over_the_absent_classes():
     """At the zero-head start every mask is 0.5, so every absent class attains n's max: each gets an equal share of
     n's gradient (no absent channel starts as the one pushed down alone), and m's is shared by the present ones."""

@@ -28,23 +28,30 @@ def _seed():
     torch.manual_seed(0)
 
 
-def test_paper_explainer_is_deeplabv3_resnet50_from_scratch_at_input_resolution():
+def test_paper_explainer_is_deeplabv3_resnet50_from_scratch_at_head_resolution():
     model = build_explainer("deeplabv3_resnet50", 5)
     net = model.net
     assert isinstance(net, torchvision.models.segmentation.DeepLabV3)
     assert net.aux_classifier is None
     assert net.classifier[-1].out_channels == 5
     model.eval()
+    x = torch.randn(1, 3, 40, 48)
     with torch.no_grad():
-        out = model(torch.randn(1, 3, 40, 48))
-    assert out.shape == (1, 5, 40, 48)  # logits at the input resolution, not the 1/8 feature map
+        out = model(x)
+        torchvision_out = net(x)["out"]  # what the model returned before: every class upsampled to the input
+    assert out.logits.shape == (1, 5, 5, 6) and out.size == (40, 48)  # the head's output stride 8, and the input size
+    assert out.full().shape == (1, 5, 40, 48)
+    torch.testing.assert_close(out.full(), torchvision_out, rtol=0, atol=1e-6)  # the same bilinear call
+    torch.testing.assert_close(out.full(torch.tensor([3, 1])), torchvision_out[:, [3, 1]], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["lraspp_mobilenet_v3_large", "tiny_unet"])
 def test_light_explainers_shapes(arch):
     model = build_explainer(arch, 3).eval()
     with torch.no_grad():
-        assert model(torch.randn(2, 3, 33, 47)).shape == (2, 3, 33, 47)
+        out = model(torch.randn(2, 3, 33, 47))
+    assert out.size == (33, 47) and out.full().shape == (2, 3, 33, 47)
+    assert out.logits.shape == ((2, 3, 5, 6) if arch.startswith("lraspp") else (2, 3, 33, 47))  # tiny U-Net: full res
 
 
 def test_unknown_archs_name_the_choices():
@@ -200,7 +207,7 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded_c(x), classifier(x))
-        assert torch.equal(loaded_e(x), explainer(x))
+        assert torch.equal(loaded_e(x).logits, explainer(x).logits)
     assert is_frozen(loaded_c) and not loaded_e.training
     assert meta_c["classes"] == classes and meta_c["image_size"] == 32 and meta_c["extra"]["metrics"]["f1"] == 0.5
     assert meta_e["kind"] == "explainer" and "state_dict" not in meta_e
@@ -280,7 +287,7 @@ def test_zero_head_starts_every_class_channel_equal_and_fed(arch):
     for init in (preset, "random"):
         torch.manual_seed(0)
         net = build_explainer(arch, 2, head_init=init)
-        logits = net(x)
+        logits = net(x).full()
         m, _ = aggregate_masks(torch.sigmoid(logits), labels)
         both = clf(torch.cat([x * m, x * (1 - m)]))
         classifier_terms = classification_loss(both[:8], labels).mean() + negative_entropy(both[8:]).mean()

@@ -7,6 +7,7 @@ import torch
 
 from explainer.config import LossConfig
 from explainer.models import build_classifier, build_explainer, freeze
+from explainer.models.explainer import ClassLogits
 from explainer.step import explainer_forward_loss, reference_forward_loss
 
 NUM_CLASSES = 4
@@ -19,6 +20,21 @@ def _models(dtype=torch.float32):
     explainer = build_explainer("tiny_unet", NUM_CLASSES).to(dtype)
     classifier = freeze(build_classifier("tiny_cnn", NUM_CLASSES).to(dtype))
     return explainer, classifier
+
+
+class StridedExplainer(torch.nn.Module):
+    """DeepLabV3's shape in a few hundred weights: logits at 1/8 of the input (ClassLogits), for float64 tests."""
+
+    def __init__(self, classes: int, zero_head: bool = False) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 8, stride=8), torch.nn.Tanh())
+        self.head = torch.nn.Conv2d(8, classes, 1)
+        if zero_head:
+            torch.nn.init.zeros_(self.head.weight)
+            torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, x):
+        return ClassLogits(self.head(self.body(x)), (x.shape[-2], x.shape[-1]))
 
 
 def _images(dtype=torch.float32, size=32):
@@ -210,7 +226,7 @@ def _dense_step_loss(explainer, classifier, images, labels, cfg):
         total_variation,
     )
 
-    masks = torch.sigmoid(explainer(images))
+    masks = torch.sigmoid(explainer(images).full())  # every class at full resolution, as the model used to return
     m, n = _dense_aggregate_masks(masks, labels)
     logits = classifier(torch.cat([images * m, images * (1 - m)]))
     batch = len(images)
@@ -222,22 +238,30 @@ def _dense_step_loss(explainer, classifier, images, labels, cfg):
 
 
 @pytest.mark.numerics
-@pytest.mark.parametrize(("head_init", "cfg"), [
-    ("random", LossConfig()),
-    ("zero", LossConfig(bound_reduction="mean", lambda_e=3.0, w_bound=0.8, w_m=0.01)),
+@pytest.mark.parametrize(("arch", "head_init", "cfg"), [
+    ("tiny_unet", "random", LossConfig()),
+    ("tiny_unet", "zero", LossConfig(bound_reduction="mean", lambda_e=3.0, w_bound=0.8, w_m=0.01)),
+    # head at 1/8 of the input: only the K ground-truth maps and n are upsampled, n streamed over class slices
+    ("strided", "random", LossConfig(w_n=3.0, non_target_max="exact")),
+    ("strided", "zero", LossConfig(bound_reduction="mean", w_n=3.0, non_target_max="exact")),
 ])
-def test_class_sparse_step_equals_the_dense_step_in_float64(monkeypatch, head_init, cfg):
-    """Same loss, terms and explainer gradients as the dense step, for images with one, several, no and every class;
-    at the zero-head start every mask is 0.5 and both maxima are all ties (the even split the zero head relies on).
-    CLASS_CHUNK 3: the absent-class max spans two slices of the 4 classes."""
+def test_class_sparse_step_equals_the_dense_step_in_float64(monkeypatch, arch, head_init, cfg):
+    """Same loss, terms and explainer gradients as the dense step (every class upsampled to full resolution, as the
+    model did before), for images with one, several, no and every class; at the zero-head start every mask is 0.5
+    and both maxima are all ties (the even split the zero head relies on). CLASS_CHUNK 3: the absent-class max spans
+    two slices of the 4 classes."""
     from explainer import losses
 
     monkeypatch.setattr(losses, "CLASS_CHUNK", 3)
     torch.manual_seed(0)
-    explainer = build_explainer("tiny_unet", NUM_CLASSES, head_init=head_init).double().eval()
+    if arch == "strided":
+        explainer = StridedExplainer(NUM_CLASSES, zero_head=head_init == "zero").double()
+    else:
+        explainer = build_explainer(arch, NUM_CLASSES, head_init=head_init).double().eval()
     classifier = freeze(build_classifier("tiny_cnn", NUM_CLASSES).double())
-    images = _images(torch.float64, size=16)
+    images = _images(torch.float64, size=16 if arch == "tiny_unet" else 40)
     sparse = explainer_forward_loss(explainer, classifier, images, LABELS, cfg)
+    assert sparse.mask_logits.shape[-1] == (16 if arch == "tiny_unet" else 5)  # what the head emits
     sparse_grads = torch.autograd.grad(sparse.loss, list(explainer.parameters()))
     dense_loss, dense_terms = _dense_step_loss(explainer, classifier, images, LABELS, cfg)
     dense_grads = torch.autograd.grad(dense_loss, list(explainer.parameters()))
@@ -247,6 +271,48 @@ def test_class_sparse_step_equals_the_dense_step_in_float64(monkeypatch, head_in
         assert torch.allclose(a, b, rtol=1e-11, atol=1e-15), (a - b).abs().max()
     if head_init == "zero":
         assert torch.equal(sparse.masks, torch.full_like(sparse.masks, 0.5))
+
+
+@pytest.mark.numerics
+def test_head_resolution_n_is_an_upper_bound_equal_where_the_head_is_at_full_resolution():
+    """loss.non_target_max=head: n from the upsampled head-resolution max. Bilinear weights are a convex combination,
+    so it is >= the exact n everywhere; m, the bound and every term but those of n are the exact form's; on a
+    full-resolution head (tiny U-Net: the demo) both forms are the same numbers."""
+    from explainer.losses import split_classes
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, NUM_CLASSES, 5, 6, dtype=torch.float64)
+    exact = split_classes(logits, LABELS, logits=True, size=(40, 48))
+    head = split_classes(logits, LABELS, logits=True, size=(40, 48), non_target="head")
+    assert torch.equal(head.m, exact.m) and torch.equal(head.present, exact.present)
+    assert (head.n >= exact.n - 1e-15).all() and (head.n > exact.n + 1e-3).any()  # random logits: a loose bound
+    same = [split_classes(logits, LABELS, logits=True, size=(5, 6), non_target=k) for k in ("exact", "head")]
+    assert torch.equal(same[0].n, same[1].n) and torch.equal(same[0].m, same[1].m)
+    with pytest.raises(ValueError, match="non_target_max"):
+        split_classes(logits, LABELS, logits=True, size=(40, 48), non_target="dense")
+
+
+def test_the_loss_reads_its_shape_from_the_cpu_labels_without_reading_the_device():
+    """The class-sparse loss's K comes from the loader's CPU labels (host_labels), not from the labels on the device:
+    on the meta device (no data: any read of a device value raises, as a host sync would wait on a GPU) the whole
+    step runs through, with the cap and without; the same labels on the CPU give the same loss as without them."""
+    explainer, classifier = _models()
+    images = _images()
+    for cap in (None, 4):
+        cfg = LossConfig(max_classes_per_image=cap, w_class_specific=1.0)
+        with torch.device("meta"):
+            meta_explainer = StridedExplainer(NUM_CLASSES)  # logits at 1/8: the upsampling path
+            meta_classifier = freeze(build_classifier("tiny_cnn", NUM_CLASSES))
+        meta = explainer_forward_loss(meta_explainer, meta_classifier, images.to("meta"), LABELS.to("meta"), cfg,
+                                      draws=torch.rand(4, device="meta"), host_labels=LABELS)
+        assert meta.loss.shape == () and meta.m.shape == (4, 1, 32, 32)
+        with pytest.raises(RuntimeError, match="meta"):  # what the loss did before: read K from the device labels
+            explainer_forward_loss(meta_explainer, meta_classifier, images.to("meta"), LABELS.to("meta"), cfg,
+                                   draws=torch.rand(4, device="meta"))
+        draws = torch.rand(4, generator=torch.Generator().manual_seed(0))
+        with_host = explainer_forward_loss(explainer, classifier, images, LABELS, cfg, draws=draws, host_labels=LABELS)
+        without = explainer_forward_loss(explainer, classifier, images, LABELS, cfg, draws=draws)
+        assert torch.equal(with_host.loss, without.loss)
 
 
 def test_the_step_keeps_no_tensor_of_all_class_masks_for_backward():

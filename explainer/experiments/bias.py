@@ -232,6 +232,7 @@ def _mean(values: list[float]) -> float | None:
 def measure(scenes: TestScenes, classifier_path: Path, explainer_path: Path, cue_class: int) -> dict[str, Any]:
     """Where class K's mask goes and how the classifier treats the band."""
     from explainer.models import load_classifier, load_explainer
+    from explainer.models.explainer import class_logits
 
     clf, _ = load_classifier(classifier_path)
     expl, meta = load_explainer(explainer_path)
@@ -243,7 +244,9 @@ def measure(scenes: TestScenes, classifier_path: Path, explainer_path: Path, cue
     cue_t = torch.from_numpy(scenes.cues).float()[:, None]
     without_object = logits_of(scenes.images * (1 - obj_t))[:, cue_class].numpy()
     without_band = logits_of(scenes.images * (1 - cue_t))[:, cue_class].numpy()
-    s_k = torch.cat([torch.sigmoid(expl(x))[:, cue_class] for x in scenes.images.split(64)]).numpy().astype(np.float64)
+    cue = torch.tensor([cue_class])  # only the cue class's map is upsampled
+    s_k = torch.cat([torch.sigmoid(class_logits(expl(x), x.shape[-2:]).full(cue))[:, 0]
+                     for x in scenes.images.split(64)]).numpy().astype(np.float64)
     pred = (logits[:, cue_class] >= 0).numpy()
     present = np.array([(m == cue_class + 1).any() for m in scenes.masks])
     frac_cue, frac_obj, mean_cue, mean_obj, mean_cue_absent = [], [], [], [], []

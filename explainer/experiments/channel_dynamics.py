@@ -40,6 +40,7 @@ from explainer.losses import (
     negative_entropy,
     total_variation,
 )
+from explainer.models.explainer import class_logits
 from explainer.models.model_files import unwrap
 from explainer.recipes import ExplainerRecipe
 from explainer.training_loop import StepResult, fit
@@ -75,7 +76,7 @@ class DynamicsRecipe(ExplainerRecipe):
     def _terms(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[Any, Any, Any]:
         """The weighted terms of the WYSIWYC loss (the same functions as explainer.step), with graph."""
         cfg = self.cfg.loss
-        logits = model(images).float()
+        logits = class_logits(model(images), images.shape[-2:]).full().float()  # every class: C is small here
         masks = torch.sigmoid(logits)
         m, n = aggregate_masks(masks, labels)
         passes, drawn = [images * m, images * (1 - m)], None

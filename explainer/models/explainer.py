@@ -1,13 +1,18 @@
-"""The Explainer: a dense network mapping an image to one logit map per class, at the input resolution
-(docs/method.md#roles).
+"""The Explainer: a dense network mapping an image to one logit map per class (docs/method.md#roles).
 
-The paper uses torchvision's DeepLabV3-ResNet50 trained from scratch; lighter torchvision heads and a tiny U-Net are
-selectable by name for CPU work and tests. Masks are sigmoid(logits) - applied by the loss/step, not here.
+It returns the logits at its head's own resolution (DeepLabV3: 1/8 of the input; LR-ASPP: 1/8; tiny U-Net: the
+input's) with the input size, as `ClassLogits`: at 1000 classes, upsampling every map to the input size was most of a
+training step's time and memory (docs/method.md#head-resolution). Whoever needs a full-resolution map upsamples it,
+with the same bilinear call torchvision's models make in their forward, so a class's mask is the same numbers as when
+the model upsampled all of them. The paper uses torchvision's DeepLabV3-ResNet50 trained from scratch; lighter
+torchvision heads and a tiny U-Net are selectable by name for CPU work and tests. Masks are sigmoid(logits) - applied
+by the loss/step, not here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +38,47 @@ _TORCHVISION: dict[str, tuple[Callable[..., nn.Module], str, str]] = {
 }
 
 
+def upsample(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """[N,K,h,w] -> [N,K,*size]: the bilinear call torchvision's segmentation models end their forward with
+    (align_corners=False), so upsampling a few classes gives the numbers upsampling all of them gave. A map already at
+    `size` is returned as it is (tiny U-Net: no call, the same numbers as before)."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class ClassLogits(NamedTuple):
+    """What an Explainer returns: the class logits at its head's resolution and the size full-resolution maps have
+    (the input's). `full()` upsamples all or some classes; only what is used should be upsampled."""
+
+    logits: torch.Tensor  # [B,C,h,w] at the head's resolution
+    size: tuple[int, int]  # (H, W) of the input
+
+    def full(self, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-resolution logits of every class ([B,C,H,W]), or of `classes`: [K] indices (the same for every
+        image) or [B,K] (per image) -> [B,K,H,W]."""
+        logits = self.logits
+        if classes is not None:
+            if classes.dim() == 1:
+                logits = logits.index_select(1, classes.to(logits.device))
+            else:
+                h, w = logits.shape[-2:]
+                logits = logits.gather(1, classes.to(logits.device)[:, :, None, None].expand(-1, -1, h, w))
+        return upsample(logits, self.size)
+
+
+def class_logits(out: ClassLogits | torch.Tensor, size: tuple[int, int] | torch.Size) -> ClassLogits:
+    """An Explainer's output as ClassLogits; a plain tensor (a model of one's own returning [B,C,H,W], or an exported
+    TorchScript model of before) is taken as logits at the resolution it has."""
+    if isinstance(out, ClassLogits):
+        return out
+    if isinstance(out, tuple):  # a ClassLogits that went through a wrapper that rebuilds tuples (e.g. a tracer)
+        return ClassLogits(out[0], (int(out[1][0]), int(out[1][1])))
+    return ClassLogits(out, (int(size[0]), int(size[1])))
+
+
 class SegmentationExplainer(nn.Module):
-    """A torchvision segmentation model returning its "out" logits as a plain tensor at input resolution."""
+    """A torchvision segmentation model returning ClassLogits: its head's logits, before torchvision's upsampling."""
 
     def __init__(self, net: nn.Module, arch: str, num_classes: int) -> None:
         super().__init__()
@@ -42,11 +86,15 @@ class SegmentationExplainer(nn.Module):
         self.arch = arch
         self.num_classes = num_classes
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(x)["out"]  # torchvision already upsamples bilinearly to x's size
-        if out.shape[-2:] != x.shape[-2:]:
-            out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return out
+    def forward(self, x: torch.Tensor) -> ClassLogits:
+        # torchvision's DeepLabV3 / LR-ASPP forward without its last line (the bilinear upsampling to x's size);
+        # DeepLabV3's classifier takes the backbone's "out" feature map, LR-ASPP's the dict ("low" and "high")
+        features = self.net.backbone(x)
+        if isinstance(self.net, segmentation.LRASPP):
+            out = self.net.classifier(features)
+        else:
+            out = self.net.classifier(features["out"])
+        return ClassLogits(out, (int(x.shape[-2]), int(x.shape[-1])))
 
 
 def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
@@ -77,13 +125,13 @@ class TinyUNet(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> ClassLogits:
         e1 = self.enc1(x)
         e2 = self.enc2(F.max_pool2d(e1, 2))
         b = self.bottom(F.max_pool2d(e2, 2))
         d2 = self.dec2(torch.cat([F.interpolate(b, size=e2.shape[-2:], mode="bilinear", align_corners=False), e2], 1))
         d1 = self.dec1(torch.cat([F.interpolate(d2, size=e1.shape[-2:], mode="bilinear", align_corners=False), e1], 1))
-        return self.head(d1)
+        return ClassLogits(self.head(d1), (int(x.shape[-2]), int(x.shape[-1])))  # the head is at full resolution
 
 
 HEAD_INITS = ("random", "zero")
@@ -99,7 +147,8 @@ def _mask_head_convs(net: nn.Module) -> list[nn.Conv2d]:
 
 def build_explainer(arch: str, num_classes: int, backbone_weights: str | None = None,
                     head_init: str = "random") -> nn.Module:
-    """x [B,3,H,W] -> logits [B,C,H,W]. From scratch unless `backbone_weights` names a local ImageNet file.
+    """x [B,3,H,W] -> ClassLogits (logits [B,C,h,w] at the head's resolution, (H, W)). From scratch unless
+    `backbone_weights` names a local ImageNet file.
 
     head_init="zero" starts the mask head's last convolution at zero: every class mask is 0.5 everywhere at step 0.
     Why: with a random head one channel starts a little higher on another class's objects; the loss's max over an
