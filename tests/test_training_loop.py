@@ -610,4 +610,4 @@ def test_skipped_training_data_is_counted_over_ranks_and_named(synthetic_manifes
     assert any(gone in note and "404" in note for note in summary["skipped_data"]), summary["skipped_data"]
     rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
     assert [r["step"] for r in rows] == [2, 3] and rows[-1]["skipped_samples"] == 12
-    assert f"unreadable data in shard {gone} skipped: HTTPError: HTTP Error 404" in proc.stdout + proc.stderr
+    assert f"unreadable data in shard {gone} skipped: FileNotFoundError: HTTP 404" in proc.stdout + proc.stderr

@@ -358,6 +358,8 @@ class _Counter:
         Not counted here: the samples it loses are counted once the shard ends short of the manifest's count."""
         reason = str(exc.args[0]) if len(exc.args) > 1 else str(exc)  # webdataset appends (stream, url) to args
         reason = reason.split(" @ <")[0]  # and the stream's repr to the message
+        # explainer.data.remote's errors already name the URL and the error type: said once here
+        reason = reason.removeprefix(f"{url}: ").removeprefix(f"{type(exc).__name__}: ")
         note = f"unreadable data in shard {url} skipped: {type(exc).__name__}" + (f": {reason}" if reason else "")
         self.notes.append(note)
         log.warning("%s", note)
