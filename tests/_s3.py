@@ -198,6 +198,25 @@ def s3_server(latency: float = 0.0, rate: float | None = None) -> Iterator[Fault
         s3fs.S3FileSystem.clear_instance_cache()
 
 
+@contextmanager
+def s3_session() -> Iterator[FaultProxy]:
+    """s3_server with this process's environment pointed at it for the duration (AWS_* variables and proxies it does
+    not set removed, restored after)."""
+    import os
+
+    import pytest
+
+    with s3_server() as proxy, pytest.MonkeyPatch.context() as monkeypatch:
+        env: dict[str, str] = {}
+        use_s3_env(env, proxy.url)
+        for key in list(os.environ):
+            if key not in env and (key.startswith("AWS_") or key.lower().endswith("_proxy")):
+                monkeypatch.delenv(key)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        yield proxy
+
+
 def make_bucket(name: str) -> None:
     """Create a bucket through the environment's endpoint (s3_env must be in os.environ). moto keeps its buckets in
     this process, so a later server may already have it."""

@@ -6,7 +6,6 @@ processes training from it with a resume, evaluation, the same numbers as from l
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from _helpers import PYTHON, TINY_SHARDS, free_port, run_cmd, tiny_overrides
-from _s3 import PLANTED_SECRET, Fault, make_bucket, s3_server, use_s3_env
+from _s3 import PLANTED_SECRET, Fault, make_bucket, s3_session
 
 from explainer.config import DataConfig
 from explainer.data import remote
@@ -24,6 +23,9 @@ from explainer.data.loader import ManifestError, iter_samples, make_eval_loader,
 BUCKET = "shards"
 SHARDS = [*TINY_SHARDS, "--shard-maxcount", "16", "--workers", "1", "--no-progress"]
 
+# One xdist worker runs this module: its module fixture starts one server and writes the bucket once (make-shards
+# into one URL from two workers at once would be refused: the staging folder is per URL).
+pytestmark = pytest.mark.xdist_group("s3-read")
 
 @pytest.fixture(scope="module")
 def s3():
@@ -31,14 +33,7 @@ def s3():
     make-shards itself (in this process)."""
     from explainer.make_shards import main
 
-    with s3_server() as proxy, pytest.MonkeyPatch.context() as mp:
-        env: dict[str, str] = {}
-        use_s3_env(env, proxy.url)
-        for key in list(os.environ):
-            if key not in env and (key.startswith("AWS_") or key.lower().endswith("_proxy")):
-                mp.delenv(key)
-        for key, value in env.items():
-            mp.setenv(key, value)
+    with s3_session() as proxy:
         make_bucket(BUCKET)
         assert main(["synthetic", "--out", f"s3://{BUCKET}/syn", *SHARDS]) == 0
         yield proxy

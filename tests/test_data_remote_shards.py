@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from pathlib import Path
 
 import pytest
 from _helpers import TINY_SHARDS
-from _s3 import Fault, make_bucket, s3_server, use_s3_env
+from _s3 import Fault, make_bucket, s3_session
 
 from explainer.data import remote
 from explainer.make_shards import main
@@ -21,17 +20,13 @@ from explainer.make_shards import main
 ARGS = ["synthetic", *TINY_SHARDS, "--shard-maxcount", "16", "--workers", "2", "--no-progress",
         "--remote-retries", "1"]
 
+# One xdist worker runs this module: its module fixture starts one server and writes the bucket once (make-shards
+# into one URL from two workers at once would be refused: the staging folder is per URL).
+pytestmark = pytest.mark.xdist_group("s3-write")
 
 @pytest.fixture(scope="module")
 def s3():
-    with s3_server() as proxy, pytest.MonkeyPatch.context() as monkeypatch:
-        env: dict[str, str] = {}
-        use_s3_env(env, proxy.url)
-        for key in list(os.environ):
-            if key not in env and (key.startswith("AWS_") or key.lower().endswith("_proxy")):
-                monkeypatch.delenv(key)
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
+    with s3_session() as proxy:
         make_bucket("out")
         yield proxy
 

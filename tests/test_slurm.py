@@ -423,7 +423,7 @@ def test_single_job_trains_and_its_script_is_the_dry_run(slurm_jobs, synthetic_m
     from explainer.models import load_explainer
 
     model, meta = load_explainer(sub.out / "explainer.pt")
-    assert model(torch.randn(1, 3, 32, 32)).shape == (1, len(meta["classes"]), 32, 32)
+    assert model(torch.randn(1, 3, 32, 32)).full().shape == (1, len(meta["classes"]), 32, 32)
     records = [json.loads(line) for line in (sub.out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [5, 6]
     assert [r["step"] for r in records if r["kind"] == "val"] == [6]

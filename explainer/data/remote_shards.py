@@ -12,6 +12,7 @@ stay in the bucket: rerun with --resume); without --strict the other shards are 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import shutil
@@ -61,6 +62,7 @@ class BucketSink:
         self._pool = ThreadPoolExecutor(uploads, thread_name_prefix="shard-upload")
         self._uploads: dict[str, Future] = {}
         self._sha256: dict[str, str] = {}
+        self.lock: Any = None  # the staging folder's lock file (bucket_sink), released by close()
 
     def _at(self, name: str) -> str:
         return f"{self.url}/{name}"
@@ -136,6 +138,8 @@ class BucketSink:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(self.staging, ignore_errors=True)
+        if self.lock is not None:
+            self.lock.close()  # releases the staging folder's lock
 
 
 def _record(data: bytes | None) -> tuple[ShardResult, str | None] | None:
@@ -157,6 +161,15 @@ def bucket_sink(url: str, policy: remote.RemotePolicy, strict: bool) -> BucketSi
     removes it."""
     name = hashlib.sha1(url.rstrip("/").encode()).hexdigest()[:16]
     staging = Path(tempfile.gettempdir()) / f"explainer-make-shards-{name}"
+    lock = open(staging.with_suffix(".lock"), "a+b")  # noqa: SIM115 - held until close()
+    try:  # a second make-shards into the same URL would empty this one's staging folder under it
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise ValueError(f"--out {url}: another make-shards on this machine is writing there (staging folder "
+                         f"{staging}); wait for it, or write elsewhere") from None
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    return BucketSink(url, staging, policy, strict=strict)
+    sink = BucketSink(url, staging, policy, strict=strict)
+    sink.lock = lock
+    return sink
