@@ -6,6 +6,7 @@ processes training from it with a resume, evaluation, the same numbers as from l
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -20,12 +21,10 @@ from explainer.config import DataConfig
 from explainer.data import remote
 from explainer.data.loader import ManifestError, iter_samples, make_eval_loader, make_train_loader, read_manifest
 
-BUCKET = "shards"
+# Per process: each xdist worker that runs tests of this module builds the bucket in its own moto server, and two
+# make-shards into one URL at once are refused (the staging folder is per URL), so the URL differs by process.
+BUCKET = f"shards-{os.getpid()}"
 SHARDS = [*TINY_SHARDS, "--shard-maxcount", "16", "--workers", "1", "--no-progress"]
-
-# One xdist worker runs this module: its module fixture starts one server and writes the bucket once (make-shards
-# into one URL from two workers at once would be refused: the staging folder is per URL).
-pytestmark = pytest.mark.xdist_group("s3-read")
 
 @pytest.fixture(scope="module")
 def s3():
@@ -84,7 +83,7 @@ def test_url_manifest_rules(s3):
         return lambda e: e.__setitem__(key, value)
 
     escape = _bucket_manifest("escape.json", setter("path", "../other/train-000000.tar"))
-    with pytest.raises(ManifestError, match="outside the manifest's folder s3://shards/syn"):
+    with pytest.raises(ManifestError, match=f"outside the manifest's folder s3://{BUCKET}/syn"):
         read_manifest(escape)
     other = _bucket_manifest("other.json", setter("path", "s3://elsewhere/train-000000.tar"))
     with pytest.raises(ManifestError, match=r"data.allow_url_schemes=\[s3\]"):

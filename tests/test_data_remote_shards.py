@@ -20,10 +20,6 @@ from explainer.make_shards import main
 ARGS = ["synthetic", *TINY_SHARDS, "--shard-maxcount", "16", "--workers", "2", "--no-progress",
         "--remote-retries", "1"]
 
-# One xdist worker runs this module: its module fixture starts one server and writes the bucket once (make-shards
-# into one URL from two workers at once would be refused: the staging folder is per URL).
-pytestmark = pytest.mark.xdist_group("s3-write")
-
 @pytest.fixture(scope="module")
 def s3():
     with s3_session() as proxy:
