@@ -352,11 +352,11 @@ def test_requeue_restarts_both_nodes_and_the_run_equals_the_uninterrupted_one(tw
         assert len(resumed) == 1 and CKPT_EVERY <= int(resumed[0][1]) < STEPS, (key, resumed)
         assert all(r["steps"] == STEPS for r in results)  # both ranks ran to the same end
         if key == "usr2":
-            # ours first (the step finished, a checkpoint on every rank), then submitit's handler, which requeues;
-            # its "Requeued job" line may never be written: the requeue's SIGTERM can end the task first
-            stopped = re.search(r"SIGUSR2: stopped after step (\d+); checkpoint", log0)
-            assert stopped and "Caught signal SIGUSR2" in log0, log0[-3000:]
-            assert log0.index("SIGUSR2: stopped after step") < log0.index("Caught signal SIGUSR2"), log0[-3000:]
+            # ours (the step finished, a checkpoint on every rank), then submitit's handler, which requeues; its
+            # "Requeued job" line may never be written: the requeue's SIGTERM can end the task first. (The task log
+            # joins stdout and stderr, so the order of the two lines in it says nothing.)
+            assert re.search(r"SIGUSR2: stopped after step \d+; checkpoint", log0), log0[-3000:]
+            assert "Caught signal SIGUSR2" in log0, log0[-3000:]
             assert "Requeued job" in log0 or "DUE TO JOB REQUEUE" in log0, log0[-3000:]
         train = [json.loads(line)["step"] for line in (sub.out / "metrics.jsonl").read_text().splitlines()
                  if json.loads(line)["kind"] == "train"]
