@@ -20,6 +20,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # _bench_result, also when imported by a test
+
+from _bench_result import provenance  # noqa: E402
 
 from explainer.atomic import write_json_atomic  # noqa: E402
 from explainer.config import EvalConfig  # noqa: E402
@@ -90,8 +93,7 @@ def run(args: argparse.Namespace) -> dict:
               f"x{row['gradcam_over_explainer']:.1f}", flush=True)
         del classifier, methods
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    return {"device": name, "torch": torch.__version__, "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "args": vars(args), "results": rows}
+    return {"device": name, "torch": torch.__version__, **provenance(args), "results": rows}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,8 +23,10 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # _bench_result, also when imported by a test
 
-from explainer.atomic import write_json_atomic  # noqa: E402
+from _bench_result import write_result  # noqa: E402
+
 from explainer.explain import explain  # noqa: E402
 from explainer.models import build_explainer, save_model_file  # noqa: E402
 
@@ -69,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         row["ratio"] = row["s_per_image"] / base
         print(f"{args.explainer} C={row['num_classes']:5d}: {1000 * row['s_per_image']:.1f} ms / image "
               f"(x{row['ratio']:.2f} of {counts[0]} classes; rounds {[round(1000 * t) for t in row['rounds']]} ms)")
-    write_json_atomic(Path(args.out), {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-                                       "args": vars(args), "rows": rows})
-    print(f"wrote {args.out}")
+    write_result(args.out, args, rows=rows)
     return 0
 
 

@@ -25,8 +25,10 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # _bench_result, also when imported by a test
 
-from explainer.atomic import write_json_atomic  # noqa: E402
+from _bench_result import write_result  # noqa: E402
+
 from explainer.config import LossConfig  # noqa: E402
 from explainer.losses import area, split_classes, total_variation  # noqa: E402
 from explainer.models import build_explainer  # noqa: E402
@@ -100,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"pixels; tv_n {row['tv_n_exact']:.4f} -> {row['tv_n_head']:.4f}, area_n {row['area_n_exact']:.4f}"
                   f" -> {row['area_n_head']:.4f}, loss {row['loss_diff']:+.4f}; forward {row['exact_seconds']:.3f} s"
                   f" vs {row['head_seconds']:.3f} s", flush=True)
-    write_json_atomic(Path(args.out), {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-                                       "args": vars(args), "rows": rows})
-    print(f"wrote {args.out}")
+    write_result(args.out, args, rows=rows)
     return 0
 
 

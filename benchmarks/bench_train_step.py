@@ -43,6 +43,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # _bench_result, also when imported by a test
+
+from _bench_result import provenance  # noqa: E402
 
 from explainer.atomic import write_json_atomic  # noqa: E402
 from explainer.config import LossConfig  # noqa: E402
@@ -423,9 +426,7 @@ def run(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "args": {k: v if isinstance(v, (str, int, float, bool, list, type(None))) else repr(v)
-                 for k, v in vars(args).items()},
+        **provenance(args),
         "results": results,
         "speedups": [],
         "partial": True,
