@@ -6,7 +6,7 @@ Why a layer of our own over fsspec (docs/training.md#object-storage):
   cut connection, a timeout) is retried with exponential backoff and jitter, `retries` times, and only the chunk being
   fetched is asked for again (what the reader has is not); 404 and 403 are not retried. What still fails is an
   OSError naming the URL, which the loader reports as a bad shard. The storage libraries' own retries are turned off
-  for s3 so the bound is ours.
+  for s3 and gs so the bound is ours.
 * Read-ahead. A loader worker fetches its shards in ranged chunks in a background thread, `depth` chunks ahead: while
   it decodes one shard, the next one's first bytes are already on their way.
 * Credentials only from where the storage libraries look themselves (environment, instance metadata, their config
