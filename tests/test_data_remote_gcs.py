@@ -69,6 +69,20 @@ def test_bucket_holds_the_local_bytes_and_manifest(gcs):
     assert {e["path"] for e in entries} | {"manifest.json"} <= set(listed)
 
 
+def test_a_shard_over_5_mib_goes_up_in_a_resumable_upload_and_reads_back(gcs, tmp_path):
+    """Real shards are large: gcsfs uploads files of 5 MiB or more in a resumable session (published at the last
+    chunk), smaller ones in one multipart POST, as the tiny shards above."""
+    proxy, _ = gcs
+    big = tmp_path / "big.tar"
+    big.write_bytes(os.urandom(6 << 20))
+    remote.upload_file(big, f"{URL}/big/big.tar", remote.RemotePolicy())
+    assert [p for p in uploads(proxy) if "uploadType=resumable" in p], proxy.seen
+    stream = remote.open_url(f"{URL}/big/big.tar", remote.RemotePolicy(chunk=1 << 20))  # ranged GETs
+    assert stream.read() == big.read_bytes()
+    remote.delete(f"{URL}/big/big.tar", remote.RemotePolicy())
+    assert remote.listing(f"{URL}/big", remote.RemotePolicy()) == {}
+
+
 def test_loader_reads_from_the_bucket_what_local_disk_gives(gcs):
     _, local = gcs
     url, lm = f"{URL}/manifest.json", read_manifest(local / "manifest.json")
