@@ -14,7 +14,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
-	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[dev,baselines,export,imagenet,s3]"
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[dev,baselines,export,imagenet,s3,gcs]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -6,7 +6,7 @@ Why a layer of our own over fsspec (docs/training.md#object-storage):
   cut connection, a timeout) is retried with exponential backoff and jitter, `retries` times, and only the chunk being
   fetched is asked for again (what the reader has is not); 404 and 403 are not retried. What still fails is an
   OSError naming the URL, which the loader reports as a bad shard. The storage libraries' own retries are turned off
-  for s3 so the bound is ours.
+  for s3 and gs so the bound is ours.
 * Read-ahead. A loader worker fetches its shards in ranged chunks in a background thread, `depth` chunks ahead: while
   it decodes one shard, the next one's first bytes are already on their way.
 * Credentials only from where the storage libraries look themselves (environment, instance metadata, their config
@@ -141,6 +141,11 @@ def _permanent(exc: BaseException) -> bool:
     """Errors a retry cannot fix: missing, forbidden, a bad request; everything else counts as transient."""
     if isinstance(exc, _HttpStatus):
         return 400 <= exc.status < 500 and exc.status not in (408, 429)
+    code = getattr(exc, "code", None)  # gcsfs's HttpError
+    if isinstance(code, int) and 400 <= code < 500:
+        return code not in (408, 429)
+    if type(exc) is OSError and str(exc).startswith("Forbidden: "):  # gcsfs's 403
+        return True
     return isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError,
                             TypeError, ImportError, NotImplementedError, RemoteError))
 
@@ -172,25 +177,49 @@ def with_retries(what: str, policy: RemotePolicy, call: Callable[[], T]) -> T:
 
 def filesystem(url: str, policy: RemotePolicy) -> tuple[Any, str]:
     """(fsspec filesystem, path) of a non-http URL. Credentials and endpoints come from the backend's own places
-    (AWS_* / GOOGLE_* variables, ~/.aws, instance metadata, fsspec's config); only timeouts and retries are ours."""
+    (AWS_* / GOOGLE_* variables, ~/.aws, gcloud's config, instance metadata, fsspec's config); only timeouts and
+    retries are ours."""
     from fsspec.core import url_to_fs
 
+    outer = protocols(url)[0]
     kwargs: dict[str, Any] = {}
-    if protocols(url)[0] in ("s3", "s3a"):
+    if outer in ("s3", "s3a"):
         import fsspec.config
 
         user = dict(fsspec.config.conf.get("s3", {}).get("config_kwargs", {}))
         kwargs["config_kwargs"] = {**user, "connect_timeout": min(policy.timeout, 10.0), "read_timeout": policy.timeout,
                                    "retries": {"total_max_attempts": 1, "mode": "standard"}}
     try:
-        fs, path = url_to_fs(url, **kwargs)
+        if outer in ("gs", "gcs"):
+            fs, path = _gcs(url, policy)
+        else:
+            fs, path = url_to_fs(url, **kwargs)
     except ImportError as exc:
-        extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(protocols(url)[0])
+        extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(outer)
         raise RemoteError(f"{url}: {exc}" + (f" (pip install 'explainer[{extra}]')" if extra else "")) from None
     if hasattr(fs, "retries"):
         fs.retries = 1  # s3fs's own retry loop: ours is the one with a documented bound
     _KEEP.setdefault(id(fs), fs)
     return fs, path
+
+
+def _gcs(url: str, policy: RemotePolicy) -> tuple[Any, str]:
+    """gcsfs's JSON-API filesystem with our timeouts and one try per request.
+
+    Not the class fsspec picks for gs:// (gcsfs's ExtendedGcsFileSystem): that one first asks the Storage Control
+    API (gRPC) for each bucket's layout, retrying for up to 60 s on its own, and where the answer is not found (an
+    emulator, a restricted key) asks again before every operation. gcsfs retries inside `_request` with a decorator
+    bound to 6 tries when the class is made (its `retries` attribute changes nothing), so the instance gets the
+    undecorated request: one try, the retries are ours."""
+    import types
+
+    import aiohttp
+    from gcsfs.core import GCSFileSystem
+
+    timeout = aiohttp.ClientTimeout(total=None, connect=min(policy.timeout, 10.0), sock_read=policy.timeout)
+    fs = GCSFileSystem(requests_timeout=timeout)  # credentials, project, endpoint: gcsfs's own defaults and config
+    fs._request = types.MethodType(GCSFileSystem._request.__wrapped__, fs)
+    return fs, fs._strip_protocol(url)
 
 
 # Filesystems made here stay referenced: a forked DataLoader worker inherits them while fsspec empties its instance
