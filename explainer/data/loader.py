@@ -25,6 +25,9 @@ Design (train mode, one epoch):
   (what was skipped, and shards holding more samples than the manifest lists, in `problems`);
   a worker that runs short (corrupt or truncated data) pads its last batches with repeats of samples it already
   produced, so the batch count stays exact.
+* A shard not read whole (unreadable, ended early, a URL shard whose sha256 differs from the manifest's) is also a
+  bad shard in `bad_shards` (shard, why): with data.on_bad_shard=stop the trainer and evaluate stop on every rank
+  alike (BadShardError); the stream itself never raises for it, so ranks stay in step.
 
 Eval mode: the line is the manifest order (optionally cut to `max_images`); rank r owns [r*N/W, (r+1)*N/W), each
 sample exactly once over all ranks and workers; workers and batches as above without shuffling, so the order is fixed

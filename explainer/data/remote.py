@@ -9,6 +9,9 @@ Why a layer of our own over fsspec (docs/training.md#object-storage):
   for s3 so the bound is ours.
 * Read-ahead. A loader worker fetches its shards in ranged chunks in a background thread, `depth` chunks ahead: while
   it decodes one shard, the next one's first bytes are already on their way.
+* Checksums. Where the manifest gives a shard's sha256 (make-shards --out URL writes it), the fetch threads hash the
+  chunks in order as they arrive and the last one compares: a mismatch is a ChecksumError naming the URL, a bad shard
+  (a shard read only in part cannot be checked; local files are not hashed).
 * Credentials only from where the storage libraries look themselves (environment, instance metadata, their config
   files). A URL carrying a user, password or signature is refused, so none can end up in a config, a manifest or a log.
 * Atomic uploads: make-shards writes a shard locally, then uploads it in one PUT (object stores publish an object only
