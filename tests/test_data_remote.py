@@ -339,9 +339,11 @@ def test_remote_settings_are_checked_and_reach_the_policy():
     from explainer.config import ConfigError, ExplainerRunConfig, load_config
 
     for bad, key in (("data.remote_timeout_s=0", "data.remote_timeout_s"), ("data.remote_retries=-1",
-                                                                               "data.remote_retries")):
+                                                                               "data.remote_retries"),
+                     ("data.on_bad_shard=halt", "data.on_bad_shard")):
         with pytest.raises(ConfigError, match=key):
             load_config(ExplainerRunConfig, None, [bad])
+    assert load_config(ExplainerRunConfig, None, []).data.on_bad_shard == "skip"  # a bad shard stops nothing unasked
     cfg = load_config(ExplainerRunConfig, None, ["data.remote_timeout_s=7.5", "data.remote_retries=2"])
     policy = remote.policy_of(cfg.data)
     assert (policy.timeout, policy.retries) == (7.5, 2)
