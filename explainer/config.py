@@ -61,6 +61,10 @@ class DataConfig:
     allow_url_schemes: list[str] = field(default_factory=list)  # e.g. [s3] or [https]
     remote_timeout_s: float = 60.0  # one request to a URL shard; then it counts as failed (docs/training.md)
     remote_retries: int = 5  # further tries of a failed request (5xx, throttling, reset, timeout), with backoff
+    # a shard that cannot be read whole (unreadable after the retries, ended early, checksum mismatch): skip = a
+    # reported bad shard, its samples counted as skipped; stop = every rank stops after the same step, the error
+    # naming the shard (exit 1; evaluate writes no tables). A corrupt sample in a good shard is skipped either way.
+    on_bad_shard: Literal["skip", "stop"] = "skip"
     # Images declaring more pixels (W x H) are skipped unread, like corrupt ones (PIL's Image.MAX_IMAGE_PIXELS default;
     # null: no cap): a small PNG can declare 12000 x 12000 and take 10 GB to decode.
     max_image_pixels: int | None = 89_478_485
@@ -458,6 +462,7 @@ def _data_checks(data: DataConfig, cfg: Any) -> Checks:
          f"data.max_image_pixels must be >= 1 or null (no cap), got {data.max_image_pixels}"),
         (data.remote_timeout_s > 0, f"data.remote_timeout_s must be > 0, got {data.remote_timeout_s}"),
         (data.remote_retries >= 0, f"data.remote_retries must be >= 0, got {data.remote_retries}"),
+        (data.on_bad_shard in ("skip", "stop"), f"data.on_bad_shard must be skip or stop, got {data.on_bad_shard!r}"),
     ]
 
 

@@ -124,21 +124,28 @@ def check_test_split(manifest: Any, split: str, limit: int | None) -> None:
     raise InputError(f"evaluate: nothing to evaluate: manifest {manifest.path} {why} (data.test_split)")
 
 
-def scored_summary(res: dict[str, Any], batches: Any) -> dict[str, Any]:
+def scored_summary(res: dict[str, Any], batches: Any, stop_on_bad_shard: bool = False) -> dict[str, Any]:
     """Images scored (per method) and what the loader skipped or found wrong, gathered over all ranks; an
-    evaluation where no image could be scored fails (every rank alike: the counts are all-reduced)."""
+    evaluation where no image could be scored fails, and so does one where a shard could not be read whole with
+    data.on_bad_shard=stop (every rank alike: the counts and notes are gathered)."""
     import torch.distributed as dist
 
+    from explainer.data.loader import bad_shard_error
+
     problems = list(getattr(batches, "problems", []))
+    bad = list(getattr(batches, "bad_shards", []))
     skipped = torch.tensor(float(getattr(batches, "corrupt_samples", 0)), dtype=torch.float64)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
-        dist.all_gather_object(gathered, problems)
-        problems = [p for part in gathered for p in part]
+        gathered: list[tuple[list[str], list[tuple[str, str]]]] = [([], []) for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, (problems, bad))
+        problems = [p for part, _ in gathered for p in part]
+        bad = [pair for _, part in gathered for pair in part]
         totals = M.Totals()
         totals.add("skipped", skipped)
         totals.all_reduce()
         skipped = totals.get("skipped")
+    if stop_on_bad_shard and bad:
+        raise bad_shard_error(bad, "in the test split; no results written")
     out = {"images": res["n_images"], "skipped": int(skipped), "problems": problems,
            "per_method": {name: v["images"] for name, v in res["timing"].items()}}
     if res["n_images"] == 0:
@@ -222,7 +229,7 @@ def evaluate(cfg: ExplainerRunConfig, checkpoint: str | None, *, classifier: str
                       disable=not (progress and state.is_main_process)):
         evaluator.update(batch)
     res = evaluator.finish()
-    res["scored"] = scored_summary(res, batches)
+    res["scored"] = scored_summary(res, batches, getattr(cfg.data, "on_bad_shard", "skip") == "stop")
     res["settings"] = {
         "checkpoint": checkpoint, "rtis_checkpoint": rtis_checkpoint, "classifier": clf_path,
         "manifest": str(manifest.path), "split": cfg.data.test_split, "max_images": limit,

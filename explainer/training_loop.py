@@ -46,6 +46,7 @@ from explainer.config import (
 from explainer.data.loader import (
     EvalStream,
     Manifest,
+    bad_shard_error,
     batch_image_format,
     make_eval_loader,
     make_train_loader,
@@ -370,15 +371,37 @@ def optimizer_step(run: Run, batches: Iterator[dict[str, Any]], keep_images: int
 
 def _decide_step(run: Run, *flags: torch.Tensor) -> tuple[bool, int]:
     """(skip this step: a flag is set on some rank, the signal number that asks every rank to stop or 0), in the one
-    collective of the step: a signal that reached only one rank stops all of them after the same step, and so does
-    an image over loss.max_classes_per_image (UserError on every rank, the step not applied)."""
+    collective of the step: a signal that reached only one rank stops all of them after the same step, and so do
+    an image over loss.max_classes_per_image (UserError on every rank, the step not applied) and, with
+    data.on_bad_shard=stop, a bad shard met by any rank's loader (BadShardError on every rank, likewise)."""
     device = flags[0].device
     signum = torch.full((), float(run.stop.signum or 0), device=device)  # a fill, no host-to-device copy
-    over = [torch.full((), float(v), device=device) for v in (run.over_cap, run.world.rank + 1 if run.over_cap else 0)]
-    *bad, stop, over_cap, over_rank = max_over_ranks(run.accelerator, torch.stack([*flags, signum, *over]))
+    over = [torch.full((), float(v), device=device)
+            for v in (run.over_cap, run.world.rank + 1 if run.over_cap else 0, bad_shard_flag(run, run.train_stream))]
+    *bad, stop, over_cap, over_rank, bad_shard = max_over_ranks(run.accelerator, torch.stack([*flags, signum, *over]))
     if over_cap:
         stop_over_cap(run, over_cap, over_rank, f"step {run.state.step + 1}")
+    if bad_shard:
+        stop_on_bad_shard(run, f"by step {run.state.step + 1}")
     return any(b > 0 for b in bad), int(stop)
+
+
+def bad_shard_flag(run: Run, stream: Any) -> float:
+    """1.0 when data.on_bad_shard=stop and this rank's `stream` met a shard it could not read whole."""
+    return float(getattr(run.data, "on_bad_shard", "skip") == "stop" and bool(getattr(stream, "bad_shards", None)))
+
+
+def stop_on_bad_shard(run: Run, where: str) -> NoReturn:
+    """Collective, on every rank after the same decision: the bad shards of all ranks' loaders, in one error (exit 1);
+    the step is not applied, nothing is saved, the checkpoints already written stay."""
+    bad = [*getattr(run.train_stream, "bad_shards", []), *getattr(run.val_stream, "bad_shards", [])]
+    if run.world.world_size > 1:
+        gathered: list[list[tuple[str, str]]] = [[] for _ in range(run.world.world_size)]
+        torch.distributed.all_gather_object(gathered, bad)
+        bad = [pair for part in gathered for pair in part]
+    run.tracker.finish()
+    error = bad_shard_error(bad, where)
+    raise type(error)(f"{error}; stopped on every rank, the last checkpoint is {last_finite_checkpoint(run)}")
 
 
 def stop_over_cap(run: Run, over_cap: float, over_rank: float, where: str) -> NoReturn:
@@ -473,10 +496,13 @@ def run_validation(run: Run) -> dict[str, float]:
                 sums[key] = sums.get(key, 0.0) + value
     bar.close()
     model.train()
-    over = torch.tensor([run.over_cap, run.world.rank + 1 if run.over_cap else 0], device=run.accelerator.device)
-    over_cap, over_rank = max_over_ranks(run.accelerator, over)
+    over = torch.tensor([run.over_cap, run.world.rank + 1 if run.over_cap else 0, bad_shard_flag(run, run.val_stream)],
+                        device=run.accelerator.device)
+    over_cap, over_rank, bad_shard = max_over_ranks(run.accelerator, over)
     if over_cap:
         stop_over_cap(run, over_cap, over_rank, f"the validation after step {run.state.step}")
+    if bad_shard:
+        stop_on_bad_shard(run, f"in the validation after step {run.state.step}")
     sums = all_reduce_sums(run.accelerator, sums, run.recipe.val_keys(run.manifest))
     if not sums["count"]:
         raise ValueError(f"{run.data.manifest}: validation split '{run.data.val_split}' yielded no samples")

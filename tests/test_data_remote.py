@@ -5,6 +5,7 @@ processes training from it with a resume, evaluation, the same numbers as from l
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -130,14 +131,108 @@ def test_injected_faults_give_the_documented_outcome(s3, name):
     assert took < 10, f"{name}: the epoch took {took:.1f} s"  # bounded: timeout x tries + backoff, never a hang
     assert len(got) == len(clean)  # the batch count never changes (DDP ranks stay in step)
     if outcome == "same":
-        assert got == clean and stream.corrupt_samples == 0
+        assert got == clean and stream.corrupt_samples == 0 and stream.bad_shards == []
         assert hits[:times] == [kind] * times and hits[times] == "ok"
         return
     assert stream.corrupt_samples >= 16  # the shard's 16 samples (and the read error itself)
     assert any("train-000003.tar" in note for note in stream.problems), stream.problems
+    assert {url for url, _ in stream.bad_shards} == {f"s3://{BUCKET}/syn/train-000003.tar"}  # what stop would name
     assert not {k for b in got for k in b} & {s["__key__"] for s in iter_samples(
         read_manifest(url), "train") if s["__url__"].endswith("train-000003.tar")}
     assert len(hits) == (1 if kind == "404" else 2)  # 404 is not retried; the rest 1 + data.remote_retries times
+
+
+def _tampered(name: str, split: str = "train", entry: int = 0) -> str:
+    """A manifest under syn/name whose `split` shard `entry` is a copy of the bucket's with its last byte (tar
+    padding, which the reader skips) changed: same size, same samples, another sha256 than the manifest's."""
+    policy = remote.RemotePolicy()
+    raw = json.loads(remote.fetch(f"s3://{BUCKET}/syn/manifest.json", policy))
+    shard = raw["splits"][split]["shards"][entry]
+    data = bytearray(remote.fetch(f"s3://{BUCKET}/syn/{shard['path']}", policy))
+    data[-1] ^= 0xFF
+    shard["path"] = f"{name}.tar"
+    remote.write_bytes(f"s3://{BUCKET}/syn/{name}.tar", bytes(data), policy)
+    url = f"s3://{BUCKET}/syn/{name}.json"
+    remote.write_bytes(url, json.dumps(raw).encode(), policy)
+    return url
+
+
+def test_checksum_mismatch_is_a_bad_shard_and_good_shards_pass(s3):
+    """The reader hashes a URL shard as its chunks arrive and compares with the manifest's sha256 at the last one:
+    the shard changed in the bucket is a bad shard naming both checksums; the others (and the clean manifest) pass.
+    Chunks of 30000 bytes: the digest runs over several requests, hashed in order by the fetch threads."""
+    url = _tampered("tampered")
+    expected = read_manifest(url).splits["train"].sha256[0]
+    dcfg = fast()
+    for workers in (0, 2):  # in the main process and in DataLoader workers
+        stream = make_train_loader(fast(num_workers=workers), url, "train", rank=0, world_size=1, seed=0,
+                                   drop_unlabelled=True)
+        stream.dataset.remote = remote.RemotePolicy(timeout=0.5, retries=1, chunk=30000)
+        assert len(list(stream)) == len(stream)
+        (shard, why), *_ = stream.bad_shards
+        assert shard == f"s3://{BUCKET}/syn/tampered.tar" and {u for u, _ in stream.bad_shards} == {shard}
+        assert why.startswith("ChecksumError: ") and f"the manifest says {expected[:12]}..." in why, why
+        got = hashlib.sha256(remote.fetch(shard, remote.RemotePolicy())).hexdigest()
+        assert f"hash to sha256 {got[:12]}..." in why
+    _, stream = epoch_keys(f"s3://{BUCKET}/syn/manifest.json", dcfg)
+    assert stream.bad_shards == [] and stream.corrupt_samples == 0 and stream.problems == []
+
+
+def _two_ranks(script: str, *args: str) -> tuple[object, float]:
+    """`script` under torchrun with 2 CPU processes (gloo), time-bounded; (completed process, seconds). torchrun
+    looks at its processes every second: a rank that exits first does not get the other killed before it says why."""
+    start = time.monotonic()
+    proc = run_cmd([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                    "--monitor-interval", "1", *script.split(), *args], env={"ACCELERATE_USE_CPU": "1"}, check=False,
+                   timeout=120)
+    return proc, time.monotonic() - start
+
+
+def _stop_lines(proc) -> list[str]:
+    """Each rank's error message (the two processes share stderr: a progress bar or the other rank's message may
+    share its line)."""
+    key = "error: data.on_bad_shard=stop"
+    return [key + part.split("\n")[0] for part in proc.stderr.split(key)[1:]]
+
+
+@pytest.mark.slow
+def test_stop_on_bad_shard_in_training_every_rank_after_the_same_step(s3, tmp_path):
+    """data.on_bad_shard=stop, 2 gloo processes, a train shard answering 404 that rank 0 reaches in its third batch:
+    both ranks stop after the same step with the same error naming the shard, well before any process-group
+    timeout, and the checkpoints already written stay loadable."""
+    import numpy as np
+
+    target = f"train-{np.random.default_rng([0, 0]).permutation(6)[2]:06d}.tar"  # rank 0's third shard in epoch 0
+    s3.faults[:] = [Fault("404", f"/syn/{target}", 99)]
+    out = tmp_path / "run"
+    proc, took = _two_ranks("explainer/train_classifier.py", "--config", "configs/classifier/synthetic.yaml",
+                            *tiny_overrides(f"s3://{BUCKET}/syn/manifest.json", out), "train.max_steps=6",
+                            "train.checkpoint_every_steps=1", "train.val_every_steps=1000", "data.on_bad_shard=stop",
+                            "data.remote_retries=1", "tracking.wandb_mode=disabled")
+    s3.faults.clear()
+    assert proc.returncode != 0 and took < 60, (proc.returncode, took)
+    lines = _stop_lines(proc)
+    assert len(lines) == 2 and len({line.split("; stopped")[0] for line in lines}) == 1, proc.stderr[-3000:]
+    step = int(lines[0].split("by step ")[1].split(":")[0])
+    assert f"s3://{BUCKET}/syn/{target}: FileNotFoundError" in lines[0] and "NoSuchKey" in lines[0]
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert step >= 2 and saved == [f"step_{k:08d}" for k in range(1, step)], (step, saved)
+    assert f"the last checkpoint is {out / 'checkpoints' / saved[-1]}" in proc.stderr
+
+
+@pytest.mark.slow
+def test_stop_on_bad_shard_in_evaluation_two_ranks_no_tables(s3, tiny_classifier, tmp_path):
+    """The same key in evaluate: a test shard only rank 1 reads is changed in the bucket (checksum mismatch); both
+    processes exit 1 naming it, no results are written, no hang."""
+    url = _tampered("tampered-test", split="test", entry=1)
+    common = ["explainer.evaluate", "--config", "configs/synthetic.yaml", f"data.manifest={url}", "--classifier",
+              str(tiny_classifier), "--methods", "gradcam", "--no-progress", "data.image_size=32",
+              "data.batch_size=8", "data.num_workers=0", "eval.faithfulness_steps=0"]
+    proc, took = _two_ranks("-m", *common, "--out", str(tmp_path / "stop"), "data.on_bad_shard=stop")
+    assert proc.returncode == 1 and took < 60, (proc.returncode, took, proc.stderr[-3000:])
+    lines = _stop_lines(proc)
+    assert len(lines) == 2 and f"s3://{BUCKET}/syn/tampered-test.tar: ChecksumError" in lines[0], proc.stderr[-3000:]
+    assert "no results written" in lines[0] and not (tmp_path / "stop").exists()
 
 
 def test_eval_stream_reads_each_sample_once_across_ranks_and_workers(s3):
@@ -244,9 +339,11 @@ def test_remote_settings_are_checked_and_reach_the_policy():
     from explainer.config import ConfigError, ExplainerRunConfig, load_config
 
     for bad, key in (("data.remote_timeout_s=0", "data.remote_timeout_s"), ("data.remote_retries=-1",
-                                                                               "data.remote_retries")):
+                                                                               "data.remote_retries"),
+                     ("data.on_bad_shard=halt", "data.on_bad_shard")):
         with pytest.raises(ConfigError, match=key):
             load_config(ExplainerRunConfig, None, [bad])
+    assert load_config(ExplainerRunConfig, None, []).data.on_bad_shard == "skip"  # a bad shard stops nothing unasked
     cfg = load_config(ExplainerRunConfig, None, ["data.remote_timeout_s=7.5", "data.remote_retries=2"])
     policy = remote.policy_of(cfg.data)
     assert (policy.timeout, policy.retries) == (7.5, 2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -59,17 +60,42 @@ def test_bucket_gets_the_local_bytes_whole_shards_first_manifest_last(s3, tmp_pa
     assert not (Path(tempfile.gettempdir()) / f"explainer-make-shards-{staging}").exists()  # the staging folder went
 
 
-def test_failed_upload_stops_without_manifest_then_resume_uploads_the_rest(s3, capsys):
+@pytest.mark.parametrize("strict", [False, True])
+def test_failed_upload_stops_without_manifest_then_resume_uploads_the_rest(s3, capsys, strict):
+    """A 503 burst beyond the retries on one shard's PUT: exit 1 naming it (with --strict at the next finished shard,
+    without it after the others are uploaded), no manifest, the complete shards stay in the bucket with their
+    records, and --resume uploads only the missing ones, then the manifest."""
+    url = f"s3://out/again-{int(strict)}"
+    flags = ["--strict"] if strict else []
     s3.faults.append(Fault("503", "/train-000004.tar", 99, method="PUT"))
-    assert main([*ARGS, "--out", "s3://out/again"]) == 1
+    assert main([*ARGS, *flags, "--out", url]) == 1
     err = capsys.readouterr().err
     assert "train-000004.tar" in err and "SlowDown" in err and "--resume" in err, err
-    assert remote.listing("s3://out/again", remote.RemotePolicy()).get("manifest.json") is None
+    found = remote.listing(url, remote.RemotePolicy())
+    assert found.get("manifest.json") is None and "train-000004.tar" not in found
+    kept = {name for name in found if not name.startswith(".progress/")}
+    assert "train-000000.tar" in kept and all(f".progress/{name}.json" in found for name in kept)
     s3.faults.clear()
     s3.seen.clear()
-    assert main([*ARGS, "--out", "s3://out/again", "--resume"]) == 0
-    assert [name for name, _ in puts(s3)] == ["again/train-000004.tar", "again/.progress/train-000004.tar.json",
-                                              "again/manifest.json"]
+    assert main([*ARGS, *flags, "--out", url, "--resume"]) == 0
+    uploaded = [name.split("/", 1)[1] for name, _ in puts(s3)]
+    assert uploaded[-1] == "manifest.json" and "train-000004.tar" in uploaded
+    assert not set(uploaded) & kept  # the shards already complete are not uploaded again
+    manifest = json.loads(remote.fetch(f"{url}/manifest.json", remote.RemotePolicy()))
+    assert sum(len(info["shards"]) for info in manifest["splits"].values()) == 10
+
+
+def test_hung_upload_is_retried_and_fails_within_its_bound(s3, capsys):
+    """An upload that never gets an answer: each try ends after --remote-timeout (plus the time the shard's size
+    allows at 256 KiB/s), is retried once, then the run stops with exit 1 naming the shard; no hang."""
+    s3.faults.append(Fault("hang", "/train-000002.tar", 99, method="PUT"))
+    start = time.monotonic()
+    assert main([*ARGS, "--strict", "--remote-timeout", "1", "--out", "s3://out/hung"]) == 1
+    took = time.monotonic() - start
+    err = capsys.readouterr().err
+    tries = [what for method, path, what in s3.seen if method == "PUT" and path.endswith("/hung/train-000002.tar")]
+    assert tries == ["hang", "hang"] and "train-000002.tar" in err and "after 2 tries" in err, (tries, err)
+    assert took < 2 * (1 + 0.5) + 1 + 5, took  # 2 tries of ~1.3 s, a backoff under 1 s, the rest of the run
 
 
 def test_bad_out_urls_exit_2(s3, capsys):

@@ -478,8 +478,8 @@ def test_optimizer_step_one_decision_per_step_and_masks_only_when_asked(tiny_run
     outcome = trainer.optimizer_step(run, batches)
     assert outcome.applied and outcome.images is None and run.state.batches_in_epoch == 3
     # loss flag + grad-norm flag + stop signal (explainer/signals.py) + the largest class count over
-    # loss.max_classes_per_image and its rank, one collective for 3 micro-batches
-    assert decisions == [torch.Size([5])] and outcome.stop_signal == 0
+    # loss.max_classes_per_image and its rank + a bad shard (data.on_bad_shard=stop), one collective for 3 micro-batches
+    assert decisions == [torch.Size([6])] and outcome.stop_signal == 0
     assert any(not torch.equal(v, run.model.state_dict()[k]) for k, v in before.items())
     # the loss and its 8 terms (the synthetic preset's objective has the class-specific one)
     assert run.window.micro_batches == 3 and run.window.images == 3 * 8 and run.window.sums.shape == (9,)

@@ -25,6 +25,9 @@ Design (train mode, one epoch):
   (what was skipped, and shards holding more samples than the manifest lists, in `problems`);
   a worker that runs short (corrupt or truncated data) pads its last batches with repeats of samples it already
   produced, so the batch count stays exact.
+* A shard not read whole (unreadable, ended early, a URL shard whose sha256 differs from the manifest's) is also a
+  bad shard in `bad_shards` (shard, why): with data.on_bad_shard=stop the trainer and evaluate stop on every rank
+  alike (BadShardError); the stream itself never raises for it, so ranks stay in step.
 
 Eval mode: the line is the manifest order (optionally cut to `max_images`); rank r owns [r*N/W, (r+1)*N/W), each
 sample exactly once over all ranks and workers; workers and batches as above without shuffling, so the order is fixed
@@ -43,6 +46,7 @@ import json
 import logging
 import math
 import random
+import re
 import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -68,7 +72,7 @@ from explainer.data.transforms import (
     seg_to_binary,
     stack_images,
 )
-from explainer.run_errors import InputError
+from explainer.run_errors import InputError, RunError
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,21 @@ class ManifestError(InputError):
     """A manifest that cannot be used; the message names the file (a ValueError, exit status 2)."""
 
 
+class BadShardError(RunError):
+    """data.on_bad_shard=stop and a shard could not be read whole (unreadable, ended early, checksum mismatch): the
+    message names each shard and why (exit status 1). Raised by the trainer and evaluate on every rank alike."""
+
+
+def bad_shard_error(bad: Iterable[tuple[str, str]], where: str) -> BadShardError:
+    """The error for the (shard, reason) pairs the loaders met (all ranks'), each shard named once."""
+    first: dict[str, str] = {}
+    for url, reason in bad:
+        first.setdefault(url, reason)
+    listed = "; ".join(f"{url}: {reason}" for url, reason in first.items())
+    return BadShardError(f"data.on_bad_shard=stop: {len(first)} bad shard(s) {where}: {listed} (data.on_bad_shard="
+                         "skip reads on without them, counting their samples as skipped)")
+
+
 @dataclass
 class SplitInfo:
     shards: list[str]  # absolute paths or URLs
@@ -87,6 +106,7 @@ class SplitInfo:
     total: int
     unlabelled: list[list[int]] = field(default_factory=list)  # per shard: positions of all-zero-label samples
     sizes: list[int | None] = field(default_factory=list)  # per shard: bytes, when known (URL shards: saves a HEAD)
+    sha256: list[str | None] = field(default_factory=list)  # per shard: checksum (make-shards --out URL writes it)
 
     def kept_counts(self, drop_unlabelled: bool) -> list[int]:
         if not drop_unlabelled or not self.unlabelled:
@@ -212,7 +232,7 @@ def read_manifest(path: str | Path, *, allow_external_shards: bool = False,
         classes = [str(c) for c in raw["classes"]]
         splits = {}
         for name, info in raw["splits"].items():
-            shards, counts, unlabelled, sizes = [], [], [], []
+            shards, counts, unlabelled, sizes, sha256 = [], [], [], [], []
             for entry in info["shards"]:
                 rel = str(entry["path"])
                 url = resolve_shard(path, rel, name, allow_external_shards=allow_external_shards,
@@ -223,10 +243,11 @@ def read_manifest(path: str | Path, *, allow_external_shards: bool = False,
                 shards.append(url)
                 counts.append(count)
                 unlabelled.append([int(i) for i in entry.get("unlabelled", [])])
-                sizes.append(int(entry["size"]) if "size" in entry else None)
+                sizes.append(int(entry["size"]) if entry.get("size") is not None else None)
+                sha256.append(_checksum_of(path, rel, entry.get("sha256")))
             _refuse_repeats(path, name, shards)
             splits[name] = SplitInfo(shards=shards, counts=counts, total=sum(counts), unlabelled=unlabelled,
-                                     sizes=sizes)
+                                     sizes=sizes, sha256=sha256)
         dataset = str(raw.get("dataset", Path(str(path)).parent.name))
         _warn_shared(path, splits)
     except ManifestError:
@@ -236,6 +257,15 @@ def read_manifest(path: str | Path, *, allow_external_shards: bool = False,
     if isinstance(path, str):
         _check_remote_shards(path, splits, policy)
     return Manifest(path=path, dataset=dataset, classes=classes, splits=splits, raw=raw)
+
+
+def _checksum_of(path: str | Path, entry: str, value: Any) -> str | None:
+    """A manifest entry's sha256 (64 hex digits) or None; anything else is a broken manifest, not a bad shard."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise ManifestError(f"manifest {path}: shard {entry} has the sha256 {value!r}, not 64 hex digits")
+    return value.lower()
 
 
 def _refuse_repeats(path: str | Path, split: str, shards: Sequence[str]) -> None:
@@ -352,6 +382,14 @@ class _Counter:
     def __init__(self) -> None:
         self.n = 0
         self.notes: list[str] = []  # what was skipped or looked wrong, for the evaluation's results
+        self.bad: list[tuple[str, str]] = []  # (shard, why): shards not read whole (data.on_bad_shard)
+        self._taken = 0
+
+    def take(self) -> dict[str, Any]:
+        """What a batch hands to the main process: the problems since the last batch."""
+        out = {"_corrupt": self.n - self._taken, "_notes": self.notes, "_bad": self.bad}
+        self._taken, self.notes, self.bad = self.n, [], []
+        return out
 
     def handler(self, exc: Exception, url: str = "?") -> bool:
         """A shard that cannot be opened or read on (404, truncated tar): noted and logged with the shard's name.
@@ -360,8 +398,10 @@ class _Counter:
         reason = reason.split(" @ <")[0]  # and the stream's repr to the message
         # explainer.data.remote's errors already name the URL and the error type: said once here
         reason = reason.removeprefix(f"{url}: ").removeprefix(f"{type(exc).__name__}: ")
-        note = f"unreadable data in shard {url} skipped: {type(exc).__name__}" + (f": {reason}" if reason else "")
+        why = type(exc).__name__ + (f": {reason}" if reason else "")
+        note = f"unreadable data in shard {url} skipped: {why}"
         self.notes.append(note)
+        self.bad.append((url, why))
         log.warning("%s", note)
         return True
 
@@ -538,12 +578,14 @@ class _ShardStream(IterableDataset):
         if missing > 0:  # truncated or damaged tar: fewer samples than the manifest says
             counter.n += missing
             counter.notes.append(f"shard {self.info.shards[piece.shard]} ended early: {missing} sample(s) missing")
+            counter.bad.append((self.info.shards[piece.shard], f"ended early: {missing} sample(s) missing"))
             log.warning("shard %s ended early: %d sample(s) missing from the part this worker reads",
                         self.info.shards[piece.shard], missing)
 
     def _read_ahead(self, pieces: list[_Piece]) -> remote.ReadAhead:
         sizes = dict(zip(self.info.shards, self.info.sizes))
-        return remote.ReadAhead([self.info.shards[p.shard] for p in pieces], self.remote, sizes)
+        sha256 = dict(zip(self.info.shards, self.info.sha256))
+        return remote.ReadAhead([self.info.shards[p.shard] for p in pieces], self.remote, sizes, sha256)
 
     def _check_shard_end(self, samples: Iterator[tuple[int, dict[str, Any]]], zero: set[int], piece: _Piece,
                          counter: _Counter) -> None:
@@ -583,7 +625,7 @@ class _ShardStream(IterableDataset):
         validation the same."""
         return _seed(self.seed, self.epoch, zlib.crc32(key.encode()), 3) / 2**32
 
-    def _collate(self, items: list[dict[str, Any]], index: int, corrupt: int, rng: random.Random | None) -> dict:
+    def _collate(self, items: list[dict[str, Any]], index: int, rng: random.Random | None) -> dict:
         images = [it["image"] for it in items]
         if rng is not None:
             images = [im[:, ::-1] if rng.random() < 0.5 else im for im in images]
@@ -597,7 +639,6 @@ class _ShardStream(IterableDataset):
             "key": [it["key"] for it in items],
             "draw": torch.tensor([self._draw(it["key"]) for it in items], dtype=torch.float32),
             "_index": index,
-            "_corrupt": corrupt,
         }
         if not self.train:
             size = self.image_size
@@ -640,7 +681,6 @@ class _ShardStream(IterableDataset):
                 aug_rng.random()
 
         recent: deque[dict[str, Any]] = deque(maxlen=self.batch_size)
-        corrupt_before = 0
         for i in range(skip, n_batches):
             want = self.batch_size if self.train else min(self.batch_size, count - i * self.batch_size)
             items: list[dict[str, Any]] = []
@@ -667,12 +707,11 @@ class _ShardStream(IterableDataset):
                             self.rank, worker, want - len(items))
                 items += [pool[k % len(pool)] for k in range(want - len(items))]
             index = worker + i * self.num_workers
-            corrupt, corrupt_before = counter.n - corrupt_before, counter.n
-            notes, counter.notes = counter.notes, []
+            problems = counter.take()
             if not items:
-                yield {"_index": index, "_corrupt": corrupt, "_notes": notes, "_empty": True}
+                yield {"_index": index, **problems, "_empty": True}
                 continue
-            yield {**self._collate(items, index, corrupt, aug_rng), "_notes": notes}
+            yield {**self._collate(items, index, aug_rng), **problems}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -700,6 +739,7 @@ class _Stream:
             self.dataset.state = torch.multiprocessing.get_context().Array("q", 2)
         self.corrupt_samples = 0
         self.problems: list[str] = []  # notes of the batches handed out so far (see the module docstring)
+        self.bad_shards: list[tuple[str, str]] = []  # (shard, why) of those not read whole, so far (on_bad_shard)
         self._loader: DataLoader | None = None
 
     def __len__(self) -> int:
@@ -731,6 +771,7 @@ class _Stream:
                 expected += 1
                 self.corrupt_samples += ready.pop("_corrupt")
                 self.problems += ready.pop("_notes", [])
+                self.bad_shards += ready.pop("_bad", [])
                 ready.pop("_index")
                 if not ready.pop("_empty", False):
                     yield self._finish(ready)

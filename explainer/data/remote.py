@@ -9,6 +9,9 @@ Why a layer of our own over fsspec (docs/training.md#object-storage):
   for s3 and gs so the bound is ours.
 * Read-ahead. A loader worker fetches its shards in ranged chunks in a background thread, `depth` chunks ahead: while
   it decodes one shard, the next one's first bytes are already on their way.
+* Checksums. Where the manifest gives a shard's sha256 (make-shards --out URL writes it), the fetch threads hash the
+  chunks in order as they arrive and the last one compares: a mismatch is a ChecksumError naming the URL, a bad shard
+  (a shard read only in part cannot be checked; local files are not hashed).
 * Credentials only from where the storage libraries look themselves (environment, instance metadata, their config
   files). A URL carrying a user, password or signature is refused, so none can end up in a config, a manifest or a log.
 * Atomic uploads: make-shards writes a shard locally, then uploads it in one PUT (object stores publish an object only
@@ -35,6 +38,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -54,6 +58,10 @@ MIN_UPLOAD_RATE = 256 * 1024  # bytes/s: an upload slower than this (on top of t
 
 class RemoteError(OSError):
     """A request that failed for good (after the retries, or at once when not transient); names the URL."""
+
+
+class ChecksumError(RemoteError):
+    """A shard whose bytes do not hash to the manifest's sha256 (changed or damaged in the store); names the URL."""
 
 
 @dataclass(frozen=True)
@@ -189,6 +197,7 @@ def filesystem(url: str, policy: RemotePolicy) -> tuple[Any, str]:
         user = dict(fsspec.config.conf.get("s3", {}).get("config_kwargs", {}))
         kwargs["config_kwargs"] = {**user, "connect_timeout": min(policy.timeout, 10.0), "read_timeout": policy.timeout,
                                    "retries": {"total_max_attempts": 1, "mode": "standard"}}
+        kwargs["use_listings_cache"] = False  # a listing kept by the instance would hide objects written since
     try:
         if outer in ("gs", "gcs"):
             fs, path = _gcs(url, policy)
@@ -306,10 +315,12 @@ class ReadAhead:
 
     waited_s = 0.0  # seconds readers of this process spent waiting for bytes (benchmarks/bench_loader.py --remote)
 
-    def __init__(self, urls: Sequence[str], policy: RemotePolicy, sizes: dict[str, int | None] | None = None):
+    def __init__(self, urls: Sequence[str], policy: RemotePolicy, sizes: dict[str, int | None] | None = None,
+                 sha256: dict[str, str | None] | None = None):
         self.urls = list(dict.fromkeys(u for u in urls if is_url(u)))
         self.policy = policy
         self.sizes = dict(sizes or {})
+        self.sha256 = dict(sha256 or {})  # the manifest's checksums: a shard read to its end is verified
         self._queue: queue.Queue[tuple[int, Any]] = queue.Queue(maxsize=max(1, policy.depth))
         self._stop = threading.Event()
         self._abandoned = -1  # the fetcher skips the rest of shards up to this index
@@ -336,10 +347,10 @@ class ReadAhead:
                         return
                 else:
                     start, step = 0, min(chunk, FIRST_CHUNK)  # a small first request: decoding starts sooner
+                    submit = self._submitter(url, size)
                     while start < size and self._abandoned < index:
                         end = min(start + step, size)
-                        assert self._pool is not None
-                        if not self._put((index, self._pool.submit(fetch, url, self.policy, start, end))):
+                        if not self._put((index, submit(start, end))):
                             return
                         start, step = end, chunk
             except Exception as exc:  # the reader raises it (a bad shard); the next shards are still fetched
@@ -348,6 +359,15 @@ class ReadAhead:
                 continue
             if not self._put((index, _END)):
                 return
+
+    def _submitter(self, url: str, size: int) -> Callable[[int, int], Future]:
+        """How the fetcher asks the pool for bytes [start, end) of `url`: a plain fetch, or, where the manifest gives
+        the shard's sha256, one that also hashes them in order (_Sha256)."""
+        assert self._pool is not None
+        pool, expected = self._pool, self.sha256.get(url)
+        if not expected:
+            return lambda start, end: pool.submit(fetch, url, self.policy, start, end)
+        return _Sha256(url, expected, size, pool, self.policy).submit
 
     def _get(self) -> tuple[int, Any]:
         while True:
@@ -360,7 +380,7 @@ class ReadAhead:
         if not is_url(url):
             return open(url, "rb")  # noqa: SIM115 - a local shard: closed by the reader
         if url not in self.urls[self._next:]:
-            return ReadAhead([url], self.policy, self.sizes).open(url)
+            return ReadAhead([url], self.policy, self.sizes, self.sha256).open(url)
         index = self.urls.index(url, self._next)
         self._abandoned = max(self._abandoned, index - 1)  # shards skipped over are not fetched further
         self._next = index + 1
@@ -381,6 +401,42 @@ class ReadAhead:
             yield from items
         finally:
             self.close()
+
+
+class _Sha256:
+    """The running sha256 of one shard, fed by the fetch threads in byte order: each chunk's task fetches, then waits
+    for the previous chunk's task before hashing (hashlib releases the GIL on large buffers, so the other fetches and
+    the decoding go on meanwhile). The task of the shard's last chunk compares the digest with the manifest's and
+    raises ChecksumError, which the reader gets with that chunk. A shard whose last chunk is never asked for (a
+    reader that stops early) is not verified."""
+
+    def __init__(self, url: str, expected: str, size: int, pool: ThreadPoolExecutor, policy: RemotePolicy):
+        self.url, self.expected, self.size, self.pool, self.policy = url, expected.lower(), size, pool, policy
+        self._digest = hashlib.sha256()
+        self._prev: Future | None = None
+        self._broken = False  # a chunk failed: the reader raises that error, the digest is not compared
+
+    def submit(self, start: int, end: int) -> Future:
+        prev = self._prev
+        self._prev = self.pool.submit(self._chunk, start, end, prev)
+        return self._prev
+
+    def _chunk(self, start: int, end: int, prev: Future | None) -> bytes:
+        try:
+            data = fetch(self.url, self.policy, start, end)
+        except Exception:
+            self._broken = True
+            raise
+        if prev is not None:  # submitted earlier, so already running or done: no deadlock in the pool
+            wait_futures([prev])
+            self._broken = self._broken or prev.cancelled() or prev.exception() is not None
+        if self._broken:
+            return data
+        self._digest.update(data)
+        if end >= self.size and (got := self._digest.hexdigest()) != self.expected:
+            raise ChecksumError(f"{self.url}: checksum mismatch: its bytes hash to sha256 {got[:12]}..., the manifest "
+                                f"says {self.expected[:12]}... (the object changed or was damaged after make-shards)")
+        return data
 
 
 class _ChunkStream:
