@@ -283,6 +283,13 @@ def size_of(url: str, policy: RemotePolicy) -> int | None:
 
 def listing(folder_url: str, policy: RemotePolicy) -> dict[str, int] | None:
     """{path relative to folder_url: size} of every object under it, or None where a protocol cannot list (http)."""
+    found = listing_details(folder_url, policy)
+    return None if found is None else {name: int(info.get("size") or 0) for name, info in found.items()}
+
+
+def listing_details(folder_url: str, policy: RemotePolicy) -> dict[str, dict[str, Any]] | None:
+    """{path relative to folder_url: the backend's info (size, ETag, generation, ...)} of every object under it, or
+    None where a protocol cannot list (http)."""
     if scheme(folder_url) in HTTP:
         return None
     fs, path = filesystem(folder_url, policy)
@@ -293,7 +300,27 @@ def listing(folder_url: str, policy: RemotePolicy) -> dict[str, int] | None:
     except FileNotFoundError:
         return {}
     root = path.rstrip("/") + "/"
-    return {name[len(root):]: int(info.get("size") or 0) for name, info in found.items() if name.startswith(root)}
+    return {name[len(root):]: info for name, info in found.items() if name.startswith(root)}
+
+
+_VERSION_KEYS = ("ETag", "generation", "etag", "version_id", "VersionId")  # s3, gcs, azure/others
+
+
+def version_tag(info: dict[str, Any]) -> str | None:
+    """What the store says identifies this version of an object (S3's ETag, GCS's generation, Azure's etag), from a
+    listing or an info call: it changes when the object is written again. None where the backend gives none."""
+    for key in _VERSION_KEYS:
+        value = info.get(key)
+        if value not in (None, ""):
+            return f"{key}={str(value).strip(chr(34))}"
+    return None
+
+
+def object_version(url: str, policy: RemotePolicy) -> str | None:
+    """version_tag of one object, asked for now (one HEAD-like request, retried)."""
+    fs, path = filesystem(url, policy)
+    fs.invalidate_cache(path)
+    return version_tag(with_retries(url, policy, lambda: _call(fs, "info", policy, path)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -2,9 +2,11 @@
 
 Each shard is written into a local staging folder exactly as for a local --out (same bytes, same fingerprints), then
 uploaded in one atomic PUT by a thread of the main process while the workers write the next shards (so the staging
-folder holds only the shards in flight), then its record `.progress/<name>.json` (fingerprint, count, size, sha256)
-is written next to it in the bucket. A reader never sees half a shard, and a record only exists for a complete one.
-`--resume` keeps the shards whose record matches the plan and whose object has the recorded size. The manifest, with
+folder holds only the shards in flight), then its record `.progress/<name>.json` (fingerprint, count, size, sha256,
+and the version the store gave the uploaded object: S3's ETag, GCS's generation) is written next to it in the bucket.
+A reader never sees half a shard, and a record only exists for a complete one. `--resume` keeps the shards whose
+record matches the plan and whose object has the recorded size and version (an object written again since, by
+anyone, is uploaded again: its bytes may no longer be those the sha256 describes). The manifest, with
 every shard's size and sha256, is written last, after every upload succeeded; an older manifest is removed first, so
 nobody pairs it with new shards. A shard that cannot be uploaded after the retries stops the run (exit 1, the others
 stay in the bucket: rerun with --resume); without --strict the other shards are written and uploaded first.
@@ -68,8 +70,9 @@ class BucketSink:
         return f"{self.url}/{name}"
 
     def completed(self, jobs: list[ShardJob]) -> dict[str, ShardResult]:
-        """Shards of this plan already complete in the bucket: a matching record, and the object of its size."""
-        found = remote.listing(self.url, self.policy) or {}
+        """Shards of this plan already complete in the bucket: a matching record, and the object of its size and,
+        where the record and the listing both have one, of its version."""
+        found = remote.listing_details(self.url, self.policy) or {}
         names = [job.name for job in jobs if f"{PROGRESS_DIR}/{job.name}.json" in found]
         raw = dict(zip(names, self._pool.map(
             lambda n: remote.fetch(self._at(f"{PROGRESS_DIR}/{n}.json"), self.policy), names)))
@@ -78,8 +81,10 @@ class BucketSink:
             record = _record(raw.get(job.name))
             if record is None or record[0].fingerprint != job.fingerprint:
                 continue
-            result, sha = record
-            if (result.count == 0 and job.name not in found) or found.get(job.name) == result.size > 0:
+            result, sha, version = record
+            if result.count == 0 and job.name not in found:
+                done[job.name] = result
+            elif _same_object(found.get(job.name), result.size, version):
                 done[job.name] = result
                 self._sha256[job.name] = sha
         return done
@@ -99,6 +104,7 @@ class BucketSink:
         if result.count:
             record["sha256"] = remote.sha256_of(local)
             remote.upload_file(local, self._at(result.name), self.policy)
+            record["version"] = remote.object_version(self._at(result.name), self.policy)
             local.unlink()
             self._sha256[result.name] = record["sha256"]
         else:  # every input of this shard was bad: no object (one from an earlier run goes)
@@ -142,17 +148,25 @@ class BucketSink:
             self.lock.close()  # releases the staging folder's lock
 
 
-def _record(data: bytes | None) -> tuple[ShardResult, str | None] | None:
+def _same_object(info: dict[str, Any] | None, size: int, version: str | None) -> bool:
+    """The listed object is the one a record describes: its size, and its version where both sides know it."""
+    if info is None or size <= 0 or int(info.get("size") or 0) != size:
+        return False
+    listed = remote.version_tag(info)
+    return version is None or listed is None or listed == version
+
+
+def _record(data: bytes | None) -> tuple[ShardResult, str | None, str | None] | None:
     if data is None:
         return None
     try:
         raw = json.loads(data)
-        sha = raw.pop("sha256", None)
+        sha, version = raw.pop("sha256", None), raw.pop("version", None)
         result = ShardResult(**{**raw, "skipped": [Problem(**p) for p in raw["skipped"]],
                                 "warnings": [Problem(**p) for p in raw["warnings"]]})
     except (ValueError, TypeError, KeyError):
         return None
-    return result, sha
+    return result, sha, version
 
 
 def bucket_sink(url: str, policy: remote.RemotePolicy, strict: bool) -> BucketSink:
