@@ -91,10 +91,10 @@ def pin(pid: int, cpus: Iterable[int]) -> None:
             os.sched_setaffinity(int(tid), cpus)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process `pid`, all its threads (0 when it is gone)."""
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU seconds of process `pid`, all its threads (only thread `thread` when given; 0 when gone)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError):
         return 0.0

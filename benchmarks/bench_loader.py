@@ -71,8 +71,10 @@ def _epochs(manifest, size: int, batch: int, workers: int, server: int | None = 
     for _ in stream:
         pass
     stream.set_epoch(1)
-    loader = [os.getpid(), *(pid for pid in children(os.getpid()) if pid != server)]
+    procs = [pid for pid in children(os.getpid()) if pid != server]
+    loader = [os.getpid(), *procs]
     cpu0 = [cpu_seconds(pid) for pid in loader], cpu_seconds(server) if server else 0.0
+    decode0 = sum(cpu_seconds(pid, pid) for pid in procs)  # the workers' main threads: decoding
     t0 = time.perf_counter()
     sizes = []
     for b in stream:
@@ -82,11 +84,15 @@ def _epochs(manifest, size: int, batch: int, workers: int, server: int | None = 
     elapsed = time.perf_counter() - t0
     n = sum(sizes)
     loader_cpu = sum(cpu_seconds(pid) for pid in loader) - sum(cpu0[0])
+    decode = sum(cpu_seconds(pid, pid) for pid in procs) - decode0
+    workers_cpu = sum(cpu_seconds(pid) for pid in procs) - sum(cpu0[0][1:])
     server_cpu = cpu_seconds(server) - cpu0[1] if server else 0.0
     del stream  # its persistent workers end here, not during the next run
     return {"images_s": n / elapsed, "images": n, "epoch_s": elapsed, "first_batch_s": first,
             "after_first_images_s": (n - sizes[0]) / (elapsed - first),
-            "loader_cpu_s_per_1000": 1000 * loader_cpu / n, "server_cpu_s_per_1000": 1000 * server_cpu / n}
+            "loader_cpu_s_per_1000": 1000 * loader_cpu / n, "server_cpu_s_per_1000": 1000 * server_cpu / n,
+            # the workers' other threads: the read-ahead's fetching (s3fs's event loop, the request pool) for a bucket
+            "worker_threads_cpu_s_per_1000": 1000 * (workers_cpu - decode) / n}
 
 
 def loader_rate(manifest, size: int, batch: int, workers: int) -> float:
@@ -188,7 +194,9 @@ def _report(result: dict) -> None:
         print(f"    first batch after {local['first_batch_s']:.2f} s (local) / {bucket['first_batch_s']:.2f} s "
               f"(bucket); ratio from the first batch on {row['ratio_after_first_batch']:.2f}; CPU s per 1000 "
               f"images: loader local {local['loader_cpu_s_per_1000']:.2f}, loader bucket "
-              f"{bucket['loader_cpu_s_per_1000']:.2f}, server {bucket['server_cpu_s_per_1000']:.2f}")
+              f"{bucket['loader_cpu_s_per_1000']:.2f} (of which the workers' threads besides the decoding one: local "
+              f"{local['worker_threads_cpu_s_per_1000']:.2f}, bucket {bucket['worker_threads_cpu_s_per_1000']:.2f}), "
+              f"server {bucket['server_cpu_s_per_1000']:.2f}")
 
 
 @contextlib.contextmanager
