@@ -199,6 +199,33 @@ def s3_server(latency: float = 0.0, rate: float | None = None) -> Iterator[Fault
 
 
 @contextmanager
+def moto_server(latency: float = 0.0) -> Iterator[str]:
+    """moto on 127.0.0.1 without the proxy, each answer `latency` seconds late (a sleep, so no CPU): for
+    benchmarks/bench_loader.py, which caps the bandwidth in the kernel instead. Yields the endpoint URL."""
+    import s3fs
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
+    app = DomainDispatcherApplication(create_backend_app)
+
+    def delayed(environ, start_response):
+        time.sleep(latency)
+        return app(environ, start_response)
+
+    server = make_server("127.0.0.1", 0, delayed if latency else app, threaded=True, request_handler=MotoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+@contextmanager
 def s3_session() -> Iterator[FaultProxy]:
     """s3_server with this process's environment pointed at it for the duration (AWS_* variables and proxies it does
     not set removed, restored after)."""
