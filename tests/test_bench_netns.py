@@ -21,8 +21,10 @@ def _namespaces() -> str:
     return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
 
 
-@pytest.mark.skipif(netns_problem() is not None, reason=f"network namespaces: {netns_problem()}")
 def test_capped_namespace_is_capped_and_removed_after_an_error():
+    problem = netns_problem()
+    if problem is not None:  # CI runs as root with iproute2: there a missing piece is a failure, not a skip
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"network namespaces: {problem}")
     with pytest.raises(RuntimeError, match="inside"), capped_namespace(50e6) as name:
         assert name in _namespaces()
         qdisc = subprocess.run(["ip", "netns", "exec", name, "tc", "qdisc", "show", "dev", "lo"],
