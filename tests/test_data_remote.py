@@ -235,6 +235,38 @@ def test_stop_on_bad_shard_in_evaluation_two_ranks_no_tables(s3, tiny_classifier
     assert "no results written" in lines[0] and not (tmp_path / "stop").exists()
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_next_epochs_first_shard_is_on_its_way_before_that_epoch_starts(s3, workers):
+    """Training: once an epoch's shards are all fetched, each worker starts the next epoch's first shard, and that
+    epoch reads it from there (no new request), with the samples and order of a stream that starts at that epoch."""
+    from explainer.data.loader import _pieces
+
+    url = f"s3://{BUCKET}/syn/manifest.json"
+    stream = make_train_loader(fast(num_workers=workers), url, "train", rank=0, world_size=1, seed=0,
+                               drop_unlabelled=True)
+    data = stream.dataset
+    start, count, _ = data._worker_block(0)
+    first = data.info.shards[_pieces(data._order(1), data.kept, start, start + count)[0].shard]
+    path = first.split(BUCKET, 1)[1]
+
+    def gets() -> int:
+        return sum(1 for method, seen, _ in s3.seen if method == "GET" and seen.split("?")[0].endswith(path))
+
+    s3.seen.clear()
+    list(stream)
+    deadline = time.monotonic() + 10
+    while gets() < 2 and time.monotonic() < deadline:  # epoch 0's read of it, then the early start for epoch 1
+        time.sleep(0.05)
+    assert gets() == 2, s3.seen
+    stream.set_epoch(1)
+    keys = [list(b["key"]) for b in stream]
+    assert gets() == 2 and len(s3.seen) > 2  # the other shards were fetched again, the first one was not
+    fresh = make_train_loader(fast(num_workers=workers), url, "train", rank=0, world_size=1, seed=0,
+                              drop_unlabelled=True)
+    fresh.set_epoch(1)
+    assert keys == [list(b["key"]) for b in fresh]
+
+
 def test_eval_stream_reads_each_sample_once_across_ranks_and_workers(s3):
     url = f"s3://{BUCKET}/syn/manifest.json"
     keys = []

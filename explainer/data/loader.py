@@ -529,6 +529,7 @@ class _ShardStream(IterableDataset):
         self.image_format = "float"  # or "uint8": set by the owner (see make_train_loader)
         self.max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # data.max_image_pixels: larger images are skipped
         self.remote = remote.RemotePolicy()  # timeouts and retries of URL shards (data.remote_*)
+        self._next_head: remote.ReadAhead | None = None  # the next epoch's first URL shard, being fetched already
         # (epoch, batches to skip): shared memory when DataLoader workers persist across epochs
         self.state: Any = [0, 0]
 
@@ -541,11 +542,12 @@ class _ShardStream(IterableDataset):
         return int(self.state[1])
 
     # -- which samples this worker reads -------------------------------------------------------------------------
-    def _order(self) -> list[int]:
+    def _order(self, epoch: int | None = None) -> list[int]:
         n = len(self.info.shards)
         if not self.train:
             return list(range(n))
-        return [int(i) for i in np.random.default_rng([self.seed, self.epoch]).permutation(n)]
+        epoch = self.epoch if epoch is None else epoch
+        return [int(i) for i in np.random.default_rng([self.seed, epoch]).permutation(n)]
 
     def _worker_block(self, worker: int) -> tuple[int, int, int]:
         """(first line position, number of samples, number of batches) of this worker.
@@ -582,10 +584,30 @@ class _ShardStream(IterableDataset):
             log.warning("shard %s ended early: %d sample(s) missing from the part this worker reads",
                         self.info.shards[piece.shard], missing)
 
-    def _read_ahead(self, pieces: list[_Piece]) -> remote.ReadAhead:
+    def _read_ahead(self, pieces: list[_Piece], worker: int) -> remote.ReadAhead:
+        """This worker's URL shards of the epoch, fetched in the background. In training, the first one may already
+        be on its way (started near the end of the previous epoch), and once these are all fetched the next epoch's
+        first shard is started: no epoch begins by waiting a whole request (and the shuffle buffer's fill) for bytes.
+        """
         sizes = dict(zip(self.info.shards, self.info.sizes))
         sha256 = dict(zip(self.info.shards, self.info.sha256))
-        return remote.ReadAhead([self.info.shards[p.shard] for p in pieces], self.remote, sizes, sha256)
+        head, self._next_head = self._next_head, None
+        ahead = remote.ReadAhead([self.info.shards[p.shard] for p in pieces], self.remote, sizes, sha256, head=head)
+        if self.train:
+            epoch = self.epoch
+            ahead.then = lambda: self._start_next_head(worker, epoch + 1, sizes, sha256)
+        return ahead
+
+    def _start_next_head(self, worker: int, epoch: int, sizes: dict[str, Any], sha256: dict[str, Any]) -> None:
+        """In the fetch thread, once this epoch's shards are fetched: start the first shard of `epoch` for `worker`
+        (the same plan as __iter__ will make; if it differs after all, that ReadAhead is dropped unused)."""
+        start, count, n_batches = self._worker_block(worker)
+        first = _pieces(self._order(epoch), self.kept, start, start + count)[:1] if n_batches else []
+        url = self.info.shards[first[0].shard] if first else ""
+        if remote.is_url(url):
+            stale, self._next_head = self._next_head, remote.ReadAhead([url], self.remote, sizes, sha256).start()
+            if stale is not None:  # one the epoch that followed did not take (it began before this was started)
+                stale.close()
 
     def _check_shard_end(self, samples: Iterator[tuple[int, dict[str, Any]]], zero: set[int], piece: _Piece,
                          counter: _Counter) -> None:
@@ -665,7 +687,7 @@ class _ShardStream(IterableDataset):
             return
         counter = _Counter()
         pieces = _pieces(self._order(), self.kept, start, start + count)
-        ahead = self._read_ahead(pieces)  # URL shards: fetched in the background, the next while this one decodes
+        ahead = self._read_ahead(pieces, worker)  # URL shards: fetched in the background, the next while one decodes
         raw: Iterator[dict[str, Any]] = ahead.closing(itertools.chain.from_iterable(
             self._piece_samples(p, counter, ahead.open) for p in pieces))
         aug_rng = None

@@ -338,13 +338,24 @@ class ReadAhead:
     out of order, or not listed, gets a ReadAhead of its own; a local path is simply opened). Closing a stream before
     its end makes the fetcher skip the rest of that shard. The thread ends when every shard is fetched or `close()`
     is called.
+
+    Across epochs: `head` is a ReadAhead started earlier (`start()`) on the first shard of this list, typically by
+    the previous epoch's `then` callback, which runs in the fetch thread once every shard of that epoch is fetched;
+    its bytes are used for that shard, so the next epoch's first bytes were already on their way while the last
+    shards of this one were decoded.
     """
 
     waited_s = 0.0  # seconds readers of this process spent waiting for bytes (benchmarks/bench_loader.py --remote)
 
     def __init__(self, urls: Sequence[str], policy: RemotePolicy, sizes: dict[str, int | None] | None = None,
-                 sha256: dict[str, str | None] | None = None):
+                 sha256: dict[str, str | None] | None = None, head: ReadAhead | None = None):
         self.urls = list(dict.fromkeys(u for u in urls if is_url(u)))
+        self.head = head if head is not None and self.urls[:1] == head.urls else None
+        if head is not None and self.head is None:
+            head.close()  # fetched for another first shard (a different epoch plan): not ours
+        if self.head is not None:
+            self.urls = self.urls[1:]
+        self.then: Callable[[], None] | None = None  # called in the fetch thread once every shard is fetched
         self.policy = policy
         self.sizes = dict(sizes or {})
         self.sha256 = dict(sha256 or {})  # the manifest's checksums: a shard read to its end is verified
@@ -386,6 +397,8 @@ class ReadAhead:
                 continue
             if not self._put((index, _END)):
                 return
+        if self.then is not None:
+            self.then()
 
     def _submitter(self, url: str, size: int) -> Callable[[int, int], Future]:
         """How the fetcher asks the pool for bytes [start, end) of `url`: a plain fetch, or, where the manifest gives
@@ -403,24 +416,34 @@ class ReadAhead:
             if self._thread is None or not self._thread.is_alive():
                 raise RemoteError("the read-ahead thread stopped")
 
+    def start(self) -> ReadAhead:
+        """Start fetching now, before the first open() (which otherwise starts it)."""
+        if self._thread is None:
+            self._pool = ThreadPoolExecutor(max(1, self.policy.depth), thread_name_prefix="shard-fetch")
+            self._thread = threading.Thread(target=self._fetch_all, name="shard-read-ahead", daemon=True)
+            self._thread.start()
+        return self
+
     def open(self, url: str) -> Any:
         if not is_url(url):
             return open(url, "rb")  # noqa: SIM115 - a local shard: closed by the reader
+        if self.head is not None and url in self.head.urls[self.head._next:]:
+            self.start()  # the shards after the head's: fetched while the head's shard is decoded
+            return self.head.open(url)
         if url not in self.urls[self._next:]:
             return ReadAhead([url], self.policy, self.sizes, self.sha256).open(url)
         index = self.urls.index(url, self._next)
         self._abandoned = max(self._abandoned, index - 1)  # shards skipped over are not fetched further
         self._next = index + 1
-        if self._thread is None:
-            self._pool = ThreadPoolExecutor(max(1, self.policy.depth), thread_name_prefix="shard-fetch")
-            self._thread = threading.Thread(target=self._fetch_all, name="shard-read-ahead", daemon=True)
-            self._thread.start()
+        self.start()
         return _ChunkStream(self, index, url)
 
     def close(self) -> None:
         self._stop.set()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.head is not None:
+            self.head.close()
 
     def closing(self, items: Iterator[T]) -> Iterator[T]:
         """`items`, then close() when they are exhausted or abandoned (the generator is closed or collected)."""
